@@ -1,0 +1,810 @@
+"""Reading and writing the checkpoint files people have (REFERENCE.md section 3), safely and strictly.
+
+Formats read:
+- LDM single files (``.safetensors``, ``.ckpt``), with or without a ``state_dict`` wrapper,
+  ``model_ema.*`` and schedule buffers, with or without ``position_ids``;
+- ControlNet 1.0 full files (base + ``control_model.*``) and 1.1 control-only files (``.pth``,
+  ``.safetensors``), and control files whose keys lack the ``control_model.`` prefix;
+- diffusers folders (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``controlnet/``) and
+  single diffusers-layout ControlNet ``.safetensors`` files.
+
+Formats written: safetensors in the LDM layout, and diffusers folders / files.
+
+Safety: safetensors first; pickles only through ``torch.load(weights_only=True)``, which refuses any
+pickle that would import or call code. Strictness: every key of every model must be matched, and
+what does not match is listed with the file name and the detected format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import (
+    ControlNetConfig,
+    ModelConfig,
+    ScheduleConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+    detect_preset,
+)
+from .controlnet import ControlNet
+from .formats import diffusers_text, diffusers_unet, diffusers_vae
+from .formats.diffusers_tokenizer import write_hf_tokenizer_files
+from .model import StableDiffusion, build_empty
+
+StateDict = dict[str, torch.Tensor]
+
+# Where each model lives in an LDM file.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+CONTROL_PREFIX = "control_model."
+
+# Keys of LDM files that no model here reads: the training schedule (recomputed from the config,
+# ScheduleConfig) and bookkeeping. EMA weights are read only on request (``use_ema``).
+_SCHEDULE_BUFFERS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+    }
+)
+_POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_CONFIG_METADATA_KEY = "controlnet.config"
+# Most keys named in an error message; the counts are always given in full.
+_SHOWN = 5
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used as asked; the message is one line, for the user."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """All tensors of a ``.safetensors`` or (tensor-only) pickle file, and the safetensors metadata.
+
+    A ``state_dict`` wrapper (Lightning checkpoints) is removed; non-tensor entries are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        return _read_safetensors(path)
+    if path.suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
+        return _read_pickle(path), {}
+    raise CheckpointError(
+        f"{path}: unknown file type {path.suffix!r}; expected .safetensors or a PyTorch checkpoint "
+        f"({', '.join(_PICKLE_SUFFIXES)})"
+    )
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    # An 8-byte little-endian header length, then a JSON header starting with '{'.
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+
+
+class _Ignored:
+    """Stands in for the training bookkeeping objects Lightning pickles beside the weights
+    (``callbacks``); their state is dropped, no code of theirs is imported or run."""
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+def _inert_globals() -> list:
+    """Globals a tensor-only checkpoint may name that build inert data, allowed on top of torch's
+    ``weights_only`` list: Lightning's ModelCheckpoint callback (in SD 1.x training checkpoints,
+    replaced by :class:`_Ignored`) and numpy scalars and dtypes (``global_step`` in some files)."""
+    import numpy
+
+    core = getattr(numpy, "_core", None) or numpy.core  # renamed in numpy 2
+    scalar = core.multiarray.scalar
+    allowed: list = [(scalar, "numpy.core.multiarray.scalar"), scalar, numpy.dtype]
+    allowed += [(numpy.dtype, "numpy.dtype")] + [type(numpy.dtype(c)) for c in "?bhilqBHILQefdgFD"]
+    for name in (
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+        "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    ):
+        allowed.append((_Ignored, name))
+    return allowed
+
+
+def _read_pickle(path: Path) -> StateDict:
+    try:
+        with torch.serialization.safe_globals(_inert_globals()):
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused: this pickle would run code ({refused.group(1)}); only tensor-only checkpoints "
+                "are loaded, nothing in them is executed. Prefer a .safetensors file"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        reason = detail.group(1).strip() if detail else _first_line(error)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+    while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a dictionary of tensors")
+    tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# What a file holds
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the layout of a state dict:
+
+    ``ldm`` (a base model, maybe with ``control_model.*``), ``ldm-control`` (``control_model.*``
+    only), ``ldm-control-bare`` (ControlNet keys without prefix), ``diffusers-controlnet``.
+    """
+    keys = state_dict.keys()
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        return "ldm"
+    if any(k.startswith(CONTROL_PREFIX) for k in keys):
+        return "ldm-control"
+    if "input_hint_block.0.weight" in keys:
+        return "ldm-control-bare"
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        return "diffusers-controlnet"
+    raise CheckpointError(
+        "unrecognised weights: neither an LDM model (model.diffusion_model.*), an LDM ControlNet "
+        f"(control_model.* / input_hint_block.*) nor a diffusers ControlNet; first keys: {_names(keys)}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Contents:
+    """What a model file or folder holds."""
+
+    format: str  # as detect_format, or "diffusers-pipeline" / "diffusers-controlnet" for folders
+    has_base: bool  # a UNet, VAE and text encoder
+    has_controlnet: bool
+
+
+def inspect_contents(path: str | os.PathLike) -> Contents:
+    """Tell what ``path`` holds, reading only key names where the format allows (safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "unet").is_dir():
+            return Contents("diffusers-pipeline", True, (path / "controlnet").is_dir())
+        if (path / "config.json").is_file():
+            return Contents("diffusers-controlnet", False, True)
+        raise CheckpointError(f"{path}: a folder that is neither a diffusers pipeline nor a diffusers ControlNet")
+    keys = _read_keys(path)
+    fmt = detect_format(dict.fromkeys(keys))
+    has_control = fmt != "ldm" or any(k.startswith(CONTROL_PREFIX) for k in keys)
+    return Contents(fmt, fmt == "ldm", has_control)
+
+
+def _read_keys(path: Path) -> list[str]:
+    if path.is_file() and (path.suffix == ".safetensors" or _looks_like_safetensors(path)):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+    return list(read_state_dict(path)[0])
+
+
+def split_ldm(state_dict: Mapping[str, torch.Tensor], use_ema: bool = False) -> dict[str, StateDict]:
+    """Split an LDM file into ``unet``, ``vae``, ``text``, ``control`` parts (prefixes removed).
+
+    With ``use_ema`` the UNet weights come from ``model_ema.*`` (where the original stores the EMA
+    copy under the parameter names with the dots removed). Unknown keys raise ``CheckpointError``.
+    """
+    parts: dict[str, StateDict] = {"unet": {}, "vae": {}, "text": {}, "control": {}}
+    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX, "control": CONTROL_PREFIX}
+    unknown = []
+    for key, tensor in state_dict.items():
+        part = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if part is not None:
+            parts[part][key[len(prefixes[part]) :]] = tensor
+        elif not (key in _SCHEDULE_BUFFERS or key.startswith("model_ema.")):
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} unexpected keys outside any model: {_names(unknown)}")
+    # Files differ on whether they store the text encoder's position_ids (an arange): never a weight.
+    parts["text"].pop(_POSITION_IDS, None)
+    if use_ema:
+        parts["unet"] = _ema_weights(state_dict, parts["unet"])
+    return parts
+
+
+def _ema_weights(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateDict:
+    ema = {}
+    for key in unet:
+        ema_key = "model_ema." + ("diffusion_model." + key).replace(".", "")
+        if ema_key not in state_dict:
+            raise CheckpointError(f"use_ema asked for, but the file has no EMA weights ({ema_key} missing)")
+        ema[key] = state_dict[ema_key]
+    return ema
+
+
+def _names(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict loading into modules
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, source: str) -> None:
+    """Load ``state_dict`` into ``module``, every key matched, with a useful error when not.
+
+    ``module`` may live on the meta device (tensors are then assigned, not copied); tensors are
+    converted to the dtype of the module's floating-point parameters.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing: {_names(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} with another shape: {_names(mismatched)}")
+        raise CheckpointError(f"{source}: the {what} weights do not fit the model; " + "; ".join(problems))
+    on_meta = any(t.is_meta for t in expected.values())
+    converted = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    module.load_state_dict(converted, strict=True, assign=on_meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations: from metadata, diffusers config files, or shapes
+
+
+def _config_to_json(config: object) -> str:
+    return json.dumps({"type": type(config).__name__, **dataclasses.asdict(config)}, sort_keys=True)
+
+
+def _config_from_json(text: str) -> ModelConfig | ControlNetConfig:
+    data = json.loads(text)
+    kind = data.pop("type", None)
+    if kind == "ModelConfig":
+        return ModelConfig(
+            name=data["name"],
+            unet=_dataclass_from_dict(UNetConfig, data["unet"]),
+            vae=_dataclass_from_dict(VAEConfig, data["vae"]),
+            text=_dataclass_from_dict(TextEncoderConfig, data["text"]),
+            schedule=_dataclass_from_dict(ScheduleConfig, data["schedule"]),
+            control_hint_block_channels=tuple(data["control_hint_block_channels"]),
+            native_resolution=data["native_resolution"],
+        )
+    if kind == "ControlNetConfig":
+        return ControlNetConfig(
+            unet=_dataclass_from_dict(UNetConfig, data["unet"]),
+            hint_channels=data["hint_channels"],
+            hint_block_channels=tuple(data["hint_block_channels"]),
+            global_average_pooling=data["global_average_pooling"],
+        )
+    raise ValueError(f"unknown configuration type {kind!r}")
+
+
+def _dataclass_from_dict(cls, data: Mapping[str, object]):
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)
+
+
+def _metadata_config(metadata: Mapping[str, str], source: str) -> ModelConfig | ControlNetConfig | None:
+    text = metadata.get(_CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return _config_from_json(text)
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{source}: its stored model configuration is invalid ({_first_line(error)})") from None
+
+
+def _base_config_from_shapes(parts: Mapping[str, StateDict], prediction: str | None, source: str) -> ModelConfig:
+    try:
+        config = detect_preset(parts["unet"])
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    if prediction is not None and prediction != config.schedule.prediction:
+        config = config.replace(schedule=dataclasses.replace(config.schedule, prediction=prediction))
+    return config
+
+
+def _controlnet_config_from_shapes(control: Mapping[str, torch.Tensor], source: str) -> ControlNetConfig:
+    try:
+        base = detect_preset(control)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    hint = control.get("input_hint_block.0.weight")
+    if hint is None:
+        raise CheckpointError(f"{source}: no input_hint_block.0.weight: not a ControlNet")
+    widths = tuple(control[f"input_hint_block.{i}.weight"].shape[0] for i in (0, 4, 8, 12))
+    # The 1.1 shuffle model pools its residuals; nothing in its shapes says so, only its name
+    # (the original ships a separate yaml; the AUTOMATIC1111 extension also goes by the name).
+    pooling = "shuffle" in Path(source).name.lower()
+    return ControlNetConfig(
+        unet=base.unet, hint_channels=hint.shape[1], hint_block_channels=widths, global_average_pooling=pooling
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_base(
+    path: str | os.PathLike,
+    *,
+    prediction: str | None = None,
+    use_ema: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusion:
+    """A Stable Diffusion model from an LDM single file or a diffusers folder.
+
+    ``prediction`` ("eps" or "v") overrides what the file says or implies: SD 2.x eps and v models
+    have the same shapes, so a v model from an LDM file without our metadata must be named.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_diffusers_base(path, prediction=prediction, dtype=dtype)
+    state_dict, metadata = read_state_dict(path)
+    fmt = detect_format(state_dict)
+    if fmt != "ldm":
+        raise CheckpointError(f"{path}: holds a ControlNet only ({fmt}), not a base model; pass it as a ControlNet")
+    parts = split_ldm(state_dict, use_ema=use_ema)
+    config = _metadata_config(metadata, str(path))
+    if not isinstance(config, ModelConfig):
+        config = _base_config_from_shapes(parts, prediction, str(path))
+    elif prediction is not None:
+        config = config.replace(schedule=dataclasses.replace(config.schedule, prediction=prediction))
+    model = StableDiffusion(config, empty=True)
+    source = f"{path.name} (ldm, {config.name})"
+    load_strict(model.unet, parts["unet"], "UNet", source)
+    load_strict(model.vae, parts["vae"], "VAE", source)
+    load_strict(model.text_encoder, parts["text"], "text encoder", source)
+    return model.to(dtype)
+
+
+def load_controlnet(
+    path: str | os.PathLike,
+    base: ModelConfig | None = None,
+    *,
+    global_average_pooling: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ControlNet:
+    """A ControlNet from any of the formats in the module docstring.
+
+    With ``base``, a ControlNet made for another base family (say SD 2.x for an SD 1.x base) is
+    refused. ``global_average_pooling`` overrides the guess from the name (only the shuffle model pools).
+    """
+    path = Path(path)
+    if path.is_dir():
+        control, config, fmt = _read_diffusers_controlnet_folder(path)
+    else:
+        state_dict, metadata = read_state_dict(path)
+        fmt = detect_format(state_dict)
+        if fmt == "diffusers-controlnet":
+            config = _diffusers_controlnet_config_from_shapes(state_dict, base, str(path))
+            control = _from_diffusers(diffusers_unet.controlnet_diffusers_to_ldm, state_dict, config, path, fmt)
+        else:
+            if fmt == "ldm":
+                control = split_ldm(state_dict)["control"]
+                if not control:
+                    raise CheckpointError(f"{path}: a base model without a ControlNet (no control_model.* keys)")
+            elif fmt == "ldm-control":
+                control = {k[len(CONTROL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+            else:
+                control = dict(state_dict)
+            stored = _metadata_config(metadata, str(path))
+            config = (
+                stored if isinstance(stored, ControlNetConfig) else _controlnet_config_from_shapes(control, str(path))
+            )
+    if global_average_pooling is not None:
+        config = dataclasses.replace(config, global_average_pooling=global_average_pooling)
+    if base is not None:
+        check_compatible(config, base, path.name)
+    model = build_empty(lambda: ControlNet(config))
+    load_strict(model, control, "ControlNet", f"{path.name} ({fmt})")
+    return model.to(dtype)
+
+
+def check_compatible(control: ControlNetConfig, base: ModelConfig, source: str) -> None:
+    """Refuse a ControlNet whose encoder copy does not match the base UNet (another SD family)."""
+    if control.unet == base.unet:
+        return
+    family = {768: "SD 1.x", 1024: "SD 2.x"}
+    made_for = family.get(control.unet.context_dim, f"a model with context {control.unet.context_dim}")
+    base_family = family.get(base.unet.context_dim, f"a model with context {base.unet.context_dim}")
+    if made_for == base_family:
+        made_for += f" with model_channels {control.unet.model_channels}"
+        base_family += f" with model_channels {base.unet.model_channels}"
+    raise CheckpointError(
+        f"{source}: this ControlNet was made for {made_for} but the base model is {base_family} ({base.name}); "
+        "use a ControlNet trained for this base"
+    )
+
+
+def _from_diffusers(convert, state_dict: StateDict, config, path: Path, fmt: str) -> StateDict:
+    try:
+        return convert(state_dict, config)
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{path.name} ({fmt}): {_first_line(error)}") from None
+
+
+def _diffusers_controlnet_config_from_shapes(
+    state_dict: Mapping[str, torch.Tensor], base: ModelConfig | None, source: str
+) -> ControlNetConfig:
+    # A single diffusers-layout file has no config.json: read the family off the shapes.
+    conv_in = state_dict["conv_in.weight"]
+    context_key = next((k for k in state_dict if k.endswith("attn2.to_k.weight")), None)
+    if context_key is None:
+        raise CheckpointError(f"{source}: no cross-attention weights: not a Stable Diffusion ControlNet")
+    model_channels, context_dim = conv_in.shape[0], state_dict[context_key].shape[1]
+    candidates = ([base] if base is not None else []) + [detect_preset_by(model_channels, context_dim)]
+    for candidate in candidates:
+        if candidate is not None and (candidate.unet.model_channels, candidate.unet.context_dim) == (
+            model_channels,
+            context_dim,
+        ):
+            widths = tuple(
+                state_dict[name].shape[0]
+                for name in (
+                    "controlnet_cond_embedding.conv_in.weight",
+                    "controlnet_cond_embedding.blocks.1.weight",
+                    "controlnet_cond_embedding.blocks.3.weight",
+                    "controlnet_cond_embedding.blocks.5.weight",
+                )
+            )
+            return ControlNetConfig(
+                unet=candidate.unet,
+                hint_channels=state_dict["controlnet_cond_embedding.conv_in.weight"].shape[1],
+                hint_block_channels=widths,
+                global_average_pooling="shuffle" in Path(source).name.lower(),
+            )
+    raise CheckpointError(
+        f"{source}: unrecognised ControlNet (model_channels={model_channels}, context_dim={context_dim})"
+    )
+
+
+def detect_preset_by(model_channels: int, context_dim: int) -> ModelConfig | None:
+    from .config import SD15, SD21, TINY
+
+    for candidate in (SD15, SD21, TINY):
+        if (candidate.unet.model_channels, candidate.unet.context_dim) == (model_channels, context_dim):
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers folders
+
+_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({_first_line(error)})") from None
+
+
+def _read_diffusers_weights(folder: Path) -> StateDict:
+    for name in _WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)[0]
+    index = next(iter(sorted(folder.glob("*.safetensors.index.json"))), None)
+    if index is not None:  # sharded: {"weight_map": {key: shard file}}
+        weights: StateDict = {}
+        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+            weights.update(read_state_dict(folder / shard)[0])
+        return weights
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(_WEIGHT_NAMES[:2])})")
+
+
+def _read_diffusers_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig, str]:
+    if (folder / "controlnet").is_dir():
+        folder = folder / "controlnet"
+    fmt = "diffusers-controlnet"
+    try:
+        config = diffusers_unet.controlnet_config_from_diffusers(_read_json(folder / "config.json"))
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: not a ControlNet configuration ({_first_line(error)})"
+        ) from None
+    weights = _read_diffusers_weights(folder)
+    return _from_diffusers(diffusers_unet.controlnet_diffusers_to_ldm, weights, config, folder, fmt), config, fmt
+
+
+def _load_diffusers_base(folder: Path, *, prediction: str | None, dtype: torch.dtype) -> StableDiffusion:
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder}: not a diffusers model folder (no {part}/ inside)")
+    try:
+        unet_config = diffusers_unet.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+        vae_json = _read_json(folder / "vae" / "config.json")
+        vae_config = diffusers_vae.vae_config_from_diffusers(vae_json)
+        text_config = diffusers_text.text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{folder}: unusable diffusers config ({_first_line(error)})") from None
+    schedule = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
+    if prediction is not None:
+        schedule = dataclasses.replace(schedule, prediction=prediction)
+    known = detect_preset_by(unet_config.model_channels, unet_config.context_dim)
+    config = ModelConfig(
+        name=known.name if known is not None else "custom",
+        unet=unet_config,
+        vae=vae_config,
+        text=text_config,
+        schedule=schedule,
+        native_resolution=int(vae_json.get("sample_size", 512)),
+    )
+    if known is not None and known.unet == unet_config and schedule.prediction == "v" and known.name == "sd21":
+        config = config.replace(name="sd21-v")
+    model = StableDiffusion(config, empty=True)
+    parts = (
+        ("unet", model.unet, diffusers_unet.unet_diffusers_to_ldm, unet_config, "UNet"),
+        ("vae", model.vae, diffusers_vae.vae_diffusers_to_ldm, vae_config, "VAE"),
+        ("text_encoder", model.text_encoder, diffusers_text.text_diffusers_to_ldm, text_config, "text encoder"),
+    )
+    for sub, module, convert, sub_config, what in parts:
+        weights = _from_diffusers(convert, _read_diffusers_weights(folder / sub), sub_config, folder / sub, "diffusers")
+        load_strict(module, weights, what, f"{folder.name}/{sub} (diffusers)")
+    return model.to(dtype)
+
+
+def _schedule_from_diffusers(path: Path) -> ScheduleConfig:
+    if not path.is_file():
+        return ScheduleConfig()
+    data = _read_json(path)
+    if data.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise CheckpointError(f"{path}: beta_schedule {data['beta_schedule']!r}; only scaled_linear is supported")
+    prediction = {"epsilon": "eps", "v_prediction": "v"}.get(data.get("prediction_type", "epsilon"))
+    if prediction is None:
+        raise CheckpointError(f"{path}: prediction_type {data['prediction_type']!r}; allowed: epsilon, v_prediction")
+    return ScheduleConfig(
+        num_timesteps=int(data.get("num_train_timesteps", 1000)),
+        linear_start=float(data.get("beta_start", 0.00085)),
+        linear_end=float(data.get("beta_end", 0.012)),
+        prediction=prediction,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary file and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata={"format": "pt", **metadata})
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def ldm_state_dict(
+    model: StableDiffusion | None = None, controlnet: ControlNet | None = None
+) -> dict[str, torch.Tensor]:
+    """The LDM-layout state dict of a base model and/or a ControlNet (as the original files)."""
+    tensors: dict[str, torch.Tensor] = {}
+    if model is not None:
+        tensors.update({UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()})
+        tensors.update({VAE_PREFIX + k: v for k, v in model.vae.state_dict().items()})
+        tensors.update({TEXT_PREFIX + k: v for k, v in model.text_encoder.state_dict().items()})
+        if model.config.text.arch == "clip":
+            # The original CLIP embedder stores position_ids; files people have mostly do too.
+            positions = model.config.text.max_length
+            tensors[TEXT_PREFIX + _POSITION_IDS] = torch.arange(positions, dtype=torch.int64)[None]
+    if controlnet is not None:
+        tensors.update({CONTROL_PREFIX + k: v for k, v in controlnet.state_dict().items()})
+    return tensors
+
+
+def save_ldm(
+    path: str | os.PathLike, model: StableDiffusion | None = None, controlnet: ControlNet | None = None
+) -> Path:
+    """Write a base model and/or a ControlNet as one ``.safetensors`` file in the LDM layout.
+
+    A ControlNet alone gives a 1.1-style control-only file (``control_model.*``). The model
+    configuration goes into the file's metadata so that non-preset models load without guessing.
+    """
+    if model is None and controlnet is None:
+        raise ValueError("nothing to save: give a model, a ControlNet or both")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: LDM files are written as .safetensors only")
+    config = model.config if model is not None else controlnet.config
+    _atomic_save(ldm_state_dict(model, controlnet), path, {_CONFIG_METADATA_KEY: _config_to_json(config)})
+    return path
+
+
+def save_diffusers(
+    path: str | os.PathLike, model: StableDiffusion | None = None, controlnet: ControlNet | None = None
+) -> Path:
+    """Write the diffusers layout.
+
+    A base model becomes a pipeline folder (``model_index.json``, ``unet/``, ``vae/``,
+    ``text_encoder/``, ``tokenizer/``, ``scheduler/``, and ``controlnet/`` if one is given). A
+    ControlNet alone becomes a folder with ``config.json`` and ``diffusion_pytorch_model.safetensors``,
+    or, for a path ending in ``.safetensors``, that single weights file.
+    """
+    path = Path(path)
+    if model is None:
+        if controlnet is None:
+            raise ValueError("nothing to save: give a model, a ControlNet or both")
+        weights = diffusers_unet.controlnet_ldm_to_diffusers(controlnet.state_dict(), controlnet.config)
+        if path.suffix == ".safetensors":
+            _atomic_save(weights, path, {})
+            return path
+        _write_component(path, weights, diffusers_unet.controlnet_config_to_diffusers(controlnet.config), "diffusion")
+        return path
+    config = model.config
+    _write_component(
+        path / "unet",
+        diffusers_unet.unet_ldm_to_diffusers(model.unet.state_dict(), config.unet),
+        diffusers_unet.unet_config_to_diffusers(
+            config.unet, sample_size=config.native_resolution // config.vae.downsample_factor
+        ),
+        "diffusion",
+    )
+    vae_json = diffusers_vae.vae_config_to_diffusers(config.vae, sample_size=config.native_resolution)
+    _write_component(
+        path / "vae", diffusers_vae.vae_ldm_to_diffusers(model.vae.state_dict(), config.vae), vae_json, "diffusion"
+    )
+    _write_component(
+        path / "text_encoder",
+        diffusers_text.text_ldm_to_diffusers(model.text_encoder.state_dict(), config.text),
+        diffusers_text.text_config_to_diffusers(config.text),
+        "model",
+    )
+    write_hf_tokenizer_files(path / "tokenizer", pad_token_id=config.text.pad_token_id)
+    _write_json(path / "scheduler" / "scheduler_config.json", _scheduler_config(config.schedule))
+    components = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    pipeline = "StableDiffusionPipeline"
+    if controlnet is not None:
+        check_compatible(controlnet.config, config, "the ControlNet")
+        save_diffusers(path / "controlnet", controlnet=controlnet)
+        components["controlnet"] = ["diffusers", "ControlNetModel"]
+        pipeline = "StableDiffusionControlNetPipeline"
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **components}
+    index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+    _write_json(path / "model_index.json", index)
+    return path
+
+
+def _write_component(folder: Path, weights: Mapping[str, torch.Tensor], config: dict, stem: str) -> None:
+    name = "diffusion_pytorch_model.safetensors" if stem == "diffusion" else "model.safetensors"
+    _atomic_save(weights, folder / name, {})
+    _write_json(folder / "config.json", config)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _scheduler_config(schedule: ScheduleConfig) -> dict:
+    """diffusers' DDIMScheduler set to the original's DDIM (REFERENCE.md section 4)."""
+    return {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": schedule.num_timesteps,
+        "beta_start": schedule.linear_start,
+        "beta_end": schedule.linear_end,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": {"eps": "epsilon", "v": "v_prediction"}[schedule.prediction],
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "clip_sample": False,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# tool_transfer_control
+
+
+def transfer_control(
+    control: Mapping[str, torch.Tensor],
+    old_base_unet: Mapping[str, torch.Tensor],
+    new_base_unet: Mapping[str, torch.Tensor],
+) -> StateDict:
+    """Move a ControlNet to a fine-tuned base (the original ``tool_transfer_control``).
+
+    Every control weight that has an equivalent in the UNet becomes ``control + (new - old)``,
+    computed in float32; the hint encoder and zero convolutions are kept as they are. All three
+    state dicts are in the LDM layout without prefixes.
+    """
+    transferred = {}
+    for key, weight in control.items():
+        if key in old_base_unet:
+            if key not in new_base_unet:
+                raise CheckpointError(f"the new base model lacks {key}")
+            if not (weight.shape == old_base_unet[key].shape == new_base_unet[key].shape):
+                raise CheckpointError(f"{key}: shapes differ between the ControlNet and the base models")
+            moved = weight.float() + (new_base_unet[key].float() - old_base_unet[key].float())
+            transferred[key] = moved.to(weight.dtype)
+        else:
+            transferred[key] = weight
+    return transferred

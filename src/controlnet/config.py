@@ -1,0 +1,295 @@
+"""Typed model configurations, the presets users name, and detection of a preset from weights.
+
+Every field is plain data with a comment; invalid values raise ``ValueError`` naming the value and
+what is allowed. The numbers of the real presets are those of the original ``cldm_v15.yaml`` and
+``cldm_v21.yaml`` (REFERENCE.md section 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+PredictionType = Literal["eps", "v"]
+TextArch = Literal["clip", "openclip"]
+TextLayer = Literal["last", "penultimate"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The latent-diffusion UNet (``openaimodel.UNetModel``); the ControlNet copies its encoder."""
+
+    in_channels: int = 4  # latent channels read
+    out_channels: int = 4  # latent channels predicted (eps or v)
+    model_channels: int = 320  # channels of the first level; level i has model_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one entry per resolution level
+    num_res_blocks: int = 2  # ResBlocks per level in the encoder (the decoder has one more)
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a transformer
+    num_heads: int | None = 8  # fixed head count (SD 1.x); exclusive with num_head_channels
+    num_head_channels: int | None = None  # fixed head width (SD 2.x: 64); exclusive with num_heads
+    transformer_depth: int = 1  # BasicTransformerBlocks per SpatialTransformer
+    context_dim: int = 768  # width of the text embeddings cross-attention reads
+    use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    norm_groups: int = 32  # GroupNorm groups everywhere in the UNet
+
+    def __post_init__(self) -> None:
+        # A set of factors, kept in one canonical order so equal models have equal configs.
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True)))
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        _require(self.model_channels > 0, f"model_channels must be positive, got {self.model_channels}")
+        _require(len(self.channel_mult) > 0, "channel_mult must have at least one level")
+        _require(self.num_res_blocks > 0, f"num_res_blocks must be positive, got {self.num_res_blocks}")
+        _require(
+            (self.num_heads is None) != (self.num_head_channels is None),
+            "set exactly one of num_heads and num_head_channels "
+            f"(got num_heads={self.num_heads}, num_head_channels={self.num_head_channels})",
+        )
+        for width in self.level_channels:
+            _require(
+                width % self.norm_groups == 0,
+                f"every level's channels must divide into norm_groups={self.norm_groups}, got {width}",
+            )
+            if self.num_head_channels is not None:
+                _require(
+                    width % self.num_head_channels == 0,
+                    f"channels {width} are not a multiple of num_head_channels={self.num_head_channels}",
+                )
+            else:
+                _require(width % self.num_heads == 0, f"channels {width} do not split into {self.num_heads} heads")
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    def heads_for(self, channels: int) -> int:
+        """Number of attention heads for a transformer with ``channels`` channels."""
+        if self.num_heads is not None:
+            return self.num_heads
+        return channels // self.num_head_channels
+
+    def encoder_block_channels(self) -> list[int]:
+        """Output channels of each ``input_blocks[i]``: these are the skip connections and, in
+        the ControlNet, the widths of the 12 zero convolutions (for SD)."""
+        widths = [self.model_channels]
+        for level, mult in enumerate(self.channel_mult):
+            widths += [self.model_channels * mult] * self.num_res_blocks
+            if level != len(self.channel_mult) - 1:
+                widths.append(self.model_channels * mult)
+        return widths
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet: the UNet's encoder copy plus the hint encoder (REFERENCE.md section 1)."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    hint_channels: int = 3  # channels of the condition image (RGB in [0, 1])
+    # Widths of the hint encoder's four stages; three stride-2 convs bring the image to 1/8 size.
+    hint_block_channels: tuple[int, int, int, int] = (16, 32, 96, 256)
+    global_average_pooling: bool = False  # 1.1 shuffle model: average each residual over H and W
+
+    def __post_init__(self) -> None:
+        _require(self.hint_channels > 0, f"hint_channels must be positive, got {self.hint_channels}")
+        _require(
+            len(self.hint_block_channels) == 4,
+            f"hint_block_channels needs 4 widths, got {self.hint_block_channels}",
+        )
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (``ldm.models.autoencoder``) with its ``ddconfig``."""
+
+    in_channels: int = 3  # image channels
+    out_channels: int = 3
+    ch: int = 128  # channels of the first level
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # len - 1 downsamplings: 8x for SD
+    num_res_blocks: int = 2  # per level in the encoder (decoder: one more)
+    z_channels: int = 4  # latent channels (the encoder outputs 2 * z_channels: mean and log-variance)
+    embed_dim: int = 4  # channels after quant_conv (equal to z_channels in every SD model)
+    scale_factor: float = 0.18215  # latents are multiplied by this before diffusion
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        _require(self.ch > 0 and self.ch % self.norm_groups == 0, f"ch={self.ch} must divide by norm_groups")
+        _require(self.scale_factor > 0, f"scale_factor must be positive, got {self.scale_factor}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """A CLIP text transformer: OpenAI CLIP ViT-L/14 (SD 1.x, HF key layout) or OpenCLIP ViT-H/14
+    (SD 2.x, open_clip key layout)."""
+
+    arch: TextArch = "clip"  # key layout and activation: clip (HF CLIPTextModel) or openclip
+    vocab_size: int = 49408  # CLIP BPE vocabulary
+    max_length: int = 77  # token positions, start and end tokens included
+    width: int = 768  # hidden size
+    layers: int = 12  # transformer layers stored in the checkpoint
+    heads: int = 12
+    mlp_width: int = 3072
+    output_layer: TextLayer = "last"  # SD 1.x: last layer; SD 2.x: penultimate (final LayerNorm still applied)
+    projection_dim: int | None = None  # OpenCLIP stores text_projection (unused by SD but kept for round trips)
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ("clip", "openclip"), f"arch must be 'clip' or 'openclip', got {self.arch!r}")
+        _require(
+            self.output_layer in ("last", "penultimate"),
+            f"output_layer must be 'last' or 'penultimate', got {self.output_layer!r}",
+        )
+        _require(self.width % self.heads == 0, f"width {self.width} does not split into {self.heads} heads")
+        _require(self.layers >= 2 or self.output_layer == "last", "penultimate output needs at least 2 layers")
+
+    @property
+    def activation(self) -> str:
+        # OpenAI's CLIP uses QuickGELU (x * sigmoid(1.702 x)); OpenCLIP ViT-H uses exact GELU.
+        return "quick_gelu" if self.arch == "clip" else "gelu"
+
+    @property
+    def pad_token_id(self) -> int:
+        # SD 1.x (HF tokenizer) pads with the end token; open_clip's tokenizer pads with 0.
+        return 49407 if self.arch == "clip" else 0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training noise schedule: ``linspace(sqrt(start), sqrt(end), n) ** 2`` ("linear" in LDM)."""
+
+    num_timesteps: int = 1000
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    prediction: PredictionType = "eps"  # what the UNet predicts: noise (eps) or velocity (v)
+
+    def __post_init__(self) -> None:
+        _require(self.prediction in ("eps", "v"), f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        _require(0 < self.linear_start < self.linear_end < 1, "need 0 < linear_start < linear_end < 1")
+
+    def betas(self) -> torch.Tensor:
+        """Betas in float64, exactly as the original ``make_beta_schedule('linear', ...)``."""
+        root = torch.linspace(self.linear_start**0.5, self.linear_end**0.5, self.num_timesteps, dtype=torch.float64)
+        return root**2
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return torch.cumprod(1.0 - self.betas(), dim=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a Stable Diffusion + ControlNet stack."""
+
+    name: str
+    unet: UNetConfig
+    vae: VAEConfig
+    text: TextEncoderConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    control_hint_block_channels: tuple[int, int, int, int] = (16, 32, 96, 256)
+    native_resolution: int = 512  # the image size the model was trained at
+
+    def controlnet(self, global_average_pooling: bool = False) -> ControlNetConfig:
+        return ControlNetConfig(
+            unet=self.unet,
+            hint_block_channels=self.control_hint_block_channels,
+            global_average_pooling=global_average_pooling,
+        )
+
+    def replace(self, **changes: object) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+SD15 = ModelConfig(
+    name="sd15",
+    unet=UNetConfig(),
+    vae=VAEConfig(),
+    text=TextEncoderConfig(),
+)
+
+_SD21_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+_OPENCLIP_H = TextEncoderConfig(
+    arch="openclip", width=1024, layers=24, heads=16, mlp_width=4096, output_layer="penultimate", projection_dim=1024
+)
+
+SD21 = ModelConfig(name="sd21", unet=_SD21_UNET, vae=VAEConfig(), text=_OPENCLIP_H)
+SD21_V = ModelConfig(
+    name="sd21-v",
+    unet=_SD21_UNET,
+    vae=VAEConfig(),
+    text=_OPENCLIP_H,
+    schedule=ScheduleConfig(prediction="v"),
+    native_resolution=768,
+)
+
+# A few hundred thousand parameters per model: every code path of the real stack (attention at
+# several levels, skip ResBlocks, up/down sampling, 8x VAE, the real tokenizer), fast on 2 CPU cores.
+TINY = ModelConfig(
+    name="tiny",
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2, 1),
+        num_heads=None,
+        num_head_channels=16,
+        context_dim=64,
+        use_linear_in_transformer=True,
+        norm_groups=8,
+    ),
+    vae=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
+    text=TextEncoderConfig(width=64, layers=2, heads=2, mlp_width=256),
+    control_hint_block_channels=(8, 16, 32, 32),
+    native_resolution=64,
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_V, TINY)}
+
+
+def preset(name: str) -> ModelConfig:
+    """The preset called ``name`` (``sd15``, ``sd21``, ``sd21-v``, ``tiny``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def detect_preset(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> ModelConfig:
+    """Tell which preset a UNet or ControlNet state dict (LDM key layout) was made for.
+
+    ``prefix`` is what precedes ``input_blocks`` (e.g. ``model.diffusion_model.`` or
+    ``control_model.``). Shapes decide: the cross-attention key width gives the context (768: SD 1.x,
+    1024: SD 2.x) and the model width tells the tiny preset apart. SD 2.x eps and v models have
+    identical shapes, so this returns ``sd21``; the v variant must be named by the caller (or by a
+    diffusers scheduler config, or the ``parameterization`` of an LDM yaml beside the file).
+    """
+    conv_in = state_dict.get(prefix + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise ValueError(f"cannot detect the model: no {prefix}input_blocks.0.0.weight in the weights")
+    model_channels = conv_in.shape[0]
+    context_key = next(
+        (k for k in state_dict if k.startswith(prefix) and k.endswith("attn2.to_k.weight")),
+        None,
+    )
+    if context_key is None:
+        raise ValueError(f"cannot detect the model: no cross-attention weights under {prefix!r}")
+    context_dim = state_dict[context_key].shape[1]
+    for candidate in (SD15, SD21, TINY):
+        if candidate.unet.model_channels == model_channels and candidate.unet.context_dim == context_dim:
+            return candidate
+    raise ValueError(
+        f"unrecognised model: model_channels={model_channels}, context_dim={context_dim}; "
+        "known: sd15 (320, 768), sd21 (320, 1024), tiny (32, 64)"
+    )

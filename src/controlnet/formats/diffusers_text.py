@@ -1,0 +1,202 @@
+"""Text encoder: our (LDM) layout <-> the diffusers ``text_encoder/`` folder layout.
+
+Our keys are those of an LDM checkpoint after ``cond_stage_model.`` (see :mod:`controlnet.text`).
+The diffusers side is what ``text_encoder/model.safetensors`` holds and diffusers' own converter
+writes: HF ``CLIPTextModel`` keys *with* the ``text_model.`` prefix
+(``text_model.encoder.layers.0.self_attn.q_proj.weight``). transformers 5 names the parameters of an
+in-memory ``CLIPTextModel`` without that prefix and strips it when reading a file, so load such a
+model from these dicts by removing ``text_model.``, strictly.
+
+The diffusers layout holds exactly the layers the output depends on, always followed by
+``final_layer_norm``:
+
+* SD 1.x (``clip``, last layer): a plain renaming, all layers.
+* SD 2.x (``openclip``, penultimate): diffusers' convention is a ``CLIPTextModel`` of
+  ``layers - 1`` = 23 layers with ``hidden_act="gelu"``, whose ``last_hidden_state`` *is* the
+  penultimate output with ``ln_final`` applied. Each ``in_proj`` is split into ``q/k/v_proj``.
+  The last resblock, ``text_projection`` and ``logit_scale`` have no place there and are dropped:
+  **LDM -> diffusers is lossy for exactly these never-used tensors**. Diffusers -> LDM recreates
+  them as zeros, so the result is the full SD 2.x layout (loadable by the original code) and an
+  identical model: the placeholder block is never run, and an all-zero pre-LN residual block would
+  be the identity anyway.
+
+Consequently :func:`text_config_from_diffusers` maps a ``gelu`` config of ``n`` layers to
+``arch="openclip"``, ``layers=n+1``, ``output_layer="penultimate"``, ``projection_dim=width`` (the
+SD 2.x preset for n = 23), and a ``quick_gelu`` config to ``arch="clip"``, ``layers=n``,
+``output_layer="last"``. Diffusers -> LDM -> diffusers is bit-identical; LDM -> diffusers -> LDM is
+bit-identical except for the placeholders. Tensors are only renamed, split (views) or concatenated.
+``position_ids`` entries (old files of either layout) are dropped on read and never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from controlnet.config import TextEncoderConfig
+from controlnet.text import POSITION_IDS_KEY, build_text_encoder, layers_used
+
+_DIFFUSERS_POSITION_IDS = "text_model.embeddings.position_ids"
+_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, used by both CLIP and OpenCLIP
+_FUSED = ("q", "k", "v")  # order of the three blocks of open_clip's in_proj_weight / in_proj_bias
+
+
+def _layer_names(cfg: TextEncoderConfig, i: int) -> tuple[dict[str, str], dict[str, tuple[str, str, str]]]:
+    """Renamed and split (ours -> q, k, v) keys of layer ``i``."""
+    theirs = f"text_model.encoder.layers.{i}."
+    renames: dict[str, str] = {}
+    splits: dict[str, tuple[str, str, str]] = {}
+    if cfg.arch == "clip":
+        ours = f"transformer.text_model.encoder.layers.{i}."
+        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"):
+            for p in ("weight", "bias"):
+                renames[f"{ours}{module}.{p}"] = f"{theirs}{module}.{p}"
+        pairs = {"layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    else:
+        ours = f"model.transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            splits[f"{ours}attn.in_proj_{p}"] = tuple(f"{theirs}self_attn.{x}_proj.{p}" for x in _FUSED)
+        pairs = {
+            "attn.out_proj": "self_attn.out_proj",
+            "ln_1": "layer_norm1",
+            "ln_2": "layer_norm2",
+            "mlp.c_fc": "mlp.fc1",
+            "mlp.c_proj": "mlp.fc2",
+        }
+    for ours_module, their_module in pairs.items():
+        for p in ("weight", "bias"):
+            renames[f"{ours}{ours_module}.{p}"] = f"{theirs}{their_module}.{p}"
+    return renames, splits
+
+
+def _tables(cfg: TextEncoderConfig) -> tuple[dict[str, str], dict[str, tuple[str, str, str]], list[str]]:
+    """(renames ours -> theirs, splits ours -> (q, k, v), our keys diffusers cannot hold)."""
+    if cfg.arch == "clip":
+        top = "transformer.text_model."
+        renames = {
+            f"{top}embeddings.token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+            f"{top}embeddings.position_embedding.weight": "text_model.embeddings.position_embedding.weight",
+            f"{top}final_layer_norm.weight": "text_model.final_layer_norm.weight",
+            f"{top}final_layer_norm.bias": "text_model.final_layer_norm.bias",
+        }
+    else:
+        renames = {
+            "model.token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+            "model.positional_embedding": "text_model.embeddings.position_embedding.weight",
+            "model.ln_final.weight": "text_model.final_layer_norm.weight",
+            "model.ln_final.bias": "text_model.final_layer_norm.bias",
+        }
+    splits: dict[str, tuple[str, str, str]] = {}
+    kept = layers_used(cfg)
+    for i in range(kept):
+        layer_renames, layer_splits = _layer_names(cfg, i)
+        renames.update(layer_renames)
+        splits.update(layer_splits)
+    dropped: list[str] = []
+    for i in range(kept, cfg.layers):
+        layer_renames, layer_splits = _layer_names(cfg, i)
+        dropped += [*layer_renames, *layer_splits]
+    if cfg.arch == "openclip" and cfg.projection_dim is not None:
+        dropped += ["model.text_projection", "model.logit_scale"]
+    return renames, splits, dropped
+
+
+def _shapes(cfg: TextEncoderConfig) -> dict[str, torch.Size]:
+    """Shapes of our parameters, read off the module built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = build_text_encoder(cfg)
+    return {key: value.shape for key, value in model.state_dict().items()}
+
+
+def _check_keys(actual: set[str], expected: set[str], what: str) -> None:
+    missing, unexpected = sorted(expected - actual), sorted(actual - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} does not match the config: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+def text_ldm_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """Our text-encoder state dict (keys after ``cond_stage_model.``) -> diffusers file keys."""
+    renames, splits, dropped = _tables(cfg)
+    keys = set(sd) - {POSITION_IDS_KEY}
+    _check_keys(keys, {*renames, *splits, *dropped}, "text encoder state dict")
+    out = {theirs: sd[ours] for ours, theirs in renames.items()}
+    for ours, names in splits.items():
+        out.update(zip(names, sd[ours].chunk(3, dim=0), strict=True))
+    return out
+
+
+def text_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """Diffusers ``text_encoder`` file keys -> our state dict (keys after ``cond_stage_model.``).
+
+    Our keys the diffusers layout cannot hold (see the module docstring) come back as zeros.
+    """
+    renames, splits, dropped = _tables(cfg)
+    keys = set(sd) - {_DIFFUSERS_POSITION_IDS}
+    _check_keys(keys, {*renames.values(), *(n for names in splits.values() for n in names)}, "diffusers text encoder")
+    out = {ours: sd[theirs] for ours, theirs in renames.items()}
+    for ours, names in splits.items():
+        out[ours] = torch.cat([sd[n] for n in names], dim=0)
+    if dropped:
+        like = sd["text_model.embeddings.token_embedding.weight"]
+        shapes = _shapes(cfg)
+        for ours in dropped:
+            out[ours] = torch.zeros(shapes[ours], dtype=like.dtype, device=like.device)
+    return out
+
+
+def text_config_to_diffusers(cfg: TextEncoderConfig) -> dict[str, object]:
+    """``text_encoder/config.json`` of the equivalent HF ``CLIPTextModel``."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_length,
+        "hidden_size": cfg.width,
+        "intermediate_size": cfg.mlp_width,
+        "num_hidden_layers": layers_used(cfg),
+        "num_attention_heads": cfg.heads,
+        "hidden_act": cfg.activation,
+        "layer_norm_eps": _LAYER_NORM_EPS,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "projection_dim": cfg.projection_dim if cfg.projection_dim is not None else cfg.width,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
+def text_config_from_diffusers(d: Mapping[str, object]) -> TextEncoderConfig:
+    """Our config for a diffusers ``text_encoder/config.json`` (an HF ``CLIPTextConfig`` dict).
+
+    The activation tells the family apart: ``quick_gelu`` is OpenAI CLIP (SD 1.x), ``gelu`` OpenCLIP
+    (SD 2.x, one placeholder layer added back; see the module docstring).
+    """
+    model_type = d.get("model_type", "clip_text_model")
+    if model_type != "clip_text_model":
+        raise ValueError(f"expected a CLIPTextModel config (model_type 'clip_text_model'), got {model_type!r}")
+    eps = float(d.get("layer_norm_eps", _LAYER_NORM_EPS))
+    if abs(eps - _LAYER_NORM_EPS) > 1e-12:
+        raise ValueError(f"layer_norm_eps must be {_LAYER_NORM_EPS} (CLIP and OpenCLIP), got {eps}")
+    act = d.get("hidden_act", "quick_gelu")
+    common = {
+        "vocab_size": int(d.get("vocab_size", 49408)),
+        "max_length": int(d.get("max_position_embeddings", 77)),
+        "width": int(d["hidden_size"]),
+        "heads": int(d["num_attention_heads"]),
+        "mlp_width": int(d["intermediate_size"]),
+    }
+    layers = int(d["num_hidden_layers"])
+    if act == "quick_gelu":
+        return TextEncoderConfig(arch="clip", layers=layers, output_layer="last", **common)
+    if act == "gelu":
+        return TextEncoderConfig(
+            arch="openclip", layers=layers + 1, output_layer="penultimate", projection_dim=common["width"], **common
+        )
+    raise ValueError(f"hidden_act must be 'quick_gelu' (CLIP) or 'gelu' (OpenCLIP), got {act!r}")

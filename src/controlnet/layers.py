@@ -1,0 +1,239 @@
+"""Building blocks shared by the UNet and the ControlNet (latent-diffusion ``openaimodel`` layout).
+
+Module and parameter names equal the original checkpoint keys (``in_layers``, ``emb_layers``,
+``transformer_blocks.0.attn1.to_q``, ...), so original files load with no key map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` and return it.
+
+    The ControlNet paper's central device (section 3.1): a layer initialised at zero adds nothing
+    at the start of training, so the locked model's output is untouched while gradients still reach
+    the trainable copy. Also used, as in the original UNet, on the last conv of each residual branch.
+    """
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, as the original ``GroupNorm32``:
+    the statistics of half-precision activations are not precise enough."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def normalization(channels: int, groups: int) -> GroupNorm32:
+    return GroupNorm32(groups, channels)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal timestep features (cosines first, then sines; max period 10000) as ``timestep_embedding``.
+
+    The frequencies are computed once per device and kept, not recomputed at every step. They are
+    not a buffer, so models built on the meta device and then loaded from a file need no fix-up.
+    """
+
+    def __init__(self, channels: int, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.channels = channels
+        self.max_period = max_period
+        self._freqs: torch.Tensor | None = None
+
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
+        if self._freqs is None or self._freqs.device != device:
+            half = self.channels // 2
+            # Computed on the CPU and then moved, as the original, so every device gets the same bits.
+            exponent = -math.log(self.max_period) * torch.arange(0, half, dtype=torch.float32) / half
+            self._freqs = torch.exp(exponent).to(device)
+        return self._freqs
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        # timesteps: [B] -> [B, channels], in float32 as the original.
+        args = timesteps[:, None].float() * self._frequencies(timesteps.device)[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.channels % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between (no scale-shift norm)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            normalization(channels, groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels, groups),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (key ``op``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (key ``conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            # Odd latent sizes: match the skip connection's size exactly.
+            x = F.interpolate(x, size=output_size, mode="nearest")
+        return self.conv(x)
+
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention through ``scaled_dot_product_attention`` (``CrossAttention``)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        batch = x.shape[0]
+        # [B, N, heads * d] -> [B, heads, N, d]
+        q, k, v = (
+            t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3]))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection: half of the output gates the other half."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = Attention(dim, dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, with 1x1-conv (SD 1.x) or linear (SD 2.x) projections."""
+
+    def __init__(
+        self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, use_linear: bool, groups: int
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
+        )
+        self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        if self.use_linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(batch, -1, height, width)
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return h + x
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it takes: the time embedding (ResBlock), the text
+    context (SpatialTransformer), or neither."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size)
+            else:
+                x = layer(x)
+        return x
