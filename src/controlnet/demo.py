@@ -18,7 +18,7 @@ from .checkpoints import load_base, load_controlnet, save_diffusers, save_ldm
 from .config import TINY
 from .controlnet import ControlNet
 from .model import StableDiffusion
-from .samplers import DDIMSchedule, sample_ddim
+from .pipeline import ControlUnit, Pipeline
 
 
 def circle_edges(size: int) -> np.ndarray:
@@ -48,36 +48,13 @@ def random_tiny_models(seed: int = 0) -> tuple[StableDiffusion, ControlNet]:
     return model, controlnet
 
 
-@torch.no_grad()
 def generate(
-    model: StableDiffusion,
-    controlnet: ControlNet,
-    prompt: str,
-    control_image: np.ndarray,
-    steps: int = 20,
-    guidance: float = 9.0,
-    seed: int = 0,
+    model: StableDiffusion, controlnet: ControlNet, prompt: str, control: np.ndarray, steps: int
 ) -> np.ndarray:
-    """One image [H, W, 3] uint8 following ``prompt`` and ``control_image`` (DDIM, eta 0)."""
-    tokens = model.text_encoder.tokenize(["", prompt])
-    context = model.text_encoder(tokens)  # [uncond, cond]
-    hint = torch.from_numpy(control_image).float().div(255).permute(2, 0, 1)[None]
-    hint_features = controlnet.encode_hint(hint).expand(2, -1, -1, -1)  # once per generation
-    height, width = control_image.shape[:2]
-    factor = model.vae.downsample_factor
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((1, model.config.unet.in_channels, height // factor, width // factor), generator=generator)
-
-    def denoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        batch = latents.expand(2, -1, -1, -1)
-        residuals = controlnet(batch, hint_features, t.expand(2), context)
-        uncond, cond = model.unet(batch, t.expand(2), context, control=residuals).chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-    schedule = DDIMSchedule.make(model.config.schedule, steps)
-    latents = sample_ddim(denoise, x, schedule, prediction=model.config.schedule.prediction)
-    image = model.vae.decode(latents / model.vae.scale_factor)[0]
-    return (image.permute(1, 2, 0) * 127.5 + 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
+    """One image [H, W, 3] uint8 following ``prompt`` and the control map (DDIM, guidance 9, seed 0)."""
+    pipe = Pipeline(model, [controlnet])
+    result = pipe.generate(prompt, [ControlUnit(control)], steps=steps, seed=0, resolution=control.shape[0])
+    return result.images[0]
 
 
 def run_demo(out: Path, prompt: str, steps: int) -> list[Path]:
@@ -97,13 +74,13 @@ def run_demo(out: Path, prompt: str, steps: int) -> list[Path]:
     print(f"wrote and read back {ldm_file} (LDM layout) and {diffusers_folder}/ (diffusers layout)")
 
     start = time.perf_counter()
-    image = generate(model, controlnet, prompt, control, steps=steps)
+    image = generate(model, controlnet, prompt, control, steps)
     seconds = time.perf_counter() - start
     for again_model, again_control in reloaded:
-        if not np.array_equal(generate(again_model, again_control, prompt, control, steps=steps), image):
+        if not np.array_equal(generate(again_model, again_control, prompt, control, steps), image):
             raise RuntimeError("a reloaded model gave a different image: the file round trip is broken")
     fresh = ControlNet.from_unet(model.unet).eval()  # zero convs at zero: exactly the plain UNet
-    uncontrolled = generate(model, fresh, prompt, control, steps=steps)
+    uncontrolled = generate(model, fresh, prompt, control, steps)
     changed = float(np.mean(uncontrolled != image))
 
     paths = [out / "control.png", out / "sample.png"]

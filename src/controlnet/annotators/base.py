@@ -1,0 +1,130 @@
+"""The annotator contract: a named function from an RGB image to a control image, with parameters
+described well enough for a UI slider or a CLI flag, and room for network annotators whose weights
+load on first use."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ..images import HWC3
+
+ParamValue = int | float | bool | str
+AnnotatorFn = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable parameter. Its kind is the type of `default` (bool, int, float or str)."""
+
+    name: str
+    default: ParamValue
+    minimum: float | None = None  # inclusive bounds for int and float parameters
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()  # the allowed values of a str parameter
+    help: str = ""
+
+    @property
+    def kind(self) -> Literal["bool", "int", "float", "str"]:
+        if isinstance(self.default, bool):
+            return "bool"
+        if isinstance(self.default, int):
+            return "int"
+        return "float" if isinstance(self.default, float) else "str"
+
+    def coerce(self, value: Any, annotator: str) -> ParamValue:
+        """`value` as this parameter's kind, or ValueError naming the value and what is allowed."""
+        where = f"{annotator} parameter {self.name!r}"
+        kind = self.kind
+        if kind == "bool":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{where} must be true or false, got {value!r}")
+            return bool(value)
+        if kind == "str":
+            if value not in self.choices:
+                raise ValueError(f"{where} must be one of {', '.join(self.choices)}; got {value!r}")
+            return str(value)
+        number = _number(value, integral=kind == "int")
+        if number is None:
+            raise ValueError(f"{where} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        low = self.minimum if self.minimum is not None else -np.inf
+        high = self.maximum if self.maximum is not None else np.inf
+        if not low <= number <= high:
+            raise ValueError(f"{where} must be in [{self.minimum}, {self.maximum}], got {value!r}")
+        return number
+
+
+@dataclass
+class Annotator:
+    """A condition extractor: `annotator(image, **params)` maps an RGB uint8 (H, W, 3) image to a
+    control image of the same height and width, uint8 (H, W, 3), or float32 (H, W, 3) in [0, 1]
+    with -1 marking masked pixels when `float_output` (the inpaint hint)."""
+
+    name: str
+    description: str
+    # Builds the function. Classical annotators return a plain function; network annotators load
+    # `weights` here, so nothing is read before the first call (and then only once).
+    factory: Callable[[], AnnotatorFn]
+    params: tuple[Param, ...] = ()
+    inputs: tuple[str, ...] = ()  # required array inputs besides the image, e.g. ("mask",)
+    weights: str | None = None  # the weight file a network annotator needs; None for classical ones
+    float_output: bool = False
+    _fn: AnnotatorFn | None = field(default=None, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
+    def defaults(self) -> dict[str, ParamValue]:
+        return {p.name: p.default for p in self.params}
+
+    def load(self) -> AnnotatorFn:
+        """The annotator's function, built on first use (thread-safe)."""
+        with self._lock:
+            if self._fn is None:
+                self._fn = self.factory()
+            return self._fn
+
+    def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with `params`, each checked and coerced; array inputs checked present."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known) - set(self.inputs))
+        if unknown:
+            accepted = ", ".join([*known, *self.inputs]) or "no parameters"
+            raise ValueError(f"annotator {self.name!r} has no parameter {unknown[0]!r}; it takes {accepted}")
+        resolved: dict[str, Any] = {name: p.coerce(params.get(name, p.default), self.name) for name, p in known.items()}
+        for name in self.inputs:
+            if not isinstance(params.get(name), np.ndarray):
+                raise ValueError(f"annotator {self.name!r} needs {name!r} as a numpy array")
+            resolved[name] = params[name]
+        return resolved
+
+    def __call__(self, image: np.ndarray, **params: Any) -> np.ndarray:
+        rgb = HWC3(image)
+        if rgb.size == 0:
+            raise ValueError(f"annotator {self.name!r} got an empty image of shape {image.shape}")
+        out = self.load()(rgb, **self.resolve(params))
+        expected = np.float32 if self.float_output else np.uint8
+        if out.shape != rgb.shape or out.dtype != expected:
+            raise RuntimeError(
+                f"annotator {self.name!r} returned {out.shape} {out.dtype}, expected {rgb.shape} {expected}"
+            )
+        return out
+
+
+def _number(value: Any, integral: bool) -> int | float | None:
+    """An int (integral=True, integral floats accepted) or finite float from `value`, else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return None
+    if not math.isfinite(as_float):
+        return None
+    if integral:
+        return int(value) if as_float.is_integer() else None
+    return as_float

@@ -1,0 +1,132 @@
+"""The denoiser the samplers call: classifier-free guidance and ControlNet units live here, so a
+sampler never sees either (the k-diffusion contract: ``denoise(x, t) -> model output``).
+
+Control modes (REFERENCE.md sections 1 and 7):
+
+- ``balanced``: residuals times ``strength`` on both sides of guidance (the original default);
+- ``prompt`` ("My prompt is more important"): the soft scales ``strength * 0.825 ** (12 - i)``;
+- ``control`` ("ControlNet is more important"): soft scales, and the unconditional side runs
+  without this unit: the original apps' guess mode.
+
+A unit acts on step ``i`` of ``N`` when ``i / N >= start`` and ``(i + 1) / N <= end`` (diffusers'
+rule); outside that window its ControlNet is not run at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .controlnet import ControlNet, scale_residuals, soft_control_scales
+from .unet import UNet
+
+
+class ControlMode(str, Enum):
+    BALANCED = "balanced"
+    PROMPT = "prompt"  # "My prompt is more important"
+    CONTROL = "control"  # "ControlNet is more important" = guess mode
+
+    @classmethod
+    def parse(cls, value: str | ControlMode) -> ControlMode:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown control mode {value!r}; choose one of {choices}") from None
+
+
+@dataclass
+class ActiveControl:
+    """One ControlNet unit, prepared for a generation: its hint features are computed once."""
+
+    controlnet: ControlNet
+    hint_features: torch.Tensor  # [1, model_channels, h, w]: broadcast over the batch
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: ControlMode = ControlMode.BALANCED
+    scales: list[float] | None = None  # per-residual multipliers; None: derived from strength and mode
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"control window must satisfy 0 <= start <= end <= 1, got {self.start}..{self.end}")
+        self.mode = ControlMode.parse(self.mode)
+        count = len(self.controlnet.zero_convs) + 1
+        if self.scales is None:
+            soft = self.mode is not ControlMode.BALANCED
+            self.scales = soft_control_scales(self.strength, count) if soft else [self.strength] * count
+        elif len(self.scales) != count:
+            raise ValueError(f"this ControlNet takes {count} control scales, got {len(self.scales)}")
+
+    @property
+    def conditional_only(self) -> bool:
+        return self.mode is ControlMode.CONTROL
+
+    def active_at(self, step: int, total: int) -> bool:
+        return step / total >= self.start and (step + 1) / total <= self.end
+
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        """The unit's scaled residuals for a batch (the hint features broadcast over it)."""
+        raw = self.controlnet(x, self.hint_features, t, context)
+        return scale_residuals(raw, self.scales, self.controlnet.config.global_average_pooling)
+
+
+def _sum_residuals(groups: Sequence[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    """Several ControlNets at once: their residuals add up, level by level."""
+    if not groups:
+        return None
+    total = list(groups[0])
+    for group in groups[1:]:
+        total = [a + b for a, b in zip(total, group, strict=True)]
+    return total
+
+
+class GuidedDenoiser:
+    """``denoise(x, t)`` with classifier-free guidance and ControlNet units.
+
+    ``step`` must say which sampling step is being evaluated (the pipeline advances it from the
+    sampler's callback); it decides which units are inside their window.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        guidance_scale: float,
+        controls: Sequence[ActiveControl],
+        total_steps: int,
+        only_mid_control: bool = False,
+    ) -> None:
+        self.unet = unet
+        self.cond = cond
+        self.uncond = uncond if guidance_scale > 1.0 else None
+        self.guidance_scale = guidance_scale
+        self.controls = list(controls)
+        self.total_steps = total_steps
+        self.only_mid_control = only_mid_control
+        self.step = 0
+        self.controlnet_calls = 0  # how many ControlNet forward passes ran (windows skip some)
+
+    def _eps(self, x, t, context, controls: Sequence[ActiveControl]) -> torch.Tensor:
+        groups = [c.residuals(x, t, context) for c in controls]
+        self.controlnet_calls += len(groups)
+        return self.unet(x, t, context, control=_sum_residuals(groups), only_mid_control=self.only_mid_control)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        active = [c for c in self.controls if c.active_at(self.step, self.total_steps)]
+        if self.uncond is None:
+            return self._eps(x, t, self.cond, active)
+        if not any(c.conditional_only for c in active):
+            # Both sides share the same control: one batched call, [uncond; cond].
+            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond]), active)
+            uncond_out, cond_out = both.chunk(2)
+        else:
+            cond_out = self._eps(x, t, self.cond, active)
+            shared = [c for c in active if not c.conditional_only]
+            uncond_out = self._eps(x, t, self.uncond, shared)
+        return uncond_out + self.guidance_scale * (cond_out - uncond_out)

@@ -1,0 +1,53 @@
+"""Prompt encoding, including prompts longer than CLIP's 77 positions.
+
+CLIP reads 77 tokens: a start token, 75 tokens of text and an end token. Longer prompts are cut by
+the original apps and by diffusers. We do what AUTOMATIC1111 users expect instead: the prompt's
+tokens are split into chunks of 75, each chunk is encoded on its own (with its start and end
+tokens and padding) and the encodings are concatenated along the sequence axis, so the UNet's
+cross-attention reads all of them ([B, 77 * chunks, width]). A prompt of at most 75 tokens gives
+exactly the usual single encoding. When the prompt and the negative prompt need different numbers
+of chunks, the shorter is extended with encodings of the empty prompt so that both can share one
+batched UNet call. (AUTOMATIC1111 also moves a chunk boundary back to a nearby comma; we split
+strictly every 75 tokens.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .tokenizer import default_tokenizer
+
+CHUNK_TOKENS = 75  # text tokens per 77-position window (start and end tokens excluded)
+
+
+def tokenize_chunks(prompt: str, pad_token_id: int, max_length: int = 77) -> torch.Tensor:
+    """[chunks, max_length] token ids for one prompt: start, up to 75 tokens, end, padding."""
+    tokenizer = default_tokenizer()
+    per_chunk = max_length - 2
+    ids = tokenizer.encode(prompt)
+    pieces = [ids[i : i + per_chunk] for i in range(0, len(ids), per_chunk)] or [[]]
+    rows = torch.full((len(pieces), max_length), pad_token_id, dtype=torch.long)
+    for row, piece in enumerate(pieces):
+        tokens = [tokenizer.start_token_id, *piece, tokenizer.end_token_id]
+        rows[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return rows
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder: torch.nn.Module, prompts: Sequence[str], min_chunks: int = 1) -> torch.Tensor:
+    """Encode ``prompts`` to [len(prompts), 77 * chunks, width], every prompt with as many chunks as
+    the longest (or ``min_chunks``); missing chunks are the empty prompt's encoding."""
+    config = text_encoder.config
+    per_prompt = [tokenize_chunks(p, config.pad_token_id, config.max_length) for p in prompts]
+    chunks = max([min_chunks, *(t.shape[0] for t in per_prompt)])
+    empty = tokenize_chunks("", config.pad_token_id, config.max_length)
+    padded = [torch.cat([t, empty.expand(chunks - t.shape[0], -1)]) for t in per_prompt]
+    tokens = torch.cat(padded).to(next(text_encoder.parameters()).device)  # [B * chunks, 77]
+    hidden = text_encoder(tokens)  # [B * chunks, 77, width]
+    return hidden.reshape(len(prompts), chunks * config.max_length, hidden.shape[-1])
+
+
+def chunk_count(prompt: str) -> int:
+    return max(1, -(-len(default_tokenizer().encode(prompt)) // CHUNK_TOKENS))

@@ -1,0 +1,165 @@
+"""Generation on the tiny configuration: seeds, control windows, call counts, modes, long prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from controlnet.config import TINY
+from controlnet.controlnet import ControlNet
+from controlnet.demo import circle_edges, random_tiny_models
+from controlnet.guidance import ActiveControl, GuidedDenoiser
+from controlnet.model import StableDiffusion
+from controlnet.pipeline import ControlUnit, Pipeline
+from controlnet.prompts import encode_prompts, tokenize_chunks
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    model, controlnet = random_tiny_models(seed=0)
+    second = ControlNet.from_unet(model.unet)
+    with torch.no_grad():
+        for zero in [*second.zero_convs, second.middle_block_out]:
+            zero[0].weight.normal_(std=0.05, generator=torch.Generator().manual_seed(9))
+    return Pipeline(model, [controlnet, second])
+
+
+EDGES = circle_edges(64)
+
+
+class _Counter:
+    """Counts forward passes of a module through a hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        self.calls += 1
+
+    def close(self) -> int:
+        self.handle.remove()
+        return self.calls
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_a_seed_gives_the_same_image_whatever_the_batch_size(pipe, sampler):
+    unit = ControlUnit(EDGES)
+    batch = pipe.generate("a circle", [unit], num_images=3, seed=41, steps=6, sampler=sampler)
+    single = pipe.generate("a circle", [unit], num_images=1, seed=42, steps=6, sampler=sampler)
+    again = pipe.generate("a circle", [unit], num_images=1, seed=42, steps=6, sampler=sampler)
+    assert batch.seeds == [41, 42, 43] and single.seeds == [42]
+    assert np.array_equal(single.images[0], again.images[0])
+    assert np.abs(batch.images[1].astype(int) - single.images[0].astype(int)).max() <= 1
+    assert not np.array_equal(batch.images[0], batch.images[1])
+
+
+def test_a_unit_outside_its_window_costs_no_controlnet_call(pipe):
+    counter = _Counter(pipe.controlnets[0])
+    pipe.generate("a circle", [ControlUnit(EDGES, start=0.5, end=1.0)], steps=10, seed=1)
+    assert counter.close() == 5  # steps 5..9, cond and uncond in one batched call each
+    counter = _Counter(pipe.controlnets[0])
+    pipe.generate("a circle", [ControlUnit(EDGES, start=0.0, end=0.3)], steps=10, seed=1)
+    assert counter.close() == 3
+
+
+def test_the_hint_encoder_runs_once_per_generation(pipe):
+    counter = _Counter(pipe.controlnets[0].input_hint_block)
+    pipe.generate("a circle", [ControlUnit(EDGES)], num_images=2, steps=8, seed=1)
+    assert counter.close() == 1
+
+
+def test_guess_mode_runs_control_on_the_conditional_side_only(pipe):
+    counter = _Counter(pipe.controlnets[0])
+    unet_counter = _Counter(pipe.model.unet)
+    pipe.generate("a circle", [ControlUnit(EDGES, mode="control")], steps=4, seed=1)
+    assert counter.close() == 4 and unet_counter.close() == 8  # cond and uncond UNet calls apart
+    unet_counter = _Counter(pipe.model.unet)
+    pipe.generate("a circle", [ControlUnit(EDGES)], steps=4, seed=1)
+    assert unet_counter.close() == 4  # balanced: one batched call per step
+
+
+def test_modes_and_several_units_change_the_image(pipe):
+    base = pipe.generate("a circle", [ControlUnit(EDGES)], steps=4, seed=3).images[0]
+    for units in (
+        [ControlUnit(EDGES, mode="prompt")],
+        [ControlUnit(EDGES, mode="control")],
+        [ControlUnit(EDGES), ControlUnit(255 - EDGES, controlnet=1, strength=0.7)],
+    ):
+        assert not np.array_equal(pipe.generate("a circle", units, steps=4, seed=3).images[0], base)
+
+
+def test_several_units_sum_their_residuals():
+    torch.manual_seed(0)
+    model = StableDiffusion(TINY).eval()
+    nets = [ControlNet.from_unet(model.unet).eval() for _ in range(2)]
+    for i, net in enumerate(nets):
+        with torch.no_grad():
+            net.zero_convs[1][0].bias.fill_(0.1 * (i + 1))
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([500])
+    context = torch.randn(1, 77, 64)
+    hint = torch.rand(1, 3, 64, 64)
+    units = [ActiveControl(n, n.encode_hint(hint)) for n in nets]
+    both = GuidedDenoiser(model.unet, context, None, 1.0, units, 1)(x, t)
+    summed = [a + b for a, b in zip(*(u.residuals(x, t, context) for u in units), strict=True)]
+    with torch.no_grad():
+        assert torch.equal(both, model.unet(x, t, context, control=summed))
+
+
+def test_fresh_controlnets_leave_the_image_as_without_control():
+    model, _ = random_tiny_models(seed=0)
+    pipe = Pipeline(model, [ControlNet.from_unet(model.unet)])
+    plain = pipe.generate("a circle", [], steps=4, seed=5, resolution=64).images[0]
+    controlled = pipe.generate("a circle", [ControlUnit(EDGES)], steps=4, seed=5).images[0]
+    assert np.array_equal(plain, controlled)
+
+
+def test_float_output_and_explicit_latents(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = pipe.generate("a circle", [ControlUnit(EDGES)], num_images=2, steps=3, latents=latents, output="float")
+    assert result.images[0].dtype == np.float32 and result.images[0].min() >= 0 and result.images[0].max() <= 1
+    again = pipe.generate("a circle", [ControlUnit(EDGES)], num_images=2, steps=3, latents=latents, output="float")
+    assert np.array_equal(result.images[1], again.images[1])
+
+
+def test_long_prompts_are_encoded_in_chunks_of_75_tokens(pipe):
+    encoder = pipe.model.text_encoder
+    short = "a red circle"
+    assert torch.equal(tokenize_chunks(short, 49407), encoder.tokenize([short]))
+    with torch.no_grad():
+        assert torch.equal(encode_prompts(encoder, [short]), encoder(encoder.tokenize([short])))
+    long = " ".join(["red circle"] * 60)  # 120 tokens: two chunks
+    tokens = tokenize_chunks(long, 49407)
+    assert tokens.shape == (2, 77) and tokens[0, -1] == 49407 and tokens[1, 0] == 49406
+    context = encode_prompts(encoder, [long, ""])
+    assert context.shape == (2, 154, TINY.text.width)
+    with torch.no_grad():  # the short negative prompt is extended with the empty prompt's encoding
+        empty = encoder(encoder.tokenize([""]))[0]
+    assert torch.equal(context[1, 77:], empty) and torch.equal(context[1, :77], empty)
+    assert pipe.generate(long, [ControlUnit(EDGES)], steps=2, seed=0).images[0].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"num_images": 13}, "num_images must be between 1 and 12"),
+        ({"sampler": "plms2"}, "unknown sampler 'plms2'"),
+        ({"seed": 2**31}, "seed must be at most"),
+        ({"output": "pil"}, "output must be"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_clear_message(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.generate("a circle", [ControlUnit(EDGES)], **kwargs)
+
+
+def test_bad_units_are_refused(pipe):
+    with pytest.raises(ValueError, match="uses ControlNet 5, but 2 are loaded"):
+        pipe.generate("a circle", [ControlUnit(EDGES, controlnet=5)])
+    with pytest.raises(ValueError, match="unknown control mode 'strong'"):
+        pipe.generate("a circle", [ControlUnit(EDGES, mode="strong")], steps=1)
+    with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
+        pipe.generate("a circle", [ControlUnit(EDGES, start=0.8, end=0.2)], steps=1)
