@@ -163,3 +163,50 @@ def test_bad_units_are_refused(pipe):
         pipe.generate("a circle", [ControlUnit(EDGES, mode="strong")], steps=1)
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
         pipe.generate("a circle", [ControlUnit(EDGES, start=0.8, end=0.2)], steps=1)
+
+
+def _photo(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def test_img2img_runs_the_last_fraction_of_the_steps(pipe):
+    steps_seen = []
+    result = pipe.generate(
+        "a circle",
+        [ControlUnit(EDGES)],
+        init_image=_photo(),
+        denoising_strength=0.5,
+        steps=10,
+        seed=2,
+        progress=lambda step, total: steps_seen.append((step, total)),
+    )
+    assert steps_seen[-1] == (5, 5) and result.settings["denoising_strength"] == 0.5
+    txt2img = pipe.generate("a circle", [ControlUnit(EDGES)], steps=10, seed=2)
+    assert not np.array_equal(result.images[0], txt2img.images[0])
+    again = pipe.generate("a circle", [ControlUnit(EDGES)], init_image=_photo(), denoising_strength=0.5, steps=10, seed=2)
+    assert np.array_equal(result.images[0], again.images[0])
+
+
+def test_inpainting_keeps_the_unmasked_pixels_and_feeds_the_inpaint_hint(pipe):
+    init = _photo(1)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    unit = ControlUnit(init, annotator="inpaint", annotator_params={"mask_blur": 0})
+    result = pipe.generate("a circle", [unit], init_image=init, mask=mask, denoising_strength=1.0, steps=4, seed=3)
+    image = result.images[0]
+    outside = mask == 0
+    assert np.array_equal(image[outside], init[outside])
+    assert not np.array_equal(image[~outside], init[~outside])
+    hint = result.control_maps[0]
+    assert hint.dtype == np.float32 and (hint[20:44, 20:44] == -1).all() and (hint[:8, :8] >= 0).all()
+    assert result.settings["inpaint"] is True
+
+
+def test_mask_and_inpaint_hint_errors(pipe):
+    with pytest.raises(ValueError, match="a mask needs an init image"):
+        pipe.generate("a circle", [], mask=np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match="the inpaint annotator needs a mask"):
+        pipe.generate("a circle", [ControlUnit(_photo(), annotator="inpaint")], steps=1)
+    with pytest.raises(ValueError, match="denoising strength"):
+        pipe.generate("a circle", [], init_image=_photo(), denoising_strength=0.0, steps=4)

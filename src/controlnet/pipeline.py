@@ -86,21 +86,39 @@ class Pipeline:
         model = load_base(base, prediction=prediction)
         return cls(model, [load_controlnet(path, model.config) for path in controlnets], device, dtype)
 
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+        """The model used when no files are named. No trained model ships yet: this is the tiny
+        configuration with seeded random weights (images are noise; every code path runs)."""
+        from .demo import random_tiny_models
+
+        model, controlnet = random_tiny_models()
+        return cls(model, [controlnet], device, dtype)
+
     # -- the steps of a generation, each small enough to read -----------------------------------
 
-    def output_size(self, controls: Sequence[ControlUnit], resolution: int | None) -> tuple[int, int]:
-        """(height, width): the first control image resized as the original app does
-        (short side = resolution, each side rounded to a multiple of 64)."""
+    def output_size(
+        self, controls: Sequence[ControlUnit], resolution: int | None, init_image: np.ndarray | None = None
+    ) -> tuple[int, int]:
+        """(height, width): the init image's, else the first control image's, resized as the
+        original app does (short side = resolution, each side rounded to a multiple of 64)."""
         resolution = resolution or self.model.config.native_resolution
-        if not controls:
+        reference = init_image if init_image is not None else controls[0].image if controls else None
+        if reference is None:
             return resolution, resolution
-        height, width = resize_image(HWC3(controls[0].image), resolution).shape[:2]
+        height, width = resize_image(HWC3(reference), resolution).shape[:2]
         return height, width
 
-    def control_map(self, unit: ControlUnit, height: int, width: int) -> np.ndarray:
-        """The unit's control map at the output size: fit the image, then run its annotator."""
+    def control_map(self, unit: ControlUnit, height: int, width: int, mask: np.ndarray | None) -> np.ndarray:
+        """The unit's control map at the output size: fit the image, then run its annotator. The
+        inpaint annotator gets the generation's mask (fitted the same way) unless given its own."""
         fitted = fit_to(HWC3(unit.image), width, height, unit.resize_mode)
-        return run_annotator(unit.annotator, fitted, None, **unit.annotator_params)
+        params = dict(unit.annotator_params)
+        if unit.annotator == "inpaint" and "mask" not in params:
+            if mask is None:
+                raise ValueError("the inpaint annotator needs a mask: pass mask= to generate()")
+            params["mask"] = fit_to(mask, width, height, unit.resize_mode, "nearest")
+        return run_annotator(unit.annotator, fitted, None, **params)
 
     def hint_tensor(self, control_map: np.ndarray, count: int) -> torch.Tensor:
         """[count, 3, H, W] in [0, 1] (inpaint maps keep their -1 for masked pixels)."""
@@ -117,6 +135,22 @@ class Pipeline:
         shape = (1, self.model.config.unet.in_channels, height // factor, width // factor)
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         return torch.cat(noise).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_init(self, image: np.ndarray, seeds: Sequence[int]) -> torch.Tensor:
+        """img2img: the init image [H, W, 3] uint8 -> scaled latents, one VAE sample per image seed."""
+        pixels = torch.from_numpy(image.copy()).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
+        posterior = self.model.vae.encode(pixels.to(self.device, self.dtype))
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        latents = torch.cat([posterior.sample(generator=g) for g in generators])
+        return latents * self.model.vae.scale_factor
+
+    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """[1, 1, h, w] in [0, 1] (1 = repaint): the pixel mask averaged over each latent cell."""
+        pixels = torch.from_numpy(mask[:, :, 0].astype(np.float32) / 255.0)[None, None]
+        factor = self.model.vae.downsample_factor
+        cells = torch.nn.functional.avg_pool2d(pixels, factor)
+        return cells.to(self.device, self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -141,22 +175,35 @@ class Pipeline:
         eta: float = 0.0,
         sampler: str = "ddim",
         resolution: int | None = None,
+        init_image: np.ndarray | None = None,
+        denoising_strength: float = 0.75,
+        mask: np.ndarray | None = None,
         latents: torch.Tensor | None = None,
         output: str = "uint8",
         progress: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
-        """Generate ``num_images`` images for ``prompt`` following ``controls``."""
+        """Generate ``num_images`` images for ``prompt`` following ``controls``.
+
+        img2img: ``init_image`` (RGB uint8) is encoded and noised to ``denoising_strength`` (the
+        last ``int(steps * strength)`` steps run). Inpainting: also a ``mask`` (uint8 or bool,
+        white/true = repaint): after every step the latents outside the mask are replaced by the
+        init latents at the same noise level, and the decoded image keeps the init pixels there.
+        """
         self._check_arguments(controls, num_images, seed, steps, guidance_scale, output)
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init image to inpaint")
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
-        height, width = self.output_size(controls, resolution)
+        height, width = self.output_size(controls, resolution, init_image)
+        init = None if init_image is None else fit_to(HWC3(init_image), width, height)
+        mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
 
         full_prompt = f"{prompt}, {added_prompt}" if added_prompt else prompt
         context = encode_prompts(self.model.text_encoder, [full_prompt, negative_prompt]).to(self.dtype)
         cond = context[0:1].expand(num_images, -1, -1)
         uncond = context[1:2].expand(num_images, -1, -1)
 
-        control_maps = [self.control_map(unit, height, width) for unit in controls]
+        control_maps = [self.control_map(unit, height, width, mask) for unit in controls]
         active = [
             ActiveControl(
                 controlnet=self.controlnets[unit.controlnet],
@@ -171,8 +218,11 @@ class Pipeline:
         ]
 
         plan = make_plan(sampler, self.model.config.schedule, steps, eta=eta)
+        init_latents = None if init is None else self.encode_init(init, seeds)
+        if init_latents is not None:
+            plan = plan.from_strength(denoising_strength)
         denoiser = GuidedDenoiser(self.model.unet, cond, uncond, guidance_scale, active, plan.total_steps)
-        x = self.initial_noise(seeds, height, width) if latents is None else latents.to(self.device, self.dtype)
+        noise = self.initial_noise(seeds, height, width) if latents is None else latents.to(self.device, self.dtype)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
 
         def on_step(step: int, total: int) -> None:
@@ -180,8 +230,21 @@ class Pipeline:
             if progress is not None:
                 progress(step, total)
 
-        x = sample(denoiser, x, plan, generator=generators, callback=on_step)
+        after_step = None
+        if mask is not None:
+            keep = 1.0 - self.latent_mask(mask, height, width)
+
+            def after_step(x: torch.Tensor, step: int) -> torch.Tensor:
+                # Outside the mask, the latents are the init image's at this step's noise level.
+                return x * (1.0 - keep) + plan.noise(init_latents, noise, step + 1) * keep
+
+        x = sample(
+            denoiser, noise, plan, init=init_latents, generator=generators, callback=on_step, after_step=after_step
+        )
         images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()
+        if mask is not None:  # the unmasked pixels are the init image's, exactly
+            repaint = mask[:, :, :1].astype(np.float32) / 255.0
+            images = images * repaint + (init.astype(np.float32) / 255.0) * (1.0 - repaint)
         if output == "uint8":
             images = (images * 255.0).round().astype(np.uint8)
         settings = self._settings(locals())
@@ -206,9 +269,23 @@ class Pipeline:
 
     def _settings(self, scope: dict) -> dict:
         names = ("prompt", "negative_prompt", "added_prompt", "seed", "steps", "guidance_scale", "eta", "sampler")
+        if scope["init_image"] is not None:
+            names += ("denoising_strength",)
         settings = {name: scope[name] for name in names}
         settings.update(width=scope["width"], height=scope["height"], model=self.model.config.name)
+        settings.update(img2img=scope["init_image"] is not None, inpaint=scope["mask"] is not None)
         settings["controls"] = [
             {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"} for unit in scope["controls"]
         ]
         return settings
+
+
+def _mask_uint8(mask: np.ndarray) -> np.ndarray:
+    """A mask as uint8 0/255 (H, W): bool, uint8 (> 127 = repaint) or float in [0, 1] (> 0.5)."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[:, :, 0]
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"a mask must be a non-empty (H, W) or (H, W, C) array, got shape {mask.shape}")
+    threshold = 127 if mask.dtype == np.uint8 else 0.5
+    return np.where(mask > threshold, 255, 0).astype(np.uint8)
