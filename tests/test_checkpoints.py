@@ -413,3 +413,78 @@ def test_transfer_control_adds_the_base_difference_to_the_encoder_copy(tiny):
     assert sum(k in old for k in moved) == len(
         [k for k in moved if not k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))]
     )
+
+
+# --- files with the quirks of real checkpoints ----------------------------------------------------
+
+
+def test_training_leftovers_and_old_clip_key_layout_are_tolerated(tiny, tmp_path):
+    model, _ = tiny
+    state_dict = _tiny_ldm(model)
+    state_dict["first_stage_model.loss.logvar"] = torch.zeros(())  # saved while training the VAE
+    state_dict["lvlb_weights"] = torch.ones(1000)
+    # Older / merged SD 1.x files: no "text_model." level, position_ids stored as floats.
+    old = {}
+    for key, value in state_dict.items():
+        old[key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")] = value
+    old["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77.0)[None]
+    path = tmp_path / "merged.safetensors"
+    save_file(old, str(path))
+    loaded = load_base(path)
+    _assert_same_weights(loaded.text_encoder, model.text_encoder)
+    _assert_same_weights(loaded.vae, model.vae)
+
+
+def test_diff_controlnets_and_strays_in_control_only_files_are_refused(tiny, tmp_path):
+    _, controlnet = tiny
+    control = {"control_model." + k: v.clone() for k, v in controlnet.state_dict().items()}
+    diff = tmp_path / "diff_control_sd15_canny.safetensors"
+    save_file({**control, "difference": torch.zeros(())}, str(diff))
+    with pytest.raises(CheckpointError, match="a 'diff' ControlNet"):
+        load_controlnet(diff)
+    stray = tmp_path / "stray.safetensors"
+    save_file({**control, "lora_te_text_model.alpha": torch.zeros(())}, str(stray))
+    with pytest.raises(CheckpointError, match="1 unexpected keys beside control_model"):
+        load_controlnet(stray)
+    save_file({**control, "lvlb_weights": torch.ones(1000)}, str(tmp_path / "ok.safetensors"))
+    _assert_same_weights(load_controlnet(tmp_path / "ok.safetensors"), controlnet)
+
+
+def test_a_full_file_keeps_the_controlnet_config_including_pooling(tiny, tmp_path):
+    model, controlnet = tiny
+    pooled = ControlNet(TINY.controlnet(global_average_pooling=True))
+    pooled.load_state_dict(controlnet.state_dict())
+    path = save_ldm(tmp_path / "full.safetensors", model, pooled)
+    assert load_controlnet(path).config.global_average_pooling
+
+
+def test_sd2_ldm_files_must_name_their_prediction_type(tmp_path):
+    from controlnet.checkpoints import _base_config_from_shapes
+    from controlnet.config import SD21_V
+    from controlnet.unet import UNet
+
+    with torch.device("meta"):
+        parts = {"unet": UNet(SD21.unet).state_dict()}
+    path = tmp_path / "v2-1_768-ema-pruned.safetensors"
+    with pytest.raises(CheckpointError, match="say which with prediction='eps' or 'v'"):
+        _base_config_from_shapes(parts, None, path)
+    assert _base_config_from_shapes(parts, "v", path) is SD21_V
+    assert _base_config_from_shapes(parts, "eps", path) is SD21
+    path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert _base_config_from_shapes(parts, None, path) is SD21_V
+
+
+def test_diffusers_layout_oddities(tiny, tmp_path):
+    model, controlnet = tiny
+    folder = save_diffusers(tmp_path / "pipe", model, controlnet)
+    # transformers 5's save_pretrained writes CLIPTextModel keys without "text_model.".
+    text_file = folder / "text_encoder" / "model.safetensors"
+    weights = read_state_dict(text_file)[0]
+    save_file({k.removeprefix("text_model."): v.contiguous() for k, v in weights.items()}, str(text_file))
+    _assert_same_weights(load_base(folder).text_encoder, model.text_encoder)
+    with pytest.raises(CheckpointError, match="holds a UNet2DConditionModel, not a ControlNet"):
+        load_controlnet(folder / "unet")
+    lonely = tmp_path / "lonely.safetensors"
+    save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3)}, str(lonely))
+    with pytest.raises(CheckpointError, match="not a Stable Diffusion ControlNet in diffusers layout"):
+        load_controlnet(lonely)

@@ -184,7 +184,9 @@ def test_img2img_runs_the_last_fraction_of_the_steps(pipe):
     assert steps_seen[-1] == (5, 5) and result.settings["denoising_strength"] == 0.5
     txt2img = pipe.generate("a circle", [ControlUnit(EDGES)], steps=10, seed=2)
     assert not np.array_equal(result.images[0], txt2img.images[0])
-    again = pipe.generate("a circle", [ControlUnit(EDGES)], init_image=_photo(), denoising_strength=0.5, steps=10, seed=2)
+    again = pipe.generate(
+        "a circle", [ControlUnit(EDGES)], init_image=_photo(), denoising_strength=0.5, steps=10, seed=2
+    )
     assert np.array_equal(result.images[0], again.images[0])
 
 
@@ -210,3 +212,24 @@ def test_mask_and_inpaint_hint_errors(pipe):
         pipe.generate("a circle", [ControlUnit(_photo(), annotator="inpaint")], steps=1)
     with pytest.raises(ValueError, match="denoising strength"):
         pipe.generate("a circle", [], init_image=_photo(), denoising_strength=0.0, steps=4)
+
+
+def test_guidance_below_one_still_mixes_in_the_unconditional_side(pipe):
+    half = pipe.generate("a circle", [ControlUnit(EDGES)], guidance_scale=0.5, steps=3, seed=4, output="float")
+    one = pipe.generate("a circle", [ControlUnit(EDGES)], guidance_scale=1.0, steps=3, seed=4, output="float")
+    assert not np.array_equal(half.images[0], one.images[0])
+
+
+def test_uint8_output_truncates_as_the_original(pipe):
+    floats = pipe.generate("a circle", [ControlUnit(EDGES)], steps=3, seed=4, output="float").images[0]
+    uint8 = pipe.generate("a circle", [ControlUnit(EDGES)], steps=3, seed=4).images[0]
+    assert np.array_equal(uint8, (floats * 255.0).clip(0, 255).astype(np.uint8))
+
+
+def test_the_first_control_image_is_resized_as_the_original_app(pipe):
+    from controlnet.images import resize_image
+
+    image = np.zeros((50, 70, 3), np.uint8)
+    image[10:40, 20:50] = 255
+    result = pipe.generate("a box", [ControlUnit(image)], steps=1, seed=0, resolution=64)
+    assert np.array_equal(result.control_maps[0], resize_image(image, 64))

@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import (
+    SD21,
+    SD21_V,
     ControlNetConfig,
     ModelConfig,
     ScheduleConfig,
@@ -40,11 +42,13 @@ from .config import (
     UNetConfig,
     VAEConfig,
     detect_preset,
+    preset_for,
 )
 from .controlnet import ControlNet
 from .formats import diffusers_text, diffusers_unet, diffusers_vae
 from .formats.diffusers_tokenizer import write_hf_tokenizer_files
 from .model import StableDiffusion, build_empty
+from .text import POSITION_IDS_KEY, clip_position_ids
 
 StateDict = dict[str, torch.Tensor]
 
@@ -71,11 +75,15 @@ _SCHEDULE_BUFFERS = frozenset(
         "posterior_mean_coef1",
         "posterior_mean_coef2",
         "logvar",
+        "lvlb_weights",
     }
 )
-_POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+# Keys of a model's part that are training leftovers, not weights: the VAE's loss (discriminator,
+# LPIPS) in checkpoints saved while training the autoencoder.
+_TRAINING_LEFTOVERS = ("first_stage_model.loss.",)
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-_CONFIG_METADATA_KEY = "controlnet.config"
+_CONFIG_METADATA_KEY = "controlnet.config"  # the base model's ModelConfig, as JSON
+_CONTROL_METADATA_KEY = "controlnet.control_config"  # the ControlNet's ControlNetConfig, as JSON
 # Most keys named in an error message; the counts are always given in full.
 _SHOWN = 5
 
@@ -254,6 +262,8 @@ def split_ldm(state_dict: Mapping[str, torch.Tensor], use_ema: bool = False) -> 
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX, "control": CONTROL_PREFIX}
     unknown = []
     for key, tensor in state_dict.items():
+        if key.startswith(_TRAINING_LEFTOVERS):
+            continue
         part = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
         if part is not None:
             parts[part][key[len(prefixes[part]) :]] = tensor
@@ -261,11 +271,25 @@ def split_ldm(state_dict: Mapping[str, torch.Tensor], use_ema: bool = False) -> 
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{len(unknown)} unexpected keys outside any model: {_names(unknown)}")
-    # Files differ on whether they store the text encoder's position_ids (an arange): never a weight.
-    parts["text"].pop(_POSITION_IDS, None)
+    parts["text"] = _normalise_clip_keys(parts["text"])
     if use_ema:
         parts["unet"] = _ema_weights(state_dict, parts["unet"])
     return parts
+
+
+def _normalise_clip_keys(text: StateDict) -> StateDict:
+    """SD 1.x text encoder keys as our CLIPTextEncoder names them.
+
+    Files differ on whether they store position_ids (an arange, sometimes saved as floats): never
+    a weight, dropped. Older and merged files name the weights ``transformer.embeddings...``
+    without ``text_model.`` (an earlier transformers layout): the prefix is put back.
+    """
+    if any(k.startswith("transformer.") for k in text) and not any(
+        k.startswith("transformer.text_model.") for k in text
+    ):
+        text = {"transformer.text_model." + k.removeprefix("transformer."): v for k, v in text.items()}
+    text.pop(POSITION_IDS_KEY, None)
+    return text
 
 
 def _ema_weights(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateDict:
@@ -352,8 +376,10 @@ def _dataclass_from_dict(cls, data: Mapping[str, object]):
     return cls(**values)
 
 
-def _metadata_config(metadata: Mapping[str, str], source: str) -> ModelConfig | ControlNetConfig | None:
-    text = metadata.get(_CONFIG_METADATA_KEY)
+def _metadata_config(
+    metadata: Mapping[str, str], source: str, key: str = _CONFIG_METADATA_KEY
+) -> ModelConfig | ControlNetConfig | None:
+    text = metadata.get(key)
     if text is None:
         return None
     try:
@@ -362,14 +388,42 @@ def _metadata_config(metadata: Mapping[str, str], source: str) -> ModelConfig | 
         raise CheckpointError(f"{source}: its stored model configuration is invalid ({_first_line(error)})") from None
 
 
-def _base_config_from_shapes(parts: Mapping[str, StateDict], prediction: str | None, source: str) -> ModelConfig:
+def _base_config_from_shapes(parts: Mapping[str, StateDict], prediction: str | None, path: Path) -> ModelConfig:
     try:
         config = detect_preset(parts["unet"])
     except ValueError as error:
-        raise CheckpointError(f"{source}: {error}") from None
-    if prediction is not None and prediction != config.schedule.prediction:
-        config = config.replace(schedule=dataclasses.replace(config.schedule, prediction=prediction))
-    return config
+        raise CheckpointError(f"{path}: {error}") from None
+    if config.name == "sd21":
+        prediction = prediction or _prediction_from_yaml(path)
+        if prediction is None:
+            raise CheckpointError(
+                f"{path}: an SD 2.x model; its eps (512 px) and v-prediction (768 px) versions have the same "
+                "weights' shapes: say which with prediction='eps' or 'v' (command line: --prediction eps|v)"
+            )
+    return _with_prediction(config, prediction)
+
+
+def _with_prediction(config: ModelConfig, prediction: str | None) -> ModelConfig:
+    """``config`` with the prediction type named; SD 2.x v models are the 768 px ``sd21-v`` preset."""
+    if prediction is None or prediction == config.schedule.prediction:
+        return config
+    if prediction not in ("eps", "v"):
+        raise CheckpointError(f"unknown prediction type {prediction!r}; choose 'eps' or 'v'")
+    if config.unet == SD21_V.unet and prediction == "v":
+        return SD21_V
+    if config.unet == SD21.unet and prediction == "eps":
+        return SD21
+    return config.replace(schedule=dataclasses.replace(config.schedule, prediction=prediction))
+
+
+def _prediction_from_yaml(path: Path) -> str | None:
+    """The convention of the original repo and AUTOMATIC1111: a ``model.yaml`` beside
+    ``model.safetensors`` whose ``parameterization: "v"`` marks a v-prediction model."""
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    text = yaml.read_text(errors="replace")
+    return "v" if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.MULTILINE) else "eps"
 
 
 def _controlnet_config_from_shapes(control: Mapping[str, torch.Tensor], source: str) -> ControlNetConfig:
@@ -414,10 +468,10 @@ def load_base(
         raise CheckpointError(f"{path}: holds a ControlNet only ({fmt}), not a base model; pass it as a ControlNet")
     parts = split_ldm(state_dict, use_ema=use_ema)
     config = _metadata_config(metadata, str(path))
-    if not isinstance(config, ModelConfig):
-        config = _base_config_from_shapes(parts, prediction, str(path))
-    elif prediction is not None:
-        config = config.replace(schedule=dataclasses.replace(config.schedule, prediction=prediction))
+    if isinstance(config, ModelConfig):
+        config = _with_prediction(config, prediction)
+    else:
+        config = _base_config_from_shapes(parts, prediction, path)
     model = StableDiffusion(config, empty=True)
     source = f"{path.name} (ldm, {config.name})"
     load_strict(model.unet, parts["unet"], "UNet", source)
@@ -448,18 +502,12 @@ def load_controlnet(
             config = _diffusers_controlnet_config_from_shapes(state_dict, base, str(path))
             control = _from_diffusers(diffusers_unet.controlnet_diffusers_to_ldm, state_dict, config, path, fmt)
         else:
-            if fmt == "ldm":
-                control = split_ldm(state_dict)["control"]
-                if not control:
-                    raise CheckpointError(f"{path}: a base model without a ControlNet (no control_model.* keys)")
-            elif fmt == "ldm-control":
-                control = {k[len(CONTROL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+            control = _ldm_control_part(state_dict, fmt, path)
+            stored = _metadata_config(metadata, str(path), _CONTROL_METADATA_KEY)
+            if isinstance(stored, ControlNetConfig):
+                config = stored
             else:
-                control = dict(state_dict)
-            stored = _metadata_config(metadata, str(path))
-            config = (
-                stored if isinstance(stored, ControlNetConfig) else _controlnet_config_from_shapes(control, str(path))
-            )
+                config = _controlnet_config_from_shapes(control, str(path))
     if global_average_pooling is not None:
         config = dataclasses.replace(config, global_average_pooling=global_average_pooling)
     if base is not None:
@@ -469,6 +517,25 @@ def load_controlnet(
     return model.to(dtype)
 
 
+def _ldm_control_part(state_dict: StateDict, fmt: str, path: Path) -> StateDict:
+    """The ``control_model.*`` weights (prefix removed) of an LDM-layout file."""
+    if "difference" in state_dict:
+        raise CheckpointError(
+            f"{path}: a 'diff' ControlNet (weights stored as differences from its base model); "
+            "not supported: use the full or control-only version of this ControlNet"
+        )
+    if fmt == "ldm-control-bare":
+        return dict(state_dict)
+    control = {k[len(CONTROL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+    if not control:
+        raise CheckpointError(f"{path}: a base model without a ControlNet (no control_model.* keys)")
+    if fmt == "ldm-control":  # a control-only file: nothing else but schedule buffers may be there
+        others = [k for k in state_dict if not k.startswith(CONTROL_PREFIX) and k not in _SCHEDULE_BUFFERS]
+        if others:
+            raise CheckpointError(f"{path}: {len(others)} unexpected keys beside control_model.*: {_names(others)}")
+    return control
+
+
 def check_compatible(control: ControlNetConfig, base: ModelConfig, source: str) -> None:
     """Refuse a ControlNet whose encoder copy does not match the base UNet (another SD family)."""
     if control.unet == base.unet:
@@ -476,9 +543,10 @@ def check_compatible(control: ControlNetConfig, base: ModelConfig, source: str) 
     family = {768: "SD 1.x", 1024: "SD 2.x"}
     made_for = family.get(control.unet.context_dim, f"a model with context {control.unet.context_dim}")
     base_family = family.get(base.unet.context_dim, f"a model with context {base.unet.context_dim}")
-    if made_for == base_family:
-        made_for += f" with model_channels {control.unet.model_channels}"
-        base_family += f" with model_channels {base.unet.model_channels}"
+    if made_for == base_family:  # same family name: say what differs
+        theirs, ours = dataclasses.asdict(control.unet), dataclasses.asdict(base.unet)
+        differences = ", ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in theirs if theirs[k] != ours[k])
+        raise CheckpointError(f"{source}: this ControlNet's UNet does not match the base model's ({differences})")
     raise CheckpointError(
         f"{source}: this ControlNet was made for {made_for} but the base model is {base_family} ({base.name}); "
         "use a ControlNet trained for this base"
@@ -496,44 +564,31 @@ def _diffusers_controlnet_config_from_shapes(
     state_dict: Mapping[str, torch.Tensor], base: ModelConfig | None, source: str
 ) -> ControlNetConfig:
     # A single diffusers-layout file has no config.json: read the family off the shapes.
-    conv_in = state_dict["conv_in.weight"]
+    names = ["conv_in.weight"] + [
+        f"controlnet_cond_embedding.{n}.weight" for n in ("conv_in", "blocks.1", "blocks.3", "blocks.5")
+    ]
+    missing = [n for n in names if n not in state_dict]
     context_key = next((k for k in state_dict if k.endswith("attn2.to_k.weight")), None)
-    if context_key is None:
-        raise CheckpointError(f"{source}: no cross-attention weights: not a Stable Diffusion ControlNet")
-    model_channels, context_dim = conv_in.shape[0], state_dict[context_key].shape[1]
-    candidates = ([base] if base is not None else []) + [detect_preset_by(model_channels, context_dim)]
-    for candidate in candidates:
-        if candidate is not None and (candidate.unet.model_channels, candidate.unet.context_dim) == (
-            model_channels,
-            context_dim,
-        ):
-            widths = tuple(
-                state_dict[name].shape[0]
-                for name in (
-                    "controlnet_cond_embedding.conv_in.weight",
-                    "controlnet_cond_embedding.blocks.1.weight",
-                    "controlnet_cond_embedding.blocks.3.weight",
-                    "controlnet_cond_embedding.blocks.5.weight",
-                )
-            )
-            return ControlNetConfig(
-                unet=candidate.unet,
-                hint_channels=state_dict["controlnet_cond_embedding.conv_in.weight"].shape[1],
-                hint_block_channels=widths,
-                global_average_pooling="shuffle" in Path(source).name.lower(),
-            )
-    raise CheckpointError(
-        f"{source}: unrecognised ControlNet (model_channels={model_channels}, context_dim={context_dim})"
+    if missing or context_key is None:
+        raise CheckpointError(
+            f"{source}: not a Stable Diffusion ControlNet in diffusers layout (no {_names(missing or ['attn2.to_k'])})"
+        )
+    model_channels, context_dim = state_dict["conv_in.weight"].shape[0], state_dict[context_key].shape[1]
+    found = (
+        base
+        if base is not None and (base.unet.model_channels, base.unet.context_dim) == (model_channels, context_dim)
+        else preset_for(model_channels, context_dim)
     )
-
-
-def detect_preset_by(model_channels: int, context_dim: int) -> ModelConfig | None:
-    from .config import SD15, SD21, TINY
-
-    for candidate in (SD15, SD21, TINY):
-        if (candidate.unet.model_channels, candidate.unet.context_dim) == (model_channels, context_dim):
-            return candidate
-    return None
+    if found is None:
+        raise CheckpointError(
+            f"{source}: unrecognised ControlNet (model_channels={model_channels}, context_dim={context_dim})"
+        )
+    return ControlNetConfig(
+        unet=found.unet,
+        hint_channels=state_dict[names[1]].shape[1],
+        hint_block_channels=tuple(state_dict[n].shape[0] for n in names[1:]),
+        global_average_pooling="shuffle" in Path(source).name.lower(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,6 +621,8 @@ def _read_diffusers_weights(folder: Path) -> StateDict:
     if index is not None:  # sharded: {"weight_map": {key: shard file}}
         weights: StateDict = {}
         for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+            if not isinstance(shard, str) or Path(shard).name != shard:
+                raise CheckpointError(f"{index}: shard name {shard!r} is not a file name in that folder")
             weights.update(read_state_dict(folder / shard)[0])
         return weights
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(_WEIGHT_NAMES[:2])})")
@@ -575,8 +632,12 @@ def _read_diffusers_controlnet_folder(folder: Path) -> tuple[StateDict, ControlN
     if (folder / "controlnet").is_dir():
         folder = folder / "controlnet"
     fmt = "diffusers-controlnet"
+    config_json = _read_json(folder / "config.json")
+    kind = config_json.get("_class_name", "ControlNetModel")
+    if kind != "ControlNetModel":
+        raise CheckpointError(f"{folder}: holds a {kind}, not a ControlNet (ControlNetModel)")
     try:
-        config = diffusers_unet.controlnet_config_from_diffusers(_read_json(folder / "config.json"))
+        config = diffusers_unet.controlnet_config_from_diffusers(config_json)
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
             f"{folder / 'config.json'}: not a ControlNet configuration ({_first_line(error)})"
@@ -599,7 +660,7 @@ def _load_diffusers_base(folder: Path, *, prediction: str | None, dtype: torch.d
     schedule = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
     if prediction is not None:
         schedule = dataclasses.replace(schedule, prediction=prediction)
-    known = detect_preset_by(unet_config.model_channels, unet_config.context_dim)
+    known = preset_for(unet_config.model_channels, unet_config.context_dim)
     config = ModelConfig(
         name=known.name if known is not None else "custom",
         unet=unet_config,
@@ -667,8 +728,7 @@ def ldm_state_dict(
         tensors.update({TEXT_PREFIX + k: v for k, v in model.text_encoder.state_dict().items()})
         if model.config.text.arch == "clip":
             # The original CLIP embedder stores position_ids; files people have mostly do too.
-            positions = model.config.text.max_length
-            tensors[TEXT_PREFIX + _POSITION_IDS] = torch.arange(positions, dtype=torch.int64)[None]
+            tensors[TEXT_PREFIX + POSITION_IDS_KEY] = clip_position_ids(model.config.text)
     if controlnet is not None:
         tensors.update({CONTROL_PREFIX + k: v for k, v in controlnet.state_dict().items()})
     return tensors
@@ -687,8 +747,12 @@ def save_ldm(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: LDM files are written as .safetensors only")
-    config = model.config if model is not None else controlnet.config
-    _atomic_save(ldm_state_dict(model, controlnet), path, {_CONFIG_METADATA_KEY: _config_to_json(config)})
+    metadata = {}
+    if model is not None:
+        metadata[_CONFIG_METADATA_KEY] = _config_to_json(model.config)
+    if controlnet is not None:
+        metadata[_CONTROL_METADATA_KEY] = _config_to_json(controlnet.config)
+    _atomic_save(ldm_state_dict(model, controlnet), path, metadata)
     return path
 
 

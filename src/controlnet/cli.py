@@ -1,16 +1,27 @@
-"""The ``controlnet`` command line: parse input, call the core, format output. No model logic here."""
+"""The ``controlnet`` command line: parse input, call the core, format output. No model logic here.
+
+Errors: a user mistake is reported in one line, ``controlnet COMMAND: error: ...``, never a
+traceback. Exit status 2: a bad option or argument (as argparse); 1: a file that cannot be read or
+written, a model that does not fit, or a value the core refuses; 130: interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from . import __version__
 from .checkpoints import (
-    CheckpointError,
     inspect_contents,
     load_base,
     load_controlnet,
@@ -20,8 +31,16 @@ from .checkpoints import (
 )
 
 
-class UsageError(Exception):
-    """A user mistake on the command line, reported in one line."""
+class CommandError(Exception):
+    """A failure the user can act on (e.g. an output that cannot be written): one line, exit 1."""
+
+    exit_status = 1
+
+
+class UsageError(CommandError):
+    """A user mistake on the command line, reported in one line; exit 2 as argparse's own errors."""
+
+    exit_status = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,10 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     _add_generate(commands)
-    annotate = commands.add_parser("annotate", help="run one annotator on an image: controlnet annotate NAME IN OUT")
-    annotate.add_argument("name", help="annotator name (canny, scribble, shuffle, ...); see --list")
-    annotate.add_argument("input", type=Path)
-    annotate.add_argument("output", type=Path, help="a .png file")
+    annotate = commands.add_parser(
+        "annotate",
+        help="run one annotator on an image: controlnet annotate NAME IN OUT",
+        description="Run one annotator on an image and write the control map as a PNG. "
+        "`controlnet annotate --list` shows every annotator with its parameters.",
+    )
+    annotate.add_argument("name", nargs="?", help="annotator name (canny, scribble, shuffle, ...); see --list")
+    annotate.add_argument("input", type=Path, nargs="?")
+    annotate.add_argument("output", type=Path, nargs="?", help="a .png file")
+    annotate.add_argument("--list", action="store_true", help="list the annotators and their parameters, then exit")
     annotate.add_argument("--resolution", type=int, default=512, help="resize the image first (short side, x64)")
     annotate.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="annotator parameter")
     annotate.add_argument("--overwrite", action="store_true")
@@ -73,6 +98,9 @@ ORIGINAL_NEGATIVE_PROMPT = (
     "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
     "worst quality, low quality"
 )
+# What the metadata names as the model when no --base is given (no trained model ships yet).
+DEFAULT_MODEL_NAME = "default (tiny, random weights)"
+_UNIT_FIELDS = ("image", "annotator", "strength", "start", "end", "mode", "controlnet", "resize")
 
 
 def _add_generate(commands) -> None:
@@ -82,7 +110,9 @@ def _add_generate(commands) -> None:
         help="generate images that follow a prompt and control images",
         description="Without --base the shipped default model is used. One unit comes from --image "
         "(with --annotator, --strength, --start, --end, --control-mode); more with repeated --control "
-        "'image=PATH,annotator=canny,strength=1,start=0,end=1,mode=balanced,controlnet=0,resize=crop_and_resize'.",
+        "'image=PATH,annotator=canny,strength=1,start=0,end=1,mode=balanced,controlnet=0,resize=crop_and_resize'. "
+        "Each image is written as SEED.png with its settings, seed and model hashes in the PNG metadata "
+        "('parameters' in AUTOMATIC1111's format, 'controlnet' as JSON); existing files are never overwritten.",
     )
     g.add_argument("--prompt", required=True)
     g.add_argument("--image", type=Path, help="control image of the first unit")
@@ -98,8 +128,15 @@ def _add_generate(commands) -> None:
     g.add_argument("--guidance", type=float, default=9.0, help="guidance scale 0.1..30 (default 9.0)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0.0)")
     g.add_argument("--sampler", default="ddim", help="ddim (default), dpmpp_2m_karras, euler_a, unipc, ...")
-    g.add_argument("--guess-mode", action="store_true", help="the original guess mode (= --control-mode control)")
-    g.add_argument("--control-mode", default="balanced", choices=("balanced", "prompt", "control"))
+    g.add_argument(
+        "--guess-mode", action="store_true", help="the original guess mode (= --control-mode control), for every unit"
+    )
+    g.add_argument(
+        "--control-mode",
+        default="balanced",
+        choices=("balanced", "prompt", "control"),
+        help="mode of every unit whose --control spec names no mode= (default balanced)",
+    )
     g.add_argument("--start", type=float, default=0.0, help="fraction of the steps where control starts")
     g.add_argument("--end", type=float, default=1.0, help="fraction of the steps where control ends")
     g.add_argument("--annotator", default="canny", help="annotator for --image (default canny; 'none': a ready map)")
@@ -110,6 +147,9 @@ def _add_generate(commands) -> None:
     g.add_argument("--negative-prompt", default=ORIGINAL_NEGATIVE_PROMPT)
     g.add_argument("--low-threshold", type=int, default=100, help="Canny low threshold 1..255 (default 100)")
     g.add_argument("--high-threshold", type=int, default=200, help="Canny high threshold 1..255 (default 200)")
+    g.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    g.add_argument("--denoising-strength", type=float, default=0.75, help="img2img: 0 < s <= 1 (default 0.75)")
+    g.add_argument("--mask", type=Path, help="inpainting (with --init-image): white = repaint")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
 
@@ -119,26 +159,54 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise UsageError(f"{name} must be between {low} and {high}, got {value}")
 
 
-def _parse_unit(spec: str) -> dict:
-    """'image=a.png,annotator=canny,strength=0.5' -> a dict of ControlUnit fields."""
-    fields = {"image", "annotator", "strength", "start", "end", "mode", "controlnet", "resize"}
-    unit: dict = {}
+# -- generate -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Unit:
+    """A control unit as the command line gave it: the core's ControlUnit and the file it came from."""
+
+    unit: Any  # pipeline.ControlUnit (imported lazily: torch is slow to import)
+    path: Path
+    sha256: str  # of the image file: the metadata proves which image a result followed
+
+
+def _parse_unit(spec: str) -> dict[str, str]:
+    """'image=a.png,annotator=canny,strength=0.5' -> {'image': 'a.png', 'annotator': 'canny', ...}."""
+    unit: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, sep, value = part.partition("=")
-        if not sep or key.strip() not in fields:
-            raise UsageError(f"bad --control item {part!r}; use KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        if not sep or key.strip() not in _UNIT_FIELDS:
+            raise UsageError(
+                f"bad --control item {part!r}; use KEY=VALUE with KEY one of {', '.join(sorted(_UNIT_FIELDS))}"
+            )
         unit[key.strip()] = value.strip()
-    if "image" not in unit:
+    if not unit.get("image"):
         raise UsageError(f"--control {spec!r} needs image=PATH")
     return unit
 
 
-def _units(args: argparse.Namespace):
+def _spec_number(spec: dict, key: str, default: float, kind: type) -> Any:
+    """spec[key] as an int or float (kind), or a UsageError naming the item."""
+    raw = spec.get(key, default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise UsageError(f"--control {key}={raw!r}: not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _units(args: argparse.Namespace) -> list[_Unit]:
+    """The control units of --image and every --control, checked and with their images loaded.
+
+    Everything is checked here, before a model is loaded: a typo costs no waiting."""
+    from .annotators import RESIZE_MODES, get_annotator
+    from .guidance import ControlMode
+    from .hashing import file_sha256
     from .images import load_image
     from .pipeline import ControlUnit
 
-    mode = "control" if args.guess_mode else args.control_mode
-    specs = []
+    default_mode = "control" if args.guess_mode else args.control_mode
+    specs: list[dict] = []
     if args.image is not None:
         specs.append(
             {
@@ -147,41 +215,59 @@ def _units(args: argparse.Namespace):
                 "strength": args.strength,
                 "start": args.start,
                 "end": args.end,
-                "mode": mode,
                 "resize": args.resize_mode,
             }
         )
     specs += [_parse_unit(s) for s in args.control]
     units = []
     for spec in specs:
-        annotator = spec.get("annotator", "none")
-        params = (
-            {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold} if annotator == "canny" else {}
+        where = f"control unit {spec['image']}"
+        annotator_name = spec.get("annotator", "none")
+        try:
+            annotator = get_annotator(annotator_name)
+            mode = ControlMode.parse(spec.get("mode", default_mode)).value
+        except ValueError as error:
+            raise UsageError(f"{where}: {error}") from None
+        if annotator.inputs and not (set(annotator.inputs) <= {"mask"} and args.mask is not None):
+            raise UsageError(
+                f"{where}: annotator {annotator_name!r} needs {', '.join(annotator.inputs)}, "
+                "which the command line cannot give"
+            )
+        resize_mode = spec.get("resize", "crop_and_resize")
+        if resize_mode not in RESIZE_MODES:
+            raise UsageError(f"{where}: unknown resize mode {resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+        strength = _spec_number(spec, "strength", 1.0, float)
+        start = _spec_number(spec, "start", 0.0, float)
+        end = _spec_number(spec, "end", 1.0, float)
+        controlnet = _spec_number(spec, "controlnet", 0, int)
+        _check_range(f"{where}: strength", strength, 0.0, 2.0)
+        if not 0.0 <= start <= end <= 1.0:
+            raise UsageError(f"{where}: start and end must satisfy 0 <= start <= end <= 1, got {start} and {end}")
+        if controlnet < 0:
+            raise UsageError(f"{where}: controlnet index must be 0 or more, got {controlnet}")
+        params = {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
+        unit = ControlUnit(
+            image=load_image(spec["image"]),  # ImageError: one line naming the file
+            annotator=annotator_name,
+            annotator_params=params if annotator_name == "canny" else {},
+            controlnet=controlnet,
+            strength=strength,
+            start=start,
+            end=end,
+            mode=mode,
+            resize_mode=resize_mode,
         )
         try:
-            unit = ControlUnit(
-                image=load_image(spec["image"]),
-                annotator=annotator,
-                annotator_params=params,
-                controlnet=int(spec.get("controlnet", 0)),
-                strength=float(spec.get("strength", 1.0)),
-                start=float(spec.get("start", 0.0)),
-                end=float(spec.get("end", 1.0)),
-                mode=spec.get("mode", "balanced"),
-                resize_mode=spec.get("resize", "crop_and_resize"),
-            )
-        except ValueError as error:
-            raise UsageError(f"control unit {spec['image']}: {error}") from None
-        _check_range("strength", unit.strength, 0.0, 2.0)
-        units.append(unit)
+            sha256 = file_sha256(spec["image"])
+        except OSError as error:  # read a moment ago, so unlikely: but never a traceback
+            raise CommandError(f"cannot read {spec['image']}: {error.strerror or error}") from None
+        units.append(_Unit(unit, Path(spec["image"]), sha256))
     return units
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from .images import save_png
-    from .pipeline import Pipeline
+def _check_generate_options(args: argparse.Namespace) -> None:
+    """The options that need no file: checked first, so a mistake is reported at once."""
+    from .samplers import get_sampler
 
     _check_range("--steps", args.steps, 1, 100)
     _check_range("--num-samples", args.num_samples, 1, 12)
@@ -191,21 +277,64 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _check_range("--high-threshold", args.high_threshold, 1, 255)
     if args.resolution is not None and (args.resolution % 64 or not 64 <= args.resolution <= 2048):
         raise UsageError(f"--resolution must be a multiple of 64 between 64 and 2048, got {args.resolution}")
+    try:
+        get_sampler(args.sampler)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not (math.isfinite(args.eta) and args.eta >= 0) or (args.eta != 0 and args.sampler != "ddim"):
+        raise UsageError(f"--eta must be >= 0 and applies to the ddim sampler only, got {args.eta} for {args.sampler}")
+    if args.guess_mode and args.control_mode not in ("balanced", "control"):
+        raise UsageError(
+            f"--guess-mode means --control-mode control; it contradicts --control-mode {args.control_mode}"
+        )
+    if args.controlnet and args.base is None:
+        raise UsageError("--controlnet needs --base (the base model it was trained for)")
+    _check_device(args.device)
+
+
+def _check_device(name: str) -> None:
+    """A device torch knows and this machine has (torch's own errors are long, or assertions)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .images import load_image
+    from .pipeline import Pipeline, viewable_map
+
+    _check_generate_options(args)
     units = _units(args)
     out = _writable_folder(args.out)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.base is None:
-        if args.controlnet:
-            raise UsageError("--controlnet needs --base (the base model it was trained for)")
         pipe = _default_pipeline(args.device, dtype)
+        models = {"base": {"name": DEFAULT_MODEL_NAME}, "controlnets": [{"name": DEFAULT_MODEL_NAME}]}
     else:
         pipe = Pipeline.from_files(args.base, args.controlnet, device=args.device, dtype=dtype)
+        models = _model_records(args.base, args.controlnet)
     if units and not pipe.controlnets:
         raise UsageError("control images were given but no ControlNet: pass --controlnet PATH")
+    for item in units:
+        if item.unit.controlnet >= len(pipe.controlnets):
+            raise UsageError(
+                f"control unit {item.path}: controlnet={item.unit.controlnet}, but only "
+                f"{len(pipe.controlnets)} ControlNet(s) are loaded (indices from 0)"
+            )
+    progress = _ProgressBar()
     try:
         result = pipe.generate(
             args.prompt,
-            units,
+            [item.unit for item in units],
             negative_prompt=args.negative_prompt,
             added_prompt=args.added_prompt,
             num_images=args.num_samples,
@@ -215,76 +344,333 @@ def cmd_generate(args: argparse.Namespace) -> None:
             eta=args.eta,
             sampler=args.sampler,
             resolution=args.resolution,
-            progress=_progress_bar(),
+            init_image=None if args.init_image is None else load_image(args.init_image),
+            denoising_strength=args.denoising_strength,
+            mask=None if args.mask is None else load_image(args.mask),
+            progress=progress,
         )
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    metadata = {"controlnet": json.dumps(result.settings, sort_keys=True)}
+    except ValueError as error:  # the core refused a value: a user mistake, not a bug
+        raise UsageError(_one_line(error)) from None
+    finally:
+        progress.close()
+
+    record = _batch_record(args, pipe, result, units, models)
     for i, control_map in enumerate(result.control_maps):
-        path = _free_name(out, f"control-{i}")
-        save_png(path, control_map, metadata)
+        # A map belongs to the whole batch: it names all the seeds rather than one.
+        map_record = {k: v for k, v in record.items() if k != "seed"} | {"seeds": result.seeds, "control_map": i}
+        text = {"controlnet": _to_json(map_record)}
+        path = _save_new(out, f"{result.seeds[0]}-control-{i}", viewable_map(control_map), text)
         print(f"detected map {i}: {path}")
-    for image, seed in zip(result.images, result.seeds, strict=True):
-        path = _free_name(out, f"{seed}")
-        save_png(path, image, {**metadata, "seed": str(seed)})
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        image_record = {**record, "seed": seed, "batch_index": i}  # every image carries its own seed
+        text = {"parameters": _parameters_text(image_record, models), "controlnet": _to_json(image_record)}
+        path = _save_new(out, f"{seed}", image, text)
         print(f"image (seed {seed}): {path}")
 
 
 def _default_pipeline(device: str, dtype):
-    from .demo import random_tiny_models
     from .pipeline import Pipeline
 
     print("no --base given: using the tiny configuration with seeded random weights (no trained model ships yet)")
-    model, controlnet = random_tiny_models()
-    return Pipeline(model, [controlnet], device=device, dtype=dtype)
+    return Pipeline.default(device, dtype)
+
+
+def _model_records(base: Path, controlnets: Sequence[Path]) -> dict:
+    """Name and full SHA-256 of each model file or diffusers folder (cached: see hashing.py)."""
+    from .hashing import model_sha256
+
+    def record(path: Path) -> dict[str, str]:
+        try:
+            return {"name": path.name, "sha256": model_sha256(path)}
+        except (OSError, ValueError) as error:  # it loaded a moment ago; a hash is not worth failing for
+            print(f"warning: cannot hash {path}: {_one_line(error)}", file=sys.stderr)
+            return {"name": path.name}
+
+    return {"base": record(base), "controlnets": [record(path) for path in controlnets]}
+
+
+def _batch_record(args: argparse.Namespace, pipe, result, units: Sequence[_Unit], models: dict) -> dict:
+    """Everything needed to reproduce the batch, JSON-ready. Starts from the pipeline's own
+    settings (so what it adds later is kept) and states explicitly what the metadata relies on."""
+    height, width = result.images[0].shape[:2]
+    controls = []
+    for item in units:
+        control = {k: v for k, v in dataclasses.asdict(item.unit).items() if k != "image"}
+        # The control image's name and hash: reproducing needs the same image, and the hash proves it.
+        control.update(image=item.path.name, image_sha256=item.sha256)
+        controls.append(control)
+    return {
+        **result.settings,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "added_prompt": args.added_prompt,
+        "seed": result.seeds[0],
+        "num_images": len(result.images),
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "guidance_scale": args.guidance,
+        "eta": args.eta,
+        "resolution": args.resolution or pipe.model.config.native_resolution,
+        "width": int(width),
+        "height": int(height),
+        "controls": controls,
+        "models": models,
+        "dtype": args.dtype,
+        "device": args.device,
+        "version": __version__,
+    }
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=_json_fallback)
+
+
+def _json_fallback(value: Any) -> Any:
+    # A numpy number or anything else the pipeline may add later must not make saving fail after
+    # the images were made: numbers become numbers, anything else its text.
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def _quote(value: object) -> str:
+    """AUTOMATIC1111's `quote`: JSON-quote a value holding a comma, colon or newline, so the
+    'Key: value, ...' line still splits correctly."""
+    text = _number(value) if isinstance(value, float) else str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _model_label(record: dict) -> tuple[str, str | None]:
+    """(name as AUTOMATIC1111 shows it: the file name without extension, short hash or None)."""
+    from .hashing import short_hash
+
+    name = record["name"]
+    sha256 = record.get("sha256")
+    return (Path(name).stem if sha256 else name), (short_hash(sha256) if sha256 else None)
+
+
+def _parameters_text(record: dict, models: dict) -> str:
+    """The AUTOMATIC1111-style 'parameters' text: the prompt, 'Negative prompt: ...', then one
+    'Key: value, ...' line. The first line is the prompt as the model saw it (with the added prompt)."""
+    prompt = f"{record['prompt']}, {record['added_prompt']}" if record["added_prompt"] else record["prompt"]
+    lines = [prompt]
+    if record["negative_prompt"]:
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    base_name, base_hash = _model_label(models["base"])
+    fields: dict[str, object] = {
+        "Steps": record["steps"],
+        "Sampler": record["sampler"],
+        "CFG scale": record["guidance_scale"],
+        "Seed": record["seed"],
+        "Size": f"{record['width']}x{record['height']}",
+    }
+    if base_hash:
+        fields["Model hash"] = base_hash
+    fields["Model"] = base_name
+    fields["Eta"] = record["eta"]
+    if "denoising_strength" in record:
+        fields["Denoising strength"] = record["denoising_strength"]
+    for i, control in enumerate(record["controls"]):
+        net_name, net_hash = _model_label(models["controlnets"][control["controlnet"]])
+        unit = {
+            "Module": control["annotator"],
+            "Model": f"{net_name} [{net_hash}]" if net_hash else net_name,
+            "Weight": control["strength"],
+            "Resize Mode": control["resize_mode"],
+            "Guidance Start": control["start"],
+            "Guidance End": control["end"],
+            "Control Mode": control["mode"],
+            **control["annotator_params"],
+        }
+        fields[f"ControlNet {i}"] = ", ".join(f"{k}: {_quote(v)}" for k, v in unit.items())
+    fields["Version"] = f"controlnet {__version__}"
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
+    return "\n".join(lines)
 
 
 def _writable_folder(path: Path) -> Path:
+    """Create the output folder and prove it writable before any model is loaded."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as error:
-        raise UsageError(f"{path}: cannot write there ({error.strerror or error})") from None
+        raise CommandError(f"{path}: cannot write there ({error.strerror or error})") from None
     return path
 
 
-def _free_name(folder: Path, stem: str) -> Path:
-    """``stem.png``, or ``stem-1.png``, ... : never overwrite an earlier result."""
-    candidate, n = folder / f"{stem}.png", 0
-    while candidate.exists():
-        n += 1
-        candidate = folder / f"{stem}-{n}.png"
-    return candidate
+def _save_new(folder: Path, stem: str, image: np.ndarray, text: dict[str, str]) -> Path:
+    """Write ``stem.png``, or ``stem-1.png``, ...: never overwrite an earlier result.
+
+    The name is claimed by creating the file exclusively first, so two runs writing to the same
+    folder at once cannot both pick it; save_png then replaces the empty claim atomically."""
+    from .images import save_png
+
+    n = 0
+    while True:
+        path = folder / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
+        try:
+            with open(path, "xb"):
+                pass
+            break
+        except FileExistsError:
+            n += 1
+        except OSError as error:
+            raise CommandError(f"{path}: cannot write ({error.strerror or error})") from None
+    try:
+        save_png(path, image, text)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            path.unlink()  # our empty claim, not someone's result
+        if isinstance(error, OSError):
+            raise CommandError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise
+    return path
 
 
-def _progress_bar():
-    def show(step: int, total: int) -> None:
+class _ProgressBar:
+    """'sampling [####......] 3/20' on stderr, redrawn in place."""
+
+    def __init__(self) -> None:
+        self.open = False  # a line is drawn without its newline yet
+
+    def __call__(self, step: int, total: int) -> None:
         filled = round(30 * step / total)
         end = "\n" if step == total else ""
+        # sys.stderr looked up at each call: tests (and callers) may replace it.
         print(f"\rsampling [{'#' * filled}{'.' * (30 - filled)}] {step}/{total}", end=end, file=sys.stderr, flush=True)
+        self.open = step != total
 
-    return show
+    def close(self) -> None:
+        """End an unfinished line, so an error message after it starts on its own line."""
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
+
+
+# -- annotate -----------------------------------------------------------------------------------
 
 
 def cmd_annotate(args: argparse.Namespace) -> None:
-    from .annotators import run_annotator
-    from .images import load_image, save_png
+    from .annotators import get_annotator, run_annotator
+    from .images import load_image
 
-    _check_output(args.output, args.overwrite, [args.input])
-    params = {}
-    for item in args.param:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"bad --param {item!r}; use KEY=VALUE")
-        params[key] = float(value) if value.replace(".", "", 1).lstrip("-").isdigit() else value
+    if args.list:
+        _list_annotators()
+        return
+    if args.name is None or args.input is None or args.output is None:
+        raise UsageError("needs NAME IN OUT (or --list to see the annotators)")
     try:
-        result = run_annotator(args.name, load_image(args.input), args.resolution, **params)
+        annotator = get_annotator(args.name)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    save_png(args.output, result, {"annotator": args.name, "params": json.dumps(params)})
+    if annotator.inputs:
+        raise UsageError(
+            f"annotator {args.name!r} needs {', '.join(annotator.inputs)}, which the command line cannot give"
+        )
+    params = _annotator_params(annotator, args.param)
+    _check_range("--resolution", args.resolution, 64, 8192)
+    if args.output.suffix.lower() != ".png":
+        raise UsageError(f"{args.output}: the output is written as PNG; name it .png")
+    _check_output(args.output, args.overwrite, [args.input])
+    image = load_image(args.input)
+    try:
+        result = run_annotator(args.name, image, args.resolution, **params)
+    except ValueError as error:
+        raise UsageError(_one_line(error)) from None
+    record = {"annotator": args.name, "params": params, "resolution": args.resolution, "version": __version__}
+    _save_over(args.output, result, {"controlnet": _to_json(record)})
     print(f"wrote {args.output} ({result.shape[1]}x{result.shape[0]})")
+
+
+def _annotator_params(annotator, items: Sequence[str]) -> dict:
+    """--param KEY=VALUE items as the annotator's typed parameters, defaults filled in and checked."""
+    known = {p.name: p for p in annotator.params}
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise UsageError(f"bad --param {item!r}; use KEY=VALUE")
+        param = known.get(key)
+        if param is None:
+            takes = ", ".join(known) or "no parameters"
+            raise UsageError(f"annotator {annotator.name!r} has no parameter {key!r}; it takes {takes}")
+        params[key] = _param_value(param, value, annotator.name)
+    try:
+        return annotator.resolve(params)  # ranges and choices: the annotator's own check
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _param_value(param, text: str, annotator: str) -> Any:
+    """The text of a --param value as the parameter's kind (bool, int, float or str)."""
+    if param.kind == "str":
+        return text
+    if param.kind == "bool":
+        words = {
+            "true": True,
+            "yes": True,
+            "on": True,
+            "1": True,
+            "false": False,
+            "no": False,
+            "off": False,
+            "0": False,
+        }
+        if text.lower() not in words:
+            raise UsageError(f"{annotator} parameter {param.name!r} must be true or false, got {text!r}")
+        return words[text.lower()]
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)  # an int parameter accepts '50.0'; the annotator refuses '50.5'
+    except ValueError:
+        raise UsageError(f"{annotator} parameter {param.name!r} must be a number, got {text!r}") from None
+
+
+def _list_annotators() -> None:
+    from .annotators import ANNOTATORS
+
+    for annotator in ANNOTATORS.values():
+        print(f"{annotator.name}: {annotator.description}")
+        for p in annotator.params:
+            if p.kind == "str":
+                allowed = "one of " + ", ".join(p.choices)
+            elif p.kind == "bool":
+                allowed = "true or false"
+            else:
+                allowed = f"{p.kind} {_bound(p.minimum)}..{_bound(p.maximum)}"
+            print(f"    {p.name}={_quote(p.default)}  ({allowed})  {p.help}".rstrip())
+        for name in annotator.inputs:
+            print(f"    needs {name} (Python API only)")
+
+
+def _bound(value: float | None) -> str:
+    return "" if value is None else _number(value)
+
+
+def _save_over(path: Path, image: np.ndarray, text: dict[str, str]) -> None:
+    """save_png (atomic) with a failure to write reported in one line."""
+    from .images import save_png
+
+    try:
+        save_png(path, image, text)
+    except OSError as error:
+        raise CommandError(f"{path}: cannot write ({error.strerror or error})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# -- convert, info, transfer-control, demo -------------------------------------------------------
 
 
 def _check_output(path: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
@@ -354,9 +740,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _COMMANDS[args.command](args)
-    except (UsageError, CheckpointError) as error:
-        print(f"controlnet {args.command}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+    except CommandError as error:
+        print(f"controlnet {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return error.exit_status
+    except ValueError as error:
+        # The core's way of refusing input (CheckpointError and ImageError are ValueErrors too):
+        # a bad file or value from the user, so one line, not a traceback.
+        print(f"controlnet {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"controlnet {args.command}: interrupted", file=sys.stderr)
         return 130

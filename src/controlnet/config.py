@@ -266,6 +266,14 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+def preset_for(model_channels: int, context_dim: int) -> ModelConfig | None:
+    """The preset whose UNet has this width and text context (SD 2.x: the eps model), if any."""
+    for candidate in (SD15, SD21, TINY):
+        if (candidate.unet.model_channels, candidate.unet.context_dim) == (model_channels, context_dim):
+            return candidate
+    return None
+
+
 def detect_preset(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> ModelConfig:
     """Tell which preset a UNet or ControlNet state dict (LDM key layout) was made for.
 
@@ -286,9 +294,9 @@ def detect_preset(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> M
     if context_key is None:
         raise ValueError(f"cannot detect the model: no cross-attention weights under {prefix!r}")
     context_dim = state_dict[context_key].shape[1]
-    for candidate in (SD15, SD21, TINY):
-        if candidate.unet.model_channels == model_channels and candidate.unet.context_dim == context_dim:
-            return candidate
+    found = preset_for(model_channels, context_dim)
+    if found is not None:
+        return found
     raise ValueError(
         f"unrecognised model: model_channels={model_channels}, context_dim={context_dim}; "
         "known: sd15 (320, 768), sd21 (320, 1024), tiny (32, 64)"

@@ -42,7 +42,7 @@ def random_tiny_models(seed: int = 0) -> tuple[StableDiffusion, ControlNet]:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = StableDiffusion(TINY).eval()
-    controlnet = ControlNet.from_unet(model.unet).eval()
+    controlnet = ControlNet.from_unet(model.unet, model.config.controlnet()).eval()
     _wake_zero_layers(model, generator)
     _wake_zero_layers(controlnet, generator)
     return model, controlnet
@@ -79,7 +79,9 @@ def run_demo(out: Path, prompt: str, steps: int) -> list[Path]:
     for again_model, again_control in reloaded:
         if not np.array_equal(generate(again_model, again_control, prompt, control, steps), image):
             raise RuntimeError("a reloaded model gave a different image: the file round trip is broken")
-    fresh = ControlNet.from_unet(model.unet).eval()  # zero convs at zero: exactly the plain UNet
+    fresh = ControlNet.from_unet(
+        model.unet, model.config.controlnet()
+    ).eval()  # zero convs at zero: exactly the plain UNet
     uncontrolled = generate(model, fresh, prompt, control, steps)
     changed = float(np.mean(uncontrolled != image))
 

@@ -103,17 +103,17 @@ class GuidedDenoiser:
     ) -> None:
         self.unet = unet
         self.cond = cond
-        self.uncond = uncond if guidance_scale > 1.0 else None
+        # As the original: only a scale of exactly 1 makes the unconditional side irrelevant.
+        self.uncond = uncond if guidance_scale != 1.0 else None
+        self.both = None if self.uncond is None else torch.cat([self.uncond, cond])  # [uncond; cond], built once
         self.guidance_scale = guidance_scale
         self.controls = list(controls)
         self.total_steps = total_steps
         self.only_mid_control = only_mid_control
         self.step = 0
-        self.controlnet_calls = 0  # how many ControlNet forward passes ran (windows skip some)
 
     def _eps(self, x, t, context, controls: Sequence[ActiveControl]) -> torch.Tensor:
         groups = [c.residuals(x, t, context) for c in controls]
-        self.controlnet_calls += len(groups)
         return self.unet(x, t, context, control=_sum_residuals(groups), only_mid_control=self.only_mid_control)
 
     @torch.no_grad()
@@ -123,7 +123,7 @@ class GuidedDenoiser:
             return self._eps(x, t, self.cond, active)
         if not any(c.conditional_only for c in active):
             # Both sides share the same control: one batched call, [uncond; cond].
-            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond]), active)
+            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), self.both, active)
             uncond_out, cond_out = both.chunk(2)
         else:
             cond_out = self._eps(x, t, self.cond, active)

@@ -83,8 +83,9 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
         prediction: str | None = None,
     ) -> Pipeline:
-        model = load_base(base, prediction=prediction)
-        return cls(model, [load_controlnet(path, model.config) for path in controlnets], device, dtype)
+        model = load_base(base, prediction=prediction, dtype=dtype)
+        loaded = [load_controlnet(path, model.config, dtype=dtype) for path in controlnets]
+        return cls(model, loaded, device, dtype)
 
     @classmethod
     def default(cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
@@ -98,21 +99,28 @@ class Pipeline:
     # -- the steps of a generation, each small enough to read -----------------------------------
 
     def output_size(
-        self, controls: Sequence[ControlUnit], resolution: int | None, init_image: np.ndarray | None = None
+        self, controls: Sequence[ControlUnit], resolution: int, init_image: np.ndarray | None = None
     ) -> tuple[int, int]:
         """(height, width): the init image's, else the first control image's, resized as the
         original app does (short side = resolution, each side rounded to a multiple of 64)."""
-        resolution = resolution or self.model.config.native_resolution
         reference = init_image if init_image is not None else controls[0].image if controls else None
         if reference is None:
             return resolution, resolution
         height, width = resize_image(HWC3(reference), resolution).shape[:2]
         return height, width
 
-    def control_map(self, unit: ControlUnit, height: int, width: int, mask: np.ndarray | None) -> np.ndarray:
-        """The unit's control map at the output size: fit the image, then run its annotator. The
-        inpaint annotator gets the generation's mask (fitted the same way) unless given its own."""
-        fitted = fit_to(HWC3(unit.image), width, height, unit.resize_mode)
+    def control_map(
+        self, unit: ControlUnit, height: int, width: int, resolution: int, mask: np.ndarray | None
+    ) -> np.ndarray:
+        """The unit's control map at the output size: fit the image, then run its annotator.
+
+        An image whose ``resize_image`` size is the output size is resized exactly as the original
+        app does (stretched to the 64-rounded size); others are fitted with the unit's resize mode.
+        The inpaint annotator gets the generation's mask (fitted the same way) unless given its own.
+        """
+        image = HWC3(unit.image)
+        original = resize_image(image, resolution)
+        fitted = original if original.shape[:2] == (height, width) else fit_to(image, width, height, unit.resize_mode)
         params = dict(unit.annotator_params)
         if unit.annotator == "inpaint" and "mask" not in params:
             if mask is None:
@@ -120,14 +128,13 @@ class Pipeline:
             params["mask"] = fit_to(mask, width, height, unit.resize_mode, "nearest")
         return run_annotator(unit.annotator, fitted, None, **params)
 
-    def hint_tensor(self, control_map: np.ndarray, count: int) -> torch.Tensor:
-        """[count, 3, H, W] in [0, 1] (inpaint maps keep their -1 for masked pixels)."""
+    def hint_tensor(self, control_map: np.ndarray) -> torch.Tensor:
+        """[1, 3, H, W] in [0, 1] (inpaint maps keep their -1 for masked pixels)."""
         if control_map.dtype == np.uint8:
             hint = torch.from_numpy(control_map.copy()).float() / 255.0
         else:
             hint = torch.from_numpy(control_map.astype(np.float32))
-        hint = hint.permute(2, 0, 1)[None].to(self.device, self.dtype)
-        return hint.expand(count, -1, -1, -1)
+        return hint.permute(2, 0, 1)[None].to(self.device, self.dtype)
 
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         """One generator per image, so image i depends only on seed + i, whatever the batch size."""
@@ -153,10 +160,10 @@ class Pipeline:
         return cells.to(self.device, self.dtype)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], [B, 3, H, W] float32."""
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> images [B, H, W, 3] float32 in [0, 1]."""
         images = self.model.vae.decode(latents / self.model.vae.scale_factor)
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -194,6 +201,7 @@ class Pipeline:
             raise ValueError("a mask needs an init image to inpaint")
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
+        resolution = resolution or self.model.config.native_resolution
         height, width = self.output_size(controls, resolution, init_image)
         init = None if init_image is None else fit_to(HWC3(init_image), width, height)
         mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
@@ -203,11 +211,11 @@ class Pipeline:
         cond = context[0:1].expand(num_images, -1, -1)
         uncond = context[1:2].expand(num_images, -1, -1)
 
-        control_maps = [self.control_map(unit, height, width, mask) for unit in controls]
+        control_maps = [self.control_map(unit, height, width, resolution, mask) for unit in controls]
         active = [
             ActiveControl(
                 controlnet=self.controlnets[unit.controlnet],
-                hint_features=self.controlnets[unit.controlnet].encode_hint(self.hint_tensor(cmap, 1)),
+                hint_features=self.controlnets[unit.controlnet].encode_hint(self.hint_tensor(cmap)),
                 strength=unit.strength,
                 start=unit.start,
                 end=unit.end,
@@ -241,13 +249,31 @@ class Pipeline:
         x = sample(
             denoiser, noise, plan, init=init_latents, generator=generators, callback=on_step, after_step=after_step
         )
-        images = self.decode(x).permute(0, 2, 3, 1).cpu().numpy()
+        images = self.decode(x)
         if mask is not None:  # the unmasked pixels are the init image's, exactly
             repaint = mask[:, :, :1].astype(np.float32) / 255.0
             images = images * repaint + (init.astype(np.float32) / 255.0) * (1.0 - repaint)
         if output == "uint8":
-            images = (images * 255.0).round().astype(np.uint8)
-        settings = self._settings(locals())
+            # As the original: (x * 127.5 + 127.5).clip(0, 255).astype(uint8), which truncates.
+            images = (images * 255.0).clip(0, 255).astype(np.uint8)
+        settings = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "added_prompt": added_prompt,
+            "seed": seed,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "eta": eta,
+            "sampler": sampler,
+            "width": width,
+            "height": height,
+            "model": self.model.config.name,
+            "img2img": init is not None,
+            "inpaint": mask is not None,
+            "controls": [{k: v for k, v in dataclasses.asdict(u).items() if k != "image"} for u in controls],
+        }
+        if init is not None:
+            settings["denoising_strength"] = denoising_strength
         return GenerationResult(list(images), control_maps, seeds, settings)
 
     def _check_arguments(self, controls, num_images, seed, steps, guidance_scale, output) -> None:
@@ -267,18 +293,6 @@ class Pipeline:
                     f"control unit uses ControlNet {unit.controlnet}, but {len(self.controlnets)} are loaded"
                 )
 
-    def _settings(self, scope: dict) -> dict:
-        names = ("prompt", "negative_prompt", "added_prompt", "seed", "steps", "guidance_scale", "eta", "sampler")
-        if scope["init_image"] is not None:
-            names += ("denoising_strength",)
-        settings = {name: scope[name] for name in names}
-        settings.update(width=scope["width"], height=scope["height"], model=self.model.config.name)
-        settings.update(img2img=scope["init_image"] is not None, inpaint=scope["mask"] is not None)
-        settings["controls"] = [
-            {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"} for unit in scope["controls"]
-        ]
-        return settings
-
 
 def _mask_uint8(mask: np.ndarray) -> np.ndarray:
     """A mask as uint8 0/255 (H, W): bool, uint8 (> 127 = repaint) or float in [0, 1] (> 0.5)."""
@@ -289,3 +303,11 @@ def _mask_uint8(mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"a mask must be a non-empty (H, W) or (H, W, C) array, got shape {mask.shape}")
     threshold = 127 if mask.dtype == np.uint8 else 0.5
     return np.where(mask > threshold, 255, 0).astype(np.uint8)
+
+
+def viewable_map(control_map: np.ndarray) -> np.ndarray:
+    """A control map as a uint8 picture: the inpaint hint (float, -1 = masked) shows its masked
+    pixels black."""
+    if control_map.dtype == np.uint8:
+        return control_map
+    return (np.clip(control_map, 0.0, 1.0) * 255.0).round().astype(np.uint8)

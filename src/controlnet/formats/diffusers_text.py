@@ -134,6 +134,9 @@ def text_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig
 
     Our keys the diffusers layout cannot hold (see the module docstring) come back as zeros.
     """
+    if not any(k.startswith("text_model.") for k in sd):
+        # transformers 5's save_pretrained names CLIPTextModel weights without the prefix.
+        sd = {"text_model." + k: v for k, v in sd.items()}
     renames, splits, dropped = _tables(cfg)
     keys = set(sd) - {_DIFFUSERS_POSITION_IDS}
     _check_keys(keys, {*renames.values(), *(n for names in splits.values() for n in names)}, "diffusers text encoder")

@@ -1,0 +1,432 @@
+"""The command line's generate and annotate: outputs, PNG metadata (seeds, settings, model hashes),
+reproducibility, and one-line errors for every user mistake. Also the model hash cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlnet import __version__
+from controlnet.annotators import run_annotator
+from controlnet.checkpoints import save_diffusers, save_ldm
+from controlnet.cli import DEFAULT_MODEL_NAME, main
+from controlnet.config import TINY
+from controlnet.controlnet import ControlNet
+from controlnet.hashing import cache_path, cached_file_sha256, file_sha256, folder_sha256, model_sha256
+from controlnet.images import load_image, read_png_text
+from controlnet.model import StableDiffusion
+
+from .helpers import randomize
+
+FAST = ["--steps", "2", "--resolution", "64"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Never touch the real ~/.cache: every test gets its own hash cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    model = randomize(StableDiffusion(TINY), seed=2)
+    # A ControlNet for another base: its encoder copy has a different cross-attention width.
+    other = TINY.replace(unet=dataclasses.replace(TINY.unet, context_dim=32))
+    return {
+        "base": save_ldm(folder / "base.safetensors", model),
+        "control": save_ldm(folder / "control.safetensors", controlnet=randomize(ControlNet(TINY.controlnet()), 3)),
+        "control2": save_ldm(folder / "control2.safetensors", controlnet=randomize(ControlNet(TINY.controlnet()), 4)),
+        "foreign": save_ldm(folder / "foreign.safetensors", controlnet=ControlNet(other.controlnet())),
+        "diffusers": save_diffusers(folder / "base-diffusers", model),
+    }
+
+
+def _square(path: Path, size: int = 64) -> Path:
+    """A white square on black: Canny finds its outline."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _strokes(path: Path, size: int = 64) -> Path:
+    """Dark strokes on white, for the scribble annotator."""
+    pixels = np.full((size, size, 3), 255, np.uint8)
+    pixels[size // 2, :] = 0
+    pixels[:, size // 3] = 0
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def _metadata(path: Path) -> tuple[dict, str]:
+    text = read_png_text(path)
+    return json.loads(text["controlnet"]), text.get("parameters", "")
+
+
+def _pngs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+# -- generate: outputs and metadata -------------------------------------------------------------
+
+
+def test_generate_writes_every_image_and_the_map_each_with_its_own_seed(tmp_path, capsys):
+    image, out = _square(tmp_path / "square.png"), tmp_path / "out"
+    argv = ["generate", "--prompt", "a box", "--image", str(image), "--out", str(out), "--seed", "7", *FAST]
+    assert main([*argv, "--num-samples", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "random weights" in captured.out  # the default model says what it is
+    assert "sampling [" in captured.err and "2/2" in captured.err  # the progress bar
+    assert _pngs(out) == ["7-control-0.png", "7.png", "8.png", "9.png"]
+
+    for index, seed in enumerate((7, 8, 9)):
+        record, parameters = _metadata(out / f"{seed}.png")
+        assert record["seed"] == seed and record["batch_index"] == index and record["num_images"] == 3
+        assert record["prompt"] == "a box" and record["added_prompt"] == "best quality, extremely detailed"
+        assert record["negative_prompt"].startswith("longbody, lowres")
+        assert (record["steps"], record["sampler"], record["guidance_scale"], record["eta"]) == (2, "ddim", 9.0, 0.0)
+        assert (record["width"], record["height"], record["resolution"]) == (64, 64, 64)
+        assert record["models"] == {"base": {"name": DEFAULT_MODEL_NAME}, "controlnets": [{"name": DEFAULT_MODEL_NAME}]}
+        assert record["version"] == __version__
+        [control] = record["controls"]
+        assert control["annotator"] == "canny" and control["image"] == "square.png"
+        assert control["annotator_params"] == {"low_threshold": 100, "high_threshold": 200}
+        assert control["image_sha256"] == file_sha256(image)
+        assert (control["strength"], control["start"], control["end"], control["mode"]) == (1.0, 0.0, 1.0, "balanced")
+        lines = parameters.split("\n")
+        assert lines[0] == "a box, best quality, extremely detailed"
+        assert lines[1].startswith("Negative prompt: longbody, lowres")
+        assert lines[2].startswith(f"Steps: 2, Sampler: ddim, CFG scale: 9, Seed: {seed}, Size: 64x64, ")
+        assert 'ControlNet 0: "Module: canny, ' in lines[2] and f"Version: controlnet {__version__}" in lines[2]
+
+    map_record, _ = _metadata(out / "7-control-0.png")
+    assert map_record["seeds"] == [7, 8, 9] and "seed" not in map_record
+    # The saved map is the canny annotator's output for the (already 64x64) image.
+    expected = run_annotator("canny", load_image(image), None, low_threshold=100, high_threshold=200)
+    assert np.array_equal(load_image(out / "7-control-0.png"), expected)
+
+
+def test_the_same_seed_gives_the_same_pixels_and_nothing_is_overwritten(tmp_path):
+    image, out = _square(tmp_path / "square.png"), tmp_path / "out"
+    out.mkdir()
+    (out / "5.png").write_bytes(b"keep me")  # an earlier result (or anything) under the name
+    argv = ["generate", "--prompt", "a box", "--image", str(image), "--out", str(out), *FAST]
+    assert main([*argv, "--seed", "5", "--num-samples", "2"]) == 0
+    assert main([*argv, "--seed", "5", "--num-samples", "2"]) == 0
+    assert (out / "5.png").read_bytes() == b"keep me"
+    assert _pngs(out) == ["5-1.png", "5-2.png", "5-control-0-1.png", "5-control-0.png", "5.png", "6-1.png", "6.png"]
+    assert np.array_equal(load_image(out / "5-1.png"), load_image(out / "5-2.png"))
+    assert np.array_equal(load_image(out / "6.png"), load_image(out / "6-1.png"))
+    assert not np.array_equal(load_image(out / "5-1.png"), load_image(out / "6.png"))
+    # The seed in an image's metadata reproduces it alone: the noise depends on that seed only
+    # (a batch of 1 rounds its float math differently from a batch of 2, hence the tolerance).
+    seed = _metadata(out / "6.png")[0]["seed"]
+    assert main([*argv, "--seed", str(seed)]) == 0
+    alone, batched = load_image(out / "6-2.png").astype(int), load_image(out / "6.png").astype(int)
+    assert np.abs(alone - batched).max() <= 2
+
+
+def test_guess_mode_two_units_and_euler_a(tmp_path):
+    square, strokes, out = _square(tmp_path / "square.png"), _strokes(tmp_path / "strokes.png"), tmp_path / "out"
+    base = ["generate", "--prompt", "a box", "--image", str(square), "--out", str(out), *FAST]
+
+    assert main([*base, "--seed", "1"]) == 0
+    assert main([*base, "--seed", "1", "--guess-mode"]) == 0
+    guess, _ = _metadata(out / "1-1.png")
+    assert guess["controls"][0]["mode"] == "control"
+    assert not np.array_equal(load_image(out / "1.png"), load_image(out / "1-1.png"))
+
+    spec = f"image={strokes},annotator=scribble,strength=0.5,start=0.25,end=0.75,mode=prompt"
+    assert main([*base, "--seed", "2", "--control", spec]) == 0
+    assert {"2-control-0.png", "2-control-1.png", "2.png"} <= set(_pngs(out))
+    record, parameters = _metadata(out / "2.png")
+    first, second = record["controls"]
+    assert first["annotator"] == "canny" and second["annotator"] == "scribble"
+    assert (second["strength"], second["start"], second["end"], second["mode"]) == (0.5, 0.25, 0.75, "prompt")
+    assert second["image"] == "strokes.png" and second["annotator_params"] == {}
+    assert 'ControlNet 1: "Module: scribble, ' in parameters and "Weight: 0.5" in parameters
+    scribble_map = run_annotator("scribble", load_image(strokes), None)
+    assert np.array_equal(load_image(out / "2-control-1.png"), scribble_map)
+
+    assert main([*base, "--seed", "3", "--sampler", "euler_a"]) == 0
+    record, parameters = _metadata(out / "3.png")
+    assert record["sampler"] == "euler_a" and "Sampler: euler_a" in parameters
+
+
+def test_model_files_are_named_with_their_sha256(models, tmp_path):
+    image, out = _square(tmp_path / "square.png"), tmp_path / "out"
+    argv = ["generate", "--prompt", "a box", "--image", str(image), "--out", str(out), *FAST]
+    files = ["--base", str(models["base"]), "--controlnet", str(models["control"])]
+    assert main([*argv, "--seed", "1", *files, "--controlnet", str(models["control2"]), "--control",
+                 f"image={image},annotator=canny,controlnet=1"]) == 0  # fmt: skip
+    record, parameters = _metadata(out / "1.png")
+    base_sha, control_sha = file_sha256(models["base"]), file_sha256(models["control"])
+    assert record["models"]["base"] == {"name": "base.safetensors", "sha256": base_sha}
+    assert [m["name"] for m in record["models"]["controlnets"]] == ["control.safetensors", "control2.safetensors"]
+    assert record["models"]["controlnets"][0]["sha256"] == control_sha
+    assert f"Model hash: {base_sha[:10]}, Model: base," in parameters
+    assert f"Model: control [{control_sha[:10]}]" in parameters
+    assert f"Model: control2 [{file_sha256(models['control2'])[:10]}]" in parameters
+    assert str(models["base"].resolve()) in json.loads(cache_path().read_text())  # hashed once, cached
+
+    # A diffusers folder: one hash over its weights files' "path:sha256" lines (text only: no ControlNet).
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a box",
+                "--out",
+                str(out),
+                *FAST,
+                "--seed",
+                "2",
+                "--base",
+                str(models["diffusers"]),
+            ]
+        )
+        == 0
+    )
+    record, _ = _metadata(out / "2.png")
+    folder = models["diffusers"]
+    lines = sorted(f"{p.relative_to(folder).as_posix()}:{file_sha256(p)}\n" for p in folder.rglob("*.safetensors"))
+    assert len(lines) == 3  # unet, vae, text_encoder
+    assert record["models"]["base"]["sha256"] == hashlib.sha256("".join(lines).encode()).hexdigest()
+    assert record["controls"] == [] and record["models"]["controlnets"] == []
+
+
+# -- generate: user mistakes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (["--image", "{missing}"], 1, "cannot read"),
+        (["--image", "{empty}"], 1, "is empty"),
+        (["--image", "{corrupt}"], 1, "corrupt or truncated"),
+        (["--image", "{text}"], 1, "is not an image"),
+        (["--image", "{bomb}"], 1, "too large to decode safely"),
+        (["--image", "{image}", "--steps", "0"], 2, "--steps must be between 1 and 100, got 0"),
+        (["--image", "{image}", "--steps", "101"], 2, "--steps must be between 1 and 100, got 101"),
+        (["--image", "{image}", "--num-samples", "13"], 2, "--num-samples must be between 1 and 12"),
+        (["--image", "{image}", "--seed", "2147483648"], 2, "--seed must be between -1 and 2147483647"),
+        (["--image", "{image}", "--guidance", "0"], 2, "--guidance must be between 0.1 and 30.0"),
+        (["--image", "{image}", "--resolution", "100"], 2, "--resolution must be a multiple of 64"),
+        (["--image", "{image}", "--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of ddim"),
+        (["--image", "{image}", "--sampler", "euler_a", "--eta", "0.5"], 2, "applies to the ddim sampler only"),
+        (["--image", "{image}", "--eta", "nan"], 2, "--eta must be >= 0"),
+        (["--image", "{image}", "--annotator", "hed2"], 2, "unknown annotator 'hed2'; choose one of canny"),
+        (["--image", "{image}", "--annotator", "inpaint"], 2, "needs mask, which the command line cannot give"),
+        (["--image", "{image}", "--strength", "2.5"], 2, "strength must be between 0.0 and 2.0, got 2.5"),
+        (["--image", "{image}", "--start", "0.8", "--end", "0.2"], 2, "0 <= start <= end <= 1"),
+        (["--image", "{image}", "--low-threshold", "0"], 2, "--low-threshold must be between 1 and 255"),
+        (["--image", "{image}", "--guess-mode", "--control-mode", "prompt"], 2, "--guess-mode means --control-mode"),
+        (["--image", "{image}", "--device", "abacus"], 2, "--device 'abacus' is not a device"),
+        (["--control", "{image}"], 2, "bad --control item"),
+        (["--control", "image={image},weight=1"], 2, "bad --control item 'weight=1'"),
+        (["--control", "annotator=canny"], 2, "needs image=PATH"),
+        (["--control", "image={image},strength=high"], 2, "--control strength='high': not a number"),
+        (["--control", "image={image},controlnet=x"], 2, "--control controlnet='x': not an integer"),
+        (["--control", "image={image},mode=loud"], 2, "unknown control mode 'loud'"),
+        (["--control", "image={image},resize=stretch"], 2, "unknown resize mode 'stretch'"),
+        (["--control", "image={missing}"], 1, "cannot read"),
+        (["--control", "image={image},controlnet=1"], 2, "controlnet=1, but only 1 ControlNet(s) are loaded"),
+        (["--image", "{image}", "--controlnet", "{control}"], 2, "--controlnet needs --base"),
+        (["--image", "{image}", "--base", "{missing}"], 1, "no such file"),
+        (["--image", "{image}", "--base", "{base}"], 2, "no ControlNet: pass --controlnet PATH"),
+        (
+            ["--image", "{image}", "--base", "{base}", "--controlnet", "{foreign}"],
+            1,
+            "made for a model with context 32",
+        ),
+        (["--image", "{image}", "--base", "{control}"], 1, "holds a ControlNet only"),
+        (["--image", "{image}", "--out", "{under_file}"], 1, "cannot write there"),
+        (["--image", "{image}", "--out", "{file}"], 1, "cannot write there"),
+    ],
+)
+def test_generate_mistakes_get_one_line_errors_and_a_nonzero_exit(models, tmp_path, capsys, extra, code, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "1.png").write_bytes(b"keep me")
+    (tmp_path / "empty.png").write_bytes(b"")
+    _square(tmp_path / "whole.png")
+    (tmp_path / "corrupt.png").write_bytes((tmp_path / "whole.png").read_bytes()[:-30])  # truncated
+    (tmp_path / "text.png").write_text("not a picture\n")
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    (tmp_path / "file").write_text("a regular file")
+    paths = {
+        "image": _square(tmp_path / "square.png"),
+        "missing": tmp_path / "absent.png",
+        "empty": tmp_path / "empty.png",
+        "corrupt": tmp_path / "corrupt.png",
+        "text": tmp_path / "text.png",
+        "bomb": tmp_path / "bomb.png",
+        "file": tmp_path / "file",
+        "under_file": tmp_path / "file" / "out",  # its parent is a regular file (tests may run as root)
+        **models,
+    }
+    argv = ["generate", "--prompt", "p", "--seed", "1", "--out", str(out), *FAST, *extra]
+    if "--out" in extra:
+        argv.remove(str(out))
+        argv.remove("--out")
+    assert main([a.format(**paths) for a in argv]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("controlnet generate: error: ") and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert _pngs(out) == ["1.png"] and (out / "1.png").read_bytes() == b"keep me"  # nothing written, nothing lost
+
+
+# -- annotate ------------------------------------------------------------------------------------
+
+
+def test_annotate_canny_equals_the_python_api(tmp_path, capsys):
+    image = _square(tmp_path / "square.png", size=96)
+    out = tmp_path / "edges.png"
+    assert main(["annotate", "canny", str(image), str(out), "--resolution", "64"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    expected = run_annotator("canny", load_image(image), 64)
+    assert np.array_equal(load_image(out), expected)
+    assert json.loads(read_png_text(out)["controlnet"])["params"] == {"low_threshold": 100, "high_threshold": 200}
+
+    tuned = tmp_path / "edges-50.png"
+    assert main(["annotate", "canny", str(image), str(tuned), "--resolution", "64", "--param", "low_threshold=50"]) == 0
+    assert np.array_equal(load_image(tuned), run_annotator("canny", load_image(image), 64, low_threshold=50))
+    assert main(["annotate", "canny", str(image), str(out), "--resolution", "64", "--overwrite"]) == 0
+
+
+def test_annotate_typed_params_and_list(tmp_path, capsys):
+    image = _square(tmp_path / "square.png")
+    out = tmp_path / "mask.png"
+    argv = ["annotate", "image_to_mask", str(image), str(out), "--resolution", "64"]
+    assert main([*argv, "--param", "invert=true", "--param", "channel=red", "--param", "percentile=25"]) == 0
+    expected = run_annotator("image_to_mask", load_image(image), 64, invert=True, channel="red", percentile=25.0)
+    assert np.array_equal(load_image(out), expected)
+
+    assert main(["annotate", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "canny: Canny edges" in listing and "low_threshold=100  (int 1..255)" in listing
+    assert "invert=False  (true or false)" in listing and "needs mask (Python API only)" in listing
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["hed2", "{image}", "{out}"], 2, "unknown annotator 'hed2'"),
+        (["canny", "{image}", "{out}", "--param", "low=50"], 2, "has no parameter 'low'; it takes low_threshold"),
+        (["canny", "{image}", "{out}", "--param", "low_threshold"], 2, "bad --param 'low_threshold'"),
+        (["canny", "{image}", "{out}", "--param", "low_threshold=abc"], 2, "must be a number, got 'abc'"),
+        (["canny", "{image}", "{out}", "--param", "low_threshold=0"], 2, "must be in [1, 255], got 0"),
+        (["canny", "{image}", "{out}", "--param", "low_threshold=50.5"], 2, "must be an integer"),
+        (["image_to_mask", "{image}", "{out}", "--param", "invert=maybe"], 2, "must be true or false"),
+        (["inpaint", "{image}", "{out}"], 2, "needs mask"),
+        (["canny", "{image}"], 2, "needs NAME IN OUT"),
+        (["canny", "{image}", "{existing}"], 2, "already exists; pass --overwrite"),
+        (["canny", "{image}", "{image}"], 2, "would overwrite an input"),
+        (["canny", "{image}", "{jpg}"], 2, "name it .png"),
+        (["canny", "{image}", "{out}", "--resolution", "0"], 2, "--resolution must be between 64 and 8192"),
+        (["canny", "{missing}", "{out}"], 1, "cannot read"),
+        (["canny", "{image}", "{unwritable}"], 1, "cannot write"),
+    ],
+)
+def test_annotate_mistakes_get_one_line_errors(tmp_path, capsys, argv, code, message):
+    existing = tmp_path / "existing.png"
+    existing.write_bytes(b"keep me")
+    (tmp_path / "file").write_text("a regular file")
+    paths = {
+        "image": _square(tmp_path / "square.png"),
+        "out": tmp_path / "out.png",
+        "existing": existing,
+        "jpg": tmp_path / "out.jpg",
+        "missing": tmp_path / "absent.png",
+        "unwritable": tmp_path / "file" / "out.png",
+    }
+    assert main(["annotate", *(a.format(**paths) for a in argv)]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("controlnet annotate: error: ") and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert existing.read_bytes() == b"keep me" and not (tmp_path / "out.png").exists()
+
+
+# -- the model hash cache ------------------------------------------------------------------------
+
+
+def test_file_sha256_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"x" * (3 << 20) + b"tail")  # several 1 MiB chunks
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_sha256(path) == expected
+    assert cached_file_sha256(path) == expected
+    assert cache_path() == tmp_path / "cache" / "controlnet" / "hashes.json"
+    entry = json.loads(cache_path().read_text())[str(path.resolve())]
+    assert entry == {"size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns, "sha256": expected}
+
+    def must_not_hash(_path):
+        raise AssertionError("hashed again despite a valid cache entry")
+
+    monkeypatch.setattr("controlnet.hashing.file_sha256", must_not_hash)
+    assert cached_file_sha256(path) == expected
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    path.write_bytes(b"changed")  # new size and mtime: the entry is stale
+    os.utime(path, ns=(entry["mtime_ns"] + 10**9, entry["mtime_ns"] + 10**9))
+    assert cached_file_sha256(path) == hashlib.sha256(b"changed").hexdigest()
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b"[1, 2]", b'{"x": {"size": "big"}}', b"\xff\xfe", b""])
+def test_a_corrupt_cache_is_ignored_and_rewritten(tmp_path, garbage):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"weights")
+    cache_path().parent.mkdir(parents=True)
+    cache_path().write_bytes(garbage)
+    assert cached_file_sha256(path) == hashlib.sha256(b"weights").hexdigest()
+    rewritten = json.loads(cache_path().read_text())
+    assert list(rewritten) == [str(path.resolve())]
+    assert not [p for p in cache_path().parent.iterdir() if p.name.endswith(".tmp")]  # no temporary left
+
+
+def test_an_unwritable_cache_never_fails_hashing(tmp_path, monkeypatch):
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"w")
+    assert model_sha256(path) == hashlib.sha256(b"w").hexdigest()
+
+
+def test_folder_hash_combines_the_weights_files(tmp_path):
+    folder = tmp_path / "pipe"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"unet")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"vae")
+    (folder / "unet" / "config.json").write_text("{}")  # configs are not weights
+    (folder / "vae" / ".diffusion_pytorch_model.safetensors.tmp.safetensors").write_bytes(b"half-written")
+    lines = [
+        f"unet/diffusion_pytorch_model.safetensors:{hashlib.sha256(b'unet').hexdigest()}\n",
+        f"vae/diffusion_pytorch_model.safetensors:{hashlib.sha256(b'vae').hexdigest()}\n",
+    ]
+    assert folder_sha256(folder) == model_sha256(folder) == hashlib.sha256("".join(lines).encode()).hexdigest()
+    with pytest.raises(ValueError, match="no weights file"):
+        folder_sha256(tmp_path / "cache")
