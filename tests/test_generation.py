@@ -233,3 +233,27 @@ def test_the_first_control_image_is_resized_as_the_original_app(pipe):
     image[10:40, 20:50] = 255
     result = pipe.generate("a box", [ControlUnit(image)], steps=1, seed=0, resolution=64)
     assert np.array_equal(result.control_maps[0], resize_image(image, 64))
+
+
+def test_low_memory_mode_gives_the_same_image_and_parks_idle_models():
+    model, controlnet = random_tiny_models(seed=0)
+    normal = Pipeline(model, [controlnet]).generate("a circle", [ControlUnit(EDGES)], steps=3, seed=1, output="float")
+    model, controlnet = random_tiny_models(seed=0)
+    low = Pipeline(model, [controlnet], low_memory=True)
+    assert all(low.placement.is_parked(m) for m in (low.model.unet, low.model.vae, low.model.text_encoder))
+    result = low.generate("a circle", [ControlUnit(EDGES)], steps=3, seed=1, output="float")
+    assert np.abs(result.images[0] - normal.images[0]).max() < 1e-5
+    assert all(low.placement.is_parked(m) for m in (low.model.unet, low.controlnets[0], low.model.vae))
+
+
+def test_sliced_attention_equals_whole_attention():
+    from controlnet.layers import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(64, 32, heads=4, head_dim=16).eval()
+    x, context = torch.randn(2, 300, 64), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        whole = attention(x, context)
+        attention.slice_size = 64
+        sliced = attention(x, context)
+    assert torch.allclose(whole, sliced, atol=1e-6)

@@ -126,6 +126,7 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
+        self.slice_size: int | None = None  # queries per slice (low-memory mode); None: all at once
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -139,7 +140,12 @@ class Attention(nn.Module):
             t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
             for t in (self.to_q(x), self.to_k(context), self.to_v(context))
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.slice_size is None or q.shape[2] <= self.slice_size:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:  # each slice of queries attends to all keys: the same result, a smaller peak
+            out = torch.cat(
+                [F.scaled_dot_product_attention(part, k, v) for part in q.split(self.slice_size, dim=2)], dim=2
+            )
         return self.to_out(out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[3]))
 
 

@@ -26,8 +26,9 @@ from .controlnet import ControlNet
 from .guidance import ActiveControl, ControlMode, GuidedDenoiser
 from .images import HWC3, fit_to, resize_image
 from .model import StableDiffusion
+from .placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
 from .prompts import encode_prompts
-from .samplers import make_plan, sample
+from .samplers import Plan, make_plan, sample
 
 MAX_SEED = 2**31 - 1
 MAX_IMAGES = 12
@@ -66,13 +67,22 @@ class Pipeline:
         controlnets: Sequence[ControlNet] = (),
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        low_memory: bool = False,
     ) -> None:
+        """``low_memory``: keep on the device only the models of the current stage and slice
+        attention (see placement.py); slower, with a lower peak of memory."""
         for i, controlnet in enumerate(controlnets):
             check_compatible(controlnet.config, model.config, f"ControlNet {i}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = model.to(self.device, dtype).eval()
-        self.controlnets = [c.to(self.device, dtype).eval() for c in controlnets]
+        home = torch.device("cpu") if low_memory else self.device
+        self.model = model.to(home, dtype).eval()
+        self.controlnets = [c.to(home, dtype).eval() for c in controlnets]
+        self.placement = Placement(self.device, low_memory)
+        if low_memory:
+            for module in (self.model.unet, self.model.vae, self.model.text_encoder, *self.controlnets):
+                set_attention_slicing(module, LOW_MEMORY_ATTENTION_SLICE)
+                self.placement.park(module)
 
     @classmethod
     def from_files(
@@ -82,19 +92,22 @@ class Pipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         prediction: str | None = None,
+        low_memory: bool = False,
     ) -> Pipeline:
         model = load_base(base, prediction=prediction, dtype=dtype)
         loaded = [load_controlnet(path, model.config, dtype=dtype) for path in controlnets]
-        return cls(model, loaded, device, dtype)
+        return cls(model, loaded, device, dtype, low_memory)
 
     @classmethod
-    def default(cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+    def default(
+        cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, low_memory: bool = False
+    ) -> Pipeline:
         """The model used when no files are named. No trained model ships yet: this is the tiny
         configuration with seeded random weights (images are noise; every code path runs)."""
         from .demo import random_tiny_models
 
         model, controlnet = random_tiny_models()
-        return cls(model, [controlnet], device, dtype)
+        return cls(model, [controlnet], device, dtype, low_memory)
 
     # -- the steps of a generation, each small enough to read -----------------------------------
 
@@ -152,7 +165,7 @@ class Pipeline:
         latents = torch.cat([posterior.sample(generator=g) for g in generators])
         return latents * self.model.vae.scale_factor
 
-    def latent_mask(self, mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+    def latent_mask(self, mask: np.ndarray) -> torch.Tensor:
         """[1, 1, h, w] in [0, 1] (1 = repaint): the pixel mask averaged over each latent cell."""
         pixels = torch.from_numpy(mask[:, :, 0].astype(np.float32) / 255.0)[None, None]
         factor = self.model.vae.downsample_factor
@@ -207,49 +220,40 @@ class Pipeline:
         mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
 
         full_prompt = f"{prompt}, {added_prompt}" if added_prompt else prompt
-        context = encode_prompts(self.model.text_encoder, [full_prompt, negative_prompt]).to(self.dtype)
-        cond = context[0:1].expand(num_images, -1, -1)
-        uncond = context[1:2].expand(num_images, -1, -1)
-
+        with self.placement.use(self.model.text_encoder):
+            context = encode_prompts(self.model.text_encoder, [full_prompt, negative_prompt]).to(self.dtype)
         control_maps = [self.control_map(unit, height, width, resolution, mask) for unit in controls]
-        active = [
-            ActiveControl(
-                controlnet=self.controlnets[unit.controlnet],
-                hint_features=self.controlnets[unit.controlnet].encode_hint(self.hint_tensor(cmap)),
-                strength=unit.strength,
-                start=unit.start,
-                end=unit.end,
-                mode=ControlMode.parse(unit.mode),
-                scales=unit.scales,
-            )
-            for unit, cmap in zip(controls, control_maps, strict=True)
-        ]
+        init_latents = None
+        if init is not None:
+            with self.placement.use(self.model.vae):
+                init_latents = self.encode_init(init, seeds)
 
         plan = make_plan(sampler, self.model.config.schedule, steps, eta=eta)
-        init_latents = None if init is None else self.encode_init(init, seeds)
         if init_latents is not None:
             plan = plan.from_strength(denoising_strength)
-        denoiser = GuidedDenoiser(self.model.unet, cond, uncond, guidance_scale, active, plan.total_steps)
         noise = self.initial_noise(seeds, height, width) if latents is None else latents.to(self.device, self.dtype)
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-
-        def on_step(step: int, total: int) -> None:
-            denoiser.step = step
-            if progress is not None:
-                progress(step, total)
-
-        after_step = None
-        if mask is not None:
-            keep = 1.0 - self.latent_mask(mask, height, width)
-
-            def after_step(x: torch.Tensor, step: int) -> torch.Tensor:
-                # Outside the mask, the latents are the init image's at this step's noise level.
-                return x * (1.0 - keep) + plan.noise(init_latents, noise, step + 1) * keep
-
-        x = sample(
-            denoiser, noise, plan, init=init_latents, generator=generators, callback=on_step, after_step=after_step
-        )
-        images = self.decode(x)
+        with self.placement.use(self.model.unet, *self.controlnets):
+            active = [self.activate(unit, cmap) for unit, cmap in zip(controls, control_maps, strict=True)]
+            denoiser = GuidedDenoiser(
+                self.model.unet,
+                cond=context[0:1].expand(num_images, -1, -1),
+                uncond=context[1:2].expand(num_images, -1, -1),
+                guidance_scale=guidance_scale,
+                controls=active,
+                total_steps=plan.total_steps,
+            )
+            blend = None if mask is None else self.inpaint_blend(plan, mask, init_latents, noise)
+            x = sample(
+                denoiser,
+                noise,
+                plan,
+                init=init_latents,
+                generator=[torch.Generator().manual_seed(s) for s in seeds],
+                callback=lambda step, total: self._on_step(denoiser, progress, step, total),
+                after_step=blend,
+            )
+        with self.placement.use(self.model.vae):
+            images = self.decode(x)
         if mask is not None:  # the unmasked pixels are the init image's, exactly
             repaint = mask[:, :, :1].astype(np.float32) / 255.0
             images = images * repaint + (init.astype(np.float32) / 255.0) * (1.0 - repaint)
@@ -275,6 +279,37 @@ class Pipeline:
         if init is not None:
             settings["denoising_strength"] = denoising_strength
         return GenerationResult(list(images), control_maps, seeds, settings)
+
+    def activate(self, unit: ControlUnit, control_map: np.ndarray) -> ActiveControl:
+        """The unit ready for sampling: its hint features computed once, here."""
+        controlnet = self.controlnets[unit.controlnet]
+        return ActiveControl(
+            controlnet=controlnet,
+            hint_features=controlnet.encode_hint(self.hint_tensor(control_map)),
+            strength=unit.strength,
+            start=unit.start,
+            end=unit.end,
+            mode=ControlMode.parse(unit.mode),
+            scales=unit.scales,
+        )
+
+    def inpaint_blend(
+        self, plan: Plan, mask: np.ndarray, init_latents: torch.Tensor, noise: torch.Tensor
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """After each step, the latents outside the mask become the init image's at the noise
+        level the step reached."""
+        keep = 1.0 - self.latent_mask(mask)
+
+        def blend(x: torch.Tensor, step: int) -> torch.Tensor:
+            return x * (1.0 - keep) + plan.noise(init_latents, noise, step + 1) * keep
+
+        return blend
+
+    @staticmethod
+    def _on_step(denoiser: GuidedDenoiser, progress: Callable[[int, int], None] | None, step: int, total: int) -> None:
+        denoiser.step = step  # the next evaluation is step `step`: it decides the control windows
+        if progress is not None:
+            progress(step, total)
 
     def _check_arguments(self, controls, num_images, seed, steps, guidance_scale, output) -> None:
         if not 1 <= num_images <= MAX_IMAGES:
