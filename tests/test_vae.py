@@ -19,6 +19,8 @@ from controlnet.formats.diffusers_vae import (
 )
 from controlnet.vae import AutoencoderKL, DiagonalGaussian
 
+from .helpers import random_module, relative_error
+
 diffusers = pytest.importorskip("diffusers")
 
 KEYS_FILE = Path(__file__).parent / "data" / "ldm_keys.json"
@@ -29,31 +31,8 @@ TINY_VAE = TINY.vae
 REL_TOL = 1e-4
 
 
-def _randomize(module: nn.Module, seed: int) -> nn.Module:
-    """Fill every parameter from a seeded generator, far faster than the default inits at full size.
-
-    Weights get std 1/sqrt(fan_in) so activations stay O(1) through the whole network (and the mid
-    attention's softmax is far from uniform); norm scales are near 1 and biases small but non-zero
-    so a swapped weight/bias or scale/shift would show.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim > 1:
-                param.copy_(noise / param[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            else:
-                param.copy_(0.1 * noise)
-    return module
-
-
 def _random_vae(cfg: VAEConfig, seed: int = 0) -> AutoencoderKL:
-    # Built on the meta device so no time goes into default initialisation.
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    return _randomize(model.to_empty(device="cpu"), seed).eval()
+    return random_module(lambda: AutoencoderKL(cfg), seed)
 
 
 def _diffusers_twin(ours: AutoencoderKL) -> nn.Module:
@@ -71,10 +50,6 @@ def _diffusers_meta(cfg: VAEConfig) -> nn.Module:
 
 def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in state_dict.items()}
-
-
-def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +93,7 @@ def test_decode_matches_diffusers(sd_pair: tuple[AutoencoderKL, nn.Module]) -> N
         got = ours.decode(latents)
         want = theirs.decode(latents).sample
     assert got.shape == (1, 3, 64, 64)
-    err = _rel_err(got, want)
+    err = relative_error(got, want)
     print(f"decode: max abs err / output scale = {err:.2e} (scale {want.abs().max().item():.3f})")
     assert err <= REL_TOL
 
@@ -136,7 +111,7 @@ def test_encode_matches_diffusers(sd_pair: tuple[AutoencoderKL, nn.Module]) -> N
         ("logvar", got.logvar, want.logvar),
         ("mode", got.mode(), want.mode()),
     ):
-        err = _rel_err(a, b)
+        err = relative_error(a, b)
         print(f"encode {name}: max abs err / output scale = {err:.2e}")
         assert err <= REL_TOL, name
 
@@ -151,7 +126,7 @@ def test_channels_last_matches(sd_pair: tuple[AutoencoderKL, nn.Module]) -> None
         got = fast.decode(latents.contiguous(memory_format=torch.channels_last))
         ours.to(memory_format=torch.contiguous_format)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    assert _rel_err(got, want) <= REL_TOL
+    assert relative_error(got, want) <= REL_TOL
 
 
 def test_tiny_matches_diffusers(tiny_vae: AutoencoderKL) -> None:
@@ -160,9 +135,9 @@ def test_tiny_matches_diffusers(tiny_vae: AutoencoderKL) -> None:
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.no_grad():
         got, want = tiny_vae.encode(images), theirs.encode(images).latent_dist
-        assert _rel_err(got.mean, want.mean) <= REL_TOL
-        assert _rel_err(got.logvar, want.logvar) <= REL_TOL
-        assert _rel_err(tiny_vae.decode(got.mean), theirs.decode(want.mean).sample) <= REL_TOL
+        assert relative_error(got.mean, want.mean) <= REL_TOL
+        assert relative_error(got.logvar, want.logvar) <= REL_TOL
+        assert relative_error(tiny_vae.decode(got.mean), theirs.decode(want.mean).sample) <= REL_TOL
 
 
 # --- (c) the key map ----------------------------------------------------------------------------
