@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format install install-dev clean
+.PHONY: demo test lint format install install-dev clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ format: install-dev
 
 test: lint
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# Speed against diffusers (benchmarks/): one guided step, then a whole 20-step 512x512 image.
+# Options for both scripts: make bench BENCH_ARGS="--quick" (or --variants a,b,c,d, --sizes 512,256, ...).
+bench: install-dev
+	$(BIN)/python benchmarks/bench_step.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_image.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,471 @@
+"""One guided sampling step, ours against diffusers, on the same random SD 1.5 + ControlNet weights.
+
+A guided step: the ControlNet on batch 2 (uncond + cond latents, a 77-token context each, timestep
+501) and the UNet on batch 2 with its 13 residuals, then classifier-free guidance (scale 9). The
+control hint is an edge map at the image size. Ours: the hint features are computed once per
+generation (``encode_hint``), outside the step, as ``Pipeline.generate`` does; diffusers'
+ControlNetModel embeds the hint inside every call (on batch 2): that is in its time (the notes under
+the table give its cost, small). The sampler's own update is in neither.
+
+  (a) diffusers fp32, eager
+  (b) diffusers bf16 + channels_last + torch.compile (static shapes, inductor freezing): its best
+  (c) ours at the defaults: ``Pipeline(model, [controlnet])``
+  (d) ours at the fastest settings: ``ours_fastest(model, controlnet)`` below (the same compile)
+
+Each (variant, size) runs in a fresh process: its peak memory is its own and holds no other size's
+graphs. The variants that fit in memory side by side are timed alternately, round by round (all
+four need about 19 GiB at 512; with less available, (b), (d), (c) alternate, then (a) runs). Outputs are compared with
+ours in fp32 (a reference process, which also counts the FLOPs with torch.utils.flop_counter).
+
+    python benchmarks/bench_step.py [--quick] [--sizes 512,256] [--variants a,b,c,d] [--repeats N]
+                                    [--no-compile] [--no-freezing] [--sequential] [--flops measured|reference]
+
+``--quick``: 256x256 only, no torch.compile, 2 timed rounds (a smoke run). Compiled artefacts are
+cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/controlnet-bench/inductor): later runs spend
+less time compiling (dynamo still traces, about half the first time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+LABELS = {
+    "a": "diffusers fp32",
+    "b": "diffusers bf16 + channels_last{compile}",
+    "c": "ours default",
+    "d": "ours fastest",
+}
+OURS = ("c", "d")
+BEST_DIFFUSERS = "b"
+GROUP_ORDER = ("b", "d", "c", "a")  # which variants share a round first when not all fit in memory
+# Calls before timing: compiled modules may compile twice (ours: TimestepEmbedding caches its
+# frequencies in an attribute on the first call, a guard that fails on the second), then run once.
+WARMUP_CALLS = {False: 1, True: 3}
+MARGIN_GIB = 1.5  # memory left free when deciding which variants run side by side
+
+
+def need_gib(variant: str, size: int, compile: bool) -> float:
+    """A variant's process at its peak, roughly (weights + activations + runtime, as measured with
+    SD 1.5 + ControlNet: fp32 5.5 GiB at 512, 5.2 at 256; bf16 3.2 and 3.1, compiled or not), plus
+    inductor's compile workers."""
+    scale = (size / 512) ** 2
+    if variant in ("a", "c"):  # fp32 eager ((c): whatever the default is, fp32 is the worst case)
+        return 4.6 + 0.9 * scale + 0.4
+    return 2.3 + 0.5 * scale + (1.0 if compile else 0.4)
+
+
+def ours_fastest(model, controlnet, compile: bool = True, freezing: bool = True):
+    """Our fastest CPU set-up: bf16 weights and activations, channels_last convolutions, and
+    ``torch.compile`` of the UNet and the ControlNet: static shapes (one graph per image size) and,
+    with ``freezing``, inductor's freezing (the weights become constants of the graph, folded and
+    prepacked for oneDNN: about 25% off a bf16 step on a 2-core AVX-512 machine, where compiling
+    without it gains nothing). Freezing is inductor's global setting: this turns it on for the
+    process. Returns a ``Pipeline``; ``model`` and ``controlnet`` are converted in place."""
+    from controlnet.pipeline import Pipeline
+
+    pipe = Pipeline(model, [controlnet], dtype=torch.bfloat16)
+    for module in (pipe.model.unet, pipe.model.vae, *pipe.controlnets):
+        module.to(memory_format=torch.channels_last)
+    if compile:
+        if freezing:  # a global setting, read when the graphs compile (options={"freezing": True} is not)
+            from torch._inductor import config as inductor_config
+
+            inductor_config.freezing = True
+        for module in (pipe.model.unet, *pipe.controlnets):
+            module.compile(dynamic=False)
+    return pipe
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _layout(weight: torch.Tensor) -> str:
+    if weight.is_contiguous():
+        return "contiguous"
+    return "channels_last" if weight.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+class OursStep:
+    """Our guided step through the pipeline's own pieces: ``Pipeline.activate`` (the hint features,
+    once) and ``GuidedDenoiser`` (ControlNet + UNet on [uncond; cond], guidance)."""
+
+    def __init__(self, mode: str, compile: bool = True, freezing: bool = True) -> None:
+        from controlnet.pipeline import Pipeline
+
+        self.mode, self.compiled = mode, mode == "fastest" and compile
+        if mode == "reference":
+            model, controlnet = common.build_ours(torch.float32)
+            self.pipe = Pipeline(model, [controlnet], dtype=torch.float32)
+        elif mode == "default":
+            model, controlnet = common.build_ours(torch.float32)
+            self.pipe = Pipeline(model, [controlnet])
+        elif mode == "fastest":
+            model, controlnet = common.build_ours(torch.bfloat16)
+            self.pipe = ours_fastest(model, controlnet, compile=compile, freezing=freezing)
+        else:
+            raise ValueError(mode)
+        del model, controlnet
+        # The step needs neither the VAE nor the text encoder: free them, as diffusers' side has none.
+        self.pipe.model.vae = common.drop_to_meta(self.pipe.model.vae)
+        self.pipe.model.text_encoder = common.drop_to_meta(self.pipe.model.text_encoder)
+
+    def describe(self) -> str:
+        unet = self.pipe.model.unet
+        weight = next(p for p in unet.parameters() if p.ndim == 4)
+        compiled = "compiled" if getattr(unet, "_compiled_call_impl", None) is not None else "eager"
+        return f"{_dtype_name(self.pipe.dtype)}, {_layout(weight)} conv weights, {compiled}, device {self.pipe.device}"
+
+    @torch.no_grad()
+    def prepare(self, size: int) -> dict:
+        from controlnet.guidance import GuidedDenoiser
+        from controlnet.pipeline import ControlUnit
+
+        latents, context, image = common.step_inputs(size)
+        pipe = self.pipe
+        active, hint_s = common.timed(lambda: pipe.activate(ControlUnit(image), image))
+        context = context.to(pipe.device, pipe.dtype)
+        self.denoiser = GuidedDenoiser(
+            pipe.model.unet,
+            cond=context[0:1],
+            uncond=context[1:2],
+            guidance_scale=common.GUIDANCE_SCALE,
+            controls=[active],
+            total_steps=20,
+        )
+        self.x = latents.to(pipe.device, pipe.dtype)
+        self.t = torch.full((1,), float(common.TIMESTEP), device=pipe.device)
+        info = {"hint_s": hint_s, "describe": self.describe()}
+        if self.mode == "reference":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            from torch.utils.flop_counter import FlopCounterMode
+
+            # The math attention decomposes into counted matmuls (the fused CPU kernel is not counted).
+            with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+                self.out, info["seconds"] = common.timed(lambda: self.denoiser(self.x, self.t))
+            counts = counter.get_flop_counts()
+            info["flops"] = counter.get_total_flops()
+            info["by_module"] = {
+                name: sum(ops.values()) for name, ops in counts.items() if name in ("UNet", "ControlNet")
+            }
+            return info
+        warmups = [self.step() for _ in range(WARMUP_CALLS[self.compiled])]
+        info["first_s"], info["warmup_s"] = warmups[0], warmups
+        common.reset_peak_memory()
+        return info
+
+    @torch.no_grad()
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.out = self.denoiser(self.x, self.t)
+        return time.perf_counter() - start
+
+    def output(self) -> torch.Tensor:
+        return self.out.float().contiguous()
+
+
+class DiffusersStep:
+    """diffusers' guided step as its StableDiffusionControlNetPipeline's loop makes it (the same
+    calls and arguments, so compiled graphs are shared with bench_image.py through the cache)."""
+
+    def __init__(self, best: bool, compile: bool = True, freezing: bool = True) -> None:
+        self.dtype = torch.bfloat16 if best else torch.float32
+        model, controlnet = common.build_ours(self.dtype, whole=False)
+        self.unet, self.controlnet = common.diffusers_unet_and_controlnet(model.unet, controlnet)
+        del model, controlnet
+        self.compiled = best and compile
+        if best:
+            for module in (self.unet, self.controlnet):
+                module.to(memory_format=torch.channels_last)
+                if compile:  # as ours_fastest
+                    from torch._inductor import config as inductor_config
+
+                    inductor_config.freezing = freezing
+                    module.compile(dynamic=False)
+
+    def describe(self) -> str:
+        compiled = "compiled" if self.compiled else "eager"
+        processor = type(next(iter(self.unet.attn_processors.values()))).__name__
+        return f"{_dtype_name(self.dtype)}, {_layout(self.unet.conv_in.weight)} conv weights, {compiled}, {processor}"
+
+    @torch.no_grad()
+    def prepare(self, size: int) -> dict:
+        latents, context, image = common.step_inputs(size)
+        self.latents = latents.to(self.dtype)
+        self.embeddings = torch.cat([context[1:2], context[0:1]]).to(self.dtype)  # [uncond; cond], as diffusers
+        hint = torch.from_numpy(image.copy()).float().div(255.0).permute(2, 0, 1)[None]
+        self.image = torch.cat([hint, hint]).to(self.dtype)  # the pipeline repeats it for guidance
+        self.t = torch.tensor(common.TIMESTEP)
+        warmups = [self.step() for _ in range(WARMUP_CALLS[self.compiled])]
+        embedding = self.controlnet.controlnet_cond_embedding
+        _, hint_s = common.timed(lambda: embedding(self.image))
+        common.reset_peak_memory()
+        return {"first_s": warmups[0], "warmup_s": warmups, "hint_s": hint_s, "describe": self.describe()}
+
+    @torch.no_grad()
+    def step(self) -> float:
+        start = time.perf_counter()
+        model_input = torch.cat([self.latents] * 2)
+        down, mid = self.controlnet(
+            model_input,
+            self.t,
+            encoder_hidden_states=self.embeddings,
+            controlnet_cond=self.image,
+            conditioning_scale=1.0,
+            guess_mode=False,
+            return_dict=False,
+        )
+        noise = self.unet(
+            model_input,
+            self.t,
+            encoder_hidden_states=self.embeddings,
+            timestep_cond=None,
+            cross_attention_kwargs=None,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            added_cond_kwargs=None,
+            return_dict=False,
+        )[0]
+        uncond, cond = noise.chunk(2)
+        self.out = uncond + common.GUIDANCE_SCALE * (cond - uncond)
+        return time.perf_counter() - start
+
+    def output(self) -> torch.Tensor:
+        return self.out.float().contiguous()
+
+
+def make_worker(variant: str, compile: bool, freezing: bool) -> common.Worker:
+    if variant in OURS:
+        return common.Worker(variant, OursStep, "default" if variant == "c" else "fastest", compile, freezing)
+    return common.Worker(variant, DiffusersStep, variant == BEST_DIFFUSERS, compile, freezing)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="256x256 only, no torch.compile, 2 rounds")
+    parser.add_argument("--sizes", help="image sizes, e.g. 512,256 (default: 512,256; quick: 256)")
+    parser.add_argument("--variants", default="a,b,c,d", help="which of a,b,c,d (default: all)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per size (default: 3 at 512, 5 below; quick: 2)")
+    parser.add_argument("--no-compile", action="store_true", help="(b) and (d) without torch.compile")
+    parser.add_argument("--no-freezing", action="store_true", help="compile without inductor's freezing")
+    parser.add_argument("--sequential", action="store_true", help="one variant's process at a time (no rounds)")
+    parser.add_argument("--flops", choices=("measured", "reference"), default="measured")
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "512,256")).split(",")]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in LABELS]
+    if unknown or any(s % 64 for s in args.sizes):
+        parser.error(f"variants are a,b,c,d (got {unknown}); sizes must be multiples of 64")
+    args.compile = not (args.no_compile or args.quick)
+    args.freezing = args.compile and not args.no_freezing
+    return args
+
+
+def repeats_for(args: argparse.Namespace, size: int) -> int:
+    if args.repeats:
+        return args.repeats
+    return 2 if args.quick else 3 if size >= 512 else 5
+
+
+def reference_flops(size: int) -> float:
+    return 2 * sum(common.REFERENCE_TFLOP_512.values()) * 1e12 * (size / 512) ** 2
+
+
+def run_reference(sizes: list[int]) -> dict[int, dict]:
+    """Our fp32 output (the yardstick of every variant's difference) and the counted FLOPs."""
+    results = {}
+    with common.Worker("reference", OursStep, "reference") as worker:
+        for size in sizes:
+            info = worker.call("prepare", size)
+            info["output"] = worker.call("output")
+            results[size] = info
+            print(
+                f"  reference {size}x{size}: ours fp32 in {info['seconds']:.1f} s (counting FLOPs), "
+                f"{info['flops'] / 1e12:.3f} TFLOP",
+                flush=True,
+            )
+    return results
+
+
+def plan_groups(args: argparse.Namespace, size: int) -> list[list[str]]:
+    """The variants that run side by side (timed round by round), group after group, as many per
+    group as the memory available now holds."""
+    if args.sequential:
+        return [[v] for v in args.variants]
+    available = common.memory_available() / common.GiB - MARGIN_GIB
+    groups: list[list[str]] = [[]]
+    for variant in [v for v in GROUP_ORDER if v in args.variants]:
+        group = [*groups[-1], variant]
+        if len(group) > 1 and sum(need_gib(v, size, args.compile) for v in group) > available:
+            groups.append([variant])
+        else:
+            groups[-1] = group
+    return groups
+
+
+def run_variants(args: argparse.Namespace) -> tuple[dict, dict]:
+    """{variant: {size: record}} and {variant: error message}. Every (variant, size) gets a fresh
+    process, so that a size's peak memory holds no other size's graphs or buffers."""
+    results: dict[str, dict[int, dict]] = {v: {} for v in args.variants}
+    errors: dict[str, str] = {}
+
+    def guarded(variant: str, action) -> bool:
+        if variant in errors:
+            return False
+        try:
+            action()
+        except common.WorkerError as error:
+            errors[variant] = str(error)
+            print(f"  ({variant}) failed: {str(error).splitlines()[0]}", flush=True)
+            return False
+        return True
+
+    def start(variant: str, size: int, workers: dict) -> None:
+        def build() -> None:
+            worker, seconds = common.timed(lambda: make_worker(variant, args.compile, args.freezing))
+            workers[variant] = worker
+            info = worker.call("prepare", size)
+            results[variant][size] = {**info, "times": [], "build_s": seconds, "built": worker.built_memory}
+            gib = worker.built_memory["rss"] / common.GiB
+            calls = info["warmup_s"]
+            first = f" ({' + '.join(f'{c:.1f}' for c in calls)} s)" if len(calls) > 1 else ""
+            print(
+                f"  ({variant}) {size}x{size}: built in {seconds:.0f} s ({gib:.1f} GiB), warmed up{first}", flush=True
+            )
+
+        guarded(variant, build)
+
+    def finish(variant: str, worker: common.Worker, record: dict) -> None:
+        def collect() -> None:
+            record["memory"] = worker.call("memory")
+            record["output"] = worker.call("output")
+
+        guarded(variant, collect)
+
+    for size in args.sizes:
+        groups = plan_groups(args, size)
+        plan = "; then ".join(("alternating " if len(g) > 1 else "") + ",".join(g) for g in groups)
+        print(f"  {size}x{size}: {plan}", flush=True)
+        for group in groups:
+            workers: dict[str, common.Worker] = {}
+            try:
+                for variant in group:
+                    start(variant, size, workers)
+                for round_index in range(repeats_for(args, size)):
+                    done = []
+                    for variant, worker in workers.items():
+                        record = results[variant].get(size)
+                        if record is not None and guarded(
+                            variant, lambda w=worker, r=record: r["times"].append(w.call("step"))
+                        ):
+                            done.append(f"({variant}) {record['times'][-1]:.2f} s")
+                    print(f"  {size}x{size} round {round_index + 1}: {', '.join(done)}", flush=True)
+                for variant, worker in workers.items():
+                    if size in results[variant]:
+                        finish(variant, worker, results[variant][size])
+            finally:
+                for worker in workers.values():
+                    worker.close()
+    return results, errors
+
+
+def label(variant: str, args: argparse.Namespace) -> str:
+    compiled = (" + compile (freezing)" if args.freezing else " + compile") if args.compile else ""
+    return f"({variant}) " + LABELS[variant].format(compile=compiled)
+
+
+def report(args, reference, results, errors, probes) -> None:
+    bf16_peak = max(p["bf16"] for p in probes)
+    fp32_peak = max(p["fp32"] for p in probes)
+    print()
+    print("bf16 matmul 4096^3: " + ", ".join(f"{p['bf16']:.2f}" for p in probes) + " TFLOP/s (start, end)")
+    print("fp32 matmul 4096^3: " + ", ".join(f"{p['fp32']:.2f}" for p in probes) + " TFLOP/s (start, end)")
+    for size in args.sizes:
+        ref = reference[size]
+        measured = ref["flops"]
+        estimated = reference_flops(size)
+        flops = measured if args.flops == "measured" else estimated
+        parts = ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ref["by_module"].items())
+        print()
+        print(f"== guided step, {size}x{size} (batch 2: ControlNet + UNet + guidance) ==")
+        print(
+            f"FLOPs used: {flops / 1e12:.3f} TFLOP ({args.flops}); counted on ours fp32: {measured / 1e12:.3f} "
+            f"({parts}); REFERENCE.md estimate {estimated / 1e12:.3f}"
+        )
+        header = ["variant", "median s", "min s", "runs", "x (b)", "TFLOP/s", "% bf16 mm", "peak GiB", "warm-up s"]
+        header.append("rel diff vs ours fp32")
+        rows = []
+        best = results.get(BEST_DIFFUSERS, {}).get(size, {}).get("times")
+        best_median = common.median(best) if best else None
+        for variant in args.variants:
+            record = results[variant].get(size, {})
+            times = record.get("times") or []
+            if not times:
+                rows.append([label(variant, args), "failed" if variant in errors else "-", *[""] * 8])
+                continue
+            med = common.median(times)
+            tflops = flops / med / 1e12
+            ratio = f"{med / best_median:.2f}" if best_median else "-"
+            peak = record.get("memory", {}).get("hwm", 0) / common.GiB
+            diff = common.relative_error(record["output"], ref["output"]) if "output" in record else float("nan")
+            rows.append(
+                [
+                    label(variant, args),
+                    f"{med:.3f}",
+                    f"{min(times):.3f}",
+                    str(len(times)),
+                    ratio,
+                    f"{tflops:.3f}",
+                    f"{100 * tflops / bf16_peak:.0f}%",
+                    f"{peak:.2f}",
+                    f"{sum(record['warmup_s']):.1f}",
+                    f"{diff:.1e}",
+                ]
+            )
+        print(common.format_table(header, rows))
+        for variant in args.variants:
+            record = results[variant].get(size, {})
+            if "describe" in record:
+                hint = record.get("hint_s", float("nan"))
+                where = "once, outside the step" if variant in OURS else "inside every step call, batch 2"
+                print(f"  ({variant}) {record['describe']}; hint embedding {hint * 1000:.0f} ms ({where})")
+    print()
+    print(
+        "x (b): time over diffusers' best (b) (below 1: faster). TFLOP/s: FLOPs used / median; % bf16 mm: of the\n"
+        f"best bf16 matmul ({bf16_peak:.2f} TFLOP/s; fp32 {fp32_peak:.2f}). peak GiB: the variant's process VmHWM\n"
+        "over the timed steps (weights + activations; reset after warm-up). warm-up s: the calls before timing\n"
+        f"(compiled: {WARMUP_CALLS[True]}, compiling included; eager: {WARMUP_CALLS[False]}). rel diff:\n"
+        "max |out - ref| / max |ref| of the guided output, ref = ours fp32 (math attention)."
+    )
+    for variant, message in errors.items():
+        print(f"\n({variant}) failed:\n{message}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    cache = common.set_compile_cache()
+    started = time.perf_counter()
+    print(f"bench_step: {common.cpu_line()}; {common.machine_line()}")
+    print(f"variants {','.join(args.variants)}, sizes {args.sizes}, compile {args.compile}, inductor cache {cache}")
+    probes = [{"bf16": common.matmul_tflops(torch.bfloat16), "fp32": common.matmul_tflops(torch.float32)}]
+    reference = run_reference(args.sizes)
+    results, errors = run_variants(args)
+    probes.append({"bf16": common.matmul_tflops(torch.bfloat16), "fp32": common.matmul_tflops(torch.float32)})
+    report(args, reference, results, errors, probes)
+    print(f"\n{common.machine_line()}; total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
