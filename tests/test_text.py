@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -214,13 +213,10 @@ def test_tiny_forward(cfg: TextEncoderConfig) -> None:
     tokens = model.tokenize(PROMPTS)
     assert tokens.shape == (2, 77) and tokens.dtype == torch.long
     assert model.tokenize("a photo of a cat").shape == (1, 77)
-    start = time.perf_counter()
     with torch.no_grad():
         out = model(tokens)
-    elapsed = time.perf_counter() - start
     assert out.shape == (2, 77, cfg.width) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    assert elapsed < 1.0
     # Causal: a token's state depends only on tokens before it, so the shared prefix "a" agrees.
     with torch.no_grad():
         prefix = model(tokens[:, :3])
