@@ -62,7 +62,6 @@ class OursImage:
     def __init__(self, variant: str, compile: bool, freezing: bool) -> None:
         from controlnet.pipeline import Pipeline
 
-        self.compiled = variant == "d" and compile
         if variant == "c":
             model, controlnet = common.build_ours(torch.float32)
             self.pipe = Pipeline(model, [controlnet])
@@ -71,7 +70,7 @@ class OursImage:
             self.pipe = ours_fastest(model, controlnet, compile=compile, freezing=freezing)
 
     def describe(self) -> dict:
-        compiled = getattr(self.pipe.model.unet, "_compiled_call_impl", None) is not None
+        compiled = any(common.is_compiled(m) for m in (self.pipe.model.unet, *self.pipe.controlnets))
         dtype = str(self.pipe.dtype).removeprefix("torch.")
         return {"text": f"Pipeline dtype {dtype}, UNet {'compiled' if compiled else 'eager'}", "compiled": compiled}
 
@@ -198,12 +197,11 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         print(f"  ({variant}) built in {build_s:.0f} s: {description['text']}", flush=True)
         for size in args.sizes:
             record = {"describe": description["text"]}
-            if description["compiled"]:
-                warm = worker.call("generate", size, 1, False)
-                record["warmup_s"] = warm["total_s"]
-                print(
-                    f"  ({variant}) {size}x{size}: 1-step warm-up image (compiling) {warm['total_s']:.0f} s", flush=True
-                )
+            warm_steps = WARMUP_STEPS if description["compiled"] else 1
+            warm = worker.call("generate", size, warm_steps, False)
+            record["warmup_s"] = warm["total_s"]
+            what = f"{warm_steps}-step warm-up image" + (" (compiling)" if description["compiled"] else "")
+            print(f"  ({variant}) {size}x{size}: {what} {warm['total_s']:.0f} s", flush=True)
             runs = [worker.call("generate", size, args.steps) for _ in range(args.repeats)]
             record.update(runs[-1])
             record["totals"] = [r["total_s"] for r in runs]

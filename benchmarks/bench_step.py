@@ -13,8 +13,8 @@ the table give its cost, small). The sampler's own update is in neither.
   (d) ours at the fastest settings: ``ours_fastest(model, controlnet)`` below (the same compile)
 
 Each (variant, size) runs in a fresh process: its peak memory is its own and holds no other size's
-graphs. The variants that fit in memory side by side are timed alternately, round by round (all
-four need about 19 GiB at 512; with less available, (b), (d), (c) alternate, then (a) runs). Outputs are compared with
+graphs. The variants that fit in memory side by side are timed alternately, round by round: all
+four where they fit (about 27 GiB at 512), else (b) with (d), then (a) with (c). Outputs are compared with
 ours in fp32 (a reference process, which also counts the FLOPs with torch.utils.flop_counter).
 
     python benchmarks/bench_step.py [--quick] [--sizes 512,256] [--variants a,b,c,d] [--repeats N]
@@ -46,7 +46,7 @@ LABELS = {
 }
 OURS = ("c", "d")
 BEST_DIFFUSERS = "b"
-GROUP_ORDER = ("b", "d", "c", "a")  # which variants share a round first when not all fit in memory
+PAIRS = (("b", "d"), ("a", "c"))  # the groups that alternate when all four do not fit in memory
 # Calls before timing: compiled modules may compile twice (ours: TimestepEmbedding caches its
 # frequencies in an attribute on the first call, a guard that fails on the second), then run once.
 WARMUP_CALLS = {False: 1, True: 3}
@@ -54,13 +54,16 @@ MARGIN_GIB = 1.5  # memory left free when deciding which variants run side by si
 
 
 def need_gib(variant: str, size: int, compile: bool) -> float:
-    """A variant's process at its peak, roughly (weights + activations + runtime, as measured with
-    SD 1.5 + ControlNet: fp32 5.5 GiB at 512, 5.2 at 256; bf16 3.2 and 3.1, compiled or not), plus
+    """A variant's process at its peak, roughly, as measured with SD 1.5 + ControlNet: fp32 eager
+    5.5 GiB at 512, 5.2 at 256; bf16 eager 3.2 and 3.1; compiled with freezing, each compiled graph
+    holds its own copy of the weights (diffusers 5.3 GiB at 256, ours 7.5: two graphs), plus
     inductor's compile workers."""
     scale = (size / 512) ** 2
     if variant in ("a", "c"):  # fp32 eager ((c): whatever the default is, fp32 is the worst case)
         return 4.6 + 0.9 * scale + 0.4
-    return 2.3 + 0.5 * scale + (1.0 if compile else 0.4)
+    if compile:
+        return 3 * 2.3 + 0.5 * scale + 1.0
+    return 2.3 + 0.5 * scale + 0.4
 
 
 def ours_fastest(model, controlnet, compile: bool = True, freezing: bool = True):
@@ -102,7 +105,7 @@ class OursStep:
     def __init__(self, mode: str, compile: bool = True, freezing: bool = True) -> None:
         from controlnet.pipeline import Pipeline
 
-        self.mode, self.compiled = mode, mode == "fastest" and compile
+        self.mode = mode
         if mode == "reference":
             model, controlnet = common.build_ours(torch.float32)
             self.pipe = Pipeline(model, [controlnet], dtype=torch.float32)
@@ -118,11 +121,12 @@ class OursStep:
         # The step needs neither the VAE nor the text encoder: free them, as diffusers' side has none.
         self.pipe.model.vae = common.drop_to_meta(self.pipe.model.vae)
         self.pipe.model.text_encoder = common.drop_to_meta(self.pipe.model.text_encoder)
+        self.compiled = any(common.is_compiled(m) for m in (self.pipe.model.unet, *self.pipe.controlnets))
 
     def describe(self) -> str:
         unet = self.pipe.model.unet
         weight = next(p for p in unet.parameters() if p.ndim == 4)
-        compiled = "compiled" if getattr(unet, "_compiled_call_impl", None) is not None else "eager"
+        compiled = "compiled" if common.is_compiled(unet) else "eager"
         return f"{_dtype_name(self.pipe.dtype)}, {_layout(weight)} conv weights, {compiled}, device {self.pipe.device}"
 
     @torch.no_grad()
@@ -300,19 +304,22 @@ def run_reference(sizes: list[int]) -> dict[int, dict]:
 
 
 def plan_groups(args: argparse.Namespace, size: int) -> list[list[str]]:
-    """The variants that run side by side (timed round by round), group after group, as many per
-    group as the memory available now holds."""
+    """The variants that run side by side (timed round by round), group after group: all of them
+    if the memory available now holds them, else the pairs (b, d) and (a, c), else one by one."""
     if args.sequential:
         return [[v] for v in args.variants]
     available = common.memory_available() / common.GiB - MARGIN_GIB
-    groups: list[list[str]] = [[]]
-    for variant in [v for v in GROUP_ORDER if v in args.variants]:
-        group = [*groups[-1], variant]
-        if len(group) > 1 and sum(need_gib(v, size, args.compile) for v in group) > available:
-            groups.append([variant])
-        else:
-            groups[-1] = group
-    return groups
+
+    def fits(group: list[str]) -> bool:
+        return sum(need_gib(v, size, args.compile) for v in group) <= available
+
+    if fits(args.variants):
+        return [list(args.variants)]
+    groups = []
+    for pair in PAIRS:
+        group = [v for v in pair if v in args.variants]
+        groups.extend([group] if fits(group) else [[v] for v in group])
+    return [g for g in groups if g]
 
 
 def run_variants(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -440,7 +447,9 @@ def report(args, reference, results, errors, probes) -> None:
             if "describe" in record:
                 hint = record.get("hint_s", float("nan"))
                 where = "once, outside the step" if variant in OURS else "inside every step call, batch 2"
-                print(f"  ({variant}) {record['describe']}; hint embedding {hint * 1000:.0f} ms ({where})")
+                calls = record.get("warmup_s", [])
+                warm = f"; warm-up calls {' + '.join(f'{c:.1f}' for c in calls)} s" if len(calls) > 1 else ""
+                print(f"  ({variant}) {record['describe']}; hint embedding {hint * 1000:.0f} ms ({where}){warm}")
     print()
     print(
         "x (b): time over diffusers' best (b) (below 1: faster). TFLOP/s: FLOPs used / median; % bf16 mm: of the\n"

@@ -173,6 +173,11 @@ def build_ours(dtype: torch.dtype = torch.float32, whole: bool = True):
     return model.eval(), controlnet
 
 
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs a torch.compile'd graph (``module.compile()`` or a wrapper)."""
+    return getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")
+
+
 def drop_to_meta(module: torch.nn.Module) -> torch.nn.Module:
     """Free a module's memory (its tensors move to the meta device)."""
     return module.to("meta")
