@@ -8,11 +8,14 @@ decode, on the same random weights (bench_step.py's) and the same initial latent
   (c) ours: ``Pipeline(model, [controlnet]).generate(...)`` at the defaults
   (d) ours: ``bench_step.ours_fastest(model, controlnet).generate(...)``
 
-Each variant runs in its own process, one after another (their peaks do not add up), and first
-makes a warm-up image (2 steps, compiling, where compiled; else 1 step; its time is reported). The images are compared
+Each variant runs in its own process and first makes a warm-up image (2 steps, compiling, where
+compiled; else 1 step; its time is reported). The compiled ones are built and warmed up side by
+side where memory allows (compiling is mostly one thread), then each is timed while the others
+wait; the others run one after another. The images are compared
 with (c)'s (max abs difference in [0, 1]). Usage:
 
-    python benchmarks/bench_image.py [--quick] [--sizes 512] [--steps 20] [--variants b,c,d] [--no-compile]
+    python benchmarks/bench_image.py [--quick] [--sizes 512] [--steps 20] [--variants b,c,d] [--repeats N]
+                                     [--no-compile] [--no-freezing] [--malloc fixed|default] [--sequential]
 
 ``--quick``: 256x256, 4 steps, no torch.compile. (a) is left out by default: fp32 diffusers takes
 as long as (c) at fp32 without telling more than bench_step.py's (a) does; name it to run it.
@@ -21,7 +24,9 @@ as long as (c) at fp32 without telling more than bench_step.py's (a) does; name 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -36,6 +41,7 @@ from bench_step import ours_fastest
 # Compiled variants warm up with two steps: a compiled module may compile twice (ours: TimestepEmbedding
 # caches its frequencies in an attribute on the first call, a dynamo guard that fails on the second).
 WARMUP_STEPS = 2
+MARGIN_GIB = 1.5  # memory left free when deciding which variants warm up side by side
 LABELS = {
     "a": "diffusers fp32",
     "b": "diffusers bf16 + channels_last{compile}",
@@ -80,6 +86,7 @@ class OursImage:
 
         image = common.control_image(size)
         marks: list[float] = []
+        sys_before, _ = common.cpu_usage()
         start = time.perf_counter()
         result = self.pipe.generate(
             common.PROMPT,
@@ -95,6 +102,7 @@ class OursImage:
             progress=lambda step, total: marks.append(time.perf_counter()),
         )
         info = _phases(start, marks, time.perf_counter())
+        info["sys_s"] = common.cpu_usage()[0] - sys_before
         if keep:
             info["image"] = np.asarray(result.images[0], np.float32)
         common.reset_peak_memory()
@@ -135,6 +143,7 @@ class DiffusersImage:
             marks.append(time.perf_counter())
             return {}
 
+        sys_before, _ = common.cpu_usage()
         start = time.perf_counter()
         output = self.pipe(
             prompt=common.PROMPT,
@@ -150,6 +159,7 @@ class DiffusersImage:
             callback_on_step_end=on_step_end,
         )
         info = _phases(start, marks, time.perf_counter())
+        info["sys_s"] = common.cpu_usage()[0] - sys_before
         if keep:
             info["image"] = np.asarray(output.images[0], np.float32)
         common.reset_peak_memory()
@@ -170,7 +180,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed images per variant (default 1)")
     parser.add_argument("--no-compile", action="store_true", help="(b) and (d) without torch.compile")
     parser.add_argument("--no-freezing", action="store_true", help="compile without inductor's freezing")
-    parser.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)  # always one at a time
+    parser.add_argument(
+        "--malloc", choices=("fixed", "default"), default="fixed", help="glibc malloc thresholds (common.fix_malloc)"
+    )
+    parser.add_argument("--sequential", action="store_true", help="one variant's process at a time")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "512")).split(",")]
     args.steps = args.steps or (4 if args.quick else 20)
@@ -188,27 +201,82 @@ def label(variant: str, args: argparse.Namespace) -> str:
     return f"({variant}) " + LABELS[variant].format(compile=compiled)
 
 
-def run_variant(args: argparse.Namespace, variant: str) -> dict:
-    """{size: record} for one variant, in its own process."""
-    worker, build_s = common.timed(lambda: make_worker(variant, args.compile, args.freezing))
-    records = {}
-    with worker:
-        description = worker.call("describe")
-        print(f"  ({variant}) built in {build_s:.0f} s: {description['text']}", flush=True)
+def need_gib(variant: str, compile: bool) -> float:
+    """A variant's process at its peak at 512, roughly (measured: fp32 5.7 GiB; bf16 compiled with
+    freezing 5.7 (diffusers) and 7.9 (ours, two graphs)), plus inductor's compile workers."""
+    if variant in ("a", "c"):
+        return 6.2
+    return 8.5 if compile else 3.6
+
+
+def plan_groups(args: argparse.Namespace) -> list[list[str]]:
+    """Compiled variants warm up (compile) side by side where memory allows; the rest one by one."""
+    compiled = [v for v in args.variants if v in ("b", "d") and args.compile]
+    available = common.memory_available() / common.GiB - MARGIN_GIB
+    together = not args.sequential and len(compiled) > 1 and sum(need_gib(v, True) for v in compiled) <= available
+    groups, seen = [], set()
+    for variant in args.variants:
+        if variant in seen:
+            continue
+        group = compiled if together and variant in compiled else [variant]
+        groups.append(group)
+        seen.update(group)
+    return groups
+
+
+def run_group(args: argparse.Namespace, group: list[str], results: dict, errors: dict) -> None:
+    """The group's processes are built and warmed up together (compiling is mostly one thread: two
+    compile in about the time of one), then each times its images while the others wait."""
+
+    def guarded(variant: str, action) -> None:
+        if variant in errors:
+            return
+        try:
+            action()
+        except common.WorkerError as error:
+            errors[variant] = str(error)
+            print(f"  ({variant}) failed: {str(error).splitlines()[0]}", flush=True)
+
+    workers: dict[str, common.Worker] = {}
+    descriptions: dict[str, dict] = {}
+
+    def build(variant: str) -> None:
+        worker, build_s = common.timed(lambda: make_worker(variant, args.compile, args.freezing))
+        workers[variant] = worker
+        descriptions[variant] = worker.call("describe")
+        results[variant] = {}
+        print(f"  ({variant}) built in {build_s:.0f} s: {descriptions[variant]['text']}", flush=True)
+
+    def warm_steps(variant: str) -> int:
+        return WARMUP_STEPS if descriptions[variant]["compiled"] else 1
+
+    def send_warm_up(variant: str, size: int) -> None:
+        workers[variant].send("generate", size, warm_steps(variant), False)
+
+    def receive_warm_up(variant: str, size: int) -> None:
+        seconds = workers[variant].receive("generate")["total_s"]
+        results[variant][size] = {"describe": descriptions[variant]["text"], "warmup_s": seconds}
+        compiling = " (compiling)" if descriptions[variant]["compiled"] else ""
+        what = f"{warm_steps(variant)}-step warm-up image{compiling}"
+        print(f"  ({variant}) {size}x{size}: {what} {seconds:.0f} s", flush=True)
+
+    def timed_images(variant: str, size: int) -> None:
+        worker = workers[variant]
+        runs = [worker.call("generate", size, args.steps) for _ in range(args.repeats)]
+        record = results[variant][size]
+        record.update(runs[-1], totals=[r["total_s"] for r in runs], memory=worker.call("memory"))
+        print(f"  ({variant}) {size}x{size}: {args.steps} steps in {record['total_s']:.1f} s", flush=True)
+
+    try:
+        for variant in group:
+            guarded(variant, lambda v=variant: build(v))
         for size in args.sizes:
-            record = {"describe": description["text"]}
-            warm_steps = WARMUP_STEPS if description["compiled"] else 1
-            warm = worker.call("generate", size, warm_steps, False)
-            record["warmup_s"] = warm["total_s"]
-            what = f"{warm_steps}-step warm-up image" + (" (compiling)" if description["compiled"] else "")
-            print(f"  ({variant}) {size}x{size}: {what} {warm['total_s']:.0f} s", flush=True)
-            runs = [worker.call("generate", size, args.steps) for _ in range(args.repeats)]
-            record.update(runs[-1])
-            record["totals"] = [r["total_s"] for r in runs]
-            record["memory"] = worker.call("memory")
-            records[size] = record
-            print(f"  ({variant}) {size}x{size}: {args.steps} steps in {record['total_s']:.1f} s", flush=True)
-    return records
+            for action in (send_warm_up, receive_warm_up, timed_images):
+                for variant in list(workers):
+                    guarded(variant, lambda a=action, v=variant, s=size: a(v, s))
+    finally:
+        for worker in workers.values():
+            worker.close()
 
 
 def report(args: argparse.Namespace, results: dict, errors: dict) -> None:
@@ -216,18 +284,19 @@ def report(args: argparse.Namespace, results: dict, errors: dict) -> None:
         print()
         guidance = f"guidance {common.GUIDANCE_SCALE:g}"
         print(f"== whole image, {size}x{size}, {args.steps} DDIM steps, one ControlNet, {guidance} ==")
-        header = ["variant", "total s", "x (b)", "text+hint s", "per step s", "decode s", "warm-up s", "peak GiB"]
+        header = ["variant", "total s", "x (b)", "text+hint s", "per step s", "decode s", "sys s", "warm-up s"]
+        header.append("peak GiB")
         header.append("max |diff| vs (c)")
         best = results.get("b", {}).get(size)
         reference = results.get("c", {}).get(size, {}).get("image")
         rows = []
         for variant in args.variants:
             record = results.get(variant, {}).get(size)
-            if record is None:
-                rows.append([label(variant, args), "failed" if variant in errors else "-", *[""] * 7])
+            if record is None or "totals" not in record:
+                rows.append([label(variant, args), "failed" if variant in errors else "-", *[""] * (len(header) - 2)])
                 continue
             total = float(np.median(record["totals"]))
-            ratio = f"{total / float(np.median(best['totals'])):.2f}" if best else "-"
+            ratio = f"{total / float(np.median(best['totals'])):.2f}" if best and "totals" in best else "-"
             diff = "-" if reference is None else f"{np.abs(record['image'] - reference).max():.1e}"
             rows.append(
                 [
@@ -237,6 +306,7 @@ def report(args: argparse.Namespace, results: dict, errors: dict) -> None:
                     f"{record['before_s']:.2f}",
                     f"{record['step_s']:.2f}",
                     f"{record['decode_s']:.2f}",
+                    f"{record['sys_s']:.1f}",
                     f"{record['warmup_s']:.0f}",
                     f"{record['memory']['hwm'] / common.GiB:.2f}",
                     diff,
@@ -249,10 +319,20 @@ def report(args: argparse.Namespace, results: dict, errors: dict) -> None:
                 print(f"  ({variant}) {record['describe']}")
     print()
     print(
-        "total: the whole call (text encoding, hint, sampling, VAE decode, conversion to an array); x (b): over\n"
-        "diffusers' best. text+hint: before the first step (the first step's time taken as the median step's).\n"
-        f"warm-up: a {WARMUP_STEPS}-step image first (compiled; eager: 1 step). peak GiB: the process VmHWM over the\n"
-        "timed image (reset after building/warm-up). diff: max abs difference of the [0, 1] images vs (c)'s."
+        textwrap.fill(
+            " ".join(
+                [
+                    "total: the whole call (text encoding, hint, sampling, VAE decode, conversion to an array).",
+                    "x (b): over diffusers' best.",
+                    "text+hint: before the first step (the first step's time taken as the median step's).",
+                    "sys s: system CPU time of the whole image (mostly page faults: memory from the kernel).",
+                    f"warm-up: a {WARMUP_STEPS}-step image first (compiled; eager: 1 step).",
+                    "peak GiB: the process's VmHWM over the timed image.",
+                    "diff: max abs difference of the [0, 1] images vs (c)'s.",
+                ]
+            ),
+            width=110,
+        )
     )
     for variant, message in errors.items():
         print(f"\n({variant}) failed:\n{message}")
@@ -261,17 +341,20 @@ def report(args: argparse.Namespace, results: dict, errors: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     cache = common.set_compile_cache()
+    os.environ["BENCH_MALLOC"] = args.malloc  # read by the worker processes
     started = time.perf_counter()
     print(f"bench_image: {common.cpu_line()}; {common.machine_line()}")
-    print(f"variants {','.join(args.variants)}, sizes {args.sizes}, {args.steps} steps, compile {args.compile}")
+    print(
+        f"variants {','.join(args.variants)}, sizes {args.sizes}, {args.steps} steps, compile {args.compile}, "
+        f"malloc {args.malloc}"
+    )
     print(f"inductor cache {cache}")
-    results, errors = {}, {}
-    for variant in args.variants:
-        try:
-            results[variant] = run_variant(args, variant)
-        except common.WorkerError as error:
-            errors[variant] = str(error)
-            print(f"  ({variant}) failed: {str(error).splitlines()[0]}", flush=True)
+    results: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    for group in plan_groups(args):
+        if len(group) > 1:
+            print(f"  {', '.join(group)}: built and warmed up side by side, then timed one after the other")
+        run_group(args, group, results, errors)
     report(args, results, errors)
     print(f"\n{common.machine_line()}; total {time.perf_counter() - started:.0f} s")
 

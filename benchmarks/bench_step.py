@@ -13,22 +13,30 @@ the table give its cost, small). The sampler's own update is in neither.
   (d) ours at the fastest settings: ``ours_fastest(model, controlnet)`` below (the same compile)
 
 Each (variant, size) runs in a fresh process: its peak memory is its own and holds no other size's
-graphs. The variants that fit in memory side by side are timed alternately, round by round: all
-four where they fit (about 27 GiB at 512), else (b) with (d), then (a) with (c). Outputs are compared with
-ours in fp32 (a reference process, which also counts the FLOPs with torch.utils.flop_counter).
+graphs. Variants are grouped by the memory available: all four side by side where they fit (about
+27 GiB at 512), else (b) with (d), then (a) with (c). A group's processes warm up (compile) side by
+side, then are timed alternately, round by round. Outputs are compared with ours in fp32 (a
+reference process, which also counts the FLOPs with torch.utils.flop_counter).
 
     python benchmarks/bench_step.py [--quick] [--sizes 512,256] [--variants a,b,c,d] [--repeats N]
                                     [--no-compile] [--no-freezing] [--sequential] [--flops measured|reference]
+                                    [--malloc fixed|default]
+
+``--malloc fixed`` (the default) pins glibc malloc's thresholds in every variant's process alike
+(``common.fix_malloc``): otherwise a step's system time (page faults) depends on the process's
+history and differs from one variant's process to another's for the same code.
 
 ``--quick``: 256x256 only, no torch.compile, 2 timed rounds (a smoke run). Compiled artefacts are
-cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/controlnet-bench/inductor): later runs spend
-less time compiling (dynamo still traces, about half the first time).
+cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/controlnet-bench/inductor), but with freezing
+inductor caches little: every run compiles (ours twice per size, see WARMUP_CALLS).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -98,7 +106,24 @@ def _layout(weight: torch.Tensor) -> str:
     return "channels_last" if weight.is_contiguous(memory_format=torch.channels_last) else "strided"
 
 
-class OursStep:
+class _Timed:
+    def timed_step(self) -> dict:
+        """One timed step with its system CPU time and minor page faults."""
+        sys_before, faults_before = common.cpu_usage()
+        seconds = self.step()
+        sys_after, faults_after = common.cpu_usage()
+        return {"s": seconds, "sys": sys_after - sys_before, "faults": faults_after - faults_before}
+
+    def warm_up(self) -> list[float]:
+        """The calls before timing; the peak memory is reset before the last, so that it is a step's
+        (after compiling) and the heap is grown back before the timed steps."""
+        calls = WARMUP_CALLS[self.compiled]
+        times = [self.step() for _ in range(calls - 1)]
+        common.reset_peak_memory()
+        return [*times, self.step()]
+
+
+class OursStep(_Timed):
     """Our guided step through the pipeline's own pieces: ``Pipeline.activate`` (the hint features,
     once) and ``GuidedDenoiser`` (ControlNet + UNet on [uncond; cond], guidance)."""
 
@@ -136,7 +161,8 @@ class OursStep:
 
         latents, context, image = common.step_inputs(size)
         pipe = self.pipe
-        active, hint_s = common.timed(lambda: pipe.activate(ControlUnit(image), image))
+        self.hint = image
+        active = pipe.activate(ControlUnit(image), image)
         context = context.to(pipe.device, pipe.dtype)
         self.denoiser = GuidedDenoiser(
             pipe.model.unet,
@@ -148,7 +174,7 @@ class OursStep:
         )
         self.x = latents.to(pipe.device, pipe.dtype)
         self.t = torch.full((1,), float(common.TIMESTEP), device=pipe.device)
-        info = {"hint_s": hint_s, "describe": self.describe()}
+        info = {"describe": self.describe()}
         if self.mode == "reference":
             from torch.nn.attention import SDPBackend, sdpa_kernel
             from torch.utils.flop_counter import FlopCounterMode
@@ -162,10 +188,16 @@ class OursStep:
                 name: sum(ops.values()) for name, ops in counts.items() if name in ("UNet", "ControlNet")
             }
             return info
-        warmups = [self.step() for _ in range(WARMUP_CALLS[self.compiled])]
+        warmups = self.warm_up()
         info["first_s"], info["warmup_s"] = warmups[0], warmups
-        common.reset_peak_memory()
         return info
+
+    @torch.no_grad()
+    def hint_seconds(self) -> float:
+        """Our hint embedding (once per generation): ``Pipeline.activate``."""
+        from controlnet.pipeline import ControlUnit
+
+        return common.timed(lambda: self.pipe.activate(ControlUnit(self.hint), self.hint))[1]
 
     @torch.no_grad()
     def step(self) -> float:
@@ -177,7 +209,7 @@ class OursStep:
         return self.out.float().contiguous()
 
 
-class DiffusersStep:
+class DiffusersStep(_Timed):
     """diffusers' guided step as its StableDiffusionControlNetPipeline's loop makes it (the same
     calls and arguments, so compiled graphs are shared with bench_image.py through the cache)."""
 
@@ -209,11 +241,14 @@ class DiffusersStep:
         hint = torch.from_numpy(image.copy()).float().div(255.0).permute(2, 0, 1)[None]
         self.image = torch.cat([hint, hint]).to(self.dtype)  # the pipeline repeats it for guidance
         self.t = torch.tensor(common.TIMESTEP)
-        warmups = [self.step() for _ in range(WARMUP_CALLS[self.compiled])]
+        warmups = self.warm_up()
+        return {"first_s": warmups[0], "warmup_s": warmups, "describe": self.describe()}
+
+    @torch.no_grad()
+    def hint_seconds(self) -> float:
+        """diffusers' hint embedding, a part of every ControlNetModel call (here eager)."""
         embedding = self.controlnet.controlnet_cond_embedding
-        _, hint_s = common.timed(lambda: embedding(self.image))
-        common.reset_peak_memory()
-        return {"first_s": warmups[0], "warmup_s": warmups, "hint_s": hint_s, "describe": self.describe()}
+        return common.timed(lambda: embedding(self.image))[1]
 
     @torch.no_grad()
     def step(self) -> float:
@@ -266,6 +301,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-freezing", action="store_true", help="compile without inductor's freezing")
     parser.add_argument("--sequential", action="store_true", help="one variant's process at a time (no rounds)")
     parser.add_argument("--flops", choices=("measured", "reference"), default="measured")
+    parser.add_argument(
+        "--malloc", choices=("fixed", "default"), default="fixed", help="glibc malloc thresholds (common.fix_malloc)"
+    )
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "512,256")).split(",")]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -343,16 +381,25 @@ def run_variants(args: argparse.Namespace) -> tuple[dict, dict]:
         def build() -> None:
             worker, seconds = common.timed(lambda: make_worker(variant, args.compile, args.freezing))
             workers[variant] = worker
-            info = worker.call("prepare", size)
-            results[variant][size] = {**info, "times": [], "build_s": seconds, "built": worker.built_memory}
+            results[variant][size] = {"times": [], "steps": [], "build_s": seconds, "built": worker.built_memory}
             gib = worker.built_memory["rss"] / common.GiB
-            calls = info["warmup_s"]
-            first = f" ({' + '.join(f'{c:.1f}' for c in calls)} s)" if len(calls) > 1 else ""
-            print(
-                f"  ({variant}) {size}x{size}: built in {seconds:.0f} s ({gib:.1f} GiB), warmed up{first}", flush=True
-            )
+            print(f"  ({variant}) {size}x{size}: built in {seconds:.0f} s ({gib:.1f} GiB)", flush=True)
 
         guarded(variant, build)
+
+    def warm_up(workers: dict, size: int) -> None:
+        """The group's warm-ups (compiling, mostly single-threaded) side by side: less wall time."""
+        for variant, worker in workers.items():
+            guarded(variant, lambda w=worker: w.send("prepare", size))
+        for variant, worker in workers.items():
+
+            def receive(w=worker, v=variant) -> None:
+                info = w.receive("prepare")
+                results[v][size].update(info)
+                calls = " + ".join(f"{c:.1f}" for c in info["warmup_s"])
+                print(f"  ({v}) {size}x{size}: warmed up ({calls} s)", flush=True)
+
+            guarded(variant, receive)
 
     def finish(variant: str, worker: common.Worker, record: dict) -> None:
         def collect() -> None:
@@ -370,13 +417,20 @@ def run_variants(args: argparse.Namespace) -> tuple[dict, dict]:
             try:
                 for variant in group:
                     start(variant, size, workers)
+                warm_up(workers, size)
+                for variant, worker in workers.items():
+                    if size in results[variant]:
+                        guarded(
+                            variant, lambda w=worker, r=results[variant][size]: r.update(hint_s=w.call("hint_seconds"))
+                        )
                 for round_index in range(repeats_for(args, size)):
                     done = []
                     for variant, worker in workers.items():
                         record = results[variant].get(size)
                         if record is not None and guarded(
-                            variant, lambda w=worker, r=record: r["times"].append(w.call("step"))
+                            variant, lambda w=worker, r=record: r["steps"].append(w.call("timed_step"))
                         ):
+                            record["times"].append(record["steps"][-1]["s"])
                             done.append(f"({variant}) {record['times'][-1]:.2f} s")
                     print(f"  {size}x{size} round {round_index + 1}: {', '.join(done)}", flush=True)
                 for variant, worker in workers.items():
@@ -411,7 +465,8 @@ def report(args, reference, results, errors, probes) -> None:
             f"FLOPs used: {flops / 1e12:.3f} TFLOP ({args.flops}); counted on ours fp32: {measured / 1e12:.3f} "
             f"({parts}); REFERENCE.md estimate {estimated / 1e12:.3f}"
         )
-        header = ["variant", "median s", "min s", "runs", "x (b)", "TFLOP/s", "% bf16 mm", "peak GiB", "warm-up s"]
+        header = ["variant", "median s", "min s", "runs", "x (b)", "TFLOP/s", "% bf16 mm", "sys s", "faults"]
+        header += ["peak GiB", "warm-up s"]
         header.append("rel diff vs ours fp32")
         rows = []
         best = results.get(BEST_DIFFUSERS, {}).get(size, {}).get("times")
@@ -420,7 +475,7 @@ def report(args, reference, results, errors, probes) -> None:
             record = results[variant].get(size, {})
             times = record.get("times") or []
             if not times:
-                rows.append([label(variant, args), "failed" if variant in errors else "-", *[""] * 8])
+                rows.append([label(variant, args), "failed" if variant in errors else "-", *[""] * (len(header) - 2)])
                 continue
             med = common.median(times)
             tflops = flops / med / 1e12
@@ -436,6 +491,8 @@ def report(args, reference, results, errors, probes) -> None:
                     ratio,
                     f"{tflops:.3f}",
                     f"{100 * tflops / bf16_peak:.0f}%",
+                    f"{common.median([x['sys'] for x in record['steps']]):.2f}",
+                    f"{common.median([x['faults'] for x in record['steps']]) / 1000:.0f}k",
                     f"{peak:.2f}",
                     f"{sum(record['warmup_s']):.1f}",
                     f"{diff:.1e}",
@@ -452,11 +509,22 @@ def report(args, reference, results, errors, probes) -> None:
                 print(f"  ({variant}) {record['describe']}; hint embedding {hint * 1000:.0f} ms ({where}){warm}")
     print()
     print(
-        "x (b): time over diffusers' best (b) (below 1: faster). TFLOP/s: FLOPs used / median; % bf16 mm: of the\n"
-        f"best bf16 matmul ({bf16_peak:.2f} TFLOP/s; fp32 {fp32_peak:.2f}). peak GiB: the variant's process VmHWM\n"
-        "over the timed steps (weights + activations; reset after warm-up). warm-up s: the calls before timing\n"
-        f"(compiled: {WARMUP_CALLS[True]}, compiling included; eager: {WARMUP_CALLS[False]}). rel diff:\n"
-        "max |out - ref| / max |ref| of the guided output, ref = ours fp32 (math attention)."
+        textwrap.fill(
+            " ".join(
+                [
+                    "x (b): time over diffusers' best (b) (below 1: faster).",
+                    "TFLOP/s: FLOPs used / median.",
+                    f"% bf16 mm: of the best bf16 matmul ({bf16_peak:.2f} TFLOP/s; fp32 {fp32_peak:.2f}).",
+                    "sys s, faults: system CPU time and minor page faults per step (memory from the kernel).",
+                    "peak GiB: the process's VmHWM over the last warm-up call and the timed steps.",
+                    f"warm-up s: the calls before timing (compiled: {WARMUP_CALLS[True]}, compiling included;",
+                    f"eager: {WARMUP_CALLS[False]}); a group's variants warm up side by side (their times overlap).",
+                    "rel diff: max |out - ref| / max |ref| of the guided output, ref = ours fp32 (math attention).",
+                    "Hint embedding: timed alone, after every warm-up.",
+                ]
+            ),
+            width=110,
+        )
     )
     for variant, message in errors.items():
         print(f"\n({variant}) failed:\n{message}")
@@ -465,9 +533,11 @@ def report(args, reference, results, errors, probes) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     cache = common.set_compile_cache()
+    os.environ["BENCH_MALLOC"] = args.malloc  # read by the worker processes
     started = time.perf_counter()
     print(f"bench_step: {common.cpu_line()}; {common.machine_line()}")
-    print(f"variants {','.join(args.variants)}, sizes {args.sizes}, compile {args.compile}, inductor cache {cache}")
+    print(f"variants {','.join(args.variants)}, sizes {args.sizes}, compile {args.compile}, malloc {args.malloc}")
+    print(f"inductor cache {cache}")
     probes = [{"bf16": common.matmul_tflops(torch.bfloat16), "fp32": common.matmul_tflops(torch.float32)}]
     reference = run_reference(args.sizes)
     results, errors = run_variants(args)

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -90,10 +91,32 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
+def fix_malloc() -> bool:
+    """Make glibc malloc keep what it is given: every block from the heap (no mmap), freed memory
+    kept for reuse (no trimming). By default blocks above a threshold (which moves with the
+    process's history, up to 32 MiB) are mapped and unmapped at each allocation, and the heap is
+    trimmed: a step's activations and oneDNN's weight reorders then come back from the kernel as
+    fresh pages at every step, up to a third of an fp32 step here, and more or less so from one
+    process to another running the same code. Call it first thing in a process. False where not
+    glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def cpu_usage() -> tuple[float, int]:
+    """(system CPU seconds, minor page faults) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
+
+
 def reset_peak_memory() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0), after releasing free memory;
-    False where not allowed."""
-    release_free_memory()
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -290,6 +313,8 @@ class WorkerError(RuntimeError):
 
 
 def _serve(connection, factory: Callable[..., Any], args: tuple) -> None:
+    if os.environ.get("BENCH_MALLOC", "fixed") == "fixed":
+        fix_malloc()
     # Dynamo's note on diffusers' lru_cache-wrapped version checks, printed once per graph: noise here.
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. its note that torchvision is absent
@@ -342,7 +367,15 @@ class Worker:
         return value
 
     def call(self, method: str, *args: Any) -> Any:
+        self.send(method, *args)
+        return self.receive(method)
+
+    def send(self, method: str, *args: Any) -> None:
+        """Start ``method`` in the worker and return at once (``receive`` gets its result): several
+        workers can then work at the same time."""
         self.connection.send((method, args))
+
+    def receive(self, method: str) -> Any:
         return self._receive(method)
 
     def close(self) -> None:
