@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from bench_step import ours_fastest
 
-# Compiled variants warm up with two steps: a compiled module may compile twice (ours: TimestepEmbedding
-# caches its frequencies in an attribute on the first call, a dynamo guard that fails on the second).
+# Compiled variants warm up with a two-step image (compiling), eager ones with one step.
 WARMUP_STEPS = 2
 MARGIN_GIB = 1.5  # memory left free when deciding which variants warm up side by side
 LABELS = {
@@ -67,9 +66,10 @@ def _phases(start: float, marks: list[float], end: float) -> dict:
 class OursImage:
     def __init__(self, variant: str, compile: bool, freezing: bool) -> None:
         from controlnet.pipeline import Pipeline
+        from controlnet.runtime import default_dtype
 
-        if variant == "c":
-            model, controlnet = common.build_ours(torch.float32)
+        if variant == "c":  # the weights in the dtype our default picks on this machine
+            model, controlnet = common.build_ours(default_dtype("cpu"))
             self.pipe = Pipeline(model, [controlnet])
         else:
             model, controlnet = common.build_ours(torch.bfloat16)

@@ -1,70 +1,69 @@
 """Peak memory of a generation with and without the low-memory mode, SD 1.5 + one ControlNet.
 
-Each mode runs in a fresh process (peak RSS is per process): random SD 1.5-size weights, one
-guided DDIM step (the step count does not change the peak) and the VAE decode, at 512x512 by
-default. Prints the peaks and the saving. Usage:
+Each mode runs in a fresh process: random SD 1.5-size weights built directly in the dtype (the
+benchmarks' seeds), a ``Pipeline`` (normal or ``low_memory=True``), then one generation: text
+encoding, the hint, guided DDIM steps and the VAE decode at 512x512 by default. The peak is the
+process's resident-set high-water mark (VmHWM) over the generation alone (reset after building:
+how the weights were made is not the mode's business), and the resident memory before it. Usage:
 
-    python benchmarks/low_memory.py [--size 512] [--dtype float32]
+    python benchmarks/low_memory.py [--size 512] [--steps 2] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
 
 
-def run_one(low_memory: bool, size: int, dtype: str) -> None:
-    import numpy as np
+def run_one(low_memory: bool, size: int, steps: int, dtype_name: str) -> None:
     import torch
 
-    from controlnet.config import SD15
-    from controlnet.controlnet import ControlNet
-    from controlnet.model import StableDiffusion
     from controlnet.pipeline import ControlUnit, Pipeline
 
-    torch.manual_seed(0)
-    model = StableDiffusion(SD15, empty=True)
-    for name in ("unet", "vae", "text_encoder"):
-        module = getattr(model, name).to_empty(device="cpu")
-        for parameter in module.parameters():  # small random weights; the values do not matter here
-            parameter.data.normal_(std=0.02)
-        setattr(model, name, module)
-    controlnet = ControlNet(SD15.controlnet()).to_empty(device="cpu")
-    for parameter in controlnet.parameters():
-        parameter.data.normal_(std=0.02)
-    pipe = Pipeline(model, [controlnet], dtype=getattr(torch, dtype), low_memory=low_memory)
+    dtype = getattr(torch, dtype_name)
+    model, controlnet = common.build_ours(dtype)
+    pipe = Pipeline(model, [controlnet], dtype=dtype, low_memory=low_memory)
     del model, controlnet
-    edges = np.zeros((size, size, 3), np.uint8)
-    edges[size // 4 : size // 4 + 4] = 255
+    common.release_free_memory()
+    before = common.memory()["rss"]
+    common.reset_peak_memory()
+    edges = common.control_image(size)
     start = time.perf_counter()
-    pipe.generate("a bird", [ControlUnit(edges)], steps=1, seed=0, resolution=size)
+    pipe.generate("a bird", [ControlUnit(edges)], steps=steps, seed=0, resolution=size)
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{peak_mib:.0f} {seconds:.1f}")
+    print(f"{common.memory()['hwm'] / 2**20:.0f} {before / 2**20:.0f} {seconds:.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--child", choices=("normal", "low"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_one(args.child == "low", args.size, args.dtype)
+        run_one(args.child == "low", args.size, args.steps, args.dtype)
         return
     results = {}
     for mode in ("normal", "low"):
         command = [sys.executable, __file__, "--child", mode, "--size", str(args.size), "--dtype", args.dtype]
+        command += ["--steps", str(args.steps)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
-        results[mode] = (float(output[0]), float(output[1]))
-    (normal, normal_s), (low, low_s) = results["normal"], results["low"]
-    print(f"SD 1.5 + ControlNet, {args.size}x{args.size}, {args.dtype}, 1 guided step + VAE decode")
-    print(f"  normal:     peak {normal:8.0f} MiB   {normal_s:6.1f} s")
-    print(f"  low memory: peak {low:8.0f} MiB   {low_s:6.1f} s")
-    print(f"  saving: {100 * (1 - low / normal):.0f}% of the peak")
+        results[mode] = [float(value) for value in output[-3:]]
+    print(f"SD 1.5 + ControlNet, {args.size}x{args.size}, {args.dtype}, {args.steps} guided DDIM steps + VAE decode")
+    print(f"{common.cpu_line()}; {common.machine_line()}")
+    for mode, label in (("normal", "normal:    "), ("low", "low memory:")):
+        peak, before, seconds = results[mode]
+        print(f"  {label} peak {peak:6.0f} MiB (resident before: {before:5.0f} MiB)   {seconds:6.1f} s")
+    saving = 1 - results["low"][0] / results["normal"][0]
+    print(f"  saving: {100 * saving:.0f}% of the peak; time x{results['low'][2] / results['normal'][2]:.2f}")
 
 
 if __name__ == "__main__":

@@ -141,11 +141,12 @@ def test_the_same_seed_gives_the_same_pixels_and_nothing_is_overwritten(tmp_path
     assert np.array_equal(load_image(out / "6.png"), load_image(out / "6-1.png"))
     assert not np.array_equal(load_image(out / "5-1.png"), load_image(out / "6.png"))
     # The seed in an image's metadata reproduces it alone: the noise depends on that seed only
-    # (a batch of 1 rounds its float math differently from a batch of 2, hence the tolerance).
+    # (a batch of 1 rounds its float math differently from a batch of 2, hence the tolerance: a few
+    # levels in a few pixels with the default bf16 on a CPU that has it).
     seed = _metadata(out / "6.png")[0]["seed"]
     assert main([*argv, "--seed", str(seed)]) == 0
     alone, batched = load_image(out / "6-2.png").astype(int), load_image(out / "6.png").astype(int)
-    assert np.abs(alone - batched).max() <= 2
+    assert np.abs(alone - batched).max() <= 4 and np.abs(alone - batched).mean() < 0.25
 
 
 def test_guess_mode_two_units_and_euler_a(tmp_path):

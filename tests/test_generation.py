@@ -257,3 +257,26 @@ def test_sliced_attention_equals_whole_attention():
         attention.slice_size = 64
         sliced = attention(x, context)
     assert torch.allclose(whole, sliced, atol=1e-6)
+
+
+def test_low_memory_mode_on_a_cpu_streams_the_unet_and_controlnet_block_by_block():
+    """During sampling no more than one block of the UNet and ControlNet holds its weights."""
+    from controlnet.layers import ResBlock
+    from controlnet.placement import blocks
+
+    model, controlnet = random_tiny_models(seed=0)
+    low = Pipeline(model, [controlnet], low_memory=True)
+    streamed = (low.model.unet, low.controlnets[0])
+    resident: list[int] = []
+
+    def count(module, args, output):
+        resident.append(sum(p.numel() for m in streamed for p in m.parameters() if not p.is_meta))
+
+    for model_ in streamed:
+        for layer in model_.modules():
+            if isinstance(layer, ResBlock):
+                layer.register_forward_hook(count)
+    low.generate("a circle", [ControlUnit(EDGES)], steps=2, seed=1)
+    largest = max(sum(p.numel() for p in block.parameters()) for m in streamed for block in blocks(m))
+    assert resident and max(resident) <= largest  # one block in at a time, never a whole model
+    assert all(p.is_meta for m in streamed for p in m.parameters())  # all parked again afterwards

@@ -191,3 +191,28 @@ def test_schedule_is_the_original_linear_schedule():
     assert torch.allclose(
         betas.sqrt().diff(), torch.full((999,), (0.012**0.5 - 0.00085**0.5) / 999, dtype=torch.float64)
     )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape, groups", [((2, 320, 16, 16), 32), ((1, 1280, 8, 8), 32), ((2, 96, 17, 9), 8)])
+def test_bf16_group_norm_agrees_with_the_float32_round_trip(shape, groups, channels_last):
+    """GroupNorm32 runs bf16 natively (no float32 copy of the activations): every element equals the
+    original's float32 computation rounded to bf16, up to one bf16 rounding step."""
+    from controlnet.layers import GroupNorm32
+
+    generator = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(groups, shape[1])
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(shape[1], generator=generator))
+        norm.bias.copy_(torch.randn(shape[1], generator=generator))
+    x = (3 * torch.randn(shape, generator=generator) + 1).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    norm = norm.to(torch.bfloat16)
+    weight, bias = norm.weight.float(), norm.bias.float()
+    expected = torch.nn.functional.group_norm(x.float(), groups, weight, bias, norm.eps).bfloat16()
+    got = norm(x)
+    assert got.dtype == torch.bfloat16
+    one_step = expected.float().abs() * 2.0**-7 + 1e-30  # a bf16 has 8 significant bits
+    assert ((got.float() - expected.float()).abs() <= one_step).all()
+    assert (got != expected).float().mean() < 0.01  # and only a few elements differ at all

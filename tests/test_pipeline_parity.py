@@ -55,7 +55,7 @@ def stacks(tmp_path_factory):
     controlnets = [
         randomize(_meta(lambda: ControlNet(SD15.controlnet())).to_empty(device="cpu"), seed=s) for s in (4, 5)
     ]
-    ours = Pipeline(model, controlnets)
+    ours = Pipeline(model, controlnets, dtype=torch.float32)  # exact parity; bf16 is measured in benchmarks/
 
     unet = _meta(lambda: diffusers.UNet2DConditionModel.from_config(unet_config_to_diffusers(SD15.unet)))
     unet.load_state_dict(unet_ldm_to_diffusers(model.unet.state_dict(), SD15.unet), strict=True, assign=True)

@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     transfer.add_argument("new_base", type=Path, help="the fine-tuned base to move it to")
     transfer.add_argument("output", type=Path, help="a .safetensors file (control-only, LDM layout)")
     transfer.add_argument("--overwrite", action="store_true")
+
+    _add_data(commands)
     return parser
 
 
@@ -150,8 +152,16 @@ def _add_generate(commands) -> None:
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
     g.add_argument("--denoising-strength", type=float, default=0.75, help="img2img: 0 < s <= 1 (default 0.75)")
     g.add_argument("--mask", type=Path, help="inpainting (with --init-image): white = repaint")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto (default): bfloat16 on a CPU with native bf16, float16 on a GPU, else float32",
+    )
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the models: slower start, faster steps (many images)"
+    )
+    g.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
@@ -267,6 +277,7 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
 
 def _check_generate_options(args: argparse.Namespace) -> None:
     """The options that need no file: checked first, so a mistake is reported at once."""
+    from .runtime import default_device
     from .samplers import get_sampler
 
     _check_range("--steps", args.steps, 1, 100)
@@ -289,6 +300,8 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         )
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
+    if args.device == "auto":
+        args.device = str(default_device())
     _check_device(args.device)
 
 
@@ -307,21 +320,22 @@ def _check_device(name: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
     from .images import load_image
     from .pipeline import Pipeline, viewable_map
+    from .runtime import parse_dtype
 
     _check_generate_options(args)
     units = _units(args)
     out = _writable_folder(args.out)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = parse_dtype(args.dtype, args.device)
     if args.base is None:
         pipe = _default_pipeline(args.device, dtype)
         models = {"base": {"name": DEFAULT_MODEL_NAME}, "controlnets": [{"name": DEFAULT_MODEL_NAME}]}
     else:
         pipe = Pipeline.from_files(args.base, args.controlnet, device=args.device, dtype=dtype)
         models = _model_records(args.base, args.controlnet)
+    if args.compile:
+        pipe.compile()
     if units and not pipe.controlnets:
         raise UsageError("control images were given but no ControlNet: pass --controlnet PATH")
     for item in units:
@@ -415,7 +429,7 @@ def _batch_record(args: argparse.Namespace, pipe, result, units: Sequence[_Unit]
         "height": int(height),
         "controls": controls,
         "models": models,
-        "dtype": args.dtype,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
         "device": args.device,
         "version": __version__,
     }
@@ -670,6 +684,67 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+# -- data ---------------------------------------------------------------------------------------
+
+
+def _add_data(commands) -> None:
+    """``controlnet data TASK``: write a synthetic training set in the fill50k layout."""
+    data = commands.add_parser(
+        "data",
+        help="write a synthetic training set: controlnet data fill50k|scenes --out DIR --count N",
+        description="Write COUNT samples of a synthetic task to a folder in the fill50k layout (prompt.json, "
+        "source/, target/), which training reads. The same --seed always gives the same samples.",
+    )
+    tasks = data.add_subparsers(dest="task", required=True, metavar="TASK")
+    about = {
+        "fill50k": "the original tutorial's task: circle outline -> filled circle, '<colour> circle with "
+        "<colour> background' (default size 512)",
+        "scenes": "1 to 3 coloured shapes on a background, captioned from the content, Canny edges as "
+        "the condition, shape metadata in prompt.json (default size 64)",
+    }
+    for task, help_text in about.items():
+        t = tasks.add_parser(task, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        t.add_argument("--out", type=Path, required=True, help="output folder (must not hold a dataset already)")
+        t.add_argument("--count", type=int, required=True, help="number of samples")
+        t.add_argument("--size", type=int, help="image side in pixels, a multiple of 8 in 32..1024")
+        t.add_argument("--seed", type=int, default=0, help="0 or more (default 0)")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from .synthetic import DEFAULT_SIZES, check_output, check_size, write_dataset
+
+    size = DEFAULT_SIZES[args.task] if args.size is None else args.size
+    try:
+        check_size(size)
+    except ValueError as error:
+        raise UsageError(f"--size: {error}") from None
+    _check_range("--count", args.count, 1, 100_000_000)
+    _check_range("--seed", args.seed, 0, 2**63 - 1)
+    try:
+        check_output(args.out)  # nothing may be lost: never into a folder that holds a dataset
+    except FileExistsError as error:
+        raise UsageError(str(error)) from None
+    step = max(1, args.count // 100)  # redraw the progress line about 100 times
+    drawn = False
+
+    def progress(done: int, total: int) -> None:
+        nonlocal drawn
+        # sys.stderr looked up at each call: tests (and callers) may replace it. Only on a terminal:
+        # in a log, a hundred carriage-return lines are noise.
+        if sys.stderr.isatty() and (done % step == 0 or done == total):
+            print(f"\rwriting {args.task} samples {done}/{total}", end="", file=sys.stderr, flush=True)
+            drawn = True
+
+    try:
+        write_dataset(args.out, args.task, args.count, size=size, seed=args.seed, progress=progress)
+    except OSError as error:
+        raise CommandError(f"{args.out}: cannot write ({error.strerror or error})") from None
+    finally:
+        if drawn:
+            print(file=sys.stderr, flush=True)  # end the progress line before any other message
+    print(f"wrote {args.count} {args.task} samples ({size}x{size}, seed {args.seed}) to {args.out}")
+
+
 # -- convert, info, transfer-control, demo -------------------------------------------------------
 
 
@@ -733,6 +808,7 @@ _COMMANDS = {
     "convert": cmd_convert,
     "info": cmd_info,
     "transfer-control": cmd_transfer_control,
+    "data": cmd_data,
 }
 
 

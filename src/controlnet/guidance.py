@@ -101,7 +101,10 @@ class GuidedDenoiser:
         total_steps: int,
         only_mid_control: bool = False,
     ) -> None:
+        """The models run in ``cond``'s dtype; ``x`` comes in (and the result goes out) in the
+        sampler's dtype, and guidance combines the two sides in it."""
         self.unet = unet
+        self.dtype = cond.dtype
         self.cond = cond
         # As the original: only a scale of exactly 1 makes the unconditional side irrelevant.
         self.uncond = uncond if guidance_scale != 1.0 else None
@@ -118,9 +121,11 @@ class GuidedDenoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sampling_dtype = x.dtype
+        x = x.to(self.dtype)
         active = [c for c in self.controls if c.active_at(self.step, self.total_steps)]
         if self.uncond is None:
-            return self._eps(x, t, self.cond, active)
+            return self._eps(x, t, self.cond, active).to(sampling_dtype)
         if not any(c.conditional_only for c in active):
             # Both sides share the same control: one batched call, [uncond; cond].
             both = self._eps(torch.cat([x, x]), torch.cat([t, t]), self.both, active)
@@ -129,4 +134,5 @@ class GuidedDenoiser:
             cond_out = self._eps(x, t, self.cond, active)
             shared = [c for c in active if not c.conditional_only]
             uncond_out = self._eps(x, t, self.uncond, shared)
+        uncond_out, cond_out = uncond_out.to(sampling_dtype), cond_out.to(sampling_dtype)
         return uncond_out + self.guidance_scale * (cond_out - uncond_out)

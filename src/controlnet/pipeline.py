@@ -28,9 +28,13 @@ from .images import HWC3, fit_to, resize_image
 from .model import StableDiffusion
 from .placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
 from .prompts import encode_prompts
+from .runtime import parse_dtype, prepare, use_channels_last
 from .samplers import Plan, make_plan, sample
 
 MAX_SEED = 2**31 - 1
+# The latents between steps and the sampler's arithmetic: float32 whatever the models' dtype (a
+# bf16 latent would lose 8 bits at every step's update; the models' inputs are cast per call).
+SAMPLING_DTYPE = torch.float32
 MAX_IMAGES = 12
 
 
@@ -66,23 +70,32 @@ class Pipeline:
         model: StableDiffusion,
         controlnets: Sequence[ControlNet] = (),
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = None,
         low_memory: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
-        """``low_memory``: keep on the device only the models of the current stage and slice
-        attention (see placement.py); slower, with a lower peak of memory."""
+        """``dtype``: None (or "auto") takes the device's fastest (runtime.default_dtype: bfloat16 on
+        a CPU with native bf16, float16 on a GPU, else float32). ``channels_last``: None follows
+        the device and dtype (runtime.use_channels_last). ``low_memory``: keep on the device only
+        the models of the current stage and slice attention (see placement.py); slower, with a
+        lower peak of memory."""
         for i, controlnet in enumerate(controlnets):
             check_compatible(controlnet.config, model.config, f"ControlNet {i}")
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = parse_dtype(dtype, self.device)
+        self.channels_last = use_channels_last(self.device, self.dtype) if channels_last is None else channels_last
         home = torch.device("cpu") if low_memory else self.device
-        self.model = model.to(home, dtype).eval()
-        self.controlnets = [c.to(home, dtype).eval() for c in controlnets]
-        self.placement = Placement(self.device, low_memory)
+        self.model = prepare(model, home, self.dtype, self.channels_last)
+        self.controlnets = [prepare(c, home, self.dtype, self.channels_last) for c in controlnets]
+        self.placement = Placement(self.device, low_memory, channels_last=self.channels_last)
         if low_memory:
-            for module in (self.model.unet, self.model.vae, self.model.text_encoder, *self.controlnets):
+            denoisers = (self.model.unet, *self.controlnets)
+            for module in (*denoisers, self.model.vae, self.model.text_encoder):
                 set_attention_slicing(module, LOW_MEMORY_ATTENTION_SLICE)
-                self.placement.park(module)
+                if self.device.type == "cpu" and module in denoisers:
+                    self.placement.stream(module)  # every step needs them: block by block
+                else:
+                    self.placement.park(module)
 
     @classmethod
     def from_files(
@@ -90,17 +103,18 @@ class Pipeline:
         base: str | os.PathLike,
         controlnets: Sequence[str | os.PathLike] = (),
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = None,
         prediction: str | None = None,
         low_memory: bool = False,
     ) -> Pipeline:
+        dtype = parse_dtype(dtype, device)
         model = load_base(base, prediction=prediction, dtype=dtype)
         loaded = [load_controlnet(path, model.config, dtype=dtype) for path in controlnets]
         return cls(model, loaded, device, dtype, low_memory)
 
     @classmethod
     def default(
-        cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, low_memory: bool = False
+        cls, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, low_memory: bool = False
     ) -> Pipeline:
         """The model used when no files are named. No trained model ships yet: this is the tiny
         configuration with seeded random weights (images are noise; every code path runs)."""
@@ -108,6 +122,22 @@ class Pipeline:
 
         model, controlnet = random_tiny_models()
         return cls(model, [controlnet], device, dtype, low_memory)
+
+    def compile(self) -> None:
+        """``torch.compile`` the UNet and the ControlNets, for many generations at one size.
+
+        Static shapes (a new image size compiles again) and, on a CPU, inductor's freezing: the
+        weights become constants of the graph, prepacked for oneDNN (without it compiling gains
+        nothing on a CPU). Freezing is a process-wide inductor setting; this turns it on. The first
+        generation at a size takes a minute or two longer; later steps are about 10% faster
+        (docs/benchmarks.md). Compiled graphs keep their own copy of the weights: more memory.
+        """
+        if self.device.type == "cpu":
+            from torch._inductor import config as inductor_config
+
+            inductor_config.freezing = True
+        for module in (self.model.unet, *self.controlnets):
+            module.compile(dynamic=False)
 
     # -- the steps of a generation, each small enough to read -----------------------------------
 
@@ -154,7 +184,7 @@ class Pipeline:
         factor = self.model.vae.downsample_factor
         shape = (1, self.model.config.unet.in_channels, height // factor, width // factor)
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.cat(noise).to(self.device, self.dtype)
+        return torch.cat(noise).to(self.device, SAMPLING_DTYPE)
 
     @torch.no_grad()
     def encode_init(self, image: np.ndarray, seeds: Sequence[int]) -> torch.Tensor:
@@ -163,19 +193,19 @@ class Pipeline:
         posterior = self.model.vae.encode(pixels.to(self.device, self.dtype))
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         latents = torch.cat([posterior.sample(generator=g) for g in generators])
-        return latents * self.model.vae.scale_factor
+        return latents.to(SAMPLING_DTYPE) * self.model.vae.scale_factor
 
     def latent_mask(self, mask: np.ndarray) -> torch.Tensor:
         """[1, 1, h, w] in [0, 1] (1 = repaint): the pixel mask averaged over each latent cell."""
         pixels = torch.from_numpy(mask[:, :, 0].astype(np.float32) / 255.0)[None, None]
         factor = self.model.vae.downsample_factor
         cells = torch.nn.functional.avg_pool2d(pixels, factor)
-        return cells.to(self.device, self.dtype)
+        return cells.to(self.device, SAMPLING_DTYPE)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> images [B, H, W, 3] float32 in [0, 1]."""
-        images = self.model.vae.decode(latents / self.model.vae.scale_factor)
+        images = self.model.vae.decode((latents / self.model.vae.scale_factor).to(self.dtype))
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -231,7 +261,8 @@ class Pipeline:
         plan = make_plan(sampler, self.model.config.schedule, steps, eta=eta)
         if init_latents is not None:
             plan = plan.from_strength(denoising_strength)
-        noise = self.initial_noise(seeds, height, width) if latents is None else latents.to(self.device, self.dtype)
+        noise = self.initial_noise(seeds, height, width) if latents is None else latents
+        noise = noise.to(self.device, SAMPLING_DTYPE)
         with self.placement.use(self.model.unet, *self.controlnets):
             active = [self.activate(unit, cmap) for unit, cmap in zip(controls, control_maps, strict=True)]
             denoiser = GuidedDenoiser(
