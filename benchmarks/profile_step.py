@@ -89,6 +89,14 @@ def main() -> None:
     flops: dict[str, float] = defaultdict(float)
     for op, count in counter.get_flop_counts()["Global"].items():
         flops[group_of(str(op))] += count
+    # The fused CPU attention kernel has no FLOP formula: count attention as the math path's
+    # matrix products (what the kernel computes), the difference of the two totals.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    math_counter = FlopCounterMode(display=False)
+    with math_counter, sdpa_kernel(SDPBackend.MATH):
+        step()
+    flops["attention"] += math_counter.get_total_flops() - counter.get_total_flops()
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step()
