@@ -1,0 +1,114 @@
+"""Line charts and image grids as PNGs, with Pillow only (no plotting library to install): the
+training curves, validation grids and the figures of docs/."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+Series = Sequence[tuple[float, float]]
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values covering [low, high]."""
+    if high <= low:
+        high = low + 1.0
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    return [first + i * step for i in range(count + 2) if first + i * step <= high + step * 0.999]
+
+
+def _label(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000 or abs(value) < 0.01:
+        return f"{value:.0e}" if abs(value) < 0.01 else f"{value:,.0f}"
+    return f"{value:g}"
+
+
+def line_chart(
+    path: str | Path,
+    series: Mapping[str, Series],
+    title: str,
+    x_label: str,
+    y_label: str,
+    size: tuple[int, int] = (720, 400),
+    log_y: bool = False,
+    marks: Mapping[str, float] | None = None,
+) -> Path:
+    """Draw each named series of (x, y) points as a line; ``marks``: labelled vertical lines."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 36, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    points = [(x, y) for values in series.values() for x, y in values if math.isfinite(y) and (y > 0 or not log_y)]
+    if not points:
+        points = [(0.0, 0.0), (1.0, 1.0)]
+
+    def ty(y: float) -> float:
+        return math.log10(y) if log_y else y
+
+    xs, ys = [p[0] for p in points], [ty(p[1]) for p in points]
+    x_ticks, y_ticks = _ticks(min(xs), max(xs)), _ticks(min(ys), max(ys))
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x0) / (x1 - x0) * (width - left - right)
+        py = height - bottom - (ty(y) - y0) / (y1 - y0) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=(80, 80, 80))
+    for x in x_ticks:
+        px = to_pixel(x, 10**y0 if log_y else y0)[0]
+        draw.line([px, top, px, height - bottom], fill=(230, 230, 230))
+        draw.text((px - 12, height - bottom + 6), _label(x), fill="black", font=font)
+    for y in y_ticks:
+        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        draw.line([left, py, width - right, py], fill=(230, 230, 230))
+        draw.text((6, py - 6), _label(10**y if log_y else y), fill="black", font=font)
+    for name, x in (marks or {}).items():
+        px = to_pixel(x, 10**y0 if log_y else y0)[0]
+        draw.line([px, top, px, height - bottom], fill=(120, 120, 120), width=1)
+        draw.text((px + 3, top + 3), name, fill=(90, 90, 90), font=font)
+    for i, (name, values) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        line = [to_pixel(x, y) for x, y in values if math.isfinite(y) and (y > 0 or not log_y)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        elif line:
+            draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=colour)
+        draw.rectangle([left + 10, top + 8 + 14 * i, left + 22, top + 16 + 14 * i], fill=colour)
+        draw.text((left + 28, top + 6 + 14 * i), name, fill="black", font=font)
+    draw.text((left, 10), title, fill="black", font=font)
+    draw.text(((width - len(x_label) * 6) / 2, height - 20), x_label, fill="black", font=font)
+    draw.text((6, top - 20), y_label, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, pad: int = 2) -> Image.Image:
+    """Images (uint8 [H, W, 3], all one size) in rows, with an optional label left of each row."""
+    height, width = rows[0][0].shape[:2]
+    label_width = 0 if not labels else 8 + 6 * max(len(label) for label in labels)
+    columns = max(len(row) for row in rows)
+    grid = Image.new(
+        "RGB", (label_width + columns * (width + pad) + pad, len(rows) * (height + pad) + pad), (255, 255, 255)
+    )
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        y = pad + r * (height + pad)
+        if labels:
+            draw.text((4, y + height // 2 - 6), labels[r], fill="black", font=ImageFont.load_default())
+        for c, image in enumerate(row):
+            grid.paste(Image.fromarray(np.asarray(image, np.uint8)), (label_width + pad + c * (width + pad), y))
+    return grid

@@ -1,0 +1,1061 @@
+"""Training: a ControlNet on a frozen base model, and small base models from scratch.
+
+One loop (``train``) serves three tasks, each an ``Objective`` (what trains and its loss):
+
+- ``controlnet``: the paper's setting (section 3.3). The base model is locked; the ControlNet
+  (initialised from the base UNet's encoder, zero convolutions at zero) learns to predict the noise
+  together with the frozen UNet: ``|| eps - eps_theta(z_t, t, c_text, c_hint) ||^2``. Half of the
+  prompts are replaced by the empty string (section 3.3: it makes the ControlNet read the
+  condition itself). With ``unlock_decoder`` (the original's ``sd_locked=False``) the UNet's
+  decoder and output layers train too, at their own learning rate.
+- ``base``: a UNet and its text encoder from scratch, on a trained VAE's latents (the same loss).
+- ``vae``: the autoencoder from scratch: L1 + L2 reconstruction and a small KL term (no
+  adversarial or perceptual loss: the small models this is for do not need them).
+
+The frozen parts cost nothing twice: with ``cache`` (the default) the VAE posterior of every
+training image and the text encoding of every distinct prompt are computed once and kept in
+``<out>/cache``; each step then samples the latents from the cached posterior.
+
+Determinism and resuming: every random draw of a sample (its timestep, noise, prompt drop,
+posterior sample) comes from a generator seeded with (seed, the sample's position in the data
+stream), and the data order from (seed, epoch). A run is therefore a function of its seed whatever
+the number of processes, and resuming needs nothing but the step counter and the saved states.
+Checkpoints are directories written under a temporary name and renamed, so one is either complete
+or absent.
+
+Many processes: launch with ``torchrun --nproc-per-node N -m controlnet train ...`` (or any
+launcher that sets RANK / WORLD_SIZE / MASTER_ADDR); the trainable module is wrapped in
+DistributedDataParallel (gloo on CPUs, nccl on GPUs) and every process takes its slice of each
+global batch. Multi-node training is torchrun's ``--nnodes`` / ``--rdzv-endpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import load_base, load_controlnet, save_diffusers, save_ldm
+from .config import ModelConfig
+from .controlnet import ControlNet
+from .layers import TimestepEmbedSequential
+from .model import StableDiffusion
+from .prompts import encode_prompts
+
+TASKS = ("controlnet", "base", "vae")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+CHECKPOINT_PREFIX = "step-"
+
+
+class TrainingError(ValueError):
+    """A training run cannot start or go on (bad options, data or checkpoint); the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``controlnet train``'s flags map one to one (``--max-steps`` ->
+    ``max_steps``). Saved with every checkpoint."""
+
+    data: str
+    out: str
+    base: str | None = None  # base model file or folder (controlnet task; base task: its VAE)
+    task: str = "controlnet"
+    model_config: str | None = None  # base/vae tasks from scratch: a preset name (see config.PRESETS)
+    controlnet: str | None = None  # controlnet task: start from this ControlNet instead of the base's encoder
+    max_steps: int = 1000
+    batch_size: int = 4  # per process and micro-step
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-5
+    unlock_decoder: bool = False  # the original's sd_locked=False
+    decoder_learning_rate: float | None = None  # default: learning_rate / 10
+    proportion_empty_prompts: float = 0.5
+    only_mid_control: bool = False
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 1e-2
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 0  # 0: only at the end
+    validation_count: int = 4  # validation images (the first samples of the data)
+    validation_steps: int = 20
+    resume: str | None = None  # "latest" or a checkpoint directory
+    seed: int = 0
+    resolution: int | None = None  # default: the model's native resolution
+    cache: bool = True
+    max_bad_fraction: float = 0.05
+    kl_weight: float = 1e-6  # vae task
+    log_every: int = 10
+    device: str = "cpu"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Refuse impossible settings with one clear message each."""
+        if self.task not in TASKS:
+            raise TrainingError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise TrainingError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.mixed_precision == "fp16" and torch.device(self.device).type != "cuda":
+            raise TrainingError("--mixed-precision fp16 needs a GPU (use bf16 on a CPU)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
+        positive = {
+            "--max-steps": self.max_steps,
+            "--batch-size": self.batch_size,
+            "--gradient-accumulation": self.gradient_accumulation,
+            "--checkpoint-every": self.checkpoint_every,
+            "--keep-checkpoints": self.keep_checkpoints,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise TrainingError(f"{name} must be at least 1, got {value}")
+        if not self.learning_rate > 0:
+            raise TrainingError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise TrainingError(f"--proportion-empty-prompts must be in [0, 1], got {self.proportion_empty_prompts}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise TrainingError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.lr_warmup_steps < 0 or self.validate_every < 0:
+            raise TrainingError("--lr-warmup-steps and --validate-every must not be negative")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise TrainingError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.task == "controlnet" and self.base is None:
+            raise TrainingError("the controlnet task needs --base (the frozen base model)")
+        if self.task == "vae" and self.model_config is None:
+            raise TrainingError("the vae task needs --model-config (the preset whose VAE to train)")
+        if self.task == "base" and (self.base is None or self.model_config is None):
+            raise TrainingError("the base task needs --model-config and --base (the trained VAE's file)")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Distributed:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the processes."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+
+def init_distributed(device: str) -> Distributed:
+    """Join the process group a launcher (torchrun) describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(device=torch.device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(local_rank)
+        backend, place = "nccl", torch.device("cuda", local_rank)
+    else:
+        backend, place = "gloo", torch.device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return Distributed(rank=rank, world_size=world_size, device=place)
+
+
+# ---------------------------------------------------------------------------------------------
+# The order of the data and the randomness of each sample
+
+
+class DataStream:
+    """Position ``p`` of the data stream is sample ``order(p // n)[p % n]``: every epoch a fresh
+    permutation seeded by (seed, epoch). Optimizer step ``s`` consumes positions
+    ``[s * G, (s + 1) * G)`` with ``G`` = batch size x processes x accumulation; micro-step ``m`` of
+    process ``r`` takes ``B`` of them. The layout of processes does not change which samples a
+    step sees, nor their random draws (``sample_generator``)."""
+
+    def __init__(self, size: int, seed: int, batch_size: int, world_size: int, accumulation: int) -> None:
+        self.size, self.seed = size, seed
+        self.batch_size, self.world_size, self.accumulation = batch_size, world_size, accumulation
+        self._epoch, self._order = -1, np.arange(0)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.accumulation
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return self._order
+
+    def positions(self, step: int, micro: int, rank: int) -> range:
+        start = step * self.global_batch + (micro * self.world_size + rank) * self.batch_size
+        return range(start, start + self.batch_size)
+
+    def index(self, position: int) -> int:
+        return int(self.order(position // self.size)[position % self.size])
+
+
+def sample_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of every random draw of the sample at ``position``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + position) % (2**63))
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen parts, computed once
+
+
+class FrozenCache:
+    """The VAE posterior (mean, std) of every training image and the text encoding of every distinct
+    prompt (and of the empty prompt), kept in ``folder``. Valid for one dataset, resolution and set
+    of frozen weights: a fingerprint of those names the files, so a change makes a new cache."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = folder
+        self.path = folder / f"frozen-{fingerprint}.pt"
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+        self.prompt_index: dict[str, int] = {}
+        self.text: torch.Tensor | None = None
+
+    def ready(self) -> bool:
+        return self.path.exists()
+
+    @torch.no_grad()
+    def build(
+        self,
+        dataset,
+        vae: nn.Module | None,
+        text_encoder: nn.Module | None,
+        batch_size: int,
+        device: torch.device,
+        report: Callable[[str], None],
+    ) -> None:
+        """Encode every sample (``vae``) and every distinct prompt (``text_encoder``); write atomically."""
+        state: dict[str, object] = {}
+        if vae is not None:
+            means, stds = [], []
+            started = time.perf_counter()
+            for first in range(0, len(dataset), batch_size):
+                items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
+                images = torch.stack([item["image"] for item in items]).to(device)
+                posterior = vae.encode(images)
+                means.append(posterior.mean.float().cpu())
+                stds.append(posterior.std.float().cpu())
+                if time.perf_counter() - started > 10:
+                    report(f"caching latents: {first + len(items)}/{len(dataset)}")
+                    started = time.perf_counter()
+            state["mean"], state["std"] = torch.cat(means), torch.cat(stds)
+        if text_encoder is not None:
+            prompts = sorted({dataset.prompt(i) for i in range(len(dataset))} | {""})
+            encoded = [
+                encode_prompts(text_encoder, prompts[i : i + 64]).float().cpu() for i in range(0, len(prompts), 64)
+            ]
+            state["prompts"], state["text"] = prompts, torch.cat(encoded)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, self.path)
+
+    def load(self) -> None:
+        state = torch.load(self.path, weights_only=True)
+        self.mean, self.std = state.get("mean"), state.get("std")
+        if "prompts" in state:
+            self.prompt_index = {p: i for i, p in enumerate(state["prompts"])}
+            self.text = state["text"]
+
+    def latents(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape[1:], generator=generator)
+        return self.mean[index] + self.std[index] * noise
+
+    def encoding(self, prompt: str) -> torch.Tensor:
+        return self.text[self.prompt_index[prompt]]
+
+
+def dataset_fingerprint(dataset, resolution: int, *weights: nn.Module | None) -> str:
+    """A short hash of what the cache depends on: the samples, the resolution, the frozen weights."""
+    digest = hashlib.sha256(f"{resolution}:{len(dataset)}".encode())
+    digest.update(dataset.fingerprint().encode())
+    for module in weights:
+        if module is None:
+            continue
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            digest.update(str(float(tensor.detach().float().abs().sum())).encode())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# What trains: one objective per task
+
+
+def diffusion_loss(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction: str,
+) -> torch.Tensor:
+    """The latent diffusion loss (Ho et al. 2020, eq. 14, in latent space as Rombach et al. 2022):
+    noise the latents to ``timesteps`` and regress the noise (or v, Salimans & Ho 2022)."""
+    alpha = alphas_cumprod[timesteps].to(latents.dtype)[:, None, None, None]
+    noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+    target = noise if prediction == "eps" else alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    output = denoise(noisy, timesteps)
+    return F.mse_loss(output.float(), target.float())
+
+
+class Objective(nn.Module):
+    """What a task trains: ``trainable`` modules, their ``loss`` on a batch, and what to export."""
+
+    def parameter_groups(self, config: TrainConfig) -> list[dict]:
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def export(self, out: Path) -> list[Path]:
+        raise NotImplementedError
+
+
+class ControlNetObjective(Objective):
+    """The frozen base with its trainable ControlNet (see the module docstring)."""
+
+    def __init__(self, model: StableDiffusion, controlnet: ControlNet, config: TrainConfig) -> None:
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.controlnet = controlnet.requires_grad_(True).train()
+        self.only_mid_control = config.only_mid_control
+        self.unlock_decoder = config.unlock_decoder
+        if config.unlock_decoder:  # sd_locked=False: the decoder half of the UNet learns too
+            for part in (model.unet.output_blocks, model.unet.out):
+                part.requires_grad_(True).train()
+        self.register_buffer("alphas_cumprod", model.config.schedule.alphas_cumprod().float(), persistent=False)
+        self.prediction = model.config.schedule.prediction
+
+    def parameter_groups(self, config: TrainConfig) -> list[dict]:
+        groups = [{"params": list(self.controlnet.parameters()), "lr": config.learning_rate}]
+        if config.unlock_decoder:
+            decoder = [*self.model.unet.output_blocks.parameters(), *self.model.unet.out.parameters()]
+            lr = config.decoder_learning_rate or config.learning_rate / 10
+            groups.append({"params": decoder, "lr": lr})
+        return groups
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        context, hint = batch["context"], batch["hint"]
+
+        def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            residuals = self.controlnet(noisy, self.controlnet.encode_hint(hint), t, context)
+            return self.model.unet(noisy, t, context, control=residuals, only_mid_control=self.only_mid_control)
+
+        return diffusion_loss(
+            denoise, batch["latents"], batch["noise"], batch["timesteps"], self.alphas_cumprod, self.prediction
+        )
+
+    def forward(self, batch: dict) -> torch.Tensor:  # DistributedDataParallel calls forward
+        return self.loss(batch)
+
+    def export(self, out: Path) -> list[Path]:
+        """The ControlNet as a 1.1-style control-only file and as a diffusers ControlNet folder."""
+        controlnet = copy.deepcopy(self.controlnet).float().eval()
+        paths = [save_ldm(out / "controlnet.safetensors", controlnet=controlnet)]
+        paths.append(save_diffusers(out / "controlnet-diffusers", controlnet=controlnet))
+        if self.unlock_decoder:  # the decoder changed: the base model goes with it
+            paths.append(save_ldm(out / "base-unlocked.safetensors", model=self.model))
+        return paths
+
+
+class BaseObjective(Objective):
+    """A UNet and its text encoder from scratch on a frozen VAE's latents."""
+
+    def __init__(self, model: StableDiffusion, config: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        model.vae.requires_grad_(False).eval()
+        model.unet.requires_grad_(True).train()
+        model.text_encoder.requires_grad_(True).train()
+        self.register_buffer("alphas_cumprod", model.config.schedule.alphas_cumprod().float(), persistent=False)
+        self.prediction = model.config.schedule.prediction
+
+    def parameter_groups(self, config: TrainConfig) -> list[dict]:
+        params = [*self.model.unet.parameters(), *self.model.text_encoder.parameters()]
+        return [{"params": params, "lr": config.learning_rate}]
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        context = self.model.text_encoder(batch["tokens"])
+
+        def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model.unet(noisy, t, context)
+
+        return diffusion_loss(
+            denoise, batch["latents"], batch["noise"], batch["timesteps"], self.alphas_cumprod, self.prediction
+        )
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss(batch)
+
+    def export(self, out: Path) -> list[Path]:
+        model = copy.deepcopy(self.model).float().eval()
+        return [save_ldm(out / "base.safetensors", model=model)]
+
+
+class VAEObjective(Objective):
+    """The autoencoder: reconstruction through a posterior sample, plus ``kl_weight`` x KL."""
+
+    def __init__(self, model: StableDiffusion, config: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.vae = model.vae.requires_grad_(True).train()
+        self.kl_weight = config.kl_weight
+
+    def parameter_groups(self, config: TrainConfig) -> list[dict]:
+        return [{"params": list(self.vae.parameters()), "lr": config.learning_rate}]
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        images = batch["image"]
+        posterior = self.vae.encode(images)
+        latents = posterior.mean + posterior.std * batch["posterior_noise"].to(posterior.mean.dtype)
+        reconstruction = self.vae.decode(latents).float()
+        rec = (reconstruction - images).abs().mean() + F.mse_loss(reconstruction, images)
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+        return rec + self.kl_weight * kl
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss(batch)
+
+    def export(self, out: Path) -> list[Path]:
+        model = copy.deepcopy(self.model).float().eval()
+        return [save_ldm(out / "vae.safetensors", model=model)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation helpers
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over ``lr_warmup_steps``, then constant, linear to zero or cosine to zero."""
+    if step < config.lr_warmup_steps:
+        return (step + 1) / config.lr_warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if config.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """An exponential moving average of the trainable parameters (kept in float32)."""
+
+    def __init__(self, parameters: Sequence[nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.parameters = list(parameters)
+        self.shadow = [p.detach().float().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, parameter in zip(self.shadow, self.parameters, strict=True):
+            shadow.lerp_(parameter.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in place of the live ones inside the block (validation, export)."""
+        saved = [p.detach().clone() for p in self.parameters]
+        with torch.no_grad():
+            for shadow, parameter in zip(self.shadow, self.parameters, strict=True):
+                parameter.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for value, parameter in zip(saved, self.parameters, strict=True):
+                    parameter.copy_(value)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = [t.clone() for t in state["shadow"]]
+
+
+def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
+    for layer in module.modules():
+        if isinstance(layer, TimestepEmbedSequential):
+            layer.gradient_checkpointing = enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The complete checkpoints under ``out/checkpoints``, oldest first."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(
+        (p for p in found if (p / "state.pt").exists()), key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX))
+    )
+
+
+def _rng_state() -> dict:
+    """torch's global generators (the samples' draws have their own, see ``sample_generator``;
+    these serve anything else, e.g. dropout)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
+    """``out/checkpoints/step-N``, written under a temporary name and renamed; then all but the
+    last ``keep`` checkpoints are removed."""
+    folder = out / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
+    temporary = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    torch.save(state, temporary / "state.pt")
+    with open(temporary / "state.pt", "rb") as handle:
+        os.fsync(handle.fileno())
+    if final.exists():  # the same step saved again (a resumed run): replace it
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(f".{CHECKPOINT_PREFIX}*.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def resolve_resume(out: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(out)
+        return found[-1] if found else None  # nothing yet: start from scratch
+    path = Path(resume)
+    if not (path / "state.pt").exists():
+        raise TrainingError(
+            f"--resume {resume}: not a checkpoint directory (no state.pt); use 'latest' or a step-N folder"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """One training run: build everything from the config, then ``run()``."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] = print) -> None:
+        config.check()
+        self.config = config
+        self.out = Path(config.out)
+        self.dist = init_distributed(config.device)
+        self.device = self.dist.device
+        self.log = log if self.dist.is_main else (lambda message: None)
+        torch.manual_seed(config.seed)
+        self.model, self.objective = self._build_models()
+        self.resolution = config.resolution or self.model.config.native_resolution
+        self.dataset = self._load_dataset()
+        self.stream = DataStream(
+            len(self.dataset), config.seed, config.batch_size, self.dist.world_size, config.gradient_accumulation
+        )
+        self.objective.to(self.device)
+        if config.gradient_checkpointing:
+            set_gradient_checkpointing(self.objective, True)
+        self.optimizer = torch.optim.AdamW(
+            self.objective.parameter_groups(config), weight_decay=config.weight_decay, betas=(0.9, 0.999)
+        )
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
+        self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+        self.engine: nn.Module = self.objective
+        if self.dist.world_size > 1:
+            self.engine = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.cache = self._prepare_cache()
+        self.step = 0
+        self.metrics_path = self.out / "metrics.csv"
+        self._stop = False
+        self.tensorboard = self._tensorboard()
+
+    def _tensorboard(self):
+        """A TensorBoard writer in ``<out>/tensorboard`` when the tensorboard package is installed
+        (``pip install tensorboard``); the CSV logs and PNG curves are written either way."""
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("tensorboard is not installed: logging to metrics.csv and PNG curves only")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _build_models(self) -> tuple[StableDiffusion, Objective]:
+        config = self.config
+        if config.task == "controlnet":
+            model = load_base(config.base)
+            if config.controlnet:
+                controlnet = load_controlnet(config.controlnet, model.config)
+            else:
+                controlnet = ControlNet.from_unet(model.unet, model.config.controlnet())
+            return model, ControlNetObjective(model.float(), controlnet.float(), config)
+        from .config import preset
+
+        try:
+            model_config: ModelConfig = preset(config.model_config)
+        except (KeyError, ValueError) as error:
+            raise TrainingError(f"--model-config: {error}") from None
+        model = StableDiffusion(model_config)
+        if config.task == "vae":
+            return model, VAEObjective(model, config)
+        trained = load_base(config.base)  # the VAE's file (a model saved by the vae task)
+        if trained.config.vae != model_config.vae:
+            raise TrainingError(f"{config.base}: its VAE is not the one of --model-config {config.model_config}")
+        model.vae.load_state_dict(trained.vae.state_dict())
+        return model, BaseObjective(model, config)
+
+    def _load_dataset(self):
+        from .datasets import DatasetError, load_dataset
+
+        try:
+            return load_dataset(self.config.data, self.resolution, max_bad_fraction=self.config.max_bad_fraction)
+        except DatasetError as error:
+            raise TrainingError(str(error)) from None
+
+    def _prepare_cache(self) -> FrozenCache | None:
+        config = self.config
+        if not config.cache or config.task == "vae":
+            return None
+        vae = self.model.vae
+        text = self.model.text_encoder if config.task == "controlnet" else None
+        fingerprint = dataset_fingerprint(self.dataset, self.resolution, vae, text)
+        cache = FrozenCache(self.out / "cache", fingerprint)
+        if self.dist.is_main and not cache.ready():
+            self.log(f"caching the frozen parts' outputs for {len(self.dataset)} samples in {cache.path}")
+            vae.eval()
+            cache.build(self.dataset, vae, text, 16, self.device, self.log)
+        self.dist.barrier()
+        cache.load()
+        return cache
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def batch(self, positions: range) -> dict:
+        """The samples at ``positions`` of the data stream, with their random draws."""
+        config, model = self.config, self.model
+        items, generators = [], []
+        for position in positions:
+            items.append(self.dataset[self.stream.index(position)])
+            generators.append(sample_generator(config.seed, position))
+        factor = model.vae.downsample_factor
+        latent_shape = (model.config.unet.in_channels, self.resolution // factor, self.resolution // factor)
+        batch: dict = {}
+        if config.task == "vae":
+            batch["image"] = torch.stack([item["image"] for item in items])
+            batch["posterior_noise"] = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+            return self._to_device(batch)
+        timesteps, noises, latents, prompts = [], [], [], []
+        for item, generator in zip(items, generators, strict=True):
+            timesteps.append(int(torch.randint(0, model.config.schedule.num_timesteps, (1,), generator=generator)))
+            noises.append(torch.randn(latent_shape, generator=generator))
+            drop = torch.rand((), generator=generator).item() < config.proportion_empty_prompts
+            prompts.append("" if drop else item["prompt"])
+            if self.cache is not None:
+                latents.append(self.cache.latents(item["index"], generator))
+        batch["timesteps"] = torch.tensor(timesteps)
+        batch["noise"] = torch.stack(noises)
+        batch["prompts"] = prompts
+        if self.cache is None:
+            with torch.no_grad():
+                images = torch.stack([item["image"] for item in items]).to(self.device)
+                posterior = model.vae.encode(images)
+                noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
+                batch["latents"] = (posterior.mean + posterior.std * noise).float()
+        else:
+            batch["latents"] = torch.stack(latents)
+        batch["latents"] = batch["latents"] * model.vae.scale_factor
+        if config.task == "controlnet":
+            batch["hint"] = torch.stack([item["hint"] for item in items])
+            if self.cache is not None:
+                batch["context"] = torch.stack([self.cache.encoding(p) for p in prompts])
+            else:
+                with torch.no_grad():
+                    batch["context"] = encode_prompts(model.text_encoder, prompts).float()
+        else:
+            batch["tokens"] = model.text_encoder.tokenize(prompts)
+        return self._to_device(batch)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.config.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- one optimizer step --------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """Accumulate the gradients of this step's micro-batches, clip, update; the mean loss."""
+        config = self.config
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * lr_multiplier(self.step, config)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(config.gradient_accumulation):
+            batch = self.batch(self.stream.positions(self.step, micro, self.dist.rank))
+            last = micro == config.gradient_accumulation - 1
+            sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.engine.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = self.engine(batch) / config.gradient_accumulation
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        return self.dist.mean(total)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        trainable = {name: p.detach().cpu() for name, p in self.objective.named_parameters() if p.requires_grad}
+        return {
+            "step": self.step,
+            "config": dataclasses.asdict(self.config),
+            "trainable": trainable,
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": _rng_state(),
+        }
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / "state.pt", weights_only=True)
+        missing = set(name for name, p in self.objective.named_parameters() if p.requires_grad) - set(
+            state["trainable"]
+        )
+        if missing:
+            raise TrainingError(
+                f"{folder}: the checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
+            )
+        with torch.no_grad():
+            parameters = dict(self.objective.named_parameters())
+            for name, value in state["trainable"].items():
+                parameters[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.out, self.step, self.state(), self.config.keep_checkpoints)
+            self.log(f"checkpoint: {path}")
+        self.dist.barrier()
+        return path
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _record(self, row: dict) -> None:
+        if not self.dist.is_main:
+            return
+        new = not self.metrics_path.exists()
+        with open(self.metrics_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop = True
+        self.log("stopping: the checkpoint is written after this step (press Ctrl-C again to abort)")
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def validation_samples(self) -> list[dict]:
+        """The first ``validation_count`` samples of the data: fixed prompts and control images."""
+        count = min(self.config.validation_count, len(self.dataset))
+        return [self.dataset[i] for i in range(count)]
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Generate from the validation samples with fixed seeds; write a grid, log the scores and
+        redraw the curves. Runs on the main process only (the others wait)."""
+        scores: dict[str, float] = {}
+        if self.dist.is_main:
+            with self.ema.applied() if self.ema else contextlib.nullcontext():
+                scores, grid = self._validation_images()
+            folder = self.out / "validation"
+            folder.mkdir(parents=True, exist_ok=True)
+            grid.save(folder / f"step-{self.step:08d}.png")
+            if self.tensorboard is not None:
+                for name, value in scores.items():
+                    self.tensorboard.add_scalar(f"validation/{name}", value, self.step)
+                self.tensorboard.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+            self._record_validation({"step": self.step, **{k: f"{v:.4f}" for k, v in scores.items()}})
+            self.draw_curves()
+            self.log(f"validation at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        self.objective.train()
+        self.model.vae.eval()
+        self.dist.barrier()
+        return scores
+
+    def _validation_images(self):
+        from .charts import image_grid
+        from .evaluation import edge_f1
+        from .pipeline import ControlUnit, Pipeline
+
+        samples = self.validation_samples()
+        hints = [(item["hint"].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy() for item in samples]
+        targets = [((item["image"].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy() for item in samples]
+        task = self.config.task
+        if task == "vae":
+            images = torch.stack([item["image"] for item in samples]).to(self.device)
+            decoded = self.model.vae(images).float()
+            rebuilt = [((x.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy() for x in decoded]
+            error = float(
+                np.mean([np.abs(a.astype(float) - b).mean() / 255 for a, b in zip(rebuilt, targets, strict=True)])
+            )
+            return {"reconstruction_l1": error}, image_grid([targets, rebuilt], ["data", "VAE"])
+        controlnets = [copy.deepcopy(self.objective.controlnet)] if task == "controlnet" else []
+        pipe = Pipeline(self.model, controlnets, device=self.device, dtype=torch.float32, channels_last=False)
+        rows, labels, f1s, f1s_empty = [hints, targets], ["control", "data"], [], []
+        prompts = [item["prompt"] for item in samples]
+        for label, use_prompt in (("prompt", True), ("no prompt", False)):
+            row = []
+            for i, (hint, prompt) in enumerate(zip(hints, prompts, strict=True)):
+                units = [ControlUnit(hint)] if controlnets else []
+                text = prompt if use_prompt else ""
+                result = pipe.generate(
+                    text,
+                    units,
+                    seed=i,
+                    steps=self.config.validation_steps,
+                    guidance_scale=7.5 if use_prompt else 1.0,
+                    resolution=self.resolution,
+                )
+                row.append(result.images[0])
+                if controlnets:
+                    (f1s if use_prompt else f1s_empty).append(edge_f1(result.images[0], hint).f1)
+            rows.append(row)
+            labels.append(label)
+            if not controlnets:
+                break  # a base model without a prompt says little
+        scores = {"edge_f1": float(np.mean(f1s)), "edge_f1_no_prompt": float(np.mean(f1s_empty))} if f1s else {}
+        if not controlnets:  # how far the base's images are from their data image (colours mostly)
+            scores["pixel_l1"] = float(
+                np.mean([np.abs(a.astype(float) - b).mean() / 255 for a, b in zip(rows[2], targets, strict=True)])
+            )
+        return scores, image_grid(rows, labels)
+
+    def _record_validation(self, row: dict) -> None:
+        path = self.out / "validation.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def draw_curves(self) -> None:
+        """loss.png (training loss) and validation.png (the validation scores) from the CSV logs."""
+        from .charts import line_chart
+
+        losses = _read_csv(self.metrics_path)
+        if losses:
+            points = [(float(r["step"]), float(r["loss"])) for r in losses]
+            line_chart(self.out / "loss.png", {"training loss": points}, "training loss", "step", "loss", log_y=True)
+        scores = _read_csv(self.out / "validation.csv")
+        if scores:
+            names = [k for k in scores[0] if k != "step"]
+            series = {name: [(float(r["step"]), float(r[name])) for r in scores if r.get(name)] for name in names}
+            line_chart(self.out / "validation.png", series, "validation", "step", "score")
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> list[Path]:
+        """Train to ``max_steps`` (resuming if asked), checkpointing and validating on the way; export."""
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        resume = resolve_resume(self.out, config.resume)
+        if resume is not None:
+            self.load_state(resume)
+            self.log(f"resumed from {resume} at step {self.step}")
+            if self.dist.is_main:  # the steps after the checkpoint are trained again: log them once
+                for path in (self.metrics_path, self.out / "validation.csv"):
+                    _truncate_csv(path, self.step)
+        elif self.dist.is_main:
+            (self.out / "config.json").write_text(config.to_json() + "\n")
+            self.metrics_path.unlink(missing_ok=True)
+        previous = signal.signal(signal.SIGINT, self._request_stop) if self._main_thread() else None
+        try:
+            self._loop()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if self._stop:
+            self.save()
+            self.log(f"stopped at step {self.step}; continue with --resume latest")
+            return []
+        if self.step % config.checkpoint_every:
+            self.save()
+        if not config.validate_every or self.step % config.validate_every:
+            self.validate()
+        paths = []
+        if self.dist.is_main:
+            with self.ema.applied() if self.ema else contextlib.nullcontext():
+                paths = self.objective.export(self.out)
+            for path in paths:
+                self.log(f"exported: {path}")
+        self.dist.barrier()
+        return paths
+
+    @staticmethod
+    def _main_thread() -> bool:
+        import threading
+
+        return threading.current_thread() is threading.main_thread()
+
+    def _loop(self) -> None:
+        config = self.config
+        started, first_step = time.perf_counter(), self.step
+        window: list[float] = []
+        while self.step < config.max_steps and not self._stop:
+            loss = self.train_step()
+            window.append(loss)
+            done = self.step - first_step
+            elapsed = time.perf_counter() - started
+            rate = done / elapsed if elapsed > 0 else 0.0
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                mean = sum(window) / len(window)
+                window.clear()
+                lr = self.optimizer.param_groups[0]["lr"]
+                samples = rate * self.stream.global_batch
+                self._record(
+                    {"step": self.step, "loss": f"{mean:.6f}", "lr": f"{lr:.3e}", "samples_per_s": f"{samples:.2f}"}
+                )
+                if self.tensorboard is not None:
+                    self.tensorboard.add_scalar("train/loss", mean, self.step)
+                    self.tensorboard.add_scalar("train/lr", lr, self.step)
+                if config.progress:
+                    eta = (config.max_steps - self.step) / rate if rate > 0 else float("nan")
+                    self.log(
+                        f"step {self.step}/{config.max_steps}  loss {mean:.4f}  lr {lr:.2e}  "
+                        f"{rate:.2f} steps/s ({samples:.1f} samples/s)  ETA {_duration(eta)}"
+                    )
+            if config.validate_every and self.step % config.validate_every == 0:
+                self.validate()
+            if self.step % config.checkpoint_every == 0:
+                self.save()
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    rows = _read_csv(path)
+    if not rows:
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= last_step)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> list[Path]:
+    """Run a training from a config (the function behind ``controlnet train``)."""
+    trainer = Trainer(config, log)
+    return trainer.run()
+
+
+def add_control(base: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A new ControlNet for ``base`` (the original ``tool_add_control``): the encoder copied from the
+    base UNet, the hint encoder freshly initialised, the zero convolutions at zero; written as a
+    1.1-style control-only ``.safetensors``."""
+    model = load_base(base)
+    controlnet = ControlNet.from_unet(model.unet, model.config.controlnet())
+    return save_ldm(out, controlnet=controlnet)
