@@ -63,7 +63,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(setup, tmp_path):
         trainer.train_step()
     with torch.no_grad():
         after = trainer.objective.loss(probe).item()
-    assert after < 0.9 * before
+    assert after < 0.8 * before, (before, after)
 
 
 def test_the_prompt_drop_rate_is_what_was_asked(setup, tmp_path):
@@ -278,3 +278,26 @@ def test_train_and_add_control_commands_report_mistakes_in_one_line(setup, tmp_p
     controlnet = load_controlnet(out, model.config)
     assert all(not p.any() for p in controlnet.zero_convs.parameters())
     assert main(["add-control", str(base), str(out)]) == 2  # nothing overwritten without --overwrite
+
+
+@pytest.mark.parametrize("task", ["vae", "base"])
+def test_small_base_models_train_from_scratch(setup, tmp_path, task):
+    """The same command trains the VAE, then the UNet with its text encoder, of a preset."""
+    base, data = setup  # for the base task: the file whose VAE is used (a trained one in practice)
+    settings = dict(task=task, model_config="tiny", learning_rate=5e-3, max_steps=40, batch_size=4)
+    trainer = Trainer(config(setup, tmp_path, **settings), log=lambda m: None)
+    probe = trainer.batch(range(1000, 1008))
+    with torch.no_grad():
+        before = trainer.objective.loss(probe).item()
+    for _ in range(40):
+        trainer.train_step()
+    with torch.no_grad():
+        after = trainer.objective.loss(probe).item()
+    assert after < 0.75 * before, (before, after)
+    (path,) = trainer.objective.export(tmp_path)
+    from controlnet.checkpoints import load_base
+
+    model = load_base(path)
+    assert model.config.unet == trainer.model.config.unet
+    if task == "base":  # the VAE came from --base, untouched
+        assert torch.equal(model.vae.encoder.conv_in.weight, load_base(base).vae.encoder.conv_in.weight)
