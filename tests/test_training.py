@@ -283,7 +283,7 @@ def test_train_and_add_control_commands_report_mistakes_in_one_line(setup, tmp_p
 @pytest.mark.parametrize("task", ["vae", "base"])
 def test_small_base_models_train_from_scratch(setup, tmp_path, task):
     """The same command trains the VAE, then the UNet with its text encoder, of a preset."""
-    base, data = setup  # for the base task: the file whose VAE is used (a trained one in practice)
+    base = setup[0]  # for the base task: the file whose VAE is used (a trained one in practice)
     settings = dict(task=task, model_config="tiny", learning_rate=5e-3, max_steps=40, batch_size=4)
     trainer = Trainer(config(setup, tmp_path, **settings), log=lambda m: None)
     probe = trainer.batch(range(1000, 1008))
