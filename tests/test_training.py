@@ -238,13 +238,16 @@ def test_a_run_killed_at_any_moment_resumes_and_matches(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
-    """torchrun with 2 CPU processes (gloo), batch 2 each, against 1 process with batch 4."""
-    args = ["--max-steps", "3", "--checkpoint-every", "100"]
+@pytest.mark.parametrize("strategy, port", [("ddp", 29533), ("fsdp", 29534)])
+def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path, strategy, port):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, against 1 process with batch 4: DDP
+    (replicas) and FSDP (the ControlNet sharded); checkpoints and EMA gathered from the shards."""
+    args = ["--max-steps", "3", "--checkpoint-every", "2", "--ema-decay", "0.5"]
     one = _cli(*_train_args(setup, tmp_path / "one", *args, "--batch-size", "4"), stdout=subprocess.DEVNULL)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    two_args = _train_args(setup, tmp_path / "two", *args, "--batch-size", "2", "--strategy", strategy)
     two = subprocess.Popen(
-        [*torchrun, "-m", "controlnet", *_train_args(setup, tmp_path / "two", *args, "--batch-size", "2")],
+        [*torchrun, "-m", "controlnet", *two_args],
         stdout=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -259,6 +262,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
     # movement, as between batch 4 and batch 2 x accumulation 2 in one process. Different samples
     # or draws per step would differ by about the movement itself.
     assert moved > 1e-5 and differ < 5e-3 * moved
+    # Resuming the 2-process run from its step-2 checkpoint (gathered, then scattered back to the
+    # shards) gives its step-3 weights again.
+    first = b
+    resume = ["--resume", str(tmp_path / "two" / "checkpoints" / "step-00000002")]
+    again = subprocess.Popen([*torchrun, "-m", "controlnet", *two_args, *resume], stdout=subprocess.DEVNULL)
+    assert again.wait() == 0
+    b = load_controlnet(tmp_path / "two" / "controlnet.safetensors", model.config).state_dict()
+    assert max((first[k] - b[k]).abs().max().item() for k in a) < 1e-6 * moved
 
 
 def test_train_and_add_control_commands_report_mistakes_in_one_line(setup, tmp_path, capsys):

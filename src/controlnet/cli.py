@@ -851,6 +851,12 @@ def _add_train(commands) -> None:
     t.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop if more samples are unreadable")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--device", default="cpu", help="cpu or cuda (torchrun: each process its local GPU)")
+    t.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=("ddp", "fsdp"),
+        help="several processes: replicate or shard the ControlNet",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -889,6 +895,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_bad_fraction=args.max_bad_fraction,
         log_every=args.log_every,
         device=args.device,
+        strategy=args.strategy,
     )
     for name in ("data", "base", "controlnet"):
         value = getattr(args, name)

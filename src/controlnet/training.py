@@ -61,6 +61,7 @@ from .prompts import encode_prompts
 TASKS = ("controlnet", "base", "vae")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -107,6 +108,7 @@ class TrainConfig:
     kl_weight: float = 1e-6  # vae task
     log_every: int = 10
     device: str = "cpu"
+    strategy: str = "ddp"  # several processes: ddp (replicas) or fsdp (sharded; controlnet task)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -140,6 +142,12 @@ class TrainConfig:
             raise TrainingError("--lr-warmup-steps and --validate-every must not be negative")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise TrainingError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.strategy not in STRATEGIES:
+            raise TrainingError(f"--strategy must be one of {', '.join(STRATEGIES)}")
+        if self.strategy == "fsdp" and self.task != "controlnet":
+            raise TrainingError("--strategy fsdp shards the ControlNet: it is for the controlnet task")
+        if self.strategy == "fsdp" and self.unlock_decoder:
+            raise TrainingError("--strategy fsdp does not shard an unlocked decoder yet; use ddp with --unlock-decoder")
         if self.task == "controlnet" and self.base is None:
             raise TrainingError("the controlnet task needs --base (the frozen base model)")
         if self.task == "vae" and self.model_config is None:
@@ -351,7 +359,9 @@ class Objective(nn.Module):
     def loss(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def export(self, out: Path) -> list[Path]:
+    def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
+        """Write the trained model(s) to ``out``; ``trainable``: every trainable tensor, whole
+        (gathered from the processes' shards under FSDP), by parameter name."""
         raise NotImplementedError
 
 
@@ -392,13 +402,25 @@ class ControlNetObjective(Objective):
     def forward(self, batch: dict) -> torch.Tensor:  # DistributedDataParallel calls forward
         return self.loss(batch)
 
-    def export(self, out: Path) -> list[Path]:
+    def plain_controlnet(self, trainable: dict[str, torch.Tensor]) -> ControlNet:
+        """A stand-alone float32 ControlNet holding the trained weights (not sharded, not wrapped)."""
+        controlnet = ControlNet(self.controlnet.config)
+        prefix = "controlnet."
+        controlnet.load_state_dict({k.removeprefix(prefix): v for k, v in trainable.items() if k.startswith(prefix)})
+        return controlnet.float().eval()
+
+    def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
         """The ControlNet as a 1.1-style control-only file and as a diffusers ControlNet folder."""
-        controlnet = copy.deepcopy(self.controlnet).float().eval()
+        controlnet = self.plain_controlnet(trainable)
         paths = [save_ldm(out / "controlnet.safetensors", controlnet=controlnet)]
         paths.append(save_diffusers(out / "controlnet-diffusers", controlnet=controlnet))
         if self.unlock_decoder:  # the decoder changed: the base model goes with it
-            paths.append(save_ldm(out / "base-unlocked.safetensors", model=self.model))
+            model = StableDiffusion(self.model.config, empty=True)
+            unet = {k: v for k, v in self.model.unet.state_dict().items() if not _is_sharded(v)}
+            unet.update({k.removeprefix("model.unet."): v for k, v in trainable.items() if k.startswith("model.unet.")})
+            model.unet.load_state_dict(unet, assign=True)
+            model.vae, model.text_encoder = self.model.vae, self.model.text_encoder
+            paths.append(save_ldm(out / "base-unlocked.safetensors", model=model))
         return paths
 
 
@@ -431,8 +453,8 @@ class BaseObjective(Objective):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.loss(batch)
 
-    def export(self, out: Path) -> list[Path]:
-        model = copy.deepcopy(self.model).float().eval()
+    def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
+        model = copy.deepcopy(self.model).float().eval()  # never sharded: the whole model is here
         return [save_ldm(out / "base.safetensors", model=model)]
 
 
@@ -460,7 +482,7 @@ class VAEObjective(Objective):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.loss(batch)
 
-    def export(self, out: Path) -> list[Path]:
+    def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
         model = copy.deepcopy(self.model).float().eval()
         return [save_ldm(out / "vae.safetensors", model=model)]
 
@@ -514,6 +536,45 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.shadow = [t.clone() for t in state["shadow"]]
+
+
+def shard_controlnet_objective(objective: ControlNetObjective) -> None:
+    """FSDP (PyTorch's ``fully_shard``): each large block of the ControlNet is its own shard group,
+    gathered for its forward and backward only; the objective is
+    the root (so the hint encoder, called before the ControlNet's forward, is gathered too). The
+    frozen base is not sharded: every process keeps it whole, as with DDP."""
+    from torch.distributed.fsdp import fully_shard
+
+    controlnet = objective.controlnet
+    for block in (*controlnet.input_blocks, controlnet.middle_block, controlnet.input_hint_block):
+        fully_shard(block)
+    fully_shard(controlnet)
+    frozen = {p for p in objective.parameters() if not p.requires_grad}
+    fully_shard(objective, ignored_params=frozen)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor on the CPU, gathered from the processes' shards if it is sharded (a collective:
+    every process must call it, in the same order)."""
+    if _is_sharded(tensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu()
+
+
+def _like(whole: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out as ``parameter`` is (this process's shard of it, under FSDP)."""
+    whole = whole.to(parameter.device, parameter.dtype)
+    if _is_sharded(parameter):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole, parameter.device_mesh, parameter.placements)
+    return whole
 
 
 def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
@@ -611,6 +672,9 @@ class Trainer:
         self.objective.to(self.device)
         if config.gradient_checkpointing:
             set_gradient_checkpointing(self.objective, True)
+        self.fsdp = self.dist.world_size > 1 and config.strategy == "fsdp"
+        if self.fsdp:
+            shard_controlnet_objective(self.objective)
         self.optimizer = torch.optim.AdamW(
             self.objective.parameter_groups(config), weight_decay=config.weight_decay, betas=(0.9, 0.999)
         )
@@ -619,7 +683,7 @@ class Trainer:
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         self.engine: nn.Module = self.objective
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not self.fsdp:
             self.engine = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -759,7 +823,11 @@ class Trainer:
         for micro in range(config.gradient_accumulation):
             batch = self.batch(self.stream.positions(self.step, micro, self.dist.rank))
             last = micro == config.gradient_accumulation - 1
-            sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.engine.no_sync()
+            sync = contextlib.nullcontext()
+            if self.fsdp:  # reduce-scatter the gradients on the last micro-step only
+                self.objective.set_requires_gradient_sync(last)
+            elif not last and self.dist.world_size > 1:
+                sync = self.engine.no_sync()
             with sync:
                 with self._autocast():
                     loss = self.engine(batch) / config.gradient_accumulation
@@ -784,43 +852,64 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, whole, on the CPU (a collective under FSDP: all processes call it)."""
+        return {name: _whole(p) for name, p in self.objective.named_parameters() if p.requires_grad}
+
     def state(self) -> dict:
-        trainable = {name: p.detach().cpu() for name, p in self.objective.named_parameters() if p.requires_grad}
+        """Everything a resumed run needs (a collective under FSDP; whole on the first process)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optimizer = get_optimizer_state_dict(self.objective, self.optimizer, options=options)
+        else:
+            optimizer = self.optimizer.state_dict()
+        ema = None
+        if self.ema is not None:
+            ema = {"decay": self.ema.decay, "shadow": [_whole(t) for t in self.ema.shadow]}
         return {
             "step": self.step,
             "config": dataclasses.asdict(self.config),
-            "trainable": trainable,
-            "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "trainable": self.trainable_state(),
+            "optimizer": optimizer,
+            "ema": ema,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": _rng_state(),
         }
 
     def load_state(self, folder: Path) -> None:
         state = torch.load(folder / "state.pt", weights_only=True)
-        missing = set(name for name, p in self.objective.named_parameters() if p.requires_grad) - set(
-            state["trainable"]
-        )
+        parameters = {name: p for name, p in self.objective.named_parameters() if p.requires_grad}
+        missing = set(parameters) - set(state["trainable"])
         if missing:
             raise TrainingError(
                 f"{folder}: the checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
             )
         with torch.no_grad():
-            parameters = dict(self.objective.named_parameters())
-            for name, value in state["trainable"].items():
-                parameters[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+            for name, parameter in parameters.items():
+                parameter.copy_(_like(state["trainable"][name], parameter))
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.objective, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+            self.ema.shadow = [
+                _like(t, p).float() for t, p in zip(state["ema"]["shadow"], self.ema.parameters, strict=True)
+            ]
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
 
     def save(self) -> Path | None:
+        state = self.state()  # every process takes part in gathering it
         path = None
         if self.dist.is_main:
-            path = save_checkpoint(self.out, self.step, self.state(), self.config.keep_checkpoints)
+            path = save_checkpoint(self.out, self.step, state, self.config.keep_checkpoints)
             self.log(f"checkpoint: {path}")
         self.dist.barrier()
         return path
@@ -855,9 +944,10 @@ class Trainer:
         """Generate from the validation samples with fixed seeds; write a grid, log the scores and
         redraw the curves. Runs on the main process only (the others wait)."""
         scores: dict[str, float] = {}
+        with self.ema.applied() if self.ema else contextlib.nullcontext():
+            trainable = self.trainable_state()  # every process takes part in gathering it
         if self.dist.is_main:
-            with self.ema.applied() if self.ema else contextlib.nullcontext():
-                scores, grid = self._validation_images()
+            scores, grid = self._validation_images(trainable)
             folder = self.out / "validation"
             folder.mkdir(parents=True, exist_ok=True)
             grid.save(folder / f"step-{self.step:08d}.png")
@@ -873,7 +963,7 @@ class Trainer:
         self.dist.barrier()
         return scores
 
-    def _validation_images(self):
+    def _validation_images(self, trainable: dict[str, torch.Tensor]):
         from .charts import image_grid
         from .evaluation import edge_f1
         from .pipeline import ControlUnit, Pipeline
@@ -890,7 +980,7 @@ class Trainer:
                 np.mean([np.abs(a.astype(float) - b).mean() / 255 for a, b in zip(rebuilt, targets, strict=True)])
             )
             return {"reconstruction_l1": error}, image_grid([targets, rebuilt], ["data", "VAE"])
-        controlnets = [copy.deepcopy(self.objective.controlnet)] if task == "controlnet" else []
+        controlnets = [self.objective.plain_controlnet(trainable)] if task == "controlnet" else []
         pipe = Pipeline(self.model, controlnets, device=self.device, dtype=torch.float32, channels_last=False)
         rows, labels, f1s, f1s_empty = [hints, targets], ["control", "data"], [], []
         prompts = [item["prompt"] for item in samples]
@@ -975,9 +1065,10 @@ class Trainer:
         if not config.validate_every or self.step % config.validate_every:
             self.validate()
         paths = []
+        with self.ema.applied() if self.ema else contextlib.nullcontext():
+            trainable = self.trainable_state()
         if self.dist.is_main:
-            with self.ema.applied() if self.ema else contextlib.nullcontext():
-                paths = self.objective.export(self.out)
+            paths = self.objective.export(self.out, trainable)
             for path in paths:
                 self.log(f"exported: {path}")
         self.dist.barrier()
