@@ -312,3 +312,18 @@ def test_small_base_models_train_from_scratch(setup, tmp_path, task):
     assert model.config.unet == trainer.model.config.unet
     if task == "base":  # the VAE came from --base, untouched
         assert torch.equal(model.vae.encoder.conv_in.weight, load_base(base).vae.encoder.conv_in.weight)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup, tmp_path):
+    args = ["--max-steps", "100000", "--batch-size", "1", "--checkpoint-every", "1000", "--log-every", "1"]
+    run = _cli(*_train_args(setup, tmp_path, *args), stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.csv").exists():  # training has started
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 0
+    (saved,) = checkpoint_dirs(tmp_path)
+    step = int(saved.name.removeprefix("step-"))
+    assert step >= 1 and f"stopped at step {step}; continue with --resume latest" in output
