@@ -305,7 +305,7 @@ def test_small_base_models_train_from_scratch(setup, tmp_path, task):
     with torch.no_grad():
         after = trainer.objective.loss(probe).item()
     assert after < 0.75 * before, (before, after)
-    (path,) = trainer.objective.export(tmp_path)
+    (path,) = trainer.objective.export(tmp_path, trainer.trainable_state())
     from controlnet.checkpoints import load_base
 
     model = load_base(path)
@@ -327,3 +327,20 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup, tmp_path):
     (saved,) = checkpoint_dirs(tmp_path)
     step = int(saved.name.removeprefix("step-"))
     assert step >= 1 and f"stopped at step {step}; continue with --resume latest" in output
+
+
+def test_the_vae_task_calibrates_the_latent_scale_and_the_base_task_takes_it(setup, tmp_path):
+    from controlnet.checkpoints import load_base
+
+    vae_run = config(setup, tmp_path / "vae", task="vae", model_config="tiny", max_steps=2, learning_rate=1e-3)
+    Trainer(vae_run, log=lambda m: None).run()
+    vae = load_base(tmp_path / "vae" / "vae.safetensors")
+    images = torch.stack([Trainer(vae_run, log=lambda m: None).dataset[i]["image"] for i in range(16)])
+    with torch.no_grad():
+        std = vae.vae.encode(images).mean.std().item()
+    assert vae.config.vae.scale_factor == pytest.approx(1 / std, rel=0.05)  # unit-variance latents
+    base_run = config(
+        setup, tmp_path / "base", task="base", model_config="tiny", base=str(tmp_path / "vae" / "vae.safetensors")
+    )
+    trainer = Trainer(base_run, log=lambda m: None)
+    assert trainer.model.vae.scale_factor == vae.config.vae.scale_factor

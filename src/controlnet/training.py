@@ -482,6 +482,20 @@ class VAEObjective(Objective):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.loss(batch)
 
+    @torch.no_grad()
+    def calibrate(self, images: Sequence[torch.Tensor]) -> float:
+        """Set the VAE's ``scale_factor`` to 1 / (standard deviation of its latents over ``images``),
+        so that the diffusion model sees unit-variance latents (SD's 0.18215 was found the same
+        way for its VAE, Rombach et al. 2022, appendix G). Returns the factor."""
+        self.vae.eval()
+        latents = torch.cat([self.vae.encode(batch).mean.float() for batch in images])
+        factor = float(f"{1.0 / latents.std().item():.5g}")
+        vae_config = dataclasses.replace(self.model.config.vae, scale_factor=factor)
+        self.model.config = self.model.config.replace(vae=vae_config)
+        self.vae.config = vae_config
+        self.vae.train()
+        return factor
+
     def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
         model = copy.deepcopy(self.model).float().eval()
         return [save_ldm(out / "vae.safetensors", model=model)]
@@ -722,12 +736,16 @@ class Trainer:
             model_config: ModelConfig = preset(config.model_config)
         except (KeyError, ValueError) as error:
             raise TrainingError(f"--model-config: {error}") from None
-        model = StableDiffusion(model_config)
         if config.task == "vae":
+            model = StableDiffusion(model_config)
             return model, VAEObjective(model, config)
         trained = load_base(config.base)  # the VAE's file (a model saved by the vae task)
-        if trained.config.vae != model_config.vae:
+        scale = trained.config.vae.scale_factor  # calibrated by the vae task
+        if dataclasses.replace(trained.config.vae, scale_factor=scale) != dataclasses.replace(
+            model_config.vae, scale_factor=scale
+        ):
             raise TrainingError(f"{config.base}: its VAE is not the one of --model-config {config.model_config}")
+        model = StableDiffusion(model_config.replace(vae=trained.config.vae))
         model.vae.load_state_dict(trained.vae.state_dict())
         return model, BaseObjective(model, config)
 
@@ -1067,6 +1085,14 @@ class Trainer:
         paths = []
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             trainable = self.trainable_state()
+            if self.dist.is_main and isinstance(self.objective, VAEObjective):
+                count = min(len(self.dataset), 256)
+                images = [
+                    torch.stack([self.dataset[i]["image"] for i in range(j, min(j + 16, count))]).to(self.device)
+                    for j in range(0, count, 16)
+                ]
+                factor = self.objective.calibrate(images)
+                self.log(f"VAE latent scale factor: {factor} (1 / std of the latents of {count} images)")
         if self.dist.is_main:
             paths = self.objective.export(self.out, trainable)
             for path in paths:
