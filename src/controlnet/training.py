@@ -179,6 +179,14 @@ class Distributed:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (so that all of them stop at the same step)."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([int(flag)])
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
+
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the processes."""
         if self.world_size == 1:
@@ -1110,7 +1118,11 @@ class Trainer:
         config = self.config
         started, first_step = time.perf_counter(), self.step
         window: list[float] = []
-        while self.step < config.max_steps and not self._stop:
+        while self.step < config.max_steps:
+            # A Ctrl-C reaches the processes at different moments: they agree before each step.
+            self._stop = self.dist.any(self._stop)
+            if self._stop:
+                break
             loss = self.train_step()
             window.append(loss)
             done = self.step - first_step
