@@ -344,3 +344,16 @@ def test_the_vae_task_calibrates_the_latent_scale_and_the_base_task_takes_it(set
     )
     trainer = Trainer(base_run, log=lambda m: None)
     assert trainer.model.vae.scale_factor == vae.config.vae.scale_factor
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bf16_keeps_the_frozen_base_in_bf16_through_steps_and_validation(setup, tmp_path, cache):
+    trainer = Trainer(
+        config(setup, tmp_path, mixed_precision="bf16", cache=cache, max_steps=2, validate_every=1),
+        log=lambda m: None,
+    )
+    trainer.run()
+    model = trainer.model
+    assert {p.dtype for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.objective.controlnet.parameters()} == {torch.float32}  # master weights
+    assert trainer.step == 2 and (tmp_path / "validation" / "step-00000002.png").exists()

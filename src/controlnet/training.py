@@ -582,11 +582,12 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor on the CPU, gathered from the processes' shards if it is sharded (a collective:
-    every process must call it, in the same order)."""
+    """A copy on the CPU, gathered from the processes' shards if it is sharded (a collective: every
+    process must call it, in the same order). A copy, never a view: the EMA swaps its weights in
+    and out of the same storage."""
     if _is_sharded(tensor):
         tensor = tensor.full_tensor()
-    return tensor.detach().cpu()
+    return tensor.detach().to("cpu", copy=True)
 
 
 def _like(whole: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
@@ -697,8 +698,9 @@ class Trainer:
         self.fsdp = self.dist.world_size > 1 and config.strategy == "fsdp"
         if self.fsdp:
             shard_controlnet_objective(self.objective)
+        # fused: one kernel over all the tensors instead of a loop over ~340 of them (3x faster here)
         self.optimizer = torch.optim.AdamW(
-            self.objective.parameter_groups(config), weight_decay=config.weight_decay, betas=(0.9, 0.999)
+            self.objective.parameter_groups(config), weight_decay=config.weight_decay, betas=(0.9, 0.999), fused=True
         )
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -709,7 +711,8 @@ class Trainer:
             self.engine = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.cache = self._prepare_cache()
+        self.cache = self._prepare_cache()  # in float32, before the frozen parts are cast
+        self._cast_frozen()
         self.step = 0
         self.metrics_path = self.out / "metrics.csv"
         self._stop = False
@@ -765,6 +768,20 @@ class Trainer:
         except DatasetError as error:
             raise TrainingError(str(error)) from None
 
+    def _cast_frozen(self) -> None:
+        """Under mixed precision, the frozen parts of the controlnet task live in the autocast dtype
+        (as diffusers' script keeps them): autocast would otherwise cast their float32 weights again
+        at every use (frozen weights are not in its cache), and they take half the memory. An
+        unlocked decoder keeps the UNet in float32 (its master weights)."""
+        if self.config.task != "controlnet" or self.config.mixed_precision == "no":
+            return
+        dtype = torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float16
+        frozen = [self.model.vae, self.model.text_encoder]
+        if not self.config.unlock_decoder:
+            frozen.append(self.model.unet)
+        for module in frozen:
+            module.to(dtype)
+
     def _prepare_cache(self) -> FrozenCache | None:
         config = self.config
         if not config.cache or config.task == "vae":
@@ -810,10 +827,11 @@ class Trainer:
         batch["prompts"] = prompts
         if self.cache is None:
             with torch.no_grad():
-                images = torch.stack([item["image"] for item in items]).to(self.device)
+                vae_dtype = next(model.vae.parameters()).dtype
+                images = torch.stack([item["image"] for item in items]).to(self.device, vae_dtype)
                 posterior = model.vae.encode(images)
                 noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
-                batch["latents"] = (posterior.mean + posterior.std * noise).float()
+                batch["latents"] = posterior.mean.float() + posterior.std.float() * noise
         else:
             batch["latents"] = torch.stack(latents)
         batch["latents"] = batch["latents"] * model.vae.scale_factor
@@ -986,6 +1004,7 @@ class Trainer:
             self.log(f"validation at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         self.objective.train()
         self.model.vae.eval()
+        self._cast_frozen()  # the validation pipeline ran the base in float32
         self.dist.barrier()
         return scores
 
