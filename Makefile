@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format install install-dev clean bench
+.PHONY: demo test lint format install install-dev clean bench bench-train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test: lint
 bench: install-dev
 	$(BIN)/python benchmarks/bench_step.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_image.py $(BENCH_ARGS)
+
+# Training speed against diffusers' train_controlnet.py logic (SD 1.5 size, 256x256, about 9 minutes).
+bench-train: install-dev
+	$(BIN)/python benchmarks/bench_train.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
