@@ -47,21 +47,18 @@ Defaults: about 7 minutes on 2 Zen 5 cores. ``--quick``: 128x128, batch 1, one r
 Figures (the defaults: 256x256, batch 2, 2 rounds of 2 warm-up + 3 timed steps; AMD EPYC Zen 5, 2 cores,
 avx512_bf16, torch 2.13, diffusers 0.42.1; 8 minutes), median step, samples/s, x diffusers, peak GiB:
 
-    diffusers train_controlnet.py, bf16   3.75 s  0.533  1.00   9.2   (data + frozen VAE/text 0.78 s)
-    ours, cache on (default), bf16        3.05 s  0.655  1.23  11.2
-    ours, cache off, bf16                 4.60 s  0.435  0.82  10.9   (frozen VAE/text in fp32: 1.52 s)
-    diffusers train_controlnet.py, fp32   6.58 s  0.304  1.00  11.4   (data + frozen VAE/text 1.50 s)
-    ours, cache on (default), fp32        5.03 s  0.397  1.31  10.7
-    ours, cache off, fp32                 6.46 s  0.310  1.02  10.3
+    diffusers train_controlnet.py, bf16   3.61 s  0.553  1.00   9.2   (data + frozen VAE/text 0.74 s)
+    ours, cache on (default), bf16        2.47 s  0.809  1.46   8.6
+    ours, cache off, bf16                 3.35 s  0.597  1.08   8.6
+    diffusers train_controlnet.py, fp32   6.63 s  0.302  1.00  11.4   (data + frozen VAE/text 1.51 s)
+    ours, cache on (default), fp32        4.81 s  0.415  1.38  10.5
+    ours, cache off, fp32                 6.04 s  0.331  1.10  10.2
 
-The cache took 13.8 s for the 16 samples (0.86 s a sample) and pays back after about 9 steps (1.1-1.2
-epochs, whatever the dataset's size). The first-step losses agree (fp32: 1.38929 on all three; bf16:
-1.38960 ours, 1.39177 diffusers, whose frozen weights are bf16). ControlNet + UNet forward and backward
-cost the same on both sides (the same oneDNN convolutions, matmuls and attention); the cache's gain is
-the frozen encoders diffusers runs every step, so with caching on ours is 1.23x (bf16) and 1.31x (fp32),
-short of 1.5x. The rest of our bf16 step: AdamW 0.35-0.5 s (the single-tensor loop; ``fused=True``:
-0.11-0.17 s) and the frozen UNet kept in fp32 and cast to bf16 by autocast at every use (bf16 weights,
-as diffusers: about 0.15 s less and 2.6 GiB less peak).
+The cache took 13.5 s for the 16 samples (0.84 s a sample) and pays back within two epochs, whatever
+the dataset's size. ControlNet + UNet forward and backward cost the same on both sides (the same oneDNN
+convolutions, matmuls and attention); ours gains the frozen encoders diffusers runs every step (the
+cache), a fused AdamW (0.41 -> 0.13 s) and, in bf16, the frozen base kept in bf16. 1.5x is not reached
+yet (1.46x bf16, 1.38x fp32). docs/training.md has the table.
 """
 
 from __future__ import annotations
