@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import struct
 import warnings
 import zlib
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .files import atomic_file
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # the largest image load_image decodes unless told otherwise
 
@@ -111,19 +112,8 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, text: Mapping[str,
         _check_text(key, value)
         info.add_text(key, value, zip=len(value) > 1024)  # Pillow falls back to iTXt for non-Latin-1
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    done = False
-    try:
-        with open(tmp, "xb") as f:
-            Image.fromarray(array).save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    with atomic_file(path) as f:
+        Image.fromarray(array).save(f, format="PNG", pnginfo=info)
     return path
 
 

@@ -25,11 +25,9 @@ with a box filter, so their edges are anti-aliased as in a photograph.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .files import atomic_file
 
 # CSS colours, named with spaces as in the original fill50k prompts. Black is left out: the
 # fill50k source background is black, and an outline must show on it.
@@ -288,7 +288,8 @@ def write_dataset(
         if progress is not None:
             progress(i + 1, count)
     prompt_file = out / "prompt.json"
-    _write_atomically(prompt_file, "".join(line + "\n" for line in lines))
+    with atomic_file(prompt_file, "w", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
     return prompt_file
 
 
@@ -398,20 +399,3 @@ def _luma(rgb: tuple[int, int, int]) -> float:
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, sync it, rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    done = False
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)

@@ -54,6 +54,7 @@ from torch import nn
 from .checkpoints import load_base, load_controlnet, save_diffusers, save_ldm
 from .config import ModelConfig
 from .controlnet import ControlNet
+from .files import atomic_file
 from .layers import TimestepEmbedSequential
 from .model import StableDiffusion
 from .prompts import encode_prompts
@@ -304,9 +305,8 @@ class FrozenCache:
             ]
             state["prompts"], state["text"] = prompts, torch.cat(encoded)
         self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, self.path)
+        with atomic_file(self.path) as handle:
+            torch.save(state, handle)
 
     def load(self) -> None:
         state = torch.load(self.path, weights_only=True)
@@ -332,8 +332,10 @@ def dataset_fingerprint(dataset, resolution: int, *weights: nn.Module | None) ->
             continue
         for name, tensor in module.state_dict().items():
             digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-            digest.update(str(float(tensor.detach().float().abs().sum())).encode())
+            values = tensor.detach()
+            # The first 1024 values and the sum of magnitudes: no float32 copy of a whole model.
+            digest.update(values.flatten()[:1024].float().cpu().numpy().tobytes())
+            digest.update(str(float(values.abs().sum(dtype=torch.float64))).encode())
     return digest.hexdigest()[:16]
 
 
