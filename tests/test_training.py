@@ -15,8 +15,8 @@ import torch
 
 from controlnet.checkpoints import load_controlnet, save_ldm
 from controlnet.controlnet import ControlNet
-from controlnet.demo import random_tiny_models
 from controlnet.synthetic import write_dataset
+from controlnet.tiny import random_tiny_models
 from controlnet.training import DataStream, TrainConfig, Trainer, TrainingError, checkpoint_dirs, lr_multiplier
 
 
@@ -123,6 +123,40 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(setup, tmp_path
     assert steps == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_gaussian_init_replaces_every_zero_layer_and_moves_the_base_from_step_zero(setup, tmp_path):
+    zero = Trainer(config(setup, tmp_path / "zero"), log=lambda m: None).objective.controlnet
+    gaussian_run = Trainer(config(setup, tmp_path / "gaussian", control_init="gaussian"), log=lambda m: None)
+    gaussian = gaussian_run.objective.controlnet
+    assert len(gaussian.zero_initialised_convs()) == len(gaussian.zero_convs) + 2
+    for before, after in zip(zero.zero_initialised_convs(), gaussian.zero_initialised_convs(), strict=True):
+        assert not before.weight.any() and not after.bias.any()
+        fan_in = after.in_channels * after.kernel_size[0] * after.kernel_size[1]
+        assert abs(after.weight.std().item() * fan_in**0.5 - 1.0) < 0.2  # N(0, 1 / fan_in)
+    fresh = ("zero_convs.", "middle_block_out.", "input_hint_block.14.")
+    for (name, a), b in zip(zero.state_dict().items(), gaussian.state_dict().values(), strict=True):
+        assert name.startswith(fresh) or torch.equal(a, b), name  # nothing else changed
+    again = Trainer(config(setup, tmp_path / "again", control_init="gaussian"), log=lambda m: None)
+    pairs = zip(gaussian.parameters(), again.objective.controlnet.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)  # seeded: the same draw again
+    # From the first step the ControlNet changes the locked model's images (the paper's objection).
+    scores = gaussian_run.validate()
+    assert scores["base_distance"] > 0.01
+
+
+def test_the_vae_loss_penalises_blurred_edges():
+    from controlnet.training import image_gradient_l1
+
+    edge = torch.zeros(1, 3, 16, 16)
+    edge[..., 8:] = 1.0
+    blurred = edge.clone()
+    blurred[..., 7], blurred[..., 8] = 0.25, 0.75
+    assert image_gradient_l1(edge, edge) == 0
+    # A uniform shift with the blur's mean pixel error (2 columns x 0.25 of 16): only the blur is penalised.
+    shifted = edge + 0.5 / 16
+    assert torch.isclose((shifted - edge).abs().mean(), (blurred - edge).abs().mean())
+    assert image_gradient_l1(edge, shifted) == 0 and image_gradient_l1(edge, blurred) > 0.01
+
+
 def test_the_run_exports_a_control_only_file_and_a_diffusers_folder_and_validates(setup, tmp_path):
     trainer = Trainer(config(setup, tmp_path, max_steps=2, validate_every=1, ema_decay=0.9), log=lambda m: None)
     paths = trainer.run()
@@ -134,8 +168,11 @@ def test_the_run_exports_a_control_only_file_and_a_diffusers_folder_and_validate
     ema = dict(zip([n for n, p in trainer.objective.controlnet.named_parameters()], trainer.ema.shadow, strict=True))
     assert all(torch.equal(loaded.state_dict()[name], ema[name]) for name in ema)
     load_controlnet(tmp_path / "controlnet-diffusers", model.config)
-    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == ["step-00000001.png", "step-00000002.png"]
-    assert (tmp_path / "validation.csv").read_text().splitlines()[0] == "step,edge_f1,edge_f1_no_prompt"
+    grids = sorted(p.name for p in (tmp_path / "validation").iterdir())
+    assert grids == ["step-00000000.png", "step-00000001.png", "step-00000002.png"]  # step 0: the starting point
+    lines = (tmp_path / "validation.csv").read_text().splitlines()
+    assert lines[0] == "step,edge_f1,edge_f1_no_prompt,base_distance"
+    assert lines[1].startswith("0,") and lines[1].endswith(",0.0000")  # zero convs: exactly the base's images
     assert (tmp_path / "loss.png").exists() and (tmp_path / "validation.png").exists()
 
 
@@ -197,6 +234,9 @@ def test_learning_rate_schedule():
         ({"mixed_precision": "fp16"}, "needs a GPU"),
         ({"resolution": 60}, "multiple of 8"),
         ({"base": None}, "needs --base"),
+        ({"control_init": "uniform"}, "--control-init must be one of zero, gaussian"),
+        ({"control_init": "gaussian", "controlnet": "x.safetensors"}, "applies to a new ControlNet"),
+        ({"gradient_loss_weight": -1.0}, "must not be negative"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(setup, tmp_path, changes, message):

@@ -96,10 +96,25 @@ def line_chart(
     return path
 
 
+def _label_width(labels: Sequence[str] | None) -> int:
+    return 0 if not labels else 8 + 6 * max(len(label) for label in labels)
+
+
+def grid_cell(
+    grid: Image.Image, row: int, column: int, cell: tuple[int, int], labels: Sequence[str] | None, pad: int = 2
+) -> np.ndarray:
+    """The image at (``row``, ``column``) of a grid drawn by :func:`image_grid` with these cell size
+    (height, width), labels and padding: reads figures back out of saved validation grids."""
+    height, width = cell
+    x = _label_width(labels) + pad + column * (width + pad)
+    y = pad + row * (height + pad)
+    return np.asarray(grid.convert("RGB").crop((x, y, x + width, y + height)))
+
+
 def image_grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, pad: int = 2) -> Image.Image:
     """Images (uint8 [H, W, 3], all one size) in rows, with an optional label left of each row."""
     height, width = rows[0][0].shape[:2]
-    label_width = 0 if not labels else 8 + 6 * max(len(label) for label in labels)
+    label_width = _label_width(labels)
     columns = max(len(row) for row in rows)
     grid = Image.new(
         "RGB", (label_width + columns * (width + pad) + pad, len(rows) * (height + pad) + pad), (255, 255, 255)

@@ -86,6 +86,24 @@ class ControlNet(nn.Module):
             raise RuntimeError(f"UNet encoder lacks keys the ControlNet copies: {missing[:5]}")
         return controlnet
 
+    def zero_initialised_convs(self) -> list[nn.Conv2d]:
+        """The layers that start at zero: the zero convolutions (13 for SD: one per encoder block and
+        the middle block's) and the hint encoder's last conv."""
+        return [*(block[0] for block in self.zero_convs), self.middle_block_out[0], self.input_hint_block[-1]]
+
+    @torch.no_grad()
+    def gaussian_init_(self, generator: torch.Generator | None = None) -> ControlNet:
+        """The paper's ablative study (zero convolutions replaced by standard convolution layers
+        initialised with Gaussian weights): every zero-initialised conv gets weights drawn from
+        N(0, 1 / fan_in), the variance-preserving scale of a standard layer, and a zero bias. The
+        ControlNet then disturbs the locked model from the first step. Returns ``self``."""
+        for conv in self.zero_initialised_convs():
+            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            weight = torch.randn(conv.weight.shape, generator=generator) / fan_in**0.5
+            conv.weight.copy_(weight.to(conv.weight))
+            conv.bias.zero_()
+        return self
+
     def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
         """Hint features [B, model_channels, H/8, W/8] from a condition image [B, 3, H, W] in [0, 1].
 
