@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format install install-dev clean bench bench-train
+.PHONY: demo test lint format install install-dev browser clean bench bench-train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-torch
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The browser tests drive Debian's chromium (never a downloaded browser): install it when missing.
+browser:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
@@ -34,14 +40,14 @@ demo: install
 	$(BIN)/controlnet demo
 
 lint: install-dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 format: install-dev
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Speed against diffusers (benchmarks/): one guided step, then a whole 20-step 512x512 image.

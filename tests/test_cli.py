@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 
-from controlnet.checkpoints import load_base, load_controlnet, read_state_dict, save_ldm
+from controlnet import shipped
+from controlnet.checkpoints import load_controlnet, read_state_dict, save_ldm
 from controlnet.cli import main
 from controlnet.config import TINY
 from controlnet.controlnet import ControlNet
+from controlnet.images import load_image
 from controlnet.model import StableDiffusion
 
 from .helpers import randomize
@@ -83,6 +85,12 @@ def test_transfer_control_moves_a_controlnet_to_a_new_base(tiny_files, tmp_path)
         (["convert", "{evil}", "{out}", "--to", "ldm"], 1, "refused: this pickle would run code"),
         (["convert", "{full}", "{out_ckpt}", "--to", "ldm"], 1, "written as .safetensors only"),
         (["demo", "--steps", "0", "--out", "{out}"], 2, "--steps must be at least 1"),
+        (["serve", "--auth", "ada"], 2, "--auth must be USER:PASS, both non-empty"),
+        (["serve", "--port", "0"], 2, "--port must be between 1 and 65535"),
+        (["serve", "--models", "{missing}"], 2, "no such folder"),
+        (["serve", "--controlnet", "{full}"], 2, "--controlnet needs --base"),
+        (["serve", "--base", "{missing}"], 2, "no such file or folder"),
+        (["serve", "--max-queue", "0"], 2, "--max-queue must be between 1"),
     ],
 )
 def test_user_mistakes_get_one_line_errors_and_a_nonzero_exit(tiny_files, tmp_path, capsys, argv, code, message):
@@ -114,9 +122,15 @@ def test_console_script_runs_as_a_module():
     assert result.returncode == 0 and result.stdout.startswith("controlnet ")
 
 
-def test_demo_writes_images_and_round_trips_both_layouts(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 0
+def test_demo_generates_from_every_shipped_example(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "tiny configuration" in out and "both reloaded copies give the same image" in out
-    assert (tmp_path / "sample.png").is_file() and (tmp_path / "control.png").is_file()
-    assert load_base(tmp_path / "tiny-diffusers").config.unet == TINY.unet
+    examples = shipped.examples()
+    assert shipped.NAME in out and len(examples) >= 3
+    names = [e.name for e in examples] + [f"{e.name}-other-colours" for e in examples if e.other_prompt]
+    names.append(f"{examples[0].name}-guess-mode")
+    for name in [*names, "overview"]:
+        path = tmp_path / f"{name}.png"
+        assert path.is_file() and str(path) in out
+    assert load_image(tmp_path / f"{names[0]}.png").shape == (128, 128, 3)  # the model's native size
+    assert f"{len(names)} images at 128x128, 2 DDIM steps" in out

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet import __version__
+from controlnet import __version__, shipped
 from controlnet.annotators import run_annotator
 from controlnet.checkpoints import save_diffusers, save_ldm
-from controlnet.cli import DEFAULT_MODEL_NAME, main
+from controlnet.cli import main
 from controlnet.config import TINY
 from controlnet.controlnet import ControlNet
 from controlnet.hashing import cache_path, cached_file_sha256, file_sha256, folder_sha256, model_sha256
@@ -97,18 +97,21 @@ def test_generate_writes_every_image_and_the_map_each_with_its_own_seed(tmp_path
     argv = ["generate", "--prompt", "a box", "--image", str(image), "--out", str(out), "--seed", "7", *FAST]
     assert main([*argv, "--num-samples", "3"]) == 0
     captured = capsys.readouterr()
-    assert "random weights" in captured.out  # the default model says what it is
+    assert f"using {shipped.NAME}" in captured.out  # the default model says what it is
     assert "sampling [" in captured.err and "2/2" in captured.err  # the progress bar
     assert _pngs(out) == ["7-control-0.png", "7.png", "8.png", "9.png"]
 
     for index, seed in enumerate((7, 8, 9)):
         record, parameters = _metadata(out / f"{seed}.png")
         assert record["seed"] == seed and record["batch_index"] == index and record["num_images"] == 3
-        assert record["prompt"] == "a box" and record["added_prompt"] == "best quality, extremely detailed"
-        assert record["negative_prompt"].startswith("longbody, lowres")
+        # The shipped model never saw the original app's added and negative prompts: both default to empty.
+        assert (record["prompt"], record["added_prompt"], record["negative_prompt"]) == ("a box", "", "")
         assert (record["steps"], record["sampler"], record["guidance_scale"], record["eta"]) == (2, "ddim", 9.0, 0.0)
         assert (record["width"], record["height"], record["resolution"]) == (64, 64, 64)
-        assert record["models"] == {"base": {"name": DEFAULT_MODEL_NAME}, "controlnets": [{"name": DEFAULT_MODEL_NAME}]}
+        assert record["models"] == {
+            "base": {"name": "shapes.safetensors", "sha256": file_sha256(shipped.base_path())},
+            "controlnets": [{"name": "shapes-canny.safetensors", "sha256": file_sha256(shipped.canny_path())}],
+        }
         assert record["version"] == __version__
         [control] = record["controls"]
         assert control["annotator"] == "canny" and control["image"] == "square.png"
@@ -116,10 +119,9 @@ def test_generate_writes_every_image_and_the_map_each_with_its_own_seed(tmp_path
         assert control["image_sha256"] == file_sha256(image)
         assert (control["strength"], control["start"], control["end"], control["mode"]) == (1.0, 0.0, 1.0, "balanced")
         lines = parameters.split("\n")
-        assert lines[0] == "a box, best quality, extremely detailed"
-        assert lines[1].startswith("Negative prompt: longbody, lowres")
-        assert lines[2].startswith(f"Steps: 2, Sampler: ddim, CFG scale: 9, Seed: {seed}, Size: 64x64, ")
-        assert 'ControlNet 0: "Module: canny, ' in lines[2] and f"Version: controlnet {__version__}" in lines[2]
+        assert lines[0] == "a box"
+        assert lines[1].startswith(f"Steps: 2, Sampler: ddim, CFG scale: 9, Seed: {seed}, Size: 64x64, ")
+        assert 'ControlNet 0: "Module: canny, ' in lines[1] and f"Version: controlnet {__version__}" in lines[1]
 
     map_record, _ = _metadata(out / "7-control-0.png")
     assert map_record["seeds"] == [7, 8, 9] and "seed" not in map_record
@@ -185,6 +187,11 @@ def test_model_files_are_named_with_their_sha256(models, tmp_path):
     record, parameters = _metadata(out / "1.png")
     base_sha, control_sha = file_sha256(models["base"]), file_sha256(models["control"])
     assert record["models"]["base"] == {"name": "base.safetensors", "sha256": base_sha}
+    # A model of one's own gets the original app's added and negative prompts by default.
+    assert record["added_prompt"] == "best quality, extremely detailed"
+    assert record["negative_prompt"].startswith("longbody, lowres")
+    lines = parameters.split("\n")
+    assert lines[:2] == ["a box, best quality, extremely detailed", f"Negative prompt: {record['negative_prompt']}"]
     assert [m["name"] for m in record["models"]["controlnets"]] == ["control.safetensors", "control2.safetensors"]
     assert record["models"]["controlnets"][0]["sha256"] == control_sha
     assert f"Model hash: {base_sha[:10]}, Model: base," in parameters

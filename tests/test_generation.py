@@ -8,11 +8,11 @@ import torch
 
 from controlnet.config import TINY
 from controlnet.controlnet import ControlNet
-from controlnet.demo import circle_edges, random_tiny_models
 from controlnet.guidance import ActiveControl, GuidedDenoiser
 from controlnet.model import StableDiffusion
 from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.prompts import encode_prompts, tokenize_chunks
+from controlnet.tiny import circle_edges, random_tiny_models
 
 
 @pytest.fixture(scope="module")

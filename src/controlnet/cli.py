@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from .checkpoints import (
     save_ldm,
     transfer_control,
 )
+from .metadata import format_number, model_records, parameters_text, quote, to_json
+from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 
 
 class CommandError(Exception):
@@ -50,10 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"controlnet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the whole model stack end to end and write images")
+    demo = commands.add_parser("demo", help="the shipped model on the shipped example control images")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
-    demo.add_argument("--prompt", default="a red circle on a white background")
+    demo.add_argument("--prompt", help="one prompt for every example (default: each example's own)")
     demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps")
+    demo.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
 
     convert = commands.add_parser(
         "convert", help="convert a base model and/or ControlNet between the LDM and diffusers layouts"
@@ -62,9 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("output", type=Path, help="LDM: a .safetensors file; diffusers: a folder (or .safetensors)")
     convert.add_argument("--to", choices=("ldm", "diffusers"), required=True, help="layout to write")
     convert.add_argument("--prediction", choices=("eps", "v"), help="name the prediction type of an SD 2.x model")
+    convert.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="precision of the written weights"
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     _add_generate(commands)
+    _add_serve(commands)
     annotate = commands.add_parser(
         "annotate",
         help="run one annotator on an image: controlnet annotate NAME IN OUT",
@@ -103,13 +110,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-ORIGINAL_ADDED_PROMPT = "best quality, extremely detailed"
-ORIGINAL_NEGATIVE_PROMPT = (
-    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
-    "worst quality, low quality"
-)
-# What the metadata names as the model when no --base is given (no trained model ships yet).
-DEFAULT_MODEL_NAME = "default (tiny, random weights)"
 _UNIT_FIELDS = ("image", "annotator", "strength", "start", "end", "mode", "controlnet", "resize")
 
 
@@ -153,8 +153,15 @@ def _add_generate(commands) -> None:
     g.add_argument(
         "--resize-mode", default="crop_and_resize", choices=("just_resize", "crop_and_resize", "resize_and_fill")
     )
-    g.add_argument("--added-prompt", default=ORIGINAL_ADDED_PROMPT)
-    g.add_argument("--negative-prompt", default=ORIGINAL_NEGATIVE_PROMPT)
+    g.add_argument(
+        "--added-prompt",
+        help=f"appended to the prompt (default: '{ORIGINAL_ADDED_PROMPT}'; none for the shipped model)",
+    )
+    g.add_argument(
+        "--negative-prompt",
+        help="default: the original app's ('longbody, lowres, ...'); none for the shipped model, "
+        "which never saw those words",
+    )
     g.add_argument("--low-threshold", type=int, default=100, help="Canny low threshold 1..255 (default 100)")
     g.add_argument("--high-threshold", type=int, default=200, help="Canny high threshold 1..255 (default 200)")
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
@@ -336,12 +343,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     units = _units(args)
     out = _writable_folder(args.out)
     dtype = parse_dtype(args.dtype, args.device)
-    if args.base is None:
-        pipe = _default_pipeline(args.device, dtype)
-        models = {"base": {"name": DEFAULT_MODEL_NAME}, "controlnets": [{"name": DEFAULT_MODEL_NAME}]}
-    else:
-        pipe = Pipeline.from_files(args.base, args.controlnet, device=args.device, dtype=dtype)
-        models = _model_records(args.base, args.controlnet)
+    base, controlnets = args.base, args.controlnet
+    if base is None:
+        base, controlnets = _shipped_model()
+    original = args.base is not None  # the original app's prompt defaults; the shipped model knows none of those words
+    if args.added_prompt is None:
+        args.added_prompt = ORIGINAL_ADDED_PROMPT if original else ""
+    if args.negative_prompt is None:
+        args.negative_prompt = ORIGINAL_NEGATIVE_PROMPT if original else ""
+    pipe = Pipeline.from_files(base, controlnets, device=args.device, dtype=dtype)
+    models = model_records(base, controlnets)
     if args.compile:
         pipe.compile()
     if units and not pipe.controlnets:
@@ -380,35 +391,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for i, control_map in enumerate(result.control_maps):
         # A map belongs to the whole batch: it names all the seeds rather than one.
         map_record = {k: v for k, v in record.items() if k != "seed"} | {"seeds": result.seeds, "control_map": i}
-        text = {"controlnet": _to_json(map_record)}
+        text = {"controlnet": to_json(map_record)}
         path = _save_new(out, f"{result.seeds[0]}-control-{i}", viewable_map(control_map), text)
         print(f"detected map {i}: {path}")
     for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         image_record = {**record, "seed": seed, "batch_index": i}  # every image carries its own seed
-        text = {"parameters": _parameters_text(image_record, models), "controlnet": _to_json(image_record)}
+        text = {"parameters": parameters_text(image_record, models), "controlnet": to_json(image_record)}
         path = _save_new(out, f"{seed}", image, text)
         print(f"image (seed {seed}): {path}")
 
 
-def _default_pipeline(device: str, dtype):
-    from .pipeline import Pipeline
+def _shipped_model() -> tuple[Path, list[Path]]:
+    """The shipped base model and its Canny ControlNet, used when no --base is given."""
+    from . import shipped
 
-    print("no --base given: using the tiny configuration with seeded random weights (no trained model ships yet)")
-    return Pipeline.default(device, dtype)
-
-
-def _model_records(base: Path, controlnets: Sequence[Path]) -> dict:
-    """Name and full SHA-256 of each model file or diffusers folder (cached: see hashing.py)."""
-    from .hashing import model_sha256
-
-    def record(path: Path) -> dict[str, str]:
-        try:
-            return {"name": path.name, "sha256": model_sha256(path)}
-        except (OSError, ValueError) as error:  # it loaded a moment ago; a hash is not worth failing for
-            print(f"warning: cannot hash {path}: {_one_line(error)}", file=sys.stderr)
-            return {"name": path.name}
-
-    return {"base": record(base), "controlnets": [record(path) for path in controlnets]}
+    absent = shipped.missing()
+    if absent:
+        raise UsageError(f"no --base given and the shipped model file {absent[0]} is missing: reinstall the package")
+    print(f"no --base given: using {shipped.NAME}")
+    return shipped.base_path(), [shipped.canny_path()]
 
 
 def _batch_record(args: argparse.Namespace, pipe, result, units: Sequence[_Unit], models: dict) -> dict:
@@ -441,77 +442,6 @@ def _batch_record(args: argparse.Namespace, pipe, result, units: Sequence[_Unit]
         "device": args.device,
         "version": __version__,
     }
-
-
-def _to_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=_json_fallback)
-
-
-def _json_fallback(value: Any) -> Any:
-    # A numpy number or anything else the pipeline may add later must not make saving fail after
-    # the images were made: numbers become numbers, anything else its text.
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
-
-def _quote(value: object) -> str:
-    """AUTOMATIC1111's `quote`: JSON-quote a value holding a comma, colon or newline, so the
-    'Key: value, ...' line still splits correctly."""
-    text = _number(value) if isinstance(value, float) else str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _model_label(record: dict) -> tuple[str, str | None]:
-    """(name as AUTOMATIC1111 shows it: the file name without extension, short hash or None)."""
-    from .hashing import short_hash
-
-    name = record["name"]
-    sha256 = record.get("sha256")
-    return (Path(name).stem if sha256 else name), (short_hash(sha256) if sha256 else None)
-
-
-def _parameters_text(record: dict, models: dict) -> str:
-    """The AUTOMATIC1111-style 'parameters' text: the prompt, 'Negative prompt: ...', then one
-    'Key: value, ...' line. The first line is the prompt as the model saw it (with the added prompt)."""
-    prompt = f"{record['prompt']}, {record['added_prompt']}" if record["added_prompt"] else record["prompt"]
-    lines = [prompt]
-    if record["negative_prompt"]:
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
-    base_name, base_hash = _model_label(models["base"])
-    fields: dict[str, object] = {
-        "Steps": record["steps"],
-        "Sampler": record["sampler"],
-        "CFG scale": record["guidance_scale"],
-        "Seed": record["seed"],
-        "Size": f"{record['width']}x{record['height']}",
-    }
-    if base_hash:
-        fields["Model hash"] = base_hash
-    fields["Model"] = base_name
-    fields["Eta"] = record["eta"]
-    if "denoising_strength" in record:
-        fields["Denoising strength"] = record["denoising_strength"]
-    for i, control in enumerate(record["controls"]):
-        net_name, net_hash = _model_label(models["controlnets"][control["controlnet"]])
-        unit = {
-            "Module": control["annotator"],
-            "Model": f"{net_name} [{net_hash}]" if net_hash else net_name,
-            "Weight": control["strength"],
-            "Resize Mode": control["resize_mode"],
-            "Guidance Start": control["start"],
-            "Guidance End": control["end"],
-            "Control Mode": control["mode"],
-            **control["annotator_params"],
-        }
-        fields[f"ControlNet {i}"] = ", ".join(f"{k}: {_quote(v)}" for k, v in unit.items())
-    fields["Version"] = f"controlnet {__version__}"
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
-    return "\n".join(lines)
 
 
 def _writable_folder(path: Path) -> Path:
@@ -607,7 +537,7 @@ def cmd_annotate(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UsageError(_one_line(error)) from None
     record = {"annotator": args.name, "params": params, "resolution": args.resolution, "version": __version__}
-    _save_over(args.output, result, {"controlnet": _to_json(record)})
+    _save_over(args.output, result, {"controlnet": to_json(record)})
     print(f"wrote {args.output} ({result.shape[1]}x{result.shape[0]})")
 
 
@@ -671,13 +601,13 @@ def _list_annotators() -> None:
                 allowed = "true or false"
             else:
                 allowed = f"{p.kind} {_bound(p.minimum)}..{_bound(p.maximum)}"
-            print(f"    {p.name}={_quote(p.default)}  ({allowed})  {p.help}".rstrip())
+            print(f"    {p.name}={quote(p.default)}  ({allowed})  {p.help}".rstrip())
         for name in annotator.inputs:
             print(f"    needs {name} (Python API only)")
 
 
 def _bound(value: float | None) -> str:
-    return "" if value is None else _number(value)
+    return "" if value is None else format_number(value)
 
 
 def _save_over(path: Path, image: np.ndarray, text: dict[str, str]) -> None:
@@ -766,16 +696,21 @@ def _check_output(path: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
     _check_output(args.output, args.overwrite, [args.input])
     contents = inspect_contents(args.input)
     model = load_base(args.input, prediction=args.prediction) if contents.has_base else None
     controlnet = load_controlnet(args.input, model.config if model else None) if contents.has_controlnet else None
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = model.to(dtype) if model is not None else None
+    controlnet = controlnet.to(dtype) if controlnet is not None else None
     if args.to == "ldm":
         save_ldm(args.output, model, controlnet)
     else:
         save_diffusers(args.output, model, controlnet)
     held = " + ".join(p for p, m in (("base model", model), ("ControlNet", controlnet)) if m is not None)
-    print(f"wrote {held} to {args.output} ({args.to} layout)")
+    print(f"wrote {held} to {args.output} ({args.to} layout, {args.dtype})")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -808,7 +743,66 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    run_demo(args.out, args.prompt, args.steps)
+    run_demo(args.out, args.steps, args.prompt, args.device, args.dtype)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+def _add_serve(commands) -> None:
+    s = commands.add_parser(
+        "serve",
+        help="the web UI and a JSON API (Gradio), on 127.0.0.1:7860 by default",
+        description="Serve the web UI and the JSON API (POST /api/generate). The shipped model by default; "
+        "--models DIR offers the base models and ControlNets found in DIR (and nothing outside it).",
+    )
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--listen", action="store_true", help="bind 0.0.0.0: reachable from other machines")
+    s.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
+    s.add_argument("--models", type=Path, help="a folder of model files to offer in the model picker")
+    s.add_argument("--base", type=Path, help="serve this base model (with --controlnet) instead of the shipped one")
+    s.add_argument("--controlnet", type=Path, action="append", default=[], help="ControlNet file (repeatable)")
+    s.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps")
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded image (default 10 MB)")
+    s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest uploaded image in pixels")
+    s.add_argument("--max-queue", type=int, default=8, help="jobs waiting or running before refusing (default 8)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import gradio  # noqa: F401 -- only to say clearly that the extra is missing
+    except ImportError:
+        raise UsageError("controlnet serve needs Gradio: pip install 'controlnet[ui]'") from None
+    from .runtime import default_device
+
+    _check_range("--port", args.port, 1, 65535)
+    _check_range("--max-upload-mb", args.max_upload_mb, 0.01, 1024)
+    _check_range("--max-pixels", args.max_pixels, 64 * 64, 2**31)
+    _check_range("--max-queue", args.max_queue, 1, 10_000)
+    auth = None
+    if args.auth is not None:
+        user, colon, password = args.auth.partition(":")
+        if not colon or not user or not password:
+            raise UsageError("--auth must be USER:PASS, both non-empty")
+        auth = (user, password)
+    if args.models is not None and not args.models.is_dir():
+        raise UsageError(f"--models {args.models}: no such folder")
+    if args.controlnet and args.base is None:
+        raise UsageError("--controlnet needs --base (the base model it was trained for)")
+    for path in [args.base, *args.controlnet]:
+        if path is not None and not path.exists():
+            raise UsageError(f"{path}: no such file or folder")
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    if args.listen:
+        where = "with --auth" if auth else "WITHOUT a password (add --auth USER:PASS)"
+        print(f"warning: --listen serves on every network interface, {where}", file=sys.stderr)
+    from .server import Limits
+    from .webui import serve
+
+    device = str(default_device()) if args.device == "auto" else args.device
+    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_queue)
+    serve(args.models, host, args.port, auth, limits, device, args.dtype, args.base, args.controlnet)
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -828,6 +822,12 @@ def _add_train(commands) -> None:
     t.add_argument("--task", default="controlnet", choices=("controlnet", "base", "vae"))
     t.add_argument("--model-config", help="base/vae tasks: the preset to build from scratch (e.g. tiny)")
     t.add_argument("--controlnet", help="controlnet task: start from this ControlNet, not the base's encoder")
+    t.add_argument(
+        "--control-init",
+        default="zero",
+        choices=("zero", "gaussian"),
+        help="a new ControlNet's zero convolutions: zero (the paper) or gaussian (its ablation)",
+    )
     t.add_argument("--max-steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=4, help="per process and micro-step (default 4)")
     t.add_argument("--gradient-accumulation", type=int, default=1)
@@ -851,6 +851,10 @@ def _add_train(commands) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resolution", type=int, help="training image size (default: the model's native size)")
     t.add_argument("--no-cache", action="store_true", help="encode latents and prompts at every step")
+    t.add_argument("--kl-weight", type=float, default=1e-6, help="vae task: weight of the KL term")
+    t.add_argument(
+        "--gradient-loss-weight", type=float, default=1.0, help="vae task: weight of the image-gradient L1 term"
+    )
     t.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop if more samples are unreadable")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--device", default="cpu", help="cpu or cuda (torchrun: each process its local GPU)")
@@ -872,6 +876,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         task=args.task,
         model_config=args.model_config,
         controlnet=args.controlnet,
+        control_init=args.control_init,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         gradient_accumulation=args.gradient_accumulation,
@@ -896,6 +901,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         resolution=args.resolution,
         cache=not args.no_cache,
         max_bad_fraction=args.max_bad_fraction,
+        kl_weight=args.kl_weight,
+        gradient_loss_weight=args.gradient_loss_weight,
         log_every=args.log_every,
         device=args.device,
         strategy=args.strategy,
@@ -948,10 +955,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError(f"--data {args.data}: no such folder")
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
-    if args.base is None:
-        pipe = _default_pipeline("cpu", args.dtype)
-    else:
-        pipe = Pipeline.from_files(args.base, [args.controlnet] if args.controlnet else [], dtype=args.dtype)
+    base, controlnets = args.base, [args.controlnet] if args.controlnet else []
+    if base is None:
+        base, controlnets = _shipped_model()
+    pipe = Pipeline.from_files(base, controlnets, dtype=args.dtype)
     use_control = not args.no_control
     if use_control and not pipe.controlnets:
         raise UsageError("no ControlNet to evaluate: pass --controlnet PATH, or --no-control for the base alone")
@@ -990,6 +997,7 @@ def cmd_add_control(args: argparse.Namespace) -> None:
 _COMMANDS = {
     "demo": cmd_demo,
     "generate": cmd_generate,
+    "serve": cmd_serve,
     "annotate": cmd_annotate,
     "convert": cmd_convert,
     "info": cmd_info,

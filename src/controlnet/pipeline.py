@@ -116,12 +116,14 @@ class Pipeline:
     def default(
         cls, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, low_memory: bool = False
     ) -> Pipeline:
-        """The model used when no files are named. No trained model ships yet: this is the tiny
-        configuration with seeded random weights (images are noise; every code path runs)."""
-        from .demo import random_tiny_models
+        """The model used when no files are named: the shipped ``shapes`` model with its Canny
+        ControlNet (shipped.py, docs/model-card.md)."""
+        from . import shipped
 
-        model, controlnet = random_tiny_models()
-        return cls(model, [controlnet], device, dtype, low_memory)
+        absent = shipped.missing()
+        if absent:
+            raise FileNotFoundError(f"the shipped model file {absent[0]} is missing: reinstall the package")
+        return cls.from_files(shipped.base_path(), [shipped.canny_path()], device, dtype, low_memory=low_memory)
 
     def compile(self) -> None:
         """``torch.compile`` the UNet and the ControlNets, for many generations at one size.

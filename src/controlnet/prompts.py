@@ -21,6 +21,13 @@ from .tokenizer import default_tokenizer
 
 CHUNK_TOKENS = 75  # text tokens per 77-position window (start and end tokens excluded)
 
+# The original canny app's defaults (REFERENCE.md section 5), for models trained on real captions.
+ORIGINAL_ADDED_PROMPT = "best quality, extremely detailed"
+ORIGINAL_NEGATIVE_PROMPT = (
+    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
+    "worst quality, low quality"
+)
+
 
 def tokenize_chunks(prompt: str, pad_token_id: int, max_length: int = 77) -> torch.Tensor:
     """[chunks, max_length] token ids for one prompt: start, up to 75 tokens, end, padding."""

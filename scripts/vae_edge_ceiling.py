@@ -1,0 +1,42 @@
+"""The edge F1 a model's VAE allows: Canny edge F1 of each held-out scene passed through the VAE
+(encode, decode) against the scene's own edges. A generated image cannot do better than its VAE's
+decoder draws, so this is the ceiling to read `controlnet eval`'s edge F1 against (docs/model-card.md).
+
+    .venv/bin/python scripts/vae_edge_ceiling.py --data ~/.cache/controlnet-shipped/held-out --count 100
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from controlnet import shipped
+from controlnet.checkpoints import load_base
+from controlnet.datasets import read_records
+from controlnet.evaluation import edge_f1
+from controlnet.images import load_image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="a dataset folder (prompt.json)")
+    parser.add_argument("--base", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--count", type=int, default=100)
+    args = parser.parse_args()
+    model = load_base(args.base or shipped.base_path()).float().eval()
+    scores = []
+    with torch.no_grad():
+        for record in read_records(args.data)[: args.count]:
+            target, condition = load_image(record.target), load_image(record.source)
+            pixels = torch.from_numpy(target).float().div(127.5).sub(1).permute(2, 0, 1)[None]
+            decoded = model.vae.decode(model.vae.encode(pixels).mean)[0]
+            image = ((decoded.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+            scores.append(edge_f1(image, condition).f1)
+    print(f"VAE reconstruction edge F1 over {len(scores)} scenes: {np.mean(scores):.3f} (min {np.min(scores):.3f})")
+
+
+if __name__ == "__main__":
+    main()
