@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -41,3 +42,41 @@ def random_module(factory: Callable[[], ModuleT], seed: int) -> ModuleT:
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """max |ours - reference| / max |reference|."""
     return ((ours.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_background(folder, *arguments: str, timeout: float = 180):
+    """Run `controlnet serve` on a free port in a subprocess; yield its URL once it answers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log = folder / "serve.log"
+    command = [sys.executable, "-m", "controlnet", "serve", "--port", str(port), *arguments]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/models", timeout=5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"controlnet serve did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

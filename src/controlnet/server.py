@@ -1,0 +1,432 @@
+"""The generation service behind ``controlnet serve``: the web UI (webui.py) and the JSON API share it.
+
+It checks every request against the original canny app's ranges (REFERENCE.md section 5), keeps a
+server on a shared machine safe (an upload size and a pixel limit, a queue of bounded length, one
+job per model at a time), runs the pipeline with progress and cancellation between steps, and writes
+each image as a PNG carrying its settings (metadata.py), as ``controlnet generate`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, shipped
+from .images import ImageError, load_image, save_png
+from .metadata import model_records, parameters_text, to_json
+from .pipeline import MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
+from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
+
+SHIPPED = "shipped"  # the name of the shipped model in the model picker
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth")
+CONTROL_MODES = ("balanced", "prompt", "control")
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+
+
+class RequestError(ValueError):
+    """A bad request: the message names the problem and what is allowed (shown to the user)."""
+
+
+class QueueFull(RuntimeError):
+    """Too many jobs are waiting: the request is refused, not queued."""
+
+
+class Cancelled(RuntimeError):
+    """The user cancelled the job; it stopped between two sampling steps."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 10 * 2**20  # one uploaded image
+    max_pixels: int = 4096 * 4096  # one uploaded image, checked from its header before decoding
+    max_queue: int = 8  # jobs waiting or running, all models together
+    max_resolution: int = 768  # the original app's slider maximum
+
+
+@dataclass
+class UnitRequest:
+    """One control unit of a request (an AUTOMATIC1111-style unit)."""
+
+    image: np.ndarray
+    annotator: str = "canny"
+    annotator_params: dict[str, Any] = field(default_factory=dict)
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    resize_mode: str = "crop_and_resize"
+    pixel_perfect: bool = True  # the annotator runs at the output size
+    annotator_resolution: int = 512  # ... or at this short side, when pixel_perfect is off
+    controlnet: int = 0
+
+
+@dataclass
+class GenerateRequest:
+    """Everything one generation needs; defaults are the original canny app's."""
+
+    prompt: str
+    units: list[UnitRequest] = field(default_factory=list)
+    model: str = SHIPPED
+    negative_prompt: str | None = None  # None: the model's default (see default_prompts)
+    added_prompt: str | None = None
+    num_images: int = 1
+    steps: int = 20
+    guidance_scale: float = 9.0
+    eta: float = 0.0
+    seed: int = -1  # -1: a random seed
+    sampler: str = "ddim"
+    resolution: int | None = None  # None: the model's native size
+    guess_mode: bool = False  # every unit in "control" mode (the original apps' guess mode)
+    init_image: np.ndarray | None = None  # img2img / inpainting
+    mask: np.ndarray | None = None  # inpainting: white = repaint
+    denoising_strength: float = 0.75
+
+
+@dataclass
+class GenerateResponse:
+    images: list[Path]  # PNGs with their settings in the metadata
+    control_maps: list[Path]
+    seeds: list[int]
+    settings: dict[str, Any]
+
+
+def default_prompts(model: str) -> tuple[str, str]:
+    """(added prompt, negative prompt) by default: empty for the shipped model, which never saw the
+    original app's words; the original app's for any other model."""
+    if model == SHIPPED:
+        return "", ""
+    return ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def check_request(request: GenerateRequest, limits: Limits, controlnets: int, samplers: Sequence[str]) -> None:
+    """Refuse a request outside the ranges with one RequestError naming the field and what is allowed."""
+    from .annotators import ANNOTATORS
+
+    if not request.prompt.strip() and not request.units:
+        raise RequestError("give a prompt or a control image (or both)")
+    _check_range("images", request.num_images, 1, MAX_IMAGES)
+    _check_range("steps", request.steps, 1, 100)
+    _check_range("guidance scale", request.guidance_scale, 0.1, 30)
+    _check_range("eta", request.eta, 0, 1)
+    _check_range("seed", request.seed, -1, MAX_SEED)
+    _check_range("denoising strength", request.denoising_strength, 0.01, 1)
+    if request.resolution is not None:
+        _check_range("resolution", request.resolution, 64, limits.max_resolution)
+        if request.resolution % 64:
+            raise RequestError(f"resolution must be a multiple of 64, got {request.resolution}")
+    if request.sampler not in samplers:
+        raise RequestError(f"unknown sampler {request.sampler!r}; choose one of {', '.join(samplers)}")
+    if request.mask is not None and request.init_image is None:
+        raise RequestError("inpainting needs an init image as well as the mask")
+    if len(request.units) > max(controlnets, 0) * 4 or (request.units and controlnets == 0):
+        raise RequestError(f"{len(request.units)} control units, but the model has {controlnets} ControlNet(s)")
+    for i, unit in enumerate(request.units):
+        name = f"control unit {i}"
+        if unit.annotator not in ANNOTATORS:
+            raise RequestError(f"{name}: unknown annotator {unit.annotator!r}; choose one of {', '.join(ANNOTATORS)}")
+        if ANNOTATORS[unit.annotator].weights is not None:
+            raise RequestError(f"{name}: the {unit.annotator} annotator needs weights this server does not have")
+        _check_range(f"{name}: strength", unit.strength, 0, 2)
+        _check_range(f"{name}: start", unit.start, 0, 1)
+        _check_range(f"{name}: end", unit.end, 0, 1)
+        if unit.start >= unit.end:
+            raise RequestError(f"{name}: start ({unit.start:g}) must be before end ({unit.end:g})")
+        if unit.mode not in CONTROL_MODES:
+            raise RequestError(f"{name}: control mode must be one of {', '.join(CONTROL_MODES)}")
+        if unit.resize_mode not in RESIZE_MODES:
+            raise RequestError(f"{name}: resize mode must be one of {', '.join(RESIZE_MODES)}")
+        _check_range(f"{name}: annotator resolution", unit.annotator_resolution, 64, 2048)
+        if not 0 <= unit.controlnet < controlnets:
+            raise RequestError(f"{name}: ControlNet {unit.controlnet} does not exist (the model has {controlnets})")
+        for key, value in unit.annotator_params.items():
+            if key.endswith("threshold"):
+                _check_range(f"{name}: {key.replace('_', ' ')}", value, 1, 255)
+
+
+def read_upload(path: str | Path, limits: Limits, what: str = "image") -> np.ndarray:
+    """An uploaded image file as RGB uint8, refused (RequestError) when over the size or pixel limits
+    or not an image."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise RequestError(f"the {what} upload is missing; upload it again") from None
+    if size > limits.max_upload_bytes:
+        raise RequestError(f"the {what} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:g} MB")
+    try:
+        return load_image(path, max_pixels=limits.max_pixels)
+    except ImageError as error:
+        raise RequestError(f"the {what}: {error}".replace(str(path), "the upload")) from None
+
+
+@dataclass
+class ModelEntry:
+    """A base model and the ControlNets served with it."""
+
+    name: str
+    base: Path
+    controlnets: list[Path]
+
+
+def discover_models(folder: Path | None, include_shipped: bool = True) -> list[ModelEntry]:
+    """The shipped model, then every base model in ``folder`` (files with a base, or diffusers
+    pipeline folders), each with the ControlNet files of the folder that fit it (checked by shape
+    family when it is loaded). Only files inside ``folder`` are ever offered."""
+    from .checkpoints import CheckpointError, inspect_contents
+
+    entries = [ModelEntry(SHIPPED, shipped.base_path(), [shipped.canny_path()])] if include_shipped else []
+    if folder is None:
+        return entries
+    bases, controls = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not (path.suffix in MODEL_SUFFIXES or path.is_dir()):
+            continue
+        try:
+            contents = inspect_contents(path)
+        except (CheckpointError, OSError, ValueError):
+            continue  # not a model: not offered
+        if contents.has_base:
+            bases.append((path, contents.has_controlnet))
+        elif contents.has_controlnet:
+            controls.append(path)
+    for path, has_own in bases:
+        entries.append(ModelEntry(path.name, path, [path] if has_own else list(controls)))
+    return entries
+
+
+class ModelRegistry:
+    """The models a server offers, loaded when first used; at most ``keep`` stay in memory. Each has
+    a lock: one job per model at a time."""
+
+    def __init__(self, entries: Sequence[ModelEntry], device: str = "cpu", dtype: str | None = None, keep: int = 1):
+        if not entries:
+            raise ValueError("no models to serve")
+        self.entries = {entry.name: entry for entry in entries}
+        self.device, self.dtype, self.keep = device, dtype, keep
+        self._loaded: dict[str, tuple[Pipeline, dict]] = {}
+        self._locks = {name: threading.Lock() for name in self.entries}
+        self._loading = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def entry(self, name: str) -> ModelEntry:
+        if name not in self.entries:
+            raise RequestError(f"unknown model {name!r}; choose one of {', '.join(self.entries)}")
+        return self.entries[name]
+
+    def lock(self, name: str) -> threading.Lock:
+        self.entry(name)
+        return self._locks[name]
+
+    def pipeline(self, name: str) -> tuple[Pipeline, dict]:
+        """The model's pipeline and its file records (name + sha256), loading it if needed."""
+        entry = self.entry(name)
+        with self._loading:
+            if name not in self._loaded:
+                while len(self._loaded) >= self.keep:  # free the oldest before loading another
+                    self._loaded.pop(next(iter(self._loaded)))
+                controlnets = self._fitting_controlnets(entry)
+                pipe = Pipeline.from_files(entry.base, controlnets, device=self.device, dtype=self.dtype)
+                self._loaded[name] = (pipe, model_records(entry.base, controlnets))
+            return self._loaded[name]
+
+    @staticmethod
+    def _fitting_controlnets(entry: ModelEntry) -> list[Path]:
+        from .checkpoints import CheckpointError, load_base, load_controlnet
+
+        if len(entry.controlnets) <= 1 and entry.controlnets == [entry.base]:
+            return entry.controlnets
+        config = load_base(entry.base).config
+        fitting = []
+        for path in entry.controlnets:
+            try:
+                load_controlnet(path, config)
+            except (CheckpointError, ValueError):
+                continue  # a ControlNet of another family
+            fitting.append(path)
+        return fitting
+
+
+class JobQueue:
+    """Counts jobs waiting or running; refuses one more than ``max_length`` with QueueFull."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def length(self) -> int:
+        return self._count
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._lock:
+            if self._count >= self.max_length:
+                raise QueueFull(f"the server is busy ({self._count} jobs queued, the limit); try again shortly")
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+
+
+class Service:
+    """Runs generation requests for the UI and the API; writes each result's PNGs to ``out``."""
+
+    def __init__(self, registry: ModelRegistry, limits: Limits | None = None, out: Path | None = None):
+        self.registry = registry
+        self.limits = limits or Limits()
+        self.queue = JobQueue(self.limits.max_queue)
+        self.out = out or Path(tempfile.mkdtemp(prefix="controlnet-serve-"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._names = threading.Lock()
+        self._counter = 0
+
+    def native_resolution(self, model: str) -> int:
+        """The model's native image size (loads the model if it is not loaded)."""
+        pipe, _ = self.registry.pipeline(model)
+        return pipe.model.config.native_resolution
+
+    def annotate(self, unit: UnitRequest, resolution: int) -> np.ndarray:
+        """The unit's control map as the preview shows it (at ``resolution``, the output's short side)."""
+        from .annotators import run_annotator
+        from .images import resize_image
+
+        check_request(GenerateRequest("preview", [unit]), self.limits, 1, ["ddim"])
+        image = resize_image(unit.image, resolution if unit.pixel_perfect else unit.annotator_resolution)
+        return viewable_map(run_annotator(unit.annotator, image, None, **unit.annotator_params))
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> GenerateResponse:
+        """Queue, run and save one request. Raises RequestError, QueueFull or Cancelled."""
+        from .samplers import SAMPLERS
+
+        self.registry.entry(request.model)  # an unknown model is refused before queueing
+        with self.queue.slot(), self.registry.lock(request.model):
+            pipe, models = self.registry.pipeline(request.model)
+            check_request(request, self.limits, len(pipe.controlnets), list(SAMPLERS))
+            added, negative = default_prompts(request.model)
+            added = added if request.added_prompt is None else request.added_prompt
+            negative = negative if request.negative_prompt is None else request.negative_prompt
+            units = [self._control_unit(unit, request) for unit in request.units]
+
+            def step(done: int, total: int) -> None:
+                if cancelled is not None and cancelled():
+                    raise Cancelled("cancelled")
+                if progress is not None:
+                    progress(done, total)
+
+            step(0, request.steps)
+            try:
+                result = pipe.generate(
+                    request.prompt,
+                    units,
+                    negative_prompt=negative,
+                    added_prompt=added,
+                    num_images=request.num_images,
+                    seed=None if request.seed < 0 else request.seed,
+                    steps=request.steps,
+                    guidance_scale=request.guidance_scale,
+                    eta=request.eta,
+                    sampler=request.sampler,
+                    resolution=request.resolution,
+                    init_image=request.init_image,
+                    denoising_strength=request.denoising_strength,
+                    mask=request.mask,
+                    progress=step,
+                )
+            except (ValueError, ImageError) as error:  # the core refused a value: the user's to fix
+                raise RequestError(" ".join(str(error).split())) from None
+        return self._save(request, pipe, result, models, added, negative)
+
+    def _control_unit(self, unit: UnitRequest, request: GenerateRequest) -> ControlUnit:
+        image, annotator, params = unit.image, unit.annotator, dict(unit.annotator_params)
+        if not unit.pixel_perfect:  # annotate at the chosen resolution; the pipeline fits the map
+            from .annotators import run_annotator
+            from .images import resize_image
+
+            image = run_annotator(annotator, resize_image(image, unit.annotator_resolution), None, **params)
+            annotator, params = "none", {}
+        return ControlUnit(
+            image=image,
+            annotator=annotator,
+            annotator_params=params,
+            controlnet=unit.controlnet,
+            strength=unit.strength,
+            start=unit.start,
+            end=unit.end,
+            mode="control" if request.guess_mode else unit.mode,
+            resize_mode=unit.resize_mode,
+        )
+
+    def _save(self, request: GenerateRequest, pipe: Pipeline, result, models: dict, added: str, negative: str):
+        height, width = result.images[0].shape[:2]
+        controls = []
+        for unit in request.units:
+            control = {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"}
+            control["mode"] = "control" if request.guess_mode else unit.mode
+            controls.append(control)
+        record = {
+            **result.settings,
+            "prompt": request.prompt,
+            "negative_prompt": negative,
+            "added_prompt": added,
+            "seed": result.seeds[0],
+            "num_images": len(result.images),
+            "steps": request.steps,
+            "sampler": request.sampler,
+            "guidance_scale": request.guidance_scale,
+            "eta": request.eta,
+            "resolution": request.resolution or pipe.model.config.native_resolution,
+            "width": int(width),
+            "height": int(height),
+            "controls": controls,
+            "models": models,
+            "model": request.model,
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+            "version": __version__,
+        }
+        if request.init_image is not None:
+            record["denoising_strength"] = request.denoising_strength
+        folder = self.out / time.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._names:
+            self._counter += 1
+            stem = f"{time.strftime('%H%M%S')}-{self._counter:05d}-{secrets.token_hex(3)}"
+        maps = []
+        for i, control_map in enumerate(result.control_maps):
+            map_record = {k: v for k, v in record.items() if k != "seed"} | {"seeds": result.seeds, "control_map": i}
+            maps.append(
+                save_png(
+                    folder / f"{stem}-control-{i}.png", viewable_map(control_map), {"controlnet": to_json(map_record)}
+                )
+            )
+        images = []
+        for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+            image_record = {**record, "seed": seed, "batch_index": i}
+            text = {"parameters": parameters_text(image_record, models), "controlnet": to_json(image_record)}
+            images.append(save_png(folder / f"{stem}-{seed}.png", image, text))
+        return GenerateResponse(images, maps, list(result.seeds), record)

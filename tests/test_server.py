@@ -1,0 +1,194 @@
+"""The service behind `controlnet serve` and its JSON API: checks with one-line errors, limits, the
+queue, cancellation, authentication and the model folder. (The page itself: test_webui_browser.py.)"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlnet import shipped
+from controlnet.checkpoints import save_ldm
+from controlnet.server import (
+    SHIPPED,
+    Cancelled,
+    GenerateRequest,
+    Limits,
+    ModelRegistry,
+    QueueFull,
+    RequestError,
+    Service,
+    UnitRequest,
+    discover_models,
+)
+from controlnet.tiny import random_tiny_models
+from controlnet.webui import request_from_json
+
+pytest.importorskip("gradio")
+from fastapi.testclient import TestClient
+
+from controlnet.webui import build_app
+
+
+def _png(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+EDGES = shipped.examples()[0].control
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> Service:
+    return Service(ModelRegistry(discover_models(None)), Limits(max_queue=2), tmp_path_factory.mktemp("out"))
+
+
+@pytest.fixture(scope="module")
+def client(service) -> TestClient:
+    return TestClient(build_app(service))
+
+
+def _edges() -> str:
+    return base64.b64encode(EDGES.read_bytes()).decode()
+
+
+def test_the_api_generates_pngs_that_carry_their_settings(client):
+    body = {"prompt": shipped.examples()[0].prompt, "steps": 4, "num_images": 2, "seed": 11,
+            "units": [{"image": _edges(), "annotator": "none"}]}  # fmt: skip
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["seeds"] == [11, 12] and len(result["images"]) == 2 and len(result["control_maps"]) == 1
+    png = io.BytesIO(base64.b64decode(result["images"][1]))
+    image = Image.open(png)
+    assert image.size == (128, 128)  # the shipped model's native size
+    assert "Seed: 12" in image.text["parameters"] and '"steps": 4' in image.text["controlnet"]
+    assert result["settings"]["model"] == SHIPPED and result["settings"]["added_prompt"] == ""
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"steps": 4}, 400, '"prompt" is required'),
+        ({"prompt": "x", "colour": "red"}, 400, "unknown field(s): colour"),
+        ({"prompt": "x", "steps": "many"}, 400, "steps must be a number"),
+        ({"prompt": "x", "steps": 0}, 400, "steps must be between 1 and 100, got 0"),
+        ({"prompt": "x", "num_images": 13}, 400, "images must be between 1 and 12"),
+        ({"prompt": "x", "guidance_scale": 31}, 400, "guidance scale must be between 0.1 and 30"),
+        ({"prompt": "x", "resolution": 100}, 400, "resolution must be a multiple of 64"),
+        ({"prompt": "x", "sampler": "magic"}, 400, "unknown sampler 'magic'; choose one of"),
+        ({"prompt": "x", "model": "sd15"}, 400, "unknown model 'sd15'; choose one of shipped"),
+        ({"prompt": "x", "units": [{"image": "@@@"}]}, 400, "units[0].image is not valid base64"),
+        ({"prompt": "x", "units": [{"image": base64.b64encode(b"not an image").decode()}]}, 400, "not an image"),
+        ({"prompt": "x", "units": [{"image": "EDGES", "strength": 3}]}, 400, "strength must be between 0 and 2"),
+        ({"prompt": "x", "units": [{"image": "EDGES", "start": 0.8, "end": 0.2}]}, 400, "must be before end"),
+        ({"prompt": "x", "units": [{"image": "EDGES", "annotator": "hed"}]}, 400, "unknown annotator 'hed'"),
+        ({"prompt": "x", "units": [{"image": "EDGES", "controlnet": 1}]}, 400, "ControlNet 1 does not exist"),
+        ({"prompt": "x", "mask": "EDGES"}, 400, "inpainting needs an init image"),
+    ],
+)
+def test_bad_requests_get_one_line_errors_and_the_server_goes_on(client, body, status, message):
+    body = dict(body)
+    for unit in body.get("units", []):
+        unit["image"] = _edges() if unit["image"] == "EDGES" else unit["image"]
+    if body.get("mask") == "EDGES":
+        body["mask"] = _edges()
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error and "\n" not in error and "Traceback" not in error
+    assert client.get("/api/models").json()["models"] == [SHIPPED]  # still serving
+
+
+def test_not_json_and_oversized_bodies_and_images_are_refused(client, service):
+    response = client.post("/api/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "the body is not JSON" in response.json()["error"]
+    huge = b"x" * (8 * service.limits.max_upload_bytes + 1)
+    response = client.post("/api/generate", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    # An image whose header claims more pixels than the limit is refused before decoding.
+    big = _png(np.zeros((64, 64, 3), np.uint8))
+    small_limits = Limits(max_pixels=32 * 32)
+    with pytest.raises(RequestError, match="over the limit of 1024"):
+        request_from_json({"prompt": "x", "units": [{"image": big}]}, small_limits)
+    with pytest.raises(RequestError, match="over the upload limit"):
+        request_from_json({"prompt": "x", "units": [{"image": big}]}, Limits(max_upload_bytes=10))
+
+
+def test_a_full_queue_refuses_cleanly_and_one_job_runs_per_model(service):
+    started, release = threading.Event(), threading.Event()
+    running = []
+
+    def slow(done: int, total: int) -> None:
+        running.append(threading.current_thread().name)
+        started.set()
+        release.wait(timeout=60)
+
+    request = GenerateRequest("a red circle on a white background", steps=2, seed=1)
+    first = threading.Thread(target=service.generate, args=(request,), kwargs={"progress": slow}, name="first")
+    first.start()
+    assert started.wait(timeout=120)
+    second = threading.Thread(target=service.generate, args=(request,), name="second")
+    second.start()  # waits for the model's lock: the queue now holds 2, its limit
+    for _ in range(100):
+        if service.queue.length == 2:
+            break
+        threading.Event().wait(0.05)
+    assert service.queue.length == 2
+    with pytest.raises(QueueFull, match="the server is busy"):
+        service.generate(request)
+    release.set()
+    first.join(timeout=120)
+    second.join(timeout=120)
+    assert service.queue.length == 0 and set(running) == {"first"}
+    assert service.generate(request).seeds == [1]  # serving again
+
+
+def test_cancel_stops_between_steps_and_the_next_job_runs(service):
+    steps_seen = []
+
+    def progress(done: int, total: int) -> None:
+        steps_seen.append(done)
+
+    request = GenerateRequest("a blue square on a yellow background", steps=20, seed=3)
+    with pytest.raises(Cancelled):
+        service.generate(request, progress=progress, cancelled=lambda: len(steps_seen) >= 3)
+    assert len(steps_seen) == 3 and service.queue.length == 0
+    assert service.generate(GenerateRequest("a blue square", steps=2, seed=3)).seeds == [3]
+
+
+def test_the_preview_and_a_unit_without_pixel_perfect(service):
+    edges = np.asarray(Image.open(EDGES).convert("RGB"))
+    unit = UnitRequest(edges, annotator="canny", pixel_perfect=False, annotator_resolution=256)
+    preview = service.annotate(unit, 128)
+    assert preview.shape == (256, 256, 3) and preview.dtype == np.uint8
+    response = service.generate(GenerateRequest("a red ring", [unit], steps=2, seed=5))
+    assert Image.open(response.images[0]).size == (128, 128)
+
+
+def test_basic_auth_protects_the_api(service):
+    client = TestClient(build_app(service, auth=("ada", "secret")))
+    assert client.get("/api/models").status_code == 401
+    assert client.get("/api/models", auth=("ada", "wrong")).status_code == 401
+    assert client.get("/api/models", auth=("ada", "secret")).json()["models"] == [SHIPPED]
+
+
+def test_only_models_inside_the_folder_are_offered(tmp_path):
+    model, controlnet = random_tiny_models()
+    save_ldm(tmp_path / "tiny.safetensors", model)
+    save_ldm(tmp_path / "tiny-control.safetensors", controlnet=controlnet)
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    entries = discover_models(tmp_path)
+    assert [e.name for e in entries] == [SHIPPED, "tiny.safetensors"]
+    assert entries[1].controlnets == [tmp_path / "tiny-control.safetensors"]
+    registry = ModelRegistry(entries)
+    with pytest.raises(RequestError, match=r"unknown model '\.\./etc/passwd'"):
+        registry.pipeline("../etc/passwd")
+    pipe, records = registry.pipeline("tiny.safetensors")
+    assert len(pipe.controlnets) == 1 and records["base"]["name"] == "tiny.safetensors"
