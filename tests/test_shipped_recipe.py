@@ -23,5 +23,7 @@ def test_the_shipped_model_recipe_runs_end_to_end_and_resumes(tmp_path):
     for name in ("eval-control", "eval-base"):
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["settings"]["control"] == (name == "eval-control") and "scene_score" in results["summary"]
+    shipped = sorted(p.name for p in (tmp_path / "ship").iterdir())  # a smoke run never touches the package's
+    assert shipped == ["shapes-canny.safetensors", "shapes.safetensors"]
     again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == 3

@@ -35,6 +35,8 @@ def test_upload_preview_generate_and_gallery(server, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1300})
         page.set_default_timeout(120_000)  # a busy 2-core machine renders slowly
         page.goto(server, wait_until="load")
+        page.locator("#run").click()  # nothing to go on: a one-line error in the page, no traceback
+        page.get_by_text("give a prompt or a control image (or both)").first.wait_for()
         page.locator("#prompt textarea").fill(example.prompt)
         page.locator("#unit0_image input[type=file]").set_input_files(str(example.scene))  # Canny finds its edges
         page.locator("#unit0_preview").click()
