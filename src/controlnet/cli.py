@@ -28,7 +28,7 @@ from .checkpoints import (
     save_ldm,
     transfer_control,
 )
-from .metadata import format_number, model_records, parameters_text, quote, to_json
+from .metadata import format_number, image_text, map_text, model_records, quote, to_json
 from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 
 
@@ -389,14 +389,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     record = _batch_record(args, pipe, result, units, models)
     for i, control_map in enumerate(result.control_maps):
-        # A map belongs to the whole batch: it names all the seeds rather than one.
-        map_record = {k: v for k, v in record.items() if k != "seed"} | {"seeds": result.seeds, "control_map": i}
-        text = {"controlnet": to_json(map_record)}
+        text = map_text(record, result.seeds, i)
         path = _save_new(out, f"{result.seeds[0]}-control-{i}", viewable_map(control_map), text)
         print(f"detected map {i}: {path}")
     for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-        image_record = {**record, "seed": seed, "batch_index": i}  # every image carries its own seed
-        text = {"parameters": parameters_text(image_record, models), "controlnet": to_json(image_record)}
+        text = image_text(record, models, seed, i)
         path = _save_new(out, f"{seed}", image, text)
         print(f"image (seed {seed}): {path}")
 

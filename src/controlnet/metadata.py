@@ -98,3 +98,16 @@ def parameters_text(record: dict, models: dict) -> str:
     fields["Version"] = f"controlnet {__version__}"
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
+
+
+def map_text(record: dict, seeds: Sequence[int], index: int) -> dict[str, str]:
+    """The PNG text of detected map ``index``: the batch's record naming all its seeds (a map belongs
+    to the whole batch) rather than one."""
+    map_record = {k: v for k, v in record.items() if k != "seed"} | {"seeds": list(seeds), "control_map": index}
+    return {"controlnet": to_json(map_record)}
+
+
+def image_text(record: dict, models: dict, seed: int, index: int) -> dict[str, str]:
+    """The PNG text of image ``index`` of a batch: every image carries its own seed."""
+    image_record = {**record, "seed": seed, "batch_index": index}
+    return {"parameters": parameters_text(image_record, models), "controlnet": to_json(image_record)}

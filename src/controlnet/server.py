@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__, shipped
 from .images import ImageError, load_image, save_png
-from .metadata import model_records, parameters_text, to_json
+from .metadata import image_text, map_text, model_records
 from .pipeline import MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
 from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 
@@ -418,15 +418,9 @@ class Service:
             stem = f"{time.strftime('%H%M%S')}-{self._counter:05d}-{secrets.token_hex(3)}"
         maps = []
         for i, control_map in enumerate(result.control_maps):
-            map_record = {k: v for k, v in record.items() if k != "seed"} | {"seeds": result.seeds, "control_map": i}
-            maps.append(
-                save_png(
-                    folder / f"{stem}-control-{i}.png", viewable_map(control_map), {"controlnet": to_json(map_record)}
-                )
-            )
+            map_png = folder / f"{stem}-control-{i}.png"
+            maps.append(save_png(map_png, viewable_map(control_map), map_text(record, result.seeds, i)))
         images = []
         for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            image_record = {**record, "seed": seed, "batch_index": i}
-            text = {"parameters": parameters_text(image_record, models), "controlnet": to_json(image_record)}
-            images.append(save_png(folder / f"{stem}-{seed}.png", image, text))
+            images.append(save_png(folder / f"{stem}-{seed}.png", image, image_text(record, models, seed, i)))
         return GenerateResponse(images, maps, list(result.seeds), record)
