@@ -58,6 +58,7 @@ def serve_in_background(folder, *arguments: str, timeout: float = 180):
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     port = _free_port()
@@ -72,6 +73,8 @@ def serve_in_background(folder, *arguments: str, timeout: float = 180):
             try:
                 with urllib.request.urlopen(f"{url}/api/models", timeout=5):
                     break
+            except urllib.error.HTTPError:  # an answer all the same (401 when it wants a password)
+                break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"controlnet serve did not start: {log.read_text()[-2000:]}") from None

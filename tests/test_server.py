@@ -156,7 +156,7 @@ def test_cancel_stops_between_steps_and_the_next_job_runs(service):
         steps_seen.append(done)
 
     request = GenerateRequest("a blue square on a yellow background", steps=20, seed=3)
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match="stopped after 3 of 20 steps"):
         service.generate(request, progress=progress, cancelled=lambda: len(steps_seen) >= 3)
     assert len(steps_seen) == 3 and service.queue.length == 0
     assert service.generate(GenerateRequest("a blue square", steps=2, seed=3)).seeds == [3]

@@ -335,7 +335,7 @@ class Service:
 
             def step(done: int, total: int) -> None:
                 if cancelled is not None and cancelled():
-                    raise Cancelled("cancelled")
+                    raise Cancelled(f"stopped after {done} of {total} steps")
                 if progress is not None:
                     progress(done, total)
 
@@ -411,6 +411,9 @@ class Service:
         }
         if request.init_image is not None:
             record["denoising_strength"] = request.denoising_strength
+        if request.mask is not None:  # the share of the picture repainted
+            mask = np.asarray(request.mask)
+            record["inpaint_area"] = round(float((mask > 127 if mask.dtype == np.uint8 else mask > 0.5).mean()), 4)
         folder = self.out / time.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
         with self._names:

@@ -167,8 +167,10 @@ class _Cancellations:
                 self._flags[session].set()
 
 
-def build_ui(service: Service):
-    """The Gradio Blocks of the page."""
+def build_ui(service: Service, document_api: bool = True):
+    """The Gradio Blocks of the page. ``document_api=False`` keeps the generate endpoint callable
+    but out of the API description, which Gradio embeds even in its login page: with a password,
+    the model names stay private until one logs in."""
     import gradio as gr
 
     limits = service.limits
@@ -182,7 +184,7 @@ def build_ui(service: Service):
         gr.Markdown("## ControlNet: control Stable Diffusion with edges, scribbles and more")
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(models, value=first, label="Model")
+                model = gr.Dropdown(models, value=first, label="Model", elem_id="model")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 with gr.Row():
                     run = gr.Button("Run", variant="primary", elem_id="run")
@@ -194,23 +196,30 @@ def build_ui(service: Service):
                             unit_inputs.append(_unit_controls(gr, i, service, native))
                 with gr.Accordion("Options", open=True):
                     num_images = gr.Slider(1, 12, value=1, step=1, label="Images", elem_id="num_images")
-                    resolution = gr.Slider(64, limits.max_resolution, value=native, step=64, label="Image Resolution")
+                    resolution = gr.Slider(
+                        64, limits.max_resolution, value=native, step=64, label="Image Resolution", elem_id="resolution"
+                    )
                     guess_mode = gr.Checkbox(False, label="Guess Mode")
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(0.1, 30.0, value=9.0, step=0.1, label="Guidance Scale")
                     sampler = gr.Dropdown(_samplers(), value="ddim", label="Sampler")
                     with gr.Row():
-                        seed = gr.Number(-1, label="Seed (-1: random)", precision=0, minimum=-1, maximum=2**31 - 1)
-                        reuse = gr.Button("Reuse last seed", size="sm")
+                        seed = gr.Number(
+                            -1, label="Seed (-1: random)", precision=0, minimum=-1, maximum=2**31 - 1, elem_id="seed"
+                        )
+                        reuse = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
                     eta = gr.Number(0.0, label="eta (DDIM)", minimum=0.0, maximum=1.0)
                     added_prompt = gr.Textbox(added, label="Added Prompt")
                     negative_prompt = gr.Textbox(negative, label="Negative Prompt")
                 with gr.Accordion("img2img and inpainting", open=False):
                     init_image = gr.ImageEditor(
-                        type="numpy", label="Init image (paint the area to repaint for inpainting)", layers=False
+                        type="numpy",
+                        label="Init image (paint the area to repaint for inpainting)",
+                        layers=False,
+                        elem_id="init_image",
                     )
                     denoising = gr.Slider(0.01, 1.0, value=0.75, step=0.01, label="Denoising strength")
-                    inpaint = gr.Checkbox(False, label="Inpaint the painted area only")
+                    inpaint = gr.Checkbox(False, label="Inpaint the painted area only", elem_id="inpaint")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Output", columns=2, format="png", elem_id="gallery", height="auto")
                 files = gr.Files(label="PNGs with their settings", elem_id="files")
@@ -227,13 +236,15 @@ def build_ui(service: Service):
                 )
             except (RequestError, QueueFull) as error:
                 raise gr.Error(str(error), print_exception=False) from None
-            except Cancelled:
-                raise gr.Error("cancelled", print_exception=False) from None
+            except Cancelled as stopped:
+                raise gr.Error(str(stopped), title="Cancelled", print_exception=False) from None
             shown = [(str(p), f"detected map {i}") for i, p in enumerate(response.control_maps)]
             shown += [(str(p), f"seed {s}") for p, s in zip(response.images, response.seeds, strict=True)]
             text = f"seeds {', '.join(map(str, response.seeds))} · {response.settings['width']}x" + (
                 f"{response.settings['height']} · {response.settings['steps']} steps · model {job.model}"
             )
+            if "inpaint_area" in response.settings:
+                text += f" · inpainted {response.settings['inpaint_area']:.0%} of the picture"
             paths = [str(p) for p in (*response.control_maps, *response.images)]
             return {gallery: shown, files: paths, info: text, last_seed: response.seeds[0]}
 
@@ -260,6 +271,7 @@ def build_ui(service: Service):
             inputs=inputs,
             outputs=[gallery, files, info, last_seed],
             api_name="generate",
+            api_visibility="public" if document_api else "undocumented",
             concurrency_limit=None,  # the service queues: one job per model at a time
         )
         prompt.submit(generate, inputs=inputs, outputs=[gallery, files, info, last_seed], api_name=False)
@@ -372,7 +384,10 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
         )
     init_image, mask = None, None
     editor = value["init_image"]
-    if editor is not None and editor.get("background") is not None:
+    has_picture = editor is not None and editor.get("background") is not None
+    if value["inpaint"] and not has_picture:
+        raise RequestError("inpainting is on but there is no init image: upload one and paint the area to repaint")
+    if has_picture:
         init_image = np.asarray(editor["background"])[..., :3].astype(np.uint8)
         if value["inpaint"]:
             layers = [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]
@@ -464,7 +479,7 @@ def build_app(service: Service, auth: tuple[str, str] | None = None):
             return error(503, str(busy))
         return response_to_json(response)
 
-    page = build_ui(service)
+    page = build_ui(service, document_api=auth is None)
     page.queue(max_size=service.limits.max_queue, default_concurrency_limit=None)
     mb = f"{service.limits.max_upload_bytes / 2**20:g}mb"
     with warnings.catch_warnings():
