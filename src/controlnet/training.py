@@ -183,6 +183,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this process joined the group (and so leaves it)
 
     @property
     def is_main(self) -> bool:
@@ -191,6 +192,14 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Leave the process group this process joined. Left to the interpreter's exit, gloo's
+        threads can be torn down mid-flight and abort the process ("terminate called without an
+        active exception") after the training has finished."""
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            self.owns_group = False
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any process (so that all of them stop at the same step)."""
@@ -221,9 +230,10 @@ def init_distributed(device: str) -> Distributed:
         backend, place = "nccl", torch.device("cuda", local_rank)
     else:
         backend, place = "gloo", torch.device(device)
-    if not torch.distributed.is_initialized():
+    owns_group = not torch.distributed.is_initialized()
+    if owns_group:
         torch.distributed.init_process_group(backend)
-    return Distributed(rank=rank, world_size=world_size, device=place)
+    return Distributed(rank=rank, world_size=world_size, device=place, owns_group=owns_group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1257,7 +1267,10 @@ def _duration(seconds: float) -> str:
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> list[Path]:
     """Run a training from a config (the function behind ``controlnet train``)."""
     trainer = Trainer(config, log)
-    return trainer.run()
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
 
 
 def add_control(base: str | os.PathLike, out: str | os.PathLike) -> Path:
