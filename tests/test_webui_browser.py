@@ -141,8 +141,13 @@ def test_inpaint_repaints_only_the_painted_area(server, browser):
     page.locator("#inpaint input").check()
     page.locator("#run").click()  # inpainting without a picture: said so in the page
     page.get_by_text("there is no init image").first.wait_for()
-    page.locator("#init_image input[type=file]").set_input_files(str(example.scene))
-    page.locator("#init_image").get_by_text("Upload an image").wait_for(state="detached")
+    # Through the file chooser, as a user does: the click waits until the editor takes input (setting
+    # the hidden <input> directly could land before the editor listens, and nothing would load).
+    dropzone = page.locator("#init_image").get_by_text("Upload an image")
+    with page.expect_file_chooser() as chooser:
+        dropzone.click()
+    chooser.value.set_files(str(example.scene))
+    dropzone.wait_for(state="detached")
     page.locator("#run").click()  # a picture but nothing painted on it
     page.get_by_text("nothing is painted").first.wait_for()
 
