@@ -91,22 +91,15 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-
-
 def fix_malloc() -> bool:
-    """Make glibc malloc keep what it is given: every block from the heap (no mmap), freed memory
-    kept for reuse (no trimming). By default blocks above a threshold (which moves with the
-    process's history, up to 32 MiB) are mapped and unmapped at each allocation, and the heap is
-    trimmed: a step's activations and oneDNN's weight reorders then come back from the kernel as
-    fresh pages at every step, up to a third of an fp32 step here, and more or less so from one
-    process to another running the same code. Call it first thing in a process. False where not
-    glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    """Every variant's process alike, ours and its peer's: glibc malloc keeps what it is given
+    (``controlnet.runtime.keep_freed_memory``). Otherwise blocks above a threshold that moves with
+    the process's history come back from the kernel as fresh pages at every step, up to a third of an
+    fp32 step here, and more or less so from one process to another running the same code. Call it
+    first thing in a process. False where not glibc."""
+    from controlnet.runtime import keep_freed_memory
+
+    return keep_freed_memory()
 
 
 def cpu_usage() -> tuple[float, int]:

@@ -14,6 +14,9 @@ The defaults follow what each machine does fastest with the same images:
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 from torch import nn
 
@@ -71,3 +74,29 @@ def prepare(module: nn.Module, device: str | torch.device, dtype: torch.dtype, c
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve every block from its heap and keep what is freed for reuse; for a
+    process that runs one job (a training run, a batch of images), called once at its start.
+
+    By default glibc maps each block above a threshold (which moves with the process's history, up
+    to 32 MiB) afresh from the kernel and unmaps it when freed, and trims its heap. A model's steps
+    allocate and free the same large tensors (activations, weight gradients, oneDNN's reordered
+    weights) at every step, which then come back as fresh pages: 300,000-600,000 page faults per
+    SD 1.5-size ControlNet training step at 256 px, batch 2. Measured on 2 cores: 4.7 -> 3.9 s a
+    bf16 step, and 23.8 -> 3.9 s while the kernel had to reclaim its page cache to hand out those
+    pages; the peak memory went from 8.59 to 8.73 GiB. The process keeps its peak memory until it
+    ends (its next step would reach it again anyway). The benchmarks fix the allocator this way for
+    every side they time. Returns False where the C library is not glibc (nothing changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
