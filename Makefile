@@ -56,7 +56,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_step.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_image.py $(BENCH_ARGS)
 
-# Training speed against diffusers' train_controlnet.py logic (SD 1.5 size, 256x256, about 9 minutes).
+# Training speed against diffusers' train_controlnet.py logic (SD 1.5 size, 256x256, 7-14 minutes).
 bench-train: install-dev
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_ARGS)
 

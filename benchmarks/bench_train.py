@@ -39,26 +39,28 @@ which others took 5% of the CPUs or more ("others %" and "retimed" in the table)
                                      [--variants diffusers,cache,no-cache] [--samples 16]
                                      [--wait-quiet 300] [--cache-dir DIR]
 
-Defaults: about 7 minutes on 2 Zen 5 cores. ``--quick``: 128x128, batch 1, one round of 2 warm-up
-+ 2 timed steps, bf16 only (a smoke run, 1-2 minutes once the base file exists). The random base
-(SD 1.5 in fp32, 4.3 GB) and the dataset are written once into ``--cache-dir`` (default
+Defaults: 7-14 minutes on 2 cores (Zen 5 - Zen 4). ``--quick``: 128x128, batch 1, one round of 2
+warm-up + 2 timed steps, bf16 only (a smoke run, 1-2 minutes once the base file exists). The random
+base (SD 1.5 in fp32, 4.3 GB) and the dataset are written once into ``--cache-dir`` (default
 ~/.cache/controlnet-bench/train) and reused.
 
-Figures (the defaults: 256x256, batch 2, 2 rounds of 2 warm-up + 3 timed steps; AMD EPYC Zen 5, 2 cores,
-avx512_bf16, torch 2.13, diffusers 0.42.1; 8 minutes), median step, samples/s, x diffusers, peak GiB:
+Figures (the defaults: 256x256, batch 2, 2 rounds of 2 warm-up + 3 timed steps; AMD EPYC Zen 4, 2 cores,
+avx512_bf16, torch 2.13, diffusers 0.42.1; 14 minutes), median step, samples/s, x diffusers, peak GiB:
 
-    diffusers train_controlnet.py, bf16   3.61 s  0.553  1.00   9.2   (data + frozen VAE/text 0.74 s)
-    ours, cache on (default), bf16        2.47 s  0.809  1.46   8.6
-    ours, cache off, bf16                 3.35 s  0.597  1.08   8.6
-    diffusers train_controlnet.py, fp32   6.63 s  0.302  1.00  11.4   (data + frozen VAE/text 1.51 s)
-    ours, cache on (default), fp32        4.81 s  0.415  1.38  10.5
-    ours, cache off, fp32                 6.04 s  0.331  1.10  10.2
+    diffusers train_controlnet.py, bf16   5.98 s  0.334  1.00   9.3   (data + frozen VAE/text 1.53 s)
+    ours, cache on (default), bf16        4.01 s  0.498  1.49   8.7
+    ours, cache off, bf16                 5.56 s  0.360  1.08   8.8
+    diffusers train_controlnet.py, fp32  10.08 s  0.198  1.00  11.5   (data + frozen VAE/text 2.85 s)
+    ours, cache on (default), fp32        6.67 s  0.300  1.51  10.6
+    ours, cache off, fp32                 9.55 s  0.209  1.05  10.2
 
-The cache took 13.5 s for the 16 samples (0.84 s a sample) and pays back within two epochs, whatever
+The cache took 25 s for the 16 samples (1.6 s a sample) and pays back within two epochs, whatever
 the dataset's size. ControlNet + UNet forward and backward cost the same on both sides (the same oneDNN
 convolutions, matmuls and attention); ours gains the frozen encoders diffusers runs every step (the
-cache), a fused AdamW (0.41 -> 0.13 s) and, in bf16, the frozen base kept in bf16. 1.5x is not reached
-yet (1.46x bf16, 1.38x fp32). docs/training.md has the table.
+cache), a fused AdamW (0.6 -> 0.15 s) and, in bf16, the frozen base kept in bf16. The ratio sits at
+about 1.5x and moves with the run and the machine: 1.68x / 1.51x in another run on the same machine,
+1.46x / 1.38x on a Zen 5 EPYC (earlier code; its VAE is faster, so the cache saves less).
+docs/training.md has the table.
 """
 
 from __future__ import annotations
