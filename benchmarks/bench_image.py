@@ -181,7 +181,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="(b) and (d) without torch.compile")
     parser.add_argument("--no-freezing", action="store_true", help="compile without inductor's freezing")
     parser.add_argument(
-        "--malloc", choices=("fixed", "default"), default="fixed", help="glibc malloc thresholds (common.fix_malloc)"
+        "--malloc", choices=("fixed", "default"), default="fixed", help="glibc malloc kept (keep_freed_memory)"
     )
     parser.add_argument("--sequential", action="store_true", help="one variant's process at a time")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ reference process, which also counts the FLOPs with torch.utils.flop_counter).
                                     [--malloc fixed|default]
 
 ``--malloc fixed`` (the default) pins glibc malloc's thresholds in every variant's process alike
-(``common.fix_malloc``): otherwise a step's system time (page faults) depends on the process's
+(``controlnet.runtime.keep_freed_memory``): otherwise a step's system time (page faults) depends on the process's
 history and differs from one variant's process to another's for the same code.
 
 ``--quick``: 256x256 only, no torch.compile, 2 timed rounds (a smoke run). Compiled artefacts are
@@ -297,7 +297,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sequential", action="store_true", help="one variant's process at a time (no rounds)")
     parser.add_argument("--flops", choices=("measured", "reference"), default="measured")
     parser.add_argument(
-        "--malloc", choices=("fixed", "default"), default="fixed", help="glibc malloc thresholds (common.fix_malloc)"
+        "--malloc", choices=("fixed", "default"), default="fixed", help="glibc malloc kept (keep_freed_memory)"
     )
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in (args.sizes or ("256" if args.quick else "512,256")).split(",")]

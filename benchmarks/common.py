@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from controlnet.runtime import keep_freed_memory
+
 GiB = 2**30
 SEEDS = {"unet": 1, "vae": 2, "text_encoder": 3, "controlnet": 4}
 GUIDANCE_SCALE = 9.0
@@ -89,17 +91,6 @@ def release_free_memory() -> None:
     process's RSS is what it holds, whatever it freed while building."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def fix_malloc() -> bool:
-    """Every variant's process alike, ours and its peer's: glibc malloc keeps what it is given
-    (``controlnet.runtime.keep_freed_memory``). Otherwise blocks above a threshold that moves with
-    the process's history come back from the kernel as fresh pages at every step, up to a third of an
-    fp32 step here, and more or less so from one process to another running the same code. Call it
-    first thing in a process. False where not glibc."""
-    from controlnet.runtime import keep_freed_memory
-
-    return keep_freed_memory()
 
 
 def cpu_usage() -> tuple[float, int]:
@@ -306,8 +297,10 @@ class WorkerError(RuntimeError):
 
 
 def _serve(connection, factory: Callable[..., Any], args: tuple) -> None:
+    # Every variant's process alike, ours and its peer's: otherwise a step's page faults depend on the
+    # process's history and differ from one process to another running the same code.
     if os.environ.get("BENCH_MALLOC", "fixed") == "fixed":
-        fix_malloc()
+        keep_freed_memory()
     # Dynamo's note on diffusers' lru_cache-wrapped version checks, printed once per graph: noise here.
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. its note that torchvision is absent

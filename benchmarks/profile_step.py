@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from controlnet.runtime import keep_freed_memory
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
@@ -70,7 +72,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="slowest single ops to list")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    common.fix_malloc()
+    keep_freed_memory()
     peak = common.matmul_tflops(torch.bfloat16)
     step = build_step(args.size, dtype, args.layout == "channels_last")
     step()  # warm-up: oneDNN primitives, thread pool
