@@ -47,19 +47,18 @@ base (SD 1.5 in fp32, 4.3 GB) and the dataset are written once into ``--cache-di
 Figures (the defaults: 256x256, batch 2, 2 rounds of 2 warm-up + 3 timed steps; AMD EPYC Zen 4, 2 cores,
 avx512_bf16, torch 2.13, diffusers 0.42.1; 14 minutes), median step, samples/s, x diffusers, peak GiB:
 
-    diffusers train_controlnet.py, bf16   5.98 s  0.334  1.00   9.3   (data + frozen VAE/text 1.53 s)
-    ours, cache on (default), bf16        4.01 s  0.498  1.49   8.7
-    ours, cache off, bf16                 5.56 s  0.360  1.08   8.8
-    diffusers train_controlnet.py, fp32  10.08 s  0.198  1.00  11.5   (data + frozen VAE/text 2.85 s)
-    ours, cache on (default), fp32        6.67 s  0.300  1.51  10.6
-    ours, cache off, fp32                 9.55 s  0.209  1.05  10.2
+    diffusers train_controlnet.py, bf16   6.73 s  0.297  1.00   9.2   (data + frozen VAE/text 1.60 s)
+    ours, cache on (default), bf16        4.13 s  0.485  1.63   8.8
+    ours, cache off, bf16                 5.60 s  0.357  1.20   8.7
+    diffusers train_controlnet.py, fp32  10.50 s  0.191  1.00  11.4   (data + frozen VAE/text 2.88 s)
+    ours, cache on (default), fp32        6.84 s  0.292  1.53  10.6
+    ours, cache off, fp32                10.30 s  0.194  1.02  10.2
 
-The cache took 25 s for the 16 samples (1.6 s a sample) and pays back within two epochs, whatever
-the dataset's size. ControlNet + UNet forward and backward cost the same on both sides (the same oneDNN
-convolutions, matmuls and attention); ours gains the frozen encoders diffusers runs every step (the
-cache), a fused AdamW (0.6 -> 0.15 s) and, in bf16, the frozen base kept in bf16. The ratio sits at
-about 1.5x and moves with the run and the machine: 1.68x / 1.51x in another run on the same machine,
-1.46x / 1.38x on a Zen 5 EPYC (earlier code; its VAE is faster, so the cache saves less).
+The cache took 29 s for the 16 samples (1.8 s a sample) and pays back within 1-2.5 epochs, whatever
+the dataset's size. Ours gains the frozen encoders diffusers runs every step (the cache), a fused
+AdamW (0.5-0.7 -> 0.15-0.2 s), in bf16 the frozen base kept in bf16, and ``controlnet.kernels``
+(oneDNN's matmul for fp32 linear layers, im2col + matmul for the 4x4 level's convolutions:
+1.09-1.11x on the fp32 step, 1.03x on bf16). Without those kernels the same day gave 1.52x / 1.43x.
 docs/training.md has the table.
 """
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import ControlNetConfig
+from .kernels import Conv2d
 from .layers import TimestepEmbedding, TimestepEmbedSequential, zero_module
 from .unet import UNet, build_encoder, build_time_embed
 
@@ -28,7 +29,7 @@ def soft_control_scales(strength: float, count: int = 13) -> list[float]:
 
 def zero_conv(channels: int) -> TimestepEmbedSequential:
     """A 1x1 convolution whose weight and bias start at zero (paper section 3.1): ``zero_convs.N.0``."""
-    return TimestepEmbedSequential(zero_module(nn.Conv2d(channels, channels, 1)))
+    return TimestepEmbedSequential(zero_module(Conv2d(channels, channels, 1)))
 
 
 def build_hint_encoder(config: ControlNetConfig) -> TimestepEmbedSequential:
@@ -49,8 +50,8 @@ def build_hint_encoder(config: ControlNetConfig) -> TimestepEmbedSequential:
     ]
     layers: list[nn.Module] = []
     for channels_in, channels_out, stride in plan:
-        layers += [nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1), nn.SiLU()]
-    layers.append(zero_module(nn.Conv2d(c4, config.unet.model_channels, 3, padding=1)))
+        layers += [Conv2d(channels_in, channels_out, 3, stride=stride, padding=1), nn.SiLU()]
+    layers.append(zero_module(Conv2d(c4, config.unet.model_channels, 3, padding=1)))
     return TimestepEmbedSequential(*layers)
 
 

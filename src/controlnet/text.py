@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from controlnet.config import TextEncoderConfig
+from controlnet.kernels import Linear
 from controlnet.tokenizer import default_tokenizer
 
 # SD 1.x files (and HF CLIPTextModel files written by transformers < 4.31) hold this [1, 77] int64
@@ -89,10 +90,10 @@ class _CLIPAttention(nn.Module):
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = Linear(cfg.width, cfg.width)
+        self.v_proj = Linear(cfg.width, cfg.width)
+        self.q_proj = Linear(cfg.width, cfg.width)
+        self.out_proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(_causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
@@ -101,8 +102,8 @@ class _CLIPAttention(nn.Module):
 class _CLIPMLP(nn.Module):
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(quick_gelu(self.fc1(x)))
@@ -183,7 +184,7 @@ class _OpenCLIPAttention(nn.Module):
         self.heads = cfg.heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.width))
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = Linear(cfg.width, cfg.width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +195,8 @@ class _OpenCLIPAttention(nn.Module):
 class _OpenCLIPMLP(nn.Module):
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.width, cfg.mlp_width)
-        self.c_proj = nn.Linear(cfg.mlp_width, cfg.width)
+        self.c_fc = Linear(cfg.width, cfg.mlp_width)
+        self.c_proj = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x)))

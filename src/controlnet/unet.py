@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import UNetConfig
+from .kernels import Conv2d, Linear
 from .layers import (
     Downsample,
     ResBlock,
@@ -39,9 +40,9 @@ def _transformer(config: UNetConfig, channels: int) -> SpatialTransformer:
 def build_time_embed(config: UNetConfig) -> nn.Sequential:
     """The MLP over the sinusoidal features: keys ``time_embed.0`` and ``time_embed.2``."""
     return nn.Sequential(
-        nn.Linear(config.model_channels, config.time_embed_dim),
+        Linear(config.model_channels, config.time_embed_dim),
         nn.SiLU(),
-        nn.Linear(config.time_embed_dim, config.time_embed_dim),
+        Linear(config.time_embed_dim, config.time_embed_dim),
     )
 
 
@@ -53,9 +54,7 @@ def build_encoder(config: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSeque
     """
     emb = config.time_embed_dim
     groups = config.norm_groups
-    blocks = nn.ModuleList(
-        [TimestepEmbedSequential(nn.Conv2d(config.in_channels, config.model_channels, 3, padding=1))]
-    )
+    blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(config.in_channels, config.model_channels, 3, padding=1))])
     channels = config.model_channels
     downsampling = 1
     for level, width in enumerate(config.level_channels):
@@ -113,7 +112,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             normalization(config.model_channels, config.norm_groups),
             nn.SiLU(),
-            zero_module(nn.Conv2d(config.model_channels, config.out_channels, 3, padding=1)),
+            zero_module(Conv2d(config.model_channels, config.out_channels, 3, padding=1)),
         )
 
     def forward(
