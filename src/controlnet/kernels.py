@@ -88,25 +88,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in (torch.float32, torch.bfloat16) else None
 
 
+def _parameter_gradients(ctx, grad_rows: torch.Tensor, input_rows: torch.Tensor) -> tuple:
+    """The weight gradient [out, in] and the bias gradient of a product ``input_rows @ weight.T + bias``
+    from its output gradient (both [rows, ...]), each only if asked for (a frozen layer skips them;
+    a missing bias is never asked for)."""
+    grad_weight = grad_rows.t() @ input_rows if ctx.needs_input_grad[1] else None
+    grad_bias = grad_rows.sum(0) if ctx.needs_input_grad[2] else None
+    return grad_weight, grad_bias
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return _matmul(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _matmul(grad, weight.t())
-        flat = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_weight = flat.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = flat.sum(0)
-        return grad_x, grad_weight, grad_bias
+        grad_x = _matmul(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        return grad_x, *_parameter_gradients(ctx, *rows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,7 +136,6 @@ class _Im2colConv3x3(torch.autograd.Function):
         out = _matmul(columns, weight.reshape(out_channels, -1), bias)
         ctx.save_for_backward(columns, weight)
         ctx.geometry = (batch, channels, height, width, stride, out_height * out_width)
-        ctx.has_bias = bias is not None
         return out.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
@@ -143,15 +144,14 @@ class _Im2colConv3x3(torch.autograd.Function):
         batch, channels, height, width, stride, positions = ctx.geometry
         out_channels = weight.shape[0]
         flat = grad.permute(0, 2, 3, 1).reshape(-1, out_channels)  # [N*L, C_out]
-        grad_x = grad_weight = grad_bias = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_columns = _matmul(flat, weight.reshape(out_channels, -1).t())  # [N*L, C*9]
             grad_columns = grad_columns.view(batch, positions, channels * 9).transpose(1, 2)
             grad_x = F.fold(grad_columns, (height, width), 3, padding=1, stride=stride)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (flat.t() @ columns).view_as(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = flat.sum(0)
+        grad_weight, grad_bias = _parameter_gradients(ctx, flat, columns)
+        if grad_weight is not None:
+            grad_weight = grad_weight.view_as(weight)
         return grad_x, grad_weight, grad_bias, None
 
 
