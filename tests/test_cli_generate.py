@@ -244,7 +244,8 @@ def test_model_files_are_named_with_their_sha256(models, tmp_path):
         (["--image", "{image}", "--resolution", "100"], 2, "--resolution must be a multiple of 64"),
         (["--image", "{image}", "--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of ddim"),
         (["--image", "{image}", "--sampler", "euler_a", "--eta", "0.5"], 2, "applies to the ddim sampler only"),
-        (["--image", "{image}", "--eta", "nan"], 2, "--eta must be >= 0"),
+        (["--image", "{image}", "--eta", "nan"], 2, "--eta must be between 0 and 1"),
+        (["--image", "{image}", "--eta", "1.5"], 2, "--eta must be between 0 and 1"),  # NaN latents above 1
         (["--image", "{image}", "--annotator", "hed2"], 2, "unknown annotator 'hed2'; choose one of canny"),
         (["--image", "{image}", "--annotator", "inpaint"], 2, "needs mask, which the command line cannot give"),
         (["--image", "{image}", "--strength", "2.5"], 2, "strength must be between 0.0 and 2.0, got 2.5"),

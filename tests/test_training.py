@@ -236,7 +236,7 @@ def test_learning_rate_schedule():
         ({"base": None}, "needs --base"),
         ({"control_init": "uniform"}, "--control-init must be one of zero, gaussian"),
         ({"control_init": "gaussian", "controlnet": "x.safetensors"}, "applies to a new ControlNet"),
-        ({"gradient_loss_weight": -1.0}, "must not be negative"),
+        ({"gradient_loss_weight": -1.0}, "--gradient-loss-weight must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(setup, tmp_path, changes, message):
@@ -319,7 +319,7 @@ def test_train_and_add_control_commands_report_mistakes_in_one_line(setup, tmp_p
     out = ["--out", str(tmp_path / "o"), "--base", str(base)]
     assert main(["train", "--data", str(tmp_path / "nope"), *out]) == 2
     assert "--data" in capsys.readouterr().err
-    assert main(["train", "--data", str(data), *out, "--max-steps", "0"]) == 1
+    assert main(["train", "--data", str(data), *out, "--max-steps", "0"]) == 2  # a bad option, as argparse's
     assert capsys.readouterr().err.strip().endswith("--max-steps must be at least 1, got 0")
     assert main(["train", "--data", str(tmp_path), *out]) == 1
     assert "prompt.json" in capsys.readouterr().err  # not a dataset folder

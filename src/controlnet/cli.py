@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from .checkpoints import (
 )
 from .metadata import format_number, image_text, map_text, model_records, quote, to_json
 from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
+from .runtime import NonFiniteError
 
 
 class CommandError(Exception):
@@ -180,6 +180,7 @@ def _add_generate(commands) -> None:
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
+    # NaN fails both comparisons (argparse's float() accepts "nan" and "inf"): refused too.
     if not low <= value <= high:
         raise UsageError(f"{name} must be between {low} and {high}, got {value}")
 
@@ -227,7 +228,6 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
     from .annotators import RESIZE_MODES, get_annotator
     from .guidance import ControlMode
     from .hashing import file_sha256
-    from .images import load_image
     from .pipeline import ControlUnit
 
     default_mode = "control" if args.guess_mode else args.control_mode
@@ -271,8 +271,9 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
         if controlnet < 0:
             raise UsageError(f"{where}: controlnet index must be 0 or more, got {controlnet}")
         params = {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
+        image = _load_checked_image(spec["image"], f"control image {spec['image']}")
         unit = ControlUnit(
-            image=load_image(spec["image"]),  # ImageError: one line naming the file
+            image=image,
             annotator=annotator_name,
             annotator_params=params if annotator_name == "canny" else {},
             controlnet=controlnet,
@@ -288,6 +289,20 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
             raise CommandError(f"cannot read {spec['image']}: {error.strerror or error}") from None
         units.append(_Unit(unit, Path(spec["image"]), sha256))
     return units
+
+
+def _load_checked_image(path: str | Path, what: str) -> np.ndarray:
+    """An input image read (ImageError: one line naming the file) and its shape checked as the
+    core will (at most 4:1), before a model is loaded."""
+    from .annotators.resizing import check_aspect_ratio
+    from .images import load_image
+
+    image = load_image(path)
+    try:
+        check_aspect_ratio(image.shape[1], image.shape[0], what)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    return image
 
 
 def _check_generate_options(args: argparse.Namespace) -> None:
@@ -307,17 +322,52 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         get_sampler(args.sampler)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if not (math.isfinite(args.eta) and args.eta >= 0) or (args.eta != 0 and args.sampler != "ddim"):
-        raise UsageError(f"--eta must be >= 0 and applies to the ddim sampler only, got {args.eta} for {args.sampler}")
+    # Above 1, DDIM's update takes the root of a negative number: NaN latents, black images.
+    if not 0 <= args.eta <= 1 or (args.eta != 0 and args.sampler != "ddim"):
+        raise UsageError(
+            f"--eta must be between 0 and 1 and applies to the ddim sampler only, got {args.eta} for {args.sampler}"
+        )
+    if not 0 < args.denoising_strength <= 1:
+        raise UsageError(f"--denoising-strength must be in (0, 1], got {args.denoising_strength}")
+    if args.mask is not None and args.init_image is None:
+        raise UsageError("--mask needs --init-image (the image to inpaint)")
     if args.guess_mode and args.control_mode not in ("balanced", "control"):
         raise UsageError(
             f"--guess-mode means --control-mode control; it contradicts --control-mode {args.control_mode}"
         )
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
+    original = args.base is not None  # the original app's prompt defaults; the shipped model knows none of those words
+    if args.added_prompt is None:
+        args.added_prompt = ORIGINAL_ADDED_PROMPT if original else ""
+    if args.negative_prompt is None:
+        args.negative_prompt = ORIGINAL_NEGATIVE_PROMPT if original else ""
+    full_prompt = f"{args.prompt}, {args.added_prompt}" if args.added_prompt else args.prompt
+    _check_prompts(
+        (args.prompt, "--prompt"),
+        (args.added_prompt, "--added-prompt"),
+        (full_prompt, "--prompt with --added-prompt"),
+        (args.negative_prompt, "--negative-prompt"),
+    )
     if args.device == "auto":
         args.device = str(default_device())
     _check_device(args.device)
+
+
+def _check_prompts(*prompts: tuple[str, str]) -> None:
+    """The core's prompt limits (length, NUL, lone surrogates), before a model is loaded."""
+    from .prompts import check_prompt
+
+    for text, what in prompts:
+        try:
+            check_prompt(text, what)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+
+# The devices the models run on; torch also names devices that hold no data (meta) or that this
+# package does not support (xla, ipu, ...), which fail later with a traceback.
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def _check_device(name: str) -> None:
@@ -328,6 +378,8 @@ def _check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type not in _DEVICE_TYPES:
+        raise UsageError(f"--device {name}: models cannot run there; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -346,11 +398,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     base, controlnets = args.base, args.controlnet
     if base is None:
         base, controlnets = _shipped_model()
-    original = args.base is not None  # the original app's prompt defaults; the shipped model knows none of those words
-    if args.added_prompt is None:
-        args.added_prompt = ORIGINAL_ADDED_PROMPT if original else ""
-    if args.negative_prompt is None:
-        args.negative_prompt = ORIGINAL_NEGATIVE_PROMPT if original else ""
+    init_image = None if args.init_image is None else _load_checked_image(args.init_image, "--init-image")
+    mask = None if args.mask is None else load_image(args.mask)
     pipe = Pipeline.from_files(base, controlnets, device=args.device, dtype=dtype)
     models = model_records(base, controlnets)
     if args.compile:
@@ -377,11 +426,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
             eta=args.eta,
             sampler=args.sampler,
             resolution=args.resolution,
-            init_image=None if args.init_image is None else load_image(args.init_image),
+            init_image=init_image,
             denoising_strength=args.denoising_strength,
-            mask=None if args.mask is None else load_image(args.mask),
+            mask=mask,
             progress=progress,
         )
+    except NonFiniteError as error:  # the settings passed, the numbers overflowed: not an option's typo
+        raise CommandError(_one_line(error)) from None
     except ValueError as error:  # the core refused a value: a user mistake, not a bug
         raise UsageError(_one_line(error)) from None
     finally:
@@ -443,6 +494,11 @@ def _batch_record(args: argparse.Namespace, pipe, result, units: Sequence[_Unit]
 
 def _writable_folder(path: Path) -> Path:
     """Create the output folder and prove it writable before any model is loaded."""
+    for folder in (path, *path.parents):  # the first that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise CommandError(f"{path}: cannot write there: {folder} is a file, not a folder")
+            break
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -621,6 +677,12 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _os_error(error: OSError) -> str:
+    """'PATH: reason' for an OSError (its own text also holds the errno: '[Errno 28] No space ...')."""
+    reason = error.strerror or _one_line(error)
+    return f"{error.filename}: {reason}" if error.filename else f"cannot read or write a file: {reason}"
+
+
 # -- data ---------------------------------------------------------------------------------------
 
 
@@ -696,6 +758,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
     _check_output(args.output, args.overwrite, [args.input])
+    _writable_folder(args.output.parent)
     contents = inspect_contents(args.input)
     model = load_base(args.input, prediction=args.prediction) if contents.has_base else None
     controlnet = load_controlnet(args.input, model.config if model else None) if contents.has_controlnet else None
@@ -725,6 +788,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_transfer_control(args: argparse.Namespace) -> None:
     _check_output(args.output, args.overwrite, [args.controlnet, args.old_base, args.new_base])
+    _writable_folder(args.output.parent)
     old, new = load_base(args.old_base), load_base(args.new_base)
     if old.config.unet != new.config.unet:
         raise UsageError("the old and the new base models are of different families")
@@ -740,7 +804,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    run_demo(args.out, args.steps, args.prompt, args.device, args.dtype)
+    _check_range("--steps", args.steps, 1, 100)
+    if args.prompt is not None:
+        _check_prompts((args.prompt, "--prompt"))
+    if args.device != "auto":
+        _check_device(args.device)
+    _writable_folder(args.out)
+    try:
+        run_demo(args.out, args.steps, args.prompt, args.device, args.dtype)
+    except NonFiniteError as error:
+        raise CommandError(_one_line(error)) from None
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -864,7 +937,7 @@ def _add_train(commands) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training import TrainConfig, train
+    from .training import TrainConfig, TrainingError, prepare_output_folder, train
 
     config = TrainConfig(
         data=args.data,
@@ -887,7 +960,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         ema_decay=args.ema_decay,
         lr_schedule=args.lr_schedule,
         lr_warmup_steps=args.lr_warmup_steps,
-        max_grad_norm=args.max_grad_norm or None,
+        max_grad_norm=None if args.max_grad_norm == 0 else args.max_grad_norm,  # 0: no clipping
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         validate_every=args.validate_every,
@@ -904,10 +977,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
         strategy=args.strategy,
     )
+    try:
+        config.check()  # every option, before a model or the data is read
+    except TrainingError as error:
+        raise UsageError(str(error)) from None
     for name in ("data", "base", "controlnet"):
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             raise UsageError(f"--{name} {value}: no such file or folder")
+    try:
+        prepare_output_folder(Path(args.out))
+    except TrainingError as error:
+        raise CommandError(str(error)) from None
     train(config, log=lambda message: print(message, flush=True))
 
 
@@ -940,18 +1021,46 @@ def _add_eval(commands) -> None:
     e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluation import evaluate, format_summary
-    from .pipeline import Pipeline
+def _check_eval_options(args: argparse.Namespace) -> None:
+    """Every option of eval that needs no model, checked before one is loaded."""
+    from .evaluation import check_settings
 
     for name, low in (("--count", 1), ("--images-per-condition", 1), ("--steps", 1)):
         value = getattr(args, name[2:].replace("-", "_"))
         if value < low:
             raise UsageError(f"{name} must be at least {low}, got {value}")
+    try:
+        check_settings(
+            images_per_condition=args.images_per_condition,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            resolution=args.resolution,
+            sampler=args.sampler,
+            low_threshold=args.low_threshold,
+            high_threshold=args.high_threshold,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if not args.data.exists():
         raise UsageError(f"--data {args.data}: no such folder")
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
+    if args.controlnet and args.no_control:
+        raise UsageError("--no-control evaluates the base alone; it contradicts --controlnet")
+    for path in (args.base, args.controlnet):
+        if path is not None and not path.exists():
+            raise UsageError(f"{path}: no such file or folder")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .datasets import read_records
+    from .evaluation import evaluate, format_summary
+    from .pipeline import Pipeline
+
+    _check_eval_options(args)
+    read_records(args.data)  # DatasetError (one line) for a folder without a readable listing
+    _writable_folder(args.out)
     base, controlnets = args.base, [args.controlnet] if args.controlnet else []
     if base is None:
         base, controlnets = _shipped_model()
@@ -977,6 +1086,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             high_threshold=args.high_threshold,
             progress=progress,
         )
+    except NonFiniteError as error:  # NaN images: nothing is scored, results.json is not written
+        raise CommandError(_one_line(error)) from None
     finally:
         progress.close()
     print(format_summary(results))
@@ -987,6 +1098,7 @@ def cmd_add_control(args: argparse.Namespace) -> None:
     from .training import add_control
 
     _check_output(args.output, args.overwrite, [args.base])
+    _writable_folder(args.output.parent)
     path = add_control(args.base, args.output)
     print(f"ControlNet for {args.base} (encoder copied, zero convolutions at zero): {path}")
 
@@ -1025,6 +1137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The core's way of refusing input (CheckpointError and ImageError are ValueErrors too):
         # a bad file or value from the user, so one line, not a traceback.
         print(f"controlnet {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        # A file the commands check early can still fail later: a disk that fills up while the
+        # results are written, a folder removed meanwhile. The writers leave no half file behind.
+        print(f"controlnet {args.command}: error: {_os_error(error)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(
+            f"controlnet {args.command}: error: out of memory; try a smaller --resolution, batch or model",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"controlnet {args.command}: interrupted", file=sys.stderr)

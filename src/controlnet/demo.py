@@ -11,11 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from . import shipped
 from .charts import image_grid
-from .images import load_image
+from .files import atomic_file
+from .images import load_image, save_png
 from .pipeline import ControlUnit, Pipeline
 from .runtime import default_device
 
@@ -46,8 +45,7 @@ def run_demo(
         result = pipe.generate(
             text, [ControlUnit(control, mode=mode)], seed=SEED, steps=steps, guidance_scale=7.5, resolution=size
         )
-        path = out / f"{name}.png"
-        Image.fromarray(result.images[0]).save(path)
+        path = save_png(out / f"{name}.png", result.images[0])  # whole or not at all (a disk that fills up)
         controls.append(result.control_maps[0])
         images.append(result.images[0])
         paths.append(path)
@@ -58,7 +56,8 @@ def run_demo(
 
     overview = out / "overview.png"
     grid = image_grid([controls, images], ["control", "image"])
-    grid.save(overview)
+    with atomic_file(overview) as handle:
+        grid.save(handle, format="PNG")
     paths.append(overview)
     print(f"overview (controls above, images below): {overview}")
     return paths

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .annotators.canny import canny
+from .files import atomic_file
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,59 @@ def scene_adherence(
 
 # -- the evaluation run (``controlnet eval``) ---------------------------------------------------
 
+# The settings' ranges, as ``controlnet generate`` takes them: guidance as the original app's
+# slider (far above 30 the guided noise overflows), the resolution a multiple of 64 (the size the
+# pipeline gives its images: the condition is scaled to it and compared pixel for pixel).
+GUIDANCE_RANGE = (0.1, 30.0)
+RESOLUTION_RANGE = (64, 2048)
+
+
+def check_settings(
+    *,
+    images_per_condition: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    resolution: int | None,
+    sampler: str,
+    low_threshold: int,
+    high_threshold: int,
+) -> None:
+    """Refuse (ValueError, one line naming the setting and what is allowed) settings that cannot
+    give meaningful scores, before any image is generated."""
+    from .pipeline import MAX_IMAGES, MAX_SEED
+    from .samplers import get_sampler
+
+    if not 1 <= images_per_condition <= MAX_IMAGES:
+        raise ValueError(f"images per condition must be between 1 and {MAX_IMAGES}, got {images_per_condition}")
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be between 1 and 1000, got {steps}")
+    low, high = GUIDANCE_RANGE
+    if not low <= guidance_scale <= high:  # NaN fails both comparisons
+        raise ValueError(f"guidance scale must be between {low} and {high}, got {guidance_scale}")
+    # A negative seed would make the pipeline pick a random one: scores no one could reproduce.
+    if not 0 <= seed <= MAX_SEED - images_per_condition + 1:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED - images_per_condition + 1}, got {seed}")
+    low, high = RESOLUTION_RANGE
+    if resolution is not None and (resolution % 64 or not low <= resolution <= high):
+        raise ValueError(f"resolution must be a multiple of 64 between {low} and {high}, got {resolution}")
+    get_sampler(sampler)  # ValueError naming the samplers
+    for name, value in (("low threshold", low_threshold), ("high threshold", high_threshold)):
+        if not 1 <= value <= 255:
+            raise ValueError(f"Canny {name} must be between 1 and 255, got {value}")
+
+
+def check_scores(results: dict) -> None:
+    """NonFiniteError unless every score is a finite number: a NaN in results.json would read as
+    a result (and json writes it as the non-standard ``NaN``)."""
+    from .runtime import NonFiniteError
+
+    entries = [("the summary", results["summary"]), *((e["source"], e) for e in results["samples"])]
+    for where, entry in entries:
+        for name, value in entry.items():
+            if isinstance(value, float) and not np.isfinite(value):
+                raise NonFiniteError(f"the {name} score of {where} is {value}: results.json not written")
+
 
 def evaluate(
     pipe,
@@ -170,6 +224,18 @@ def evaluate(
     from .images import load_image
     from .pipeline import ControlUnit
 
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    check_settings(
+        images_per_condition=images_per_condition,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        resolution=resolution,
+        sampler=sampler,
+        low_threshold=low_threshold,
+        high_threshold=high_threshold,
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = read_records(data)[:count]
@@ -233,8 +299,13 @@ def evaluate(
         },
         "samples": per_sample,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    image_grid(rows).save(out / "grid.png")
+    check_scores(results)
+    # Whole files or none: a disk that fills up leaves the previous results.json as it was.
+    text = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    with atomic_file(out / "grid.png") as handle:
+        image_grid(rows).save(handle, format="PNG")
+    with atomic_file(out / "results.json", "w", encoding="utf-8") as handle:
+        handle.write(text)
     return results
 
 

@@ -39,10 +39,12 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +57,11 @@ from .checkpoints import load_base, load_controlnet, save_diffusers, save_ldm
 from .config import ModelConfig
 from .controlnet import ControlNet
 from .files import atomic_file
+from .hashing import file_sha256
 from .layers import TimestepEmbedSequential
 from .model import StableDiffusion
 from .prompts import encode_prompts
+from .runtime import NonFiniteError
 
 TASKS = ("controlnet", "base", "vae")
 CONTROL_INITS = ("zero", "gaussian")
@@ -65,9 +69,20 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "state.pt"  # in a checkpoint folder: everything a resumed run needs
+MANIFEST_FILE = "checkpoint.json"  # written last: the size and SHA-256 of STATE_FILE
 # The rows of a validation grid: control images, data images, generated with their prompts and with
 # an empty prompt (the last row for a ControlNet only). Image size: the training resolution.
 VALIDATION_ROWS = ("control", "data", "prompt", "no prompt")
+# The largest training resolution: the largest size `controlnet generate` accepts, so that what is
+# trained can be used; it also bounds memory (a single 2048 px sample through an SD 1.5 UNet needs
+# tens of GB of activations). Anything above is a typo: --resolution 100000 asked for terabytes.
+MAX_RESOLUTION = 2048
+# AdamW moves every weight by about the learning rate at each step: above 1 each step moves a
+# weight by more than its own typical size, which only diverges (SD's ControlNets train at 1e-5).
+MAX_LEARNING_RATE = 1.0
+# Validation samples with a model's schedule of 1000 training timesteps: no more steps than those.
+MAX_VALIDATION_STEPS = 1000
 
 
 class TrainingError(ValueError):
@@ -120,41 +135,66 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        """Refuse impossible settings with one clear message each."""
+        """Refuse impossible settings with one clear message each, before anything is loaded.
+
+        Every number is checked for its range, and NaN and infinities are refused: ``float("nan")``
+        passes ``value < 0`` checks silently, and a NaN learning rate or clipping norm trains
+        nothing but NaN weights."""
         if self.task not in TASKS:
             raise TrainingError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise TrainingError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
-        if self.mixed_precision == "fp16" and torch.device(self.device).type != "cuda":
-            raise TrainingError("--mixed-precision fp16 needs a GPU (use bf16 on a CPU)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise TrainingError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
-        positive = {
+        device = check_training_device(self.device)
+        if self.mixed_precision == "fp16" and device.type != "cuda":
+            raise TrainingError("--mixed-precision fp16 needs a GPU (use bf16 on a CPU)")
+        for name, value in {
             "--max-steps": self.max_steps,
             "--batch-size": self.batch_size,
             "--gradient-accumulation": self.gradient_accumulation,
             "--checkpoint-every": self.checkpoint_every,
             "--keep-checkpoints": self.keep_checkpoints,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise TrainingError(f"{name} must be at least 1, got {value}")
-        if not self.learning_rate > 0:
-            raise TrainingError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise TrainingError(f"--proportion-empty-prompts must be in [0, 1], got {self.proportion_empty_prompts}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise TrainingError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
-        if self.lr_warmup_steps < 0 or self.validate_every < 0:
-            raise TrainingError("--lr-warmup-steps and --validate-every must not be negative")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise TrainingError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+            "--validation-count": self.validation_count,
+            "--log-every": self.log_every,
+        }.items():
+            _check_integer(name, value, 1)
+        _check_integer("--validation-steps", self.validation_steps, 1, MAX_VALIDATION_STEPS)
+        for name, value in {
+            "--lr-warmup-steps": self.lr_warmup_steps,
+            "--validate-every": self.validate_every,
+            "--seed": self.seed,
+        }.items():
+            _check_integer(name, value, 0)
+        _check_number("--learning-rate", self.learning_rate, 0.0, MAX_LEARNING_RATE, low_open=True)
+        if self.decoder_learning_rate is not None:
+            if not self.unlock_decoder:
+                raise TrainingError("--decoder-learning-rate applies with --unlock-decoder only")
+            _check_number("--decoder-learning-rate", self.decoder_learning_rate, 0.0, MAX_LEARNING_RATE, low_open=True)
+        if self.ema_decay is not None:
+            _check_number("--ema-decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        if self.max_grad_norm is not None:  # 0 or None: no clipping; a negative norm would flip the gradients
+            _check_number("--max-grad-norm", self.max_grad_norm, 0.0, math.inf, high_open=True)
+        _check_number("weight decay", self.weight_decay, 0.0, 1.0)
+        _check_number("--proportion-empty-prompts", self.proportion_empty_prompts, 0.0, 1.0)
+        _check_number("--max-bad-fraction", self.max_bad_fraction, 0.0, 1.0)
+        _check_number("--kl-weight", self.kl_weight, 0.0, math.inf, high_open=True)
+        _check_number("--gradient-loss-weight", self.gradient_loss_weight, 0.0, math.inf, high_open=True)
+        resolution = self.resolution
+        if resolution is not None and (
+            isinstance(resolution, bool)
+            or not isinstance(resolution, int)
+            or resolution % 8
+            or not 8 <= resolution <= MAX_RESOLUTION
+        ):
+            raise TrainingError(
+                f"--resolution must be a multiple of 8 (the VAE's downsampling factor) between 8 and "
+                f"{MAX_RESOLUTION} (the largest size controlnet generate takes), got {resolution!r}"
+            )
         if self.control_init not in CONTROL_INITS:
             raise TrainingError(f"--control-init must be one of {', '.join(CONTROL_INITS)}")
         if self.control_init != "zero" and (self.task != "controlnet" or self.controlnet):
             raise TrainingError("--control-init applies to a new ControlNet (controlnet task without --controlnet)")
-        if self.gradient_loss_weight < 0 or self.kl_weight < 0:
-            raise TrainingError("--gradient-loss-weight and --kl-weight must not be negative")
         if self.strategy not in STRATEGIES:
             raise TrainingError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         if self.strategy == "fsdp" and self.task != "controlnet":
@@ -170,6 +210,46 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _check_integer(name: str, value: object, low: int, high: int | None = None) -> None:
+    """Refuse (TrainingError) a value that is not an integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TrainingError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise TrainingError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Refuse (TrainingError) a value that is not a finite number in the interval from low to high
+    (open at either end when asked). NaN fails every comparison, so it is refused too."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if above and below:
+            return
+    if math.isinf(high):
+        allowed = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise TrainingError(f"{name} must be a finite number {allowed}, got {value!r}")
+
+
+def check_training_device(name: str) -> torch.device:
+    """The device ``name`` if training can run there: cpu, or a CUDA device this machine has.
+    TrainingError otherwise (torch's own errors are a list of 20 device types, or an assertion)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise TrainingError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {name}: training runs on cpu or cuda (cuda:N)")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise TrainingError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +618,10 @@ class VAEObjective(Objective):
         way for its VAE, Rombach et al. 2022, appendix G). Returns the factor."""
         self.vae.eval()
         latents = torch.cat([self.vae.encode(batch).mean.float() for batch in images])
-        factor = float(f"{1.0 / latents.std().item():.5g}")
+        std = latents.std().item()
+        if not (math.isfinite(std) and std > 0):  # NaN latents, or a VAE that maps every image to one point
+            raise TrainingError(f"the trained VAE's latents have standard deviation {std}: no scale factor can be set")
+        factor = float(f"{1.0 / std:.5g}")
         vae_config = dataclasses.replace(self.model.config.vae, scale_factor=factor)
         self.model.config = self.model.config.replace(vae=vae_config)
         self.vae.config = vae_config
@@ -652,14 +735,21 @@ def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """The complete checkpoints under ``out/checkpoints``, oldest first."""
+    """The checkpoint folders ``out/checkpoints/step-N``, oldest first (intact or not: see
+    ``read_checkpoint``; a damaged one set aside by a resumed run is named ``damaged-step-N``)."""
     folder = out / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(
-        (p for p in found if (p / "state.pt").exists()), key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX))
-    )
+    found = [p for p in folder.iterdir() if p.is_dir() and _checkpoint_step(p) is not None]
+    return sorted(found, key=_checkpoint_step)
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """N for a folder named ``step-N`` (digits only), else None."""
+    digits = folder.name.removeprefix(CHECKPOINT_PREFIX)
+    if folder.name.startswith(CHECKPOINT_PREFIX) and digits.isascii() and digits.isdigit():
+        return int(digits)
+    return None
 
 
 def _rng_state() -> dict:
@@ -678,38 +768,180 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
-    """``out/checkpoints/step-N``, written under a temporary name and renamed; then all but the
-    last ``keep`` checkpoints are removed."""
+    """``out/checkpoints/step-N``: ``state.pt`` and, written last, a manifest of its size and
+    SHA-256 (``checkpoint.json``), all under a temporary name renamed into place; then all but the
+    last ``keep`` checkpoints are removed.
+
+    The rename makes a checkpoint appear whole or not at all; the manifest lets a later run tell a
+    checkpoint damaged since (a truncated copy, a disk error) from an intact one. Weights that are
+    not finite are never written (TrainingError): a NaN checkpoint would become the one a resumed
+    run starts from. A failure to write (disk full) removes the partial checkpoint and raises
+    TrainingError; the checkpoints written before are kept."""
+    if not _all_finite(state["trainable"].values()):
+        raise TrainingError(f"step {step}: the weights hold NaN or infinite values; no checkpoint written")
     folder = out / "checkpoints"
     final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
     temporary = folder / f".{final.name}.tmp-{os.getpid()}"
+    replaced = folder / f".{final.name}.old-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    torch.save(state, temporary / "state.pt")
-    with open(temporary / "state.pt", "rb") as handle:
-        os.fsync(handle.fileno())
-    if final.exists():  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    try:
+        temporary.mkdir(parents=True)
+        with open(temporary / STATE_FILE, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        manifest = {
+            "step": step,
+            "files": {
+                STATE_FILE: {
+                    "bytes": (temporary / STATE_FILE).stat().st_size,
+                    "sha256": file_sha256(temporary / STATE_FILE),
+                }
+            },
+        }
+        with atomic_file(temporary / MANIFEST_FILE, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():  # the same step saved again (a resumed run): replace it
+            os.replace(final, replaced)
+        os.replace(temporary, final)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if replaced.exists() and not final.exists():
+            os.replace(replaced, final)  # put the one it was to replace back
+        raise TrainingError(
+            f"cannot write the checkpoint {final} ({error.strerror or error}); the checkpoints written before are kept"
+        ) from None
+    shutil.rmtree(replaced, ignore_errors=True)
     for old in checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:  # never the one just written (the newest, unless newer ones are left over)
+            shutil.rmtree(old, ignore_errors=True)
     for stale in folder.glob(f".{CHECKPOINT_PREFIX}*.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def resolve_resume(out: Path, resume: str | None) -> Path | None:
+class DamagedCheckpoint(TrainingError):
+    """A checkpoint folder that cannot be resumed from; the message says which and why."""
+
+
+# What torch.load raises on a file that is not a whole checkpoint: a truncated zip (RuntimeError),
+# an empty file (EOFError), other bytes (UnpicklingError, or KeyError from its unpickler).
+_UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError)
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """The state saved in ``folder``, checked: its files are there, ``state.pt`` has the size and
+    SHA-256 the manifest recorded (checkpoints written before manifests existed are only loaded),
+    it loads, holds what a resumed run needs, for the step its name says, with finite weights.
+    DamagedCheckpoint (one line: the folder and the reason) otherwise."""
+    state_file, manifest_file = folder / STATE_FILE, folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise DamagedCheckpoint(f"{folder}: no such checkpoint folder")
+    if not state_file.is_file():
+        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} is missing")
+    if manifest_file.exists():
+        try:
+            recorded = json.loads(manifest_file.read_text(encoding="utf-8"))["files"][STATE_FILE]
+            size, sha256 = int(recorded["bytes"]), str(recorded["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DamagedCheckpoint(f"{folder}: its manifest {MANIFEST_FILE} is unreadable") from None
+        actual = state_file.stat().st_size
+        if actual != size:
+            raise DamagedCheckpoint(
+                f"{folder}: {STATE_FILE} is {actual:,} bytes but {size:,} were written (truncated or overwritten)"
+            )
+        if file_sha256(state_file) != sha256:
+            raise DamagedCheckpoint(f"{folder}: {STATE_FILE} differs from what was written (SHA-256 mismatch)")
+    try:
+        state = torch.load(state_file, weights_only=True)
+    except _UNREADABLE as error:
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} cannot be read ({reason})") from None
+    needed = ("step", "trainable", "optimizer", "rng")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} is not a training checkpoint (it needs {', '.join(needed)})")
+    step = _checkpoint_step(folder)
+    if step is not None and state["step"] != step:
+        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} is the state of step {state['step']}, not of step {step}")
+    if not _all_finite(state["trainable"].values()):
+        raise DamagedCheckpoint(f"{folder}: its weights hold NaN or infinite values")
+    return state
+
+
+def find_resume_point(
+    out: Path, resume: str | None, log: Callable[[str], None]
+) -> tuple[Path, dict, list[Path]] | None:
+    """The checkpoint to resume from, its state and the damaged checkpoints passed over; None when
+    there is nothing to resume (no ``resume``, or ``latest`` with no checkpoint yet).
+
+    ``latest``: the newest intact checkpoint; each damaged newer one is reported through ``log``
+    (which folder, why). None intact: TrainingError listing why. A folder named explicitly must
+    be intact itself (TrainingError): the user asked for that one."""
     if resume is None:
         return None
-    if resume == "latest":
-        found = checkpoint_dirs(out)
-        return found[-1] if found else None  # nothing yet: start from scratch
-    path = Path(resume)
-    if not (path / "state.pt").exists():
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise TrainingError(f"--resume {resume}: no such checkpoint folder; use 'latest' or a step-N folder")
+        try:
+            return path, read_checkpoint(path), []
+        except DamagedCheckpoint as error:
+            raise TrainingError(f"--resume {resume}: cannot resume from it: {error}") from None
+    candidates = checkpoint_dirs(out)
+    damaged: list[Path] = []
+    reasons: list[str] = []
+    for folder in reversed(candidates):
+        try:
+            state = read_checkpoint(folder)
+        except DamagedCheckpoint as error:
+            log(f"warning: damaged checkpoint, passed over: {error}")
+            damaged.append(folder)
+            reasons.append(str(error))
+            continue
+        return folder, state, damaged
+    if candidates:
         raise TrainingError(
-            f"--resume {resume}: not a checkpoint directory (no state.pt); use 'latest' or a step-N folder"
+            f"--resume latest: no intact checkpoint in {out / 'checkpoints'}: {'; '.join(reasons)}; "
+            "move them away to start from scratch"
         )
-    return path
+    return None  # nothing yet: start from scratch
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint ``step-N`` to ``damaged-step-N`` (kept for inspection, no longer
+    counted as a checkpoint: neither resumed from nor counted by ``keep_checkpoints``)."""
+    target = folder.with_name(f"damaged-{folder.name}")
+    n = 1
+    while target.exists():
+        target = folder.with_name(f"damaged-{folder.name}-{n}")
+        n += 1
+    os.replace(folder, target)
+    return target
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite (this process's shards of sharded ones). The
+    largest magnitude is NaN or infinite exactly when one value is, and never overflows."""
+    local = [t.to_local() if _is_sharded(t) else t for t in tensors]
+    local = [t.detach() for t in local if t.numel() and t.is_floating_point()]
+    if not local:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=math.inf)))
+
+
+def prepare_output_folder(out: Path) -> None:
+    """Create the run's folder and prove it writable; TrainingError, in one line, otherwise."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise TrainingError(f"--out {out}: cannot write there: {folder} is a file, not a folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise TrainingError(f"--out {out}: cannot write there ({error.strerror or error})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,6 +955,7 @@ class Trainer:
         config.check()
         self.config = config
         self.out = Path(config.out)
+        prepare_output_folder(self.out)  # before anything slow: a typo in --out costs no waiting
         self.dist = init_distributed(config.device)
         self.device = self.dist.device
         self.log = log if self.dist.is_main else (lambda message: None)
@@ -924,8 +1157,17 @@ class Trainer:
                 else:
                     loss.backward()
             total += loss.item()
+        # Checked before the update, so that the weights stay those of the last good step. The
+        # checks agree on every process (the loss is averaged over them; the others are combined
+        # with ``any``): all stop at the same step.
+        mean = self.dist.mean(total)
+        if not math.isfinite(mean):
+            raise self._diverged(f"the loss is {mean}")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        # fp16's scaler skips a step whose gradients overflowed (and lowers its scale): expected.
+        elif self.dist.any(not _all_finite(p.grad for p in self.trainable if p.grad is not None)):
+            raise self._diverged(f"the gradients hold NaN or infinite values (the loss was {mean:.4g})")
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
         if self.scaler is not None:
@@ -933,10 +1175,26 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.dist.any(not _all_finite(self.trainable)):
+            raise self._diverged("the update made some weights NaN or infinite")
         if self.ema is not None:
             self.ema.update()
         self.step += 1
-        return self.dist.mean(total)
+        return mean
+
+    def _diverged(self, what: str) -> TrainingError:
+        """The one-line error that stops a run whose numbers stopped being finite: the step, what
+        went wrong, the likely causes, and what is left to resume from."""
+        config = self.config
+        causes = [f"the learning rate (--learning-rate {config.learning_rate:g}) is too high"]
+        if config.mixed_precision != "no":
+            causes.append(f"--mixed-precision {config.mixed_precision} overflowed (try --mixed-precision no)")
+        intact = checkpoint_dirs(self.out)
+        kept = f"the newest checkpoint is {intact[-1]}" if intact else "no checkpoint was written"
+        return TrainingError(
+            f"step {self.step + 1}: {what}: training diverged; likely {' or '.join(causes)}. "
+            f"Stopped without saving anything of this step; {kept}"
+        )
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -966,14 +1224,24 @@ class Trainer:
             "rng": _rng_state(),
         }
 
-    def load_state(self, folder: Path) -> None:
-        state = torch.load(folder / "state.pt", weights_only=True)
+    def load_state(self, folder: Path, state: dict | None = None) -> None:
+        """Continue from the checkpoint in ``folder`` (``state``: its contents, when already read
+        by ``read_checkpoint``)."""
+        if state is None:
+            state = read_checkpoint(folder)
         parameters = {name: p for name, p in self.objective.named_parameters() if p.requires_grad}
         missing = set(parameters) - set(state["trainable"])
         if missing:
             raise TrainingError(
                 f"{folder}: the checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
             )
+        for name, parameter in parameters.items():  # a checkpoint of another model (another --base)
+            saved = tuple(state["trainable"][name].shape)
+            if saved != tuple(parameter.shape) and not _is_sharded(parameter):
+                raise TrainingError(
+                    f"{folder}: the checkpoint's {name} is {list(saved)}, this run's {list(parameter.shape)}: "
+                    "it was trained for another model"
+                )
         with torch.no_grad():
             for name, parameter in parameters.items():
                 parameter.copy_(_like(state["trainable"][name], parameter))
@@ -995,11 +1263,15 @@ class Trainer:
 
     def save(self) -> Path | None:
         state = self.state()  # every process takes part in gathering it
-        path = None
+        path, error = None, None
         if self.dist.is_main:
-            path = save_checkpoint(self.out, self.step, state, self.config.keep_checkpoints)
-            self.log(f"checkpoint: {path}")
-        self.dist.barrier()
+            try:
+                path = save_checkpoint(self.out, self.step, state, self.config.keep_checkpoints)
+                self.log(f"checkpoint: {path}")
+            except TrainingError as failure:  # disk full: the others must not wait for it forever
+                error = failure
+        if self.dist.any(error is not None):  # also the barrier: the checkpoint is complete for all
+            raise error or TrainingError(f"step {self.step}: the main process could not write the checkpoint")
         return path
 
     # -- logging -------------------------------------------------------------------------------
@@ -1032,24 +1304,35 @@ class Trainer:
         """Generate from the validation samples with fixed seeds; write a grid, log the scores and
         redraw the curves. Runs on the main process only (the others wait)."""
         scores: dict[str, float] = {}
+        error: TrainingError | None = None
         with self.ema.applied() if self.ema else contextlib.nullcontext():
             trainable = self.trainable_state()  # every process takes part in gathering it
         if self.dist.is_main:
-            scores, grid = self._validation_images(trainable)
-            folder = self.out / "validation"
-            folder.mkdir(parents=True, exist_ok=True)
-            grid.save(folder / f"step-{self.step:08d}.png")
-            if self.tensorboard is not None:
-                for name, value in scores.items():
-                    self.tensorboard.add_scalar(f"validation/{name}", value, self.step)
-                self.tensorboard.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
-            self._record_validation({"step": self.step, **{k: f"{v:.4f}" for k, v in scores.items()}})
-            self.draw_curves()
-            self.log(f"validation at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            try:
+                scores = self._validate_on_main(trainable)
+            except (NonFiniteError, OSError) as failure:  # NaN images, or a disk full
+                reason = failure.strerror if isinstance(failure, OSError) and failure.strerror else failure
+                error = TrainingError(f"validation at step {self.step}: {reason}")
         self.objective.train()
         self.model.vae.eval()
         self._cast_frozen()  # the validation pipeline ran the base in float32
-        self.dist.barrier()
+        if self.dist.any(error is not None):  # also the barrier: the others wait for the main process
+            raise error or TrainingError(f"validation at step {self.step} failed on the main process")
+        return scores
+
+    def _validate_on_main(self, trainable: dict[str, torch.Tensor]) -> dict[str, float]:
+        scores, grid = self._validation_images(trainable)
+        folder = self.out / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / f"step-{self.step:08d}.png") as handle:
+            grid.save(handle, format="PNG")
+        if self.tensorboard is not None:
+            for name, value in scores.items():
+                self.tensorboard.add_scalar(f"validation/{name}", value, self.step)
+            self.tensorboard.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self._record_validation({"step": self.step, **{k: f"{v:.4f}" for k, v in scores.items()}})
+        self.draw_curves()
+        self.log(f"validation at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return scores
 
     def _validation_images(self, trainable: dict[str, torch.Tensor]):
@@ -1148,10 +1431,16 @@ class Trainer:
         """Train to ``max_steps`` (resuming if asked), checkpointing and validating on the way; export."""
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        resume = resolve_resume(self.out, config.resume)
-        if resume is not None:
-            self.load_state(resume)
+        found = find_resume_point(self.out, config.resume, self.log)
+        if found is not None:
+            resume, state, damaged = found
+            self.load_state(resume, state)
+            del state
             self.log(f"resumed from {resume} at step {self.step}")
+            self.dist.barrier()  # every process has read its checkpoint before any folder moves
+            if self.dist.is_main:
+                for folder in damaged:  # kept for inspection, no longer taken for a checkpoint
+                    self.log(f"the damaged checkpoint {folder.name} is kept as {set_aside(folder)}")
             if self.dist.is_main:  # the steps after the checkpoint are trained again: log them once
                 for path in (self.metrics_path, self.out / "validation.csv"):
                     _truncate_csv(path, self.step)
@@ -1183,6 +1472,8 @@ class Trainer:
                 ]
                 factor = self.objective.calibrate(images)
                 self.log(f"VAE latent scale factor: {factor} (1 / std of the latents of {count} images)")
+        if not _all_finite(trainable.values()):  # whole on every process: they all stop here
+            raise TrainingError(f"step {self.step}: the weights to export are not all finite; nothing exported")
         if self.dist.is_main:
             paths = self.objective.export(self.out, trainable)
             for path in paths:
@@ -1254,7 +1545,15 @@ def _truncate_csv(path: Path, last_step: int) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(r for r in rows if int(r["step"]) <= last_step)
+        writer.writerows(r for r in rows if _row_step(r) is not None and _row_step(r) <= last_step)
+
+
+def _row_step(row: dict) -> int | None:
+    """A log row's step, or None for a row a killed run left half-written."""
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return None
 
 
 def _duration(seconds: float) -> str:
