@@ -12,12 +12,12 @@ hashing fail; a corrupt one is ignored and rewritten.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from .files import atomic_file
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough to be fast, small enough to never hold a model in memory
 SHORT_HASH_LENGTH = 10  # AUTOMATIC1111's short hash
@@ -111,20 +111,12 @@ def _valid_entry(entry: object) -> bool:
 
 
 def _write_cache(cache_file: Path, entries: dict[str, dict]) -> None:
-    """Write atomically (temporary file in the same folder, then rename), so a reader never sees
-    half a file; failures are ignored: the cache only saves time."""
-    tmp = None
+    """Write atomically (`files.atomic_file`: a temporary file in the same folder, then a rename),
+    so a reader never sees half a file; failures are ignored: the cache only saves time."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}.", suffix=".tmp", dir=cache_file.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_file(cache_file, "w", encoding="utf-8") as f:
             json.dump(entries, f, indent=1, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, cache_file)
-        tmp = None
     except OSError:
         pass
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

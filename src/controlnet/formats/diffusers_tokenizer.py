@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from ..files import atomic_file
 from ..tokenizer import END_TOKEN_ID, default_tokenizer
 
 
@@ -18,9 +19,9 @@ def write_hf_tokenizer_files(folder: str | os.PathLike, pad_token_id: int, max_l
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = default_tokenizer()
-    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder, ensure_ascii=False))
+    _write_text(folder / "vocab.json", json.dumps(tokenizer.encoder, ensure_ascii=False))
     merges = "\n".join(f"{a} {b}" for a, b in tokenizer.merges)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + merges + "\n", encoding="utf-8")
+    _write_text(folder / "merges.txt", "#version: 0.2\n" + merges + "\n")
     pad = "<|endoftext|>" if pad_token_id == END_TOKEN_ID else "!"  # id 0 is the byte symbol "!"
     specials = {
         "bos_token": "<|startoftext|>",
@@ -28,7 +29,13 @@ def write_hf_tokenizer_files(folder: str | os.PathLike, pad_token_id: int, max_l
         "unk_token": "<|endoftext|>",
         "pad_token": pad,
     }
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    _write_text(folder / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **specials}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _write_text(path: Path, text: str) -> None:
+    # UTF-8 whatever the locale: vocab.json holds non-ASCII byte symbols.
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
