@@ -12,27 +12,35 @@ Formats written: safetensors in the LDM layout, and diffusers folders / files.
 
 Safety: safetensors first; pickles only through ``torch.load(weights_only=True)``, which refuses any
 pickle that would import or call code. Strictness: every key of every model must be matched, and
-what does not match is listed with the file name and the detected format.
+what does not match is listed with the file name and the detected format; weights holding NaN or
+infinite values are refused. Any file that is not what it claims to be gives a one-line
+``CheckpointError`` naming the file and what was expected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pickle
+import pickletools
 import re
-import tempfile
+import struct
+import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import (
+    PRESETS,
     SD21,
     SD21_V,
     ControlNetConfig,
@@ -41,10 +49,9 @@ from .config import (
     TextEncoderConfig,
     UNetConfig,
     VAEConfig,
-    detect_preset,
-    preset_for,
 )
 from .controlnet import ControlNet
+from .files import atomic_file, atomic_folder, atomic_path
 from .formats import diffusers_text, diffusers_unet, diffusers_vae
 from .formats.diffusers_tokenizer import write_hf_tokenizer_files
 from .model import StableDiffusion, build_empty
@@ -102,18 +109,24 @@ def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     A ``state_dict`` wrapper (Lightning checkpoints) is removed; non-tensor entries are dropped.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a weights file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        return _read_safetensors(path)
-    if path.suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
-        return _read_pickle(path), {}
-    raise CheckpointError(
-        f"{path}: unknown file type {path.suffix!r}; expected .safetensors or a PyTorch checkpoint "
-        f"({', '.join(_PICKLE_SUFFIXES)})"
-    )
+        tensors, metadata = _read_safetensors(path)
+    elif path.suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
+        tensors, metadata = _read_pickle(path), {}
+    else:
+        raise CheckpointError(
+            f"{path}: unknown file type {path.suffix!r}; expected .safetensors or a PyTorch checkpoint "
+            f"({', '.join(_PICKLE_SUFFIXES)})"
+        )
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors, metadata
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -146,12 +159,10 @@ def _inert_globals() -> list:
     """Globals a tensor-only checkpoint may name that build inert data, allowed on top of torch's
     ``weights_only`` list: Lightning's ModelCheckpoint callback (in SD 1.x training checkpoints,
     replaced by :class:`_Ignored`) and numpy scalars and dtypes (``global_step`` in some files)."""
-    import numpy
-
-    core = getattr(numpy, "_core", None) or numpy.core  # renamed in numpy 2
+    core = getattr(np, "_core", None) or np.core  # renamed in numpy 2
     scalar = core.multiarray.scalar
-    allowed: list = [(scalar, "numpy.core.multiarray.scalar"), scalar, numpy.dtype]
-    allowed += [(numpy.dtype, "numpy.dtype")] + [type(numpy.dtype(c)) for c in "?bhilqBHILQefdgFD"]
+    allowed: list = [(scalar, "numpy.core.multiarray.scalar"), scalar, np.dtype]
+    allowed += [(np.dtype, "numpy.dtype")] + [type(np.dtype(c)) for c in "?bhilqBHILQefdgFD"]
     for name in (
         "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
         "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
@@ -160,30 +171,202 @@ def _inert_globals() -> list:
     return allowed
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # how torch.load tells its zip format from the legacy one
+# What torch's weights_only unpickler allows besides torch's own names (torch 2.13); used only to
+# name, in a refusal, the globals that made it refuse.
+_TORCH_PLAIN_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "_codecs.encode",
+        "builtins.set",
+        "builtins.bytearray",
+        "builtins.complex",
+    }
+)
+# What torch.load may raise on a damaged file besides UnpicklingError: its legacy-format reader lets
+# the errors of whatever it trips over through (found by truncating and corrupting real files).
+_DAMAGED_FILE_ERRORS = (
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    AssertionError,
+    OverflowError,
+    MemoryError,
+    struct.error,
+    zipfile.BadZipFile,
+)
+
+
 def _read_pickle(path: Path) -> StateDict:
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC or zipfile.is_zipfile(path):
+        memory_map = _check_torch_zip(path)
+    elif head[:1] == pickle.PROTO and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        memory_map = False  # the legacy torch.save format: pickles in a row, not mappable
+    else:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint: expected a zip archive written by torch.save or "
+            f"a pickle, but the file starts with {_first_bytes(path)}"
+        )
     try:
-        with torch.serialization.safe_globals(_inert_globals()):
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-        if refused:
-            raise CheckpointError(
-                f"{path}: refused: this pickle would run code ({refused.group(1)}); only tensor-only checkpoints "
-                "are loaded, nothing in them is executed. Prefer a .safetensors file"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-        reason = detail.group(1).strip() if detail else _first_line(error)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_inert_globals()):
+            # torch warns about pickle protocols and the like; what matters is in our errors.
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=memory_map)
+    except pickle.UnpicklingError:
+        # weights_only refused the pickle (or could not parse it). torch's text varies between
+        # versions and advises weights_only=False, the one thing never to do with such a file:
+        # it is never shown; what the pickle names is read here, from its opcodes.
+        raise CheckpointError(_refusal(path)) from None
+    except _DAMAGED_FILE_ERRORS as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_torch_reason(error)})") from None
     while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a dictionary of tensors")
-    tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path}: holds no tensors")
-    return tensors
+    return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _first_bytes(path: Path) -> str:
+    with path.open("rb") as f:
+        return repr(f.read(8))
+
+
+_ZIP_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
+
+
+def _check_torch_zip(path: Path) -> bool:
+    """Refuse a zip that torch.save did not write (one line); True when every entry is stored.
+
+    torch.load's memory-mapped path reads a storage's bytes straight from the file: from a
+    compressed entry it would read the compressed bytes as weights. Deflated entries are read
+    correctly by its ordinary path (which inflates), so they are loaded without the memory map.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise CheckpointError(
+            f"{path}: a damaged or truncated zip archive ({_first_line(error)}); "
+            "a PyTorch checkpoint is a complete zip archive written by torch.save"
+        ) from None
+    names = [entry.filename.rsplit("/", 1)[-1] for entry in entries]
+    if "constants.pkl" in names:
+        raise CheckpointError(
+            f"{path}: a TorchScript program, not a checkpoint of weights; it is not loaded (it would run code)"
+        )
+    if "data.pkl" not in names:
+        raise CheckpointError(f"{path}: a zip archive without data.pkl, not a checkpoint written by torch.save")
+    methods = {entry.compress_type for entry in entries} - {zipfile.ZIP_STORED}
+    unreadable = sorted(methods - {zipfile.ZIP_DEFLATED})
+    if unreadable:
+        named = ", ".join(_ZIP_METHODS.get(m, f"method {m}") for m in unreadable)
+        raise CheckpointError(
+            f"{path}: zip entries compressed with {named}; a PyTorch checkpoint's entries are stored or "
+            "deflated: save it again with torch.save"
+        )
+    return not methods
+
+
+def _torch_reason(error: BaseException) -> str:
+    reason = _first_line(error)
+    # torch's loader errors may end in advice to pass weights_only=False: never passed on.
+    return type(error).__name__ if "weights_only" in reason else reason
+
+
+def _refusal(path: Path) -> str:
+    names = _code_globals(path)
+    if names:
+        return (
+            f"{path}: refused: this pickle would run code ({_names(names)}); only tensor-only checkpoints "
+            "are loaded, nothing in them is executed. Prefer a .safetensors file"
+        )
+    return (
+        f"{path}: refused: not a tensor-only checkpoint (its pickle holds objects other than tensors and "
+        "plain data, or is damaged); nothing in it was executed. Prefer a .safetensors file"
+    )
+
+
+def _code_globals(path: Path) -> list[str]:
+    """The functions and classes a pickle names beyond what tensors need, read from its opcodes
+    (``pickletools``: nothing is built, imported or run). Best effort, for the error message only."""
+    allowed = _TORCH_PLAIN_GLOBALS | _inert_global_names()
+    found: list[str] = []
+    try:
+        with _pickle_stream(path) as stream:
+            # A legacy file is a few pickles in a row (magic number, versions, the object, storage
+            # keys) then raw bytes; a zip's data.pkl is one pickle.
+            for _ in range(4):
+                _scan_pickle(stream, found)
+    except (ValueError, EOFError, OSError, KeyError, zipfile.BadZipFile, RuntimeError):
+        pass  # the end of the pickles, or a damaged one: what was found so far is kept
+    unsafe = [name for name in found if not (name.startswith("torch.") or name in allowed)]
+    return list(dict.fromkeys(unsafe))
+
+
+def _inert_global_names() -> frozenset[str]:
+    names = set()
+    for entry in _inert_globals():
+        if isinstance(entry, tuple):
+            names.add(entry[1])
+        else:
+            names.add(f"{entry.__module__}.{entry.__qualname__}")
+    return frozenset(names)
+
+
+@contextlib.contextmanager
+def _pickle_stream(path: Path) -> Iterator[IO[bytes]]:
+    """The pickle bytes of a checkpoint as a stream: a zip's data.pkl, or the file itself."""
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as stream:
+            yield stream
+        return
+    with zipfile.ZipFile(path) as archive:
+        names = [e.filename for e in archive.infolist() if e.filename.rsplit("/", 1)[-1] == "data.pkl"]
+        if not names:
+            raise ValueError("no data.pkl")
+        with archive.open(names[0]) as stream:
+            yield stream
+
+
+def _python3_name(name: str) -> str:
+    # Protocol 2 pickles (torch.save's) spell builtins as Python 2 did.
+    return "builtins." + name.removeprefix("__builtin__.") if name.startswith("__builtin__.") else name
+
+
+_STRING_OPCODES = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+)
+
+
+def _scan_pickle(stream: IO[bytes], found: list[str]) -> None:
+    """Append to ``found`` the ``module.name`` of every global one pickle imports: GLOBAL and INST
+    name theirs; STACK_GLOBAL takes the last two strings pushed, maybe fetched from the memo."""
+    strings: list[str] = []
+    memo: dict[int, object] = {}
+    last: object = None  # the value last pushed, when it is a string
+    for opcode, arg, _position in pickletools.genops(stream):
+        name = opcode.name
+        if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            memo[len(memo) if name == "MEMOIZE" else int(arg)] = last
+            continue  # stores the top of the stack, pushes nothing
+        if name in ("GLOBAL", "INST"):
+            found.append(_python3_name(str(arg).replace(" ", ".")))
+        elif name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(_python3_name(f"{strings[-2]}.{strings[-1]}"))
+        if name in ("GET", "BINGET", "LONG_BINGET"):
+            last = memo.get(int(arg))
+        else:
+            last = arg if name in _STRING_OPCODES else None
+        if isinstance(last, str):
+            strings.append(last)
 
 
 def _first_line(error: BaseException) -> str:
@@ -216,6 +399,13 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
+def _detect_format(state_dict: Mapping[str, torch.Tensor], path: Path) -> str:
+    try:
+        return detect_format(state_dict)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Contents:
     """What a model file or folder holds."""
@@ -235,7 +425,7 @@ def inspect_contents(path: str | os.PathLike) -> Contents:
             return Contents("diffusers-controlnet", False, True)
         raise CheckpointError(f"{path}: a folder that is neither a diffusers pipeline nor a diffusers ControlNet")
     keys = _read_keys(path)
-    fmt = detect_format(dict.fromkeys(keys))
+    fmt = _detect_format(dict.fromkeys(keys), path)
     has_control = fmt != "ldm" or any(k.startswith(CONTROL_PREFIX) for k in keys)
     return Contents(fmt, fmt == "ldm", has_control)
 
@@ -246,9 +436,12 @@ def _read_keys(path: Path) -> list[str]:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
+                keys = list(f.keys())
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(error)})") from None
+        if not keys:
+            raise CheckpointError(f"{path}: holds no tensors")
+        return keys
     return list(read_state_dict(path)[0])
 
 
@@ -326,7 +519,14 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
         for k in expected
         if k in state_dict and state_dict[k].shape != expected[k].shape
     ]
-    if missing or unexpected or mismatched:
+    # A file's header may say any dtype: integers or booleans where the model has float weights
+    # would load and fail later, far from the file.
+    wrong_kind = [
+        f"{k} ({state_dict[k].dtype})"
+        for k in expected
+        if k in state_dict and expected[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if missing or unexpected or mismatched or wrong_kind:
         problems = []
         if missing:
             problems.append(f"{len(missing)} missing: {_names(missing)}")
@@ -334,6 +534,8 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
             problems.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
         if mismatched:
             problems.append(f"{len(mismatched)} with another shape: {_names(mismatched)}")
+        if wrong_kind:
+            problems.append(f"{len(wrong_kind)} not floating-point: {_names(wrong_kind)}")
         raise CheckpointError(f"{source}: the {what} weights do not fit the model; " + "; ".join(problems))
     on_meta = any(t.is_meta for t in expected.values())
     converted = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -350,6 +552,8 @@ def _config_to_json(config: object) -> str:
 
 def _config_from_json(text: str) -> ModelConfig | ControlNetConfig:
     data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     kind = data.pop("type", None)
     if kind == "ModelConfig":
         return ModelConfig(
@@ -372,6 +576,8 @@ def _config_from_json(text: str) -> ModelConfig | ControlNetConfig:
 
 
 def _dataclass_from_dict(cls, data: Mapping[str, object]):
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**values)
 
@@ -388,11 +594,44 @@ def _metadata_config(
         raise CheckpointError(f"{source}: its stored model configuration is invalid ({_first_line(error)})") from None
 
 
+def _preset_for(model_channels: int, context_dim: int) -> ModelConfig | None:
+    """The preset whose UNet has this width and text context: any preset of ``config.PRESETS``
+    (SD 2.x gives sd21, the eps model, listed before sd21-v which has the same shapes)."""
+    for candidate in PRESETS.values():
+        if (candidate.unet.model_channels, candidate.unet.context_dim) == (model_channels, context_dim):
+            return candidate
+    return None
+
+
+def _preset_from_shapes(unet: Mapping[str, torch.Tensor], source: str) -> ModelConfig:
+    """The preset a UNet or ControlNet state dict (LDM keys, no prefix) was made for, from the
+    width of its first convolution and of its cross-attention keys."""
+    model_channels = _size(unet, "input_blocks.0.0.weight", 0, source)
+    context_key = next((k for k in unet if k.endswith("attn2.to_k.weight")), None)
+    if context_key is None:
+        raise CheckpointError(f"{source}: cannot tell the model: no cross-attention weights (attn2.to_k)")
+    context_dim = _size(unet, context_key, 1, source)
+    found = _preset_for(model_channels, context_dim)
+    if found is None:
+        known = ", ".join(f"{c.name} ({c.unet.model_channels}, {c.unet.context_dim})" for c in PRESETS.values())
+        raise CheckpointError(
+            f"{source}: unrecognised model: model_channels={model_channels}, context_dim={context_dim}; known: {known}"
+        )
+    return found
+
+
+def _size(tensors: Mapping[str, torch.Tensor], key: str, dim: int, source: str) -> int:
+    """``tensors[key].shape[dim]``, or a one-line error when the file lacks that key or dimension."""
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise CheckpointError(f"{source}: cannot tell the model: no {key}")
+    if tensor.ndim <= dim:
+        raise CheckpointError(f"{source}: {key} has shape {list(tensor.shape)}, not that of a Stable Diffusion model")
+    return int(tensor.shape[dim])
+
+
 def _base_config_from_shapes(parts: Mapping[str, StateDict], prediction: str | None, path: Path) -> ModelConfig:
-    try:
-        config = detect_preset(parts["unet"])
-    except ValueError as error:
-        raise CheckpointError(f"{path}: {error}") from None
+    config = _preset_from_shapes(parts["unet"], str(path))
     if config.name == "sd21":
         prediction = prediction or _prediction_from_yaml(path)
         if prediction is None:
@@ -427,20 +666,58 @@ def _prediction_from_yaml(path: Path) -> str | None:
 
 
 def _controlnet_config_from_shapes(control: Mapping[str, torch.Tensor], source: str) -> ControlNetConfig:
-    try:
-        base = detect_preset(control)
-    except ValueError as error:
-        raise CheckpointError(f"{source}: {error}") from None
-    hint = control.get("input_hint_block.0.weight")
-    if hint is None:
-        raise CheckpointError(f"{source}: no input_hint_block.0.weight: not a ControlNet")
-    widths = tuple(control[f"input_hint_block.{i}.weight"].shape[0] for i in (0, 4, 8, 12))
+    base = _preset_from_shapes(control, source)
+    hint_channels = _size(control, "input_hint_block.0.weight", 1, source)
+    widths = tuple(_size(control, f"input_hint_block.{i}.weight", 0, source) for i in (0, 4, 8, 12))
     # The 1.1 shuffle model pools its residuals; nothing in its shapes says so, only its name
     # (the original ships a separate yaml; the AUTOMATIC1111 extension also goes by the name).
     pooling = "shuffle" in Path(source).name.lower()
-    return ControlNetConfig(
-        unet=base.unet, hint_channels=hint.shape[1], hint_block_channels=widths, global_average_pooling=pooling
-    )
+    return _controlnet_config(base.unet, hint_channels, widths, pooling, source)
+
+
+def _controlnet_config(
+    unet: UNetConfig, hint_channels: int, widths: tuple[int, ...], pooling: bool, source: str
+) -> ControlNetConfig:
+    try:
+        return ControlNetConfig(
+            unet=unet, hint_channels=hint_channels, hint_block_channels=widths, global_average_pooling=pooling
+        )
+    except ValueError as error:  # widths of 0 in a file whose header lies
+        raise CheckpointError(f"{source}: not a usable ControlNet ({_first_line(error)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights that are numbers
+
+# The exponent bits of the 16-bit float formats: all set means infinite or NaN.
+_EXPONENT_MASKS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def _has_non_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds NaN or an infinity, read in place: no float32 copy of 16-bit weights.
+
+    numpy's isfinite for float32/64, a test of the exponent bits for float16/bfloat16: 0.55 s for
+    the 1.43 billion values of an SD 1.5 ControlNet full file (float16, bfloat16 or float32, 2-core
+    CPU), where ``torch.isfinite(t).all()`` takes 3.9 to 12.7 s.
+    """
+    tensor = tensor.detach()
+    mask = _EXPONENT_MASKS.get(tensor.dtype)
+    if mask is not None:
+        bits = tensor.view(torch.int16).numpy()
+        return bool(np.any((bits & mask) == mask))
+    if tensor.dtype in (torch.float32, torch.float64):
+        return not bool(np.isfinite(tensor.numpy()).all())
+    return not bool(torch.isfinite(tensor).all())  # other float types (float8, ...): rare
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that hold NaN or infinite values: a damaged file (a failed training step,
+    a bad conversion or merge) that would otherwise give black or noise images without a word."""
+    damaged = [key for key, tensor in tensors.items() if tensor.is_floating_point() and _has_non_finite(tensor)]
+    if damaged:
+        raise CheckpointError(
+            f"{path}: {len(damaged)} tensors hold NaN or infinite values (first: {damaged[0]}); the file is damaged"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,10 +740,15 @@ def load_base(
     if path.is_dir():
         return _load_diffusers_base(path, prediction=prediction, dtype=dtype)
     state_dict, metadata = read_state_dict(path)
-    fmt = detect_format(state_dict)
+    fmt = _detect_format(state_dict, path)
     if fmt != "ldm":
         raise CheckpointError(f"{path}: holds a ControlNet only ({fmt}), not a base model; pass it as a ControlNet")
-    parts = split_ldm(state_dict, use_ema=use_ema)
+    try:
+        parts = split_ldm(state_dict, use_ema=use_ema)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    base_prefixes = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX) + (("model_ema.",) if use_ema else ())
+    _check_finite({k: v for k, v in state_dict.items() if k.startswith(base_prefixes)}, path)
     config = _metadata_config(metadata, str(path))
     if isinstance(config, ModelConfig):
         config = _with_prediction(config, prediction)
@@ -497,12 +779,15 @@ def load_controlnet(
         control, config, fmt = _read_diffusers_controlnet_folder(path)
     else:
         state_dict, metadata = read_state_dict(path)
-        fmt = detect_format(state_dict)
+        fmt = _detect_format(state_dict, path)
         if fmt == "diffusers-controlnet":
+            _check_finite(state_dict, path)
             config = _diffusers_controlnet_config_from_shapes(state_dict, base, str(path))
             control = _from_diffusers(diffusers_unet.controlnet_diffusers_to_ldm, state_dict, config, path, fmt)
         else:
             control = _ldm_control_part(state_dict, fmt, path)
+            prefix = "" if fmt == "ldm-control-bare" else CONTROL_PREFIX
+            _check_finite({prefix + k: v for k, v in control.items()}, path)
             stored = _metadata_config(metadata, str(path), _CONTROL_METADATA_KEY)
             if isinstance(stored, ControlNetConfig):
                 config = stored
@@ -573,21 +858,22 @@ def _diffusers_controlnet_config_from_shapes(
         raise CheckpointError(
             f"{source}: not a Stable Diffusion ControlNet in diffusers layout (no {_names(missing or ['attn2.to_k'])})"
         )
-    model_channels, context_dim = state_dict["conv_in.weight"].shape[0], state_dict[context_key].shape[1]
+    model_channels, context_dim = _size(state_dict, names[0], 0, source), _size(state_dict, context_key, 1, source)
     found = (
         base
         if base is not None and (base.unet.model_channels, base.unet.context_dim) == (model_channels, context_dim)
-        else preset_for(model_channels, context_dim)
+        else _preset_for(model_channels, context_dim)
     )
     if found is None:
         raise CheckpointError(
             f"{source}: unrecognised ControlNet (model_channels={model_channels}, context_dim={context_dim})"
         )
-    return ControlNetConfig(
-        unet=found.unet,
-        hint_channels=state_dict[names[1]].shape[1],
-        hint_block_channels=tuple(state_dict[n].shape[0] for n in names[1:]),
-        global_average_pooling="shuffle" in Path(source).name.lower(),
+    return _controlnet_config(
+        found.unet,
+        _size(state_dict, names[1], 1, source),
+        tuple(_size(state_dict, n, 0, source) for n in names[1:]),
+        "shuffle" in Path(source).name.lower(),
+        source,
     )
 
 
@@ -616,16 +902,22 @@ def _read_json(path: Path) -> dict:
 def _read_diffusers_weights(folder: Path) -> StateDict:
     for name in _WEIGHT_NAMES:
         if (folder / name).is_file():
-            return read_state_dict(folder / name)[0]
+            return _read_finite_weights(folder / name)
     index = next(iter(sorted(folder.glob("*.safetensors.index.json"))), None)
     if index is not None:  # sharded: {"weight_map": {key: shard file}}
         weights: StateDict = {}
         for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
             if not isinstance(shard, str) or Path(shard).name != shard:
                 raise CheckpointError(f"{index}: shard name {shard!r} is not a file name in that folder")
-            weights.update(read_state_dict(folder / shard)[0])
+            weights.update(_read_finite_weights(folder / shard))
         return weights
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(_WEIGHT_NAMES[:2])})")
+
+
+def _read_finite_weights(path: Path) -> StateDict:
+    tensors = read_state_dict(path)[0]
+    _check_finite(tensors, path)
+    return tensors
 
 
 def _read_diffusers_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig, str]:
@@ -660,7 +952,9 @@ def _load_diffusers_base(folder: Path, *, prediction: str | None, dtype: torch.d
     schedule = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
     if prediction is not None:
         schedule = dataclasses.replace(schedule, prediction=prediction)
-    known = preset_for(unet_config.model_channels, unet_config.context_dim)
+    known = _preset_for(unet_config.model_channels, unet_config.context_dim)
+    if known is not None and known.unet != unet_config:
+        known = None  # the same widths, another UNet: not that preset
     config = ModelConfig(
         name=known.name if known is not None else "custom",
         unet=unet_config,
@@ -669,7 +963,7 @@ def _load_diffusers_base(folder: Path, *, prediction: str | None, dtype: torch.d
         schedule=schedule,
         native_resolution=int(vae_json.get("sample_size", 512)),
     )
-    if known is not None and known.unet == unet_config and schedule.prediction == "v" and known.name == "sd21":
+    if known is not None and schedule.prediction == "v" and known.name == "sd21":
         config = config.replace(name="sd21-v")
     model = StableDiffusion(config, empty=True)
     parts = (
@@ -707,14 +1001,30 @@ def _schedule_from_diffusers(path: Path) -> ScheduleConfig:
 def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file through a temporary file and a rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata={"format": "pt", **metadata})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+
+def _check_file_output(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path}: an existing folder; a .safetensors file is written there: choose another path")
+
+
+def _check_folder_output(path: Path) -> None:
+    """Refuse to replace anything but an empty folder or a diffusers model's folder (never, say, a
+    home folder named by mistake), and a file where a folder is to be written."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: an existing file; a diffusers model is written as a folder: choose another path"
+        )
+    holds_a_model = (path / "model_index.json").is_file() or (path / "config.json").is_file()
+    if not holds_a_model and any(path.iterdir()):
+        raise CheckpointError(
+            f"{path}: an existing folder that holds no diffusers model (no model_index.json or config.json); "
+            "only a model folder is replaced: choose another path"
+        )
 
 
 def ldm_state_dict(
@@ -747,6 +1057,7 @@ def save_ldm(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: LDM files are written as .safetensors only")
+    _check_file_output(path)
     metadata = {}
     if model is not None:
         metadata[_CONFIG_METADATA_KEY] = _config_to_json(model.config)
@@ -765,20 +1076,39 @@ def save_diffusers(
     ``text_encoder/``, ``tokenizer/``, ``scheduler/``, and ``controlnet/`` if one is given). A
     ControlNet alone becomes a folder with ``config.json`` and ``diffusion_pytorch_model.safetensors``,
     or, for a path ending in ``.safetensors``, that single weights file.
+
+    A folder is written beside ``path`` and then takes its place: the result holds exactly the new
+    model's files, and a failure midway leaves what was at ``path`` as it was. An existing folder is
+    replaced only if it is empty or holds a diffusers model; an existing file where a folder is to be
+    written (or a folder where a file is) is refused.
     """
     path = Path(path)
-    if model is None:
-        if controlnet is None:
-            raise ValueError("nothing to save: give a model, a ControlNet or both")
-        weights = diffusers_unet.controlnet_ldm_to_diffusers(controlnet.state_dict(), controlnet.config)
-        if path.suffix == ".safetensors":
-            _atomic_save(weights, path, {})
-            return path
-        _write_component(path, weights, diffusers_unet.controlnet_config_to_diffusers(controlnet.config), "diffusion")
+    if model is None and controlnet is None:
+        raise ValueError("nothing to save: give a model, a ControlNet or both")
+    if model is None and path.suffix == ".safetensors":
+        _check_file_output(path)
+        _atomic_save(diffusers_unet.controlnet_ldm_to_diffusers(controlnet.state_dict(), controlnet.config), path, {})
         return path
+    if model is not None and controlnet is not None:
+        check_compatible(controlnet.config, model.config, "the ControlNet")
+    _check_folder_output(path)
+    with atomic_folder(path) as folder:
+        if model is None:
+            _write_diffusers_controlnet(folder, controlnet)
+        else:
+            _write_diffusers_pipeline(folder, model, controlnet)
+    return path
+
+
+def _write_diffusers_controlnet(folder: Path, controlnet: ControlNet) -> None:
+    weights = diffusers_unet.controlnet_ldm_to_diffusers(controlnet.state_dict(), controlnet.config)
+    _write_component(folder, weights, diffusers_unet.controlnet_config_to_diffusers(controlnet.config), "diffusion")
+
+
+def _write_diffusers_pipeline(folder: Path, model: StableDiffusion, controlnet: ControlNet | None) -> None:
     config = model.config
     _write_component(
-        path / "unet",
+        folder / "unet",
         diffusers_unet.unet_ldm_to_diffusers(model.unet.state_dict(), config.unet),
         diffusers_unet.unet_config_to_diffusers(
             config.unet, sample_size=config.native_resolution // config.vae.downsample_factor
@@ -787,16 +1117,16 @@ def save_diffusers(
     )
     vae_json = diffusers_vae.vae_config_to_diffusers(config.vae, sample_size=config.native_resolution)
     _write_component(
-        path / "vae", diffusers_vae.vae_ldm_to_diffusers(model.vae.state_dict(), config.vae), vae_json, "diffusion"
+        folder / "vae", diffusers_vae.vae_ldm_to_diffusers(model.vae.state_dict(), config.vae), vae_json, "diffusion"
     )
     _write_component(
-        path / "text_encoder",
+        folder / "text_encoder",
         diffusers_text.text_ldm_to_diffusers(model.text_encoder.state_dict(), config.text),
         diffusers_text.text_config_to_diffusers(config.text),
         "model",
     )
-    write_hf_tokenizer_files(path / "tokenizer", pad_token_id=config.text.pad_token_id)
-    _write_json(path / "scheduler" / "scheduler_config.json", _scheduler_config(config.schedule))
+    write_hf_tokenizer_files(folder / "tokenizer", pad_token_id=config.text.pad_token_id)
+    _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_config(config.schedule))
     components = {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
@@ -806,14 +1136,12 @@ def save_diffusers(
     }
     pipeline = "StableDiffusionPipeline"
     if controlnet is not None:
-        check_compatible(controlnet.config, config, "the ControlNet")
-        save_diffusers(path / "controlnet", controlnet=controlnet)
+        _write_diffusers_controlnet(folder / "controlnet", controlnet)
         components["controlnet"] = ["diffusers", "ControlNetModel"]
         pipeline = "StableDiffusionControlNetPipeline"
     index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **components}
     index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
-    _write_json(path / "model_index.json", index)
-    return path
+    _write_json(folder / "model_index.json", index)
 
 
 def _write_component(folder: Path, weights: Mapping[str, torch.Tensor], config: dict, stem: str) -> None:
@@ -824,9 +1152,8 @@ def _write_component(folder: Path, weights: Mapping[str, torch.Tensor], config: 
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _scheduler_config(schedule: ScheduleConfig) -> dict:
