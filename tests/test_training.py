@@ -4,6 +4,7 @@ resume exactly, exports load, and two processes equal one."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -397,3 +398,182 @@ def test_bf16_keeps_the_frozen_base_in_bf16_through_steps_and_validation(setup, 
     assert {p.dtype for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.objective.controlnet.parameters()} == {torch.float32}  # master weights
     assert trainer.step == 2 and (tmp_path / "validation" / "step-00000002.png").exists()
+
+
+# -- numbers that stop being finite (issue 16) -----------------------------------------------------
+
+
+def test_a_nan_loss_stops_the_run_in_one_line_and_keeps_the_good_checkpoints(setup, tmp_path, capsys, monkeypatch):
+    """Step 3's loss is NaN (as a learning rate far too high gives): the run stops there, names the
+    step and the likely cause, saves nothing of that step, exports nothing; step 2 stays the newest
+    checkpoint, intact."""
+    from controlnet.cli import main
+    from controlnet.training import ControlNetObjective, read_checkpoint
+
+    real_loss, calls = ControlNetObjective.loss, []
+
+    def loss(self, batch):
+        calls.append(1)
+        value = real_loss(self, batch)
+        return value * float("nan") if len(calls) >= 3 else value
+
+    monkeypatch.setattr(ControlNetObjective, "loss", loss)
+    out = tmp_path / "run"
+    args = _train_args(setup, out, "--max-steps", "5", "--batch-size", "2", "--checkpoint-every", "1")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("controlnet train: error: step 3: the loss is nan"), err
+    assert "--learning-rate 0.0001" in err and str(checkpoint_dirs(out)[-1]) in err
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-00000001", "step-00000002"]
+    assert read_checkpoint(checkpoint_dirs(out)[-1])["step"] == 2
+    assert not (out / "controlnet.safetensors").exists() and not (out / "controlnet-diffusers").exists()
+
+
+def test_nan_gradients_stop_before_the_update(setup, tmp_path):
+    trainer = Trainer(config(setup, tmp_path), log=lambda m: None)
+    trainer.train_step()
+    before = trainable(trainer)
+    weight = trainer.objective.controlnet.zero_convs[0][0].weight
+    weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    with pytest.raises(TrainingError, match=r"^step 2: the gradients hold NaN or infinite values \(the loss was"):
+        trainer.train_step()
+    after = trainable(trainer)
+    assert trainer.step == 1 and all(torch.equal(before[n], after[n]) for n in before)  # not updated
+
+
+def test_non_finite_weights_stop_the_run_and_are_never_checkpointed(setup, tmp_path):
+    trainer = Trainer(config(setup, tmp_path), log=lambda m: None)
+    step = trainer.optimizer.step
+
+    def step_then_overflow(*args, **kwargs):
+        result = step(*args, **kwargs)
+        with torch.no_grad():
+            trainer.trainable[0].view(-1)[0] = float("inf")
+        return result
+
+    trainer.optimizer.step = step_then_overflow
+    with pytest.raises(TrainingError, match="step 1: the update made some weights NaN or infinite"):
+        trainer.train_step()
+    with pytest.raises(TrainingError, match="the weights hold NaN or infinite values; no checkpoint written"):
+        trainer.save()
+    assert checkpoint_dirs(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".*"))
+
+
+# -- resuming past a damaged checkpoint (issue 16) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(setup, tmp_path_factory) -> Path:
+    """A run of 3 steps with a checkpoint at each (copied by the tests that damage them)."""
+    out = tmp_path_factory.mktemp("three-checkpoints")
+    Trainer(config(setup, out, max_steps=3, checkpoint_every=1, keep_checkpoints=5), log=lambda m: None).run()
+    return out
+
+
+def _truncate(folder: Path) -> None:
+    state = folder / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+
+def _delete(folder: Path) -> None:
+    (folder / "state.pt").unlink()
+
+
+def _overwrite(folder: Path) -> None:  # same size, other bytes: only the hash tells
+    state = folder / "state.pt"
+    state.write_bytes(os.urandom(state.stat().st_size))
+
+
+def _garble_manifest(folder: Path) -> None:
+    (folder / "checkpoint.json").write_text("{")
+
+
+def _truncate_old_style(folder: Path) -> None:  # written before manifests: loading tells
+    (folder / "checkpoint.json").unlink()
+    _truncate(folder)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_truncate, "were written (truncated or overwritten)"),
+        (_delete, "state.pt is missing"),
+        (_overwrite, "differs from what was written (SHA-256 mismatch)"),
+        (_garble_manifest, "its manifest checkpoint.json is unreadable"),
+        (_truncate_old_style, "state.pt cannot be read"),
+    ],
+)
+def test_resume_passes_over_a_damaged_latest_checkpoint(setup, three_checkpoints, tmp_path, damage, reason):
+    from controlnet.training import read_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    latest = out / "checkpoints" / "step-00000003"
+    damage(latest)
+    messages: list[str] = []
+    settings = dict(max_steps=4, checkpoint_every=1, keep_checkpoints=5, resume="latest")
+    trainer = Trainer(config(setup, out, **settings), log=messages.append)
+    trainer.run()
+    warnings = [m for m in messages if "damaged" in m and "passed over" in m]
+    assert len(warnings) == 1 and f"{latest}: " in warnings[0] and reason in warnings[0], messages
+    assert f"resumed from {out / 'checkpoints' / 'step-00000002'} at step 2" in messages
+    assert trainer.step == 4
+    # The damaged one is kept aside, no longer a checkpoint; step 3 is trained again, to the same weights.
+    assert (out / "checkpoints" / "damaged-step-00000003").is_dir()
+    assert [p.name for p in checkpoint_dirs(out)] == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
+    again = read_checkpoint(out / "checkpoints" / "step-00000003")["trainable"]
+    original = read_checkpoint(three_checkpoints / "checkpoints" / "step-00000003")["trainable"]
+    assert all(torch.equal(again[name], original[name]) for name in original)
+
+
+def test_the_train_command_reports_a_truncated_checkpoint_in_one_line_and_resumes(
+    setup, three_checkpoints, tmp_path, capsys
+):
+    from controlnet.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    _truncate(out / "checkpoints" / "step-00000003")
+    args = _train_args(setup, out, "--max-steps", "4", "--batch-size", "2", "--checkpoint-every", "1")
+    assert main([*args, "--resume", "latest"]) == 0
+    output = capsys.readouterr()
+    reports = [line for line in output.out.splitlines() if "damaged" in line]
+    assert len(reports) == 2 and "step-00000003" in reports[0] and "truncated" in reports[0], reports
+    assert "resumed from" in output.out and "step-00000002 at step 2" in output.out
+    assert "Traceback" not in output.err and (out / "controlnet.safetensors").exists()
+
+
+def test_resume_with_no_intact_checkpoint_is_a_one_line_error(setup, three_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    for folder in checkpoint_dirs(out):
+        _truncate(folder)
+    trainer = Trainer(config(setup, out, max_steps=4, resume="latest"), log=lambda m: None)
+    with pytest.raises(TrainingError, match=r"no intact checkpoint in .*step-00000003.*step-00000001") as error:
+        trainer.run()
+    assert "\n" not in str(error.value)
+    assert len(checkpoint_dirs(out)) == 3 and not list((out / "checkpoints").glob("damaged-*"))  # nothing moved
+    named = config(setup, out, max_steps=4, resume=str(out / "checkpoints" / "step-00000002"))
+    expected = r"step-00000002: cannot resume from it: state.pt is .* \(truncated or overwritten\)$"
+    with pytest.raises(TrainingError, match=expected):
+        Trainer(named, log=lambda m: None).run()
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_earlier_ones(setup, three_checkpoints, tmp_path, monkeypatch):
+    import errno
+
+    from controlnet.training import read_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    trainer = Trainer(config(setup, out, max_steps=4, checkpoint_every=1, resume="latest"), log=lambda m: None)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(TrainingError, match=r"cannot write the checkpoint .*step-00000004 \(No space left on device\)"):
+        trainer.run()
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-00000001", "step-00000002", "step-00000003"]
+    assert not list((out / "checkpoints").glob(".*"))  # no half-written checkpoint left
+    assert all(read_checkpoint(folder) for folder in checkpoint_dirs(out))

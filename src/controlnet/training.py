@@ -823,6 +823,10 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
 class DamagedCheckpoint(TrainingError):
     """A checkpoint folder that cannot be resumed from; the message says which and why."""
 
+    def __init__(self, folder: Path, reason: str) -> None:
+        super().__init__(f"{folder}: {reason}")
+        self.folder, self.reason = folder, reason
+
 
 # What torch.load raises on a file that is not a whole checkpoint: a truncated zip (RuntimeError),
 # an empty file (EOFError), other bytes (UnpicklingError, or KeyError from its unpickler).
@@ -836,35 +840,35 @@ def read_checkpoint(folder: Path) -> dict:
     DamagedCheckpoint (one line: the folder and the reason) otherwise."""
     state_file, manifest_file = folder / STATE_FILE, folder / MANIFEST_FILE
     if not folder.is_dir():
-        raise DamagedCheckpoint(f"{folder}: no such checkpoint folder")
+        raise DamagedCheckpoint(folder, "no such checkpoint folder")
     if not state_file.is_file():
-        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} is missing")
+        raise DamagedCheckpoint(folder, f"{STATE_FILE} is missing")
     if manifest_file.exists():
         try:
             recorded = json.loads(manifest_file.read_text(encoding="utf-8"))["files"][STATE_FILE]
             size, sha256 = int(recorded["bytes"]), str(recorded["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
-            raise DamagedCheckpoint(f"{folder}: its manifest {MANIFEST_FILE} is unreadable") from None
+            raise DamagedCheckpoint(folder, f"its manifest {MANIFEST_FILE} is unreadable") from None
         actual = state_file.stat().st_size
         if actual != size:
             raise DamagedCheckpoint(
-                f"{folder}: {STATE_FILE} is {actual:,} bytes but {size:,} were written (truncated or overwritten)"
+                folder, f"{STATE_FILE} is {actual:,} bytes but {size:,} were written (truncated or overwritten)"
             )
         if file_sha256(state_file) != sha256:
-            raise DamagedCheckpoint(f"{folder}: {STATE_FILE} differs from what was written (SHA-256 mismatch)")
+            raise DamagedCheckpoint(folder, f"{STATE_FILE} differs from what was written (SHA-256 mismatch)")
     try:
         state = torch.load(state_file, weights_only=True)
     except _UNREADABLE as error:
         reason = " ".join(str(error).split())[:120] or type(error).__name__
-        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} cannot be read ({reason})") from None
+        raise DamagedCheckpoint(folder, f"{STATE_FILE} cannot be read ({reason})") from None
     needed = ("step", "trainable", "optimizer", "rng")
     if not isinstance(state, dict) or any(key not in state for key in needed):
-        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} is not a training checkpoint (it needs {', '.join(needed)})")
+        raise DamagedCheckpoint(folder, f"{STATE_FILE} is not a training checkpoint (it needs {', '.join(needed)})")
     step = _checkpoint_step(folder)
     if step is not None and state["step"] != step:
-        raise DamagedCheckpoint(f"{folder}: {STATE_FILE} is the state of step {state['step']}, not of step {step}")
+        raise DamagedCheckpoint(folder, f"{STATE_FILE} is the state of step {state['step']}, not of step {step}")
     if not _all_finite(state["trainable"].values()):
-        raise DamagedCheckpoint(f"{folder}: its weights hold NaN or infinite values")
+        raise DamagedCheckpoint(folder, "its weights hold NaN or infinite values")
     return state
 
 
@@ -886,7 +890,7 @@ def find_resume_point(
         try:
             return path, read_checkpoint(path), []
         except DamagedCheckpoint as error:
-            raise TrainingError(f"--resume {resume}: cannot resume from it: {error}") from None
+            raise TrainingError(f"--resume {resume}: cannot resume from it: {error.reason}") from None
     candidates = checkpoint_dirs(out)
     damaged: list[Path] = []
     reasons: list[str] = []
