@@ -156,8 +156,10 @@ CASES = [
     (["data", "scenes", "--out", "{out}", "--count", "2", "--size", "100000"], 2, "--size"),
     (["data", "scenes", "--out", "{out}", "--count", "2", "--seed", "-1"], 2, "--seed must be between 0"),
     # train: every option is checked before a model or the data is read
-    ([*TRAIN, "--resolution", "100000"], 2, "--resolution must be a multiple of 8"),
-    ([*TRAIN, "--resolution", "60"], 2, "--resolution must be a multiple of 8"),
+    ([*TRAIN, "--resolution", "100000"], 2, "between 64 and 2048 (the largest size controlnet generate takes)"),
+    ([*TRAIN, "--resolution", "60"], 2, "--resolution must be a multiple of 64"),
+    ([*TRAIN, "--resolution", "72"], 2, "--resolution must be a multiple of 64 (validation generates at it)"),
+    ([*TRAIN, "--task", "vae", "--model-config", "tiny", "--resolution", "60"], 2, "must be a multiple of 8"),
     ([*TRAIN, "--device", "cuda:99"], 2, "no such CUDA device here"),
     ([*TRAIN, "--device", "meta"], 2, "training runs on cpu or cuda"),
     ([*TRAIN, "--device", "bogus"], 2, "--device 'bogus' is not a device"),

@@ -180,15 +180,18 @@ class TrainConfig:
         _check_number("--max-bad-fraction", self.max_bad_fraction, 0.0, 1.0)
         _check_number("--kl-weight", self.kl_weight, 0.0, math.inf, high_open=True)
         _check_number("--gradient-loss-weight", self.gradient_loss_weight, 0.0, math.inf, high_open=True)
+        # The VAE halves the size three times; the other tasks validate by generating at the training
+        # size, and the pipeline generates in multiples of 64 (another size fails only at the end).
+        multiple, why = (8, "the VAE's downsampling") if self.task == "vae" else (64, "validation generates at it")
         resolution = self.resolution
         if resolution is not None and (
             isinstance(resolution, bool)
             or not isinstance(resolution, int)
-            or resolution % 8
-            or not 8 <= resolution <= MAX_RESOLUTION
+            or resolution % multiple
+            or not multiple <= resolution <= MAX_RESOLUTION
         ):
             raise TrainingError(
-                f"--resolution must be a multiple of 8 (the VAE's downsampling factor) between 8 and "
+                f"--resolution must be a multiple of {multiple} ({why}) between {multiple} and "
                 f"{MAX_RESOLUTION} (the largest size controlnet generate takes), got {resolution!r}"
             )
         if self.control_init not in CONTROL_INITS:
