@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet.images import DEFAULT_MAX_PIXELS, HWC3, ImageError, load_image, read_png_text, save_png
+from controlnet.images import (
+    DEFAULT_MAX_PIXELS,
+    HWC3,
+    ImageError,
+    encode_png,
+    image_size,
+    load_image,
+    read_png_text,
+    save_png,
+)
 
 
 def _rgb(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
@@ -352,3 +361,32 @@ def test_resizing_is_importable_from_images_too() -> None:
     )
     with pytest.raises(ImportError):
         from controlnet.images import no_such_name  # noqa: F401
+
+
+def test_bytes_in_memory_load_as_the_file_does(tmp_path: Path) -> None:
+    path = _save(tmp_path, "x.png", Image.fromarray(_rgb(20, 30)))
+    data = path.read_bytes()
+    assert np.array_equal(load_image(data), load_image(path))
+    assert image_size(data) == image_size(path) == (30, 20)
+    with pytest.raises(ImageError, match=r"^the image is empty$"):
+        load_image(b"")
+    with pytest.raises(ImageError, match=r"^the image is not an image"):
+        load_image(b"not an image")
+    with pytest.raises(ImageError, match="the image is 30x20 pixels, over the limit of 10"):
+        image_size(data, max_pixels=10)
+
+
+def test_image_size_reads_the_header_only() -> None:
+    assert image_size(_png_claiming(9000, 9000), max_pixels=10**9) == (9000, 9000)  # no pixel data at all
+    with pytest.raises(ImageError, match="over the limit"):
+        image_size(_png_claiming(9000, 9000))
+
+
+def test_encode_png_is_what_save_png_writes(tmp_path: Path) -> None:
+    image = _rgb(8, 8)
+    text = {"parameters": "a prompt", "controlnet": "é" * 2000}
+    data = encode_png(image, text)
+    assert save_png(tmp_path / "x.png", image, text).read_bytes() == data
+    assert np.array_equal(load_image(data), image) and read_png_text(tmp_path / "x.png") == text
+    with pytest.raises(ValueError, match="NUL"):
+        encode_png(image, {"parameters": "a\0b"})

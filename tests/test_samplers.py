@@ -459,7 +459,7 @@ def test_unknown_sampler_and_bad_steps_raise_clear_errors():
         make_plan("ddim", ScheduleConfig(), 1001)
     with pytest.raises(ValueError, match="applies to 'ddim' only"):
         make_plan("euler_a", ScheduleConfig(), 20, eta=0.5)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be between 0 and 1"):
         make_plan("ddim", ScheduleConfig(), 20, eta=-1.0)
     with pytest.raises(ValueError, match="decreasing and positive"):
         plan_from_sigmas("euler", ScheduleConfig(), [1.0, 2.0, 0.0])

@@ -19,13 +19,14 @@ OpenCV-exact kernels in `controlnet.annotators.resizing`; the names are also imp
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import struct
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -82,14 +83,25 @@ def HWC3(x: np.ndarray) -> np.ndarray:
     return y.clip(0, 255).astype(np.uint8)
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image file as an RGB uint8 (H, W, 3) array (see the module docstring for modes).
+ImageSource = str | os.PathLike[str] | bytes  # a file, or a file's bytes already in memory
+
+
+def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file (or its bytes) as an RGB uint8 (H, W, 3) array (see the module docstring
+    for modes).
 
     Raises ImageError (a ValueError) with a one-line message for a missing, unreadable, empty,
     non-image, corrupt or truncated file, or one with more than `max_pixels` pixels."""
-    with _open_image(path, max_pixels) as im:
+    with _open_image(source, max_pixels) as im:
         im.load()
         return _to_rgb(_apply_orientation(im))
+
+
+def image_size(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding a pixel; ImageError as `load_image`
+    (an image over `max_pixels` is refused)."""
+    with _open_image(source, max_pixels) as im:
+        return im.size
 
 
 def read_png_text(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, str]:
@@ -106,31 +118,44 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, text: Mapping[str,
 
     The file appears atomically: it is written to a temporary file in the same folder, synced,
     then renamed over `path`, so a reader never sees half a file. Returns the path."""
+    path = Path(path)
+    data = encode_png(image, text)  # encoded first: a bad image or text leaves no file behind
+    with atomic_file(path) as f:
+        f.write(data)
+    return path
+
+
+def encode_png(image: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
+    """The PNG file `save_png` writes, as bytes in memory."""
     array = _png_array(image)
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         _check_text(key, value)
         info.add_text(key, value, zip=len(value) > 1024)  # Pillow falls back to iTXt for non-Latin-1
-    path = Path(path)
-    with atomic_file(path) as f:
-        Image.fromarray(array).save(f, format="PNG", pnginfo=info)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager
-def _open_image(path: str | os.PathLike[str], max_pixels: int) -> Iterator[Image.Image]:
-    """Open `path` with Pillow, refusing oversized images from their header, and turn every
-    failure inside the block into a one-line ImageError."""
-    path = Path(path)
-    try:
-        f = open(path, "rb")  # noqa: SIM115 -- closed by the `with f` below
-    except OSError as e:
-        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+def _open_image(source: ImageSource, max_pixels: int) -> Iterator[Image.Image]:
+    """Open a file (or bytes) with Pillow, refusing oversized images from their header, and turn
+    every failure inside the block into a one-line ImageError (naming the file, or "the image")."""
+    if isinstance(source, (bytes, bytearray)):
+        path: Path | str = "the image"
+        f: IO[bytes] = io.BytesIO(source)
+    else:
+        path = Path(source)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 -- closed by the `with f` below
+        except OSError as e:
+            raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
     with f, warnings.catch_warnings():
         # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that; both refuse here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        if os.fstat(f.fileno()).st_size == 0:
+        if f.seek(0, os.SEEK_END) == 0:
             raise ImageError(f"{path} is empty")
+        f.seek(0)
         try:
             with Image.open(f) as im:
                 width, height = im.size

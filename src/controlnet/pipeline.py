@@ -12,6 +12,7 @@ The loop is written out in :meth:`Pipeline.generate`: encode the prompt, prepare
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -27,8 +28,8 @@ from .guidance import ActiveControl, ControlMode, GuidedDenoiser
 from .images import HWC3, fit_to, resize_image
 from .model import StableDiffusion
 from .placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
-from .prompts import encode_prompts
-from .runtime import parse_dtype, prepare, use_channels_last
+from .prompts import check_prompt, encode_prompts
+from .runtime import check_finite, parse_dtype, prepare, use_channels_last
 from .samplers import Plan, make_plan, sample
 
 MAX_SEED = 2**31 - 1
@@ -244,6 +245,16 @@ class Pipeline:
         self._check_arguments(controls, num_images, seed, steps, guidance_scale, output)
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image to inpaint")
+        if init_image is not None and not 0 < denoising_strength <= 1:
+            raise ValueError(f"denoising strength must be in (0, 1], got {denoising_strength}")
+        full_prompt = f"{prompt}, {added_prompt}" if added_prompt else prompt
+        for text, what in (
+            (prompt, "the prompt"),
+            (added_prompt, "the added prompt"),
+            (full_prompt, "the prompt with the added prompt"),
+            (negative_prompt, "the negative prompt"),
+        ):
+            check_prompt(text, what)
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
         resolution = resolution or self.model.config.native_resolution
@@ -251,7 +262,6 @@ class Pipeline:
         init = None if init_image is None else fit_to(HWC3(init_image), width, height)
         mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
 
-        full_prompt = f"{prompt}, {added_prompt}" if added_prompt else prompt
         with self.placement.use(self.model.text_encoder):
             context = encode_prompts(self.model.text_encoder, [full_prompt, negative_prompt]).to(self.dtype)
         control_maps = [self.control_map(unit, height, width, resolution, mask) for unit in controls]
@@ -285,8 +295,10 @@ class Pipeline:
                 callback=lambda step, total: self._on_step(denoiser, progress, step, total),
                 after_step=blend,
             )
+        check_finite(x, f"the latents after sampling (UNet and ControlNets in {_dtype_name(self.dtype)})")
         with self.placement.use(self.model.vae):
             images = self.decode(x)
+        check_finite(images, f"the images decoded by the VAE (in {_dtype_name(self.dtype)})")
         if mask is not None:  # the unmasked pixels are the init image's, exactly
             repaint = mask[:, :, :1].astype(np.float32) / 255.0
             images = images * repaint + (init.astype(np.float32) / 255.0) * (1.0 - repaint)
@@ -351,8 +363,8 @@ class Pipeline:
             raise ValueError(f"seed must be at most {MAX_SEED} (or -1 for a random one), got {seed}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        if guidance_scale <= 0:
-            raise ValueError(f"guidance scale must be positive, got {guidance_scale}")
+        if not (math.isfinite(guidance_scale) and guidance_scale > 0):
+            raise ValueError(f"guidance scale must be a positive number, got {guidance_scale}")
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         for unit in controls:
@@ -360,6 +372,16 @@ class Pipeline:
                 raise ValueError(
                     f"control unit uses ControlNet {unit.controlnet}, but {len(self.controlnets)} are loaded"
                 )
+            if not (math.isfinite(unit.strength) and unit.strength >= 0):
+                raise ValueError(f"control strength must be a number >= 0, got {unit.strength}")
+            if not 0 <= unit.start <= unit.end <= 1:  # NaN fails too
+                raise ValueError(f"control start and end need 0 <= start <= end <= 1, got {unit.start}, {unit.end}")
+            if unit.scales is not None and not all(math.isfinite(scale) for scale in unit.scales):
+                raise ValueError(f"control scales must be finite numbers, got {unit.scales}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _mask_uint8(mask: np.ndarray) -> np.ndarray:

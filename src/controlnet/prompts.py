@@ -21,12 +21,42 @@ from .tokenizer import default_tokenizer
 
 CHUNK_TOKENS = 75  # text tokens per 77-position window (start and end tokens excluded)
 
+# Bounded work per prompt (docs/security.md). The token limit is the one that matters: each window
+# of 75 tokens is one more text-encoder pass and 77 more positions for every cross-attention of
+# every step; 8 windows (600 tokens) is about twice the longest prompts people write. The character
+# limit is checked first, so that a huge text is refused before the tokenizer spends time on it
+# (BPE is quadratic in the length of a word: a 5,000-letter word takes about 0.6 s).
+MAX_PROMPT_WINDOWS = 8
+MAX_PROMPT_TOKENS = MAX_PROMPT_WINDOWS * CHUNK_TOKENS
+MAX_PROMPT_CHARACTERS = 5_000
+
 # The original canny app's defaults (REFERENCE.md section 5), for models trained on real captions.
 ORIGINAL_ADDED_PROMPT = "best quality, extremely detailed"
 ORIGINAL_NEGATIVE_PROMPT = (
     "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
     "worst quality, low quality"
 )
+
+
+def check_prompt(text: object, what: str = "the prompt") -> None:
+    """Refuse (ValueError, one line) a prompt that is not text, that no PNG record can hold (NUL,
+    lone surrogates), or that is longer than MAX_PROMPT_CHARACTERS or MAX_PROMPT_TOKENS."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be text, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARACTERS:
+        raise ValueError(f"{what} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARACTERS:,}")
+    if "\0" in text:
+        raise ValueError(f"{what} contains a NUL character (code 0), which is not allowed in a prompt")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+    tokens = len(default_tokenizer().encode(text))
+    if tokens > MAX_PROMPT_TOKENS:
+        raise ValueError(
+            f"{what} is {tokens} tokens long; the limit is {MAX_PROMPT_TOKENS} "
+            f"({MAX_PROMPT_WINDOWS} windows of {CHUNK_TOKENS} tokens)"
+        )
 
 
 def tokenize_chunks(prompt: str, pad_token_id: int, max_length: int = 77) -> torch.Tensor:

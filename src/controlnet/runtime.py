@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,6 +75,21 @@ def prepare(module: nn.Module, device: str | torch.device, dtype: torch.dtype, c
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
+
+
+class NonFiniteError(ValueError):
+    """A computation produced NaN or infinite values; the message says which one, so that a
+    result is never a silent black image (or a NaN score, or a NaN checkpoint)."""
+
+
+def check_finite(values: torch.Tensor | np.ndarray, what: str) -> None:
+    """Raise NonFiniteError naming ``what`` when ``values`` hold a NaN or an infinity."""
+    finite = torch.isfinite(values).all() if isinstance(values, torch.Tensor) else np.isfinite(values).all()
+    if not bool(finite):
+        raise NonFiniteError(
+            f"{what} hold NaN or infinite values: the weights or the settings overflow; "
+            "float32 (--dtype float32) avoids the overflows of float16"
+        )
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -205,8 +205,10 @@ def make_plan(name: str, schedule: ScheduleConfig, steps: int, *, eta: float = 0
     """
     spec = get_sampler(name)
     _check_steps(steps, schedule.num_timesteps)
-    if eta < 0 or (eta != 0 and name != "ddim"):
-        raise ValueError(f"eta must be >= 0 and applies to 'ddim' only, got eta={eta} for {name!r}")
+    # Above 1 the DDIM update's "direction" sqrt(1 - alpha_prev - sigma^2) is the root of a negative
+    # number (Song et al. 2021, eq. 12): NaN latents, black images. NaN fails both comparisons.
+    if not 0 <= eta <= 1 or (eta != 0 and name != "ddim"):
+        raise ValueError(f"eta must be between 0 and 1 and applies to 'ddim' only, got eta={eta} for {name!r}")
     if spec.vp_constants is not None:
         timesteps, sigmas, coefficients = spec.vp_constants(schedule, steps, eta)
     else:

@@ -32,6 +32,12 @@ ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill"]
 INTERPOLATIONS: tuple[str, ...] = ("auto", "area", "lanczos", "linear", "nearest")
 RESIZE_MODES: tuple[str, ...] = ("just_resize", "crop_and_resize", "resize_and_fill")
 
+# The longest an image's long side may be next to its short side. `resize_image` sets the short
+# side, so the long side (and the work of everything after it) grows with the aspect ratio: a 64x1
+# control image would ask for a 8192x128 output. 4:1 keeps every output within 4x the requested
+# resolution squared and covers the panoramas people generate.
+MAX_ASPECT_RATIO = 4
+
 _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: resize weights are fixed point with 11 fraction bits
 _COEF_SCALE = 1 << _COEF_BITS
 _FLT_EPSILON = float(np.finfo(np.float32).eps)
@@ -256,13 +262,24 @@ def resize(img: np.ndarray, width: int, height: int, interpolation: Interpolatio
     return out[:, :, 0] if img.ndim == 2 else out
 
 
+def check_aspect_ratio(width: int, height: int, what: str = "the image") -> None:
+    """Refuse (ValueError) an image whose long side is more than MAX_ASPECT_RATIO times its short side."""
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise ValueError(
+            f"{what} is {width}x{height}: its long side is more than {MAX_ASPECT_RATIO} times its short side "
+            f"(the limit, which bounds the output size); crop it to at most {MAX_ASPECT_RATIO}:1"
+        )
+
+
 def resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
     """The original apps' `resize_image`: scale so the short side is `resolution`, round each side
-    to a multiple of 64 (`np.round`, half to even), Lanczos4 when enlarging (k > 1) else area."""
+    to a multiple of 64 (`np.round`, half to even), Lanczos4 when enlarging (k > 1) else area.
+    Images longer than MAX_ASPECT_RATIO times their width (or the reverse) are refused."""
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 64:
         raise ValueError(f"resolution must be an integer >= 64, got {resolution!r}")
     if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
         raise ValueError(f"expected a non-empty (H, W) or (H, W, C) array, got {_describe(img)}")
+    check_aspect_ratio(img.shape[1], img.shape[0])
     h, w = float(img.shape[0]), float(img.shape[1])
     k = float(resolution) / min(h, w)
     new_h = int(np.round(h * k / 64.0)) * 64
