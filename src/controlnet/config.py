@@ -272,7 +272,9 @@ SHAPES = ModelConfig(
         use_linear_in_transformer=True,
         norm_groups=16,
     ),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
+    # The latent scale the vae task calibrated for the shipped VAE (1 / std of its latents), as its
+    # file records it: a copy of the weights without that record (a .pth) must still decode right.
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8, scale_factor=0.40144),
     text=TextEncoderConfig(width=64, layers=2, heads=2, mlp_width=256),
     control_hint_block_channels=(16, 32, 64, 64),
     native_resolution=128,
@@ -282,7 +284,7 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_V, TINY,
 
 
 def preset(name: str) -> ModelConfig:
-    """The preset called ``name`` (``sd15``, ``sd21``, ``sd21-v``, ``tiny``)."""
+    """The preset called ``name`` (``sd15``, ``sd21``, ``sd21-v``, ``tiny``, ``shapes``)."""
     try:
         return PRESETS[name]
     except KeyError:
@@ -291,7 +293,7 @@ def preset(name: str) -> ModelConfig:
 
 def preset_for(model_channels: int, context_dim: int) -> ModelConfig | None:
     """The preset whose UNet has this width and text context (SD 2.x: the eps model), if any."""
-    for candidate in (SD15, SD21, TINY):
+    for candidate in PRESETS.values():  # sd21 before sd21-v: the same shapes, eps by default
         if (candidate.unet.model_channels, candidate.unet.context_dim) == (model_channels, context_dim):
             return candidate
     return None
@@ -322,5 +324,5 @@ def detect_preset(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> M
         return found
     raise ValueError(
         f"unrecognised model: model_channels={model_channels}, context_dim={context_dim}; "
-        "known: sd15 (320, 768), sd21 (320, 1024), tiny (32, 64)"
+        "known: " + ", ".join(f"{c.name} ({c.unet.model_channels}, {c.unet.context_dim})" for c in PRESETS.values())
     )
