@@ -301,3 +301,18 @@ def test_demo_on_a_full_disk_keeps_the_earlier_images(tmp_path, capsys, disk_ful
     assert_one_line_error("demo", status, stdout, err, 1, "No space left on device")
     assert sorted(p.name for p in out.iterdir()) == ["scene-1.png"]
     assert (out / "scene-1.png").read_bytes() == b"an earlier result"
+
+
+def test_eval_stops_on_nan_images_without_writing_results(files, tmp_path, capsys, monkeypatch):
+    from controlnet.pipeline import Pipeline
+    from controlnet.runtime import NonFiniteError
+
+    def overflow(self, *args, **kwargs):
+        raise NonFiniteError("the latents after sampling (UNet and ControlNets in float16) hold NaN or infinite values")
+
+    monkeypatch.setattr(Pipeline, "generate", overflow)
+    out = tmp_path / "out"
+    argv = [a.format(out=out, **{k: str(v) for k, v in files.items()}) for a in [*EVAL, *EVAL_MODELS]]
+    status, stdout, err = run(argv, capsys)
+    assert_one_line_error("eval", status, stdout, err, 1, "hold NaN or infinite values")
+    assert not (out / "results.json").exists() and not (out / "grid.png").exists()

@@ -91,3 +91,55 @@ def test_eval_command_runs_on_the_default_model_and_refuses_bad_input(tmp_path, 
     assert main([*argv, "--count", "0"]) == 2
     assert "--count must be at least 1" in capsys.readouterr().err
     assert main(["eval", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+
+
+# -- no NaN in the results, no results lost (issue 16) ------------------------------------------
+
+
+class _OverflowingPipeline(_ReplayPipeline):
+    """Generation whose numbers overflow: the pipeline's own check refuses the NaN images."""
+
+    def generate(self, prompt, controls, **settings):
+        from controlnet.runtime import NonFiniteError
+
+        raise NonFiniteError("the latents after sampling hold NaN or infinite values")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"guidance_scale": float("nan")}, "guidance scale must be between 0.1 and 30.0, got nan"),
+        ({"guidance_scale": float("inf")}, "guidance scale must be between 0.1 and 30.0, got inf"),
+        ({"seed": -1}, "seed must be between 0"),  # a random seed: scores no one could reproduce
+        ({"resolution": 100}, "resolution must be a multiple of 64"),  # the images would not match the condition
+        ({"steps": 0}, "steps must be between 1 and 1000"),
+        ({"images_per_condition": 0}, "images per condition must be between 1 and 12"),
+        ({"low_threshold": 0}, "Canny low threshold must be between 1 and 255"),
+        ({"sampler": "plms"}, "unknown sampler 'plms'"),
+        ({"count": 0}, "count must be at least 1"),
+    ],
+)
+def test_evaluate_refuses_bad_settings_before_generating(tmp_path, settings, message):
+    data = tmp_path / "scenes"
+    write_dataset(data, "scenes", 2, size=64, seed=3)
+    pipe = _ReplayPipeline(data)
+    with pytest.raises(ValueError, match=message):
+        evaluate(pipe, data, tmp_path / "out", **settings)
+    assert pipe.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_evaluate_never_writes_nan_and_keeps_the_earlier_results(tmp_path):
+    from controlnet.evaluation import check_scores
+    from controlnet.runtime import NonFiniteError
+
+    data = tmp_path / "scenes"
+    write_dataset(data, "scenes", 2, size=64, seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("earlier results\n")
+    with pytest.raises(NonFiniteError, match="the latents after sampling hold NaN"):
+        evaluate(_OverflowingPipeline(data), data, out, count=2, images_per_condition=1)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert (out / "results.json").read_text() == "earlier results\n"
+    with pytest.raises(NonFiniteError, match=r"the edge_f1 score of a\.png is nan: results\.json not written"):
+        check_scores({"summary": {"edge_f1": 0.5}, "samples": [{"source": "a.png", "edge_f1": float("nan")}]})
