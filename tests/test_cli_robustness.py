@@ -221,7 +221,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "code", "message"), CASES, ids=[" ".join(c[0])[:80] for c in CASES])
+def _case_id(argv: list[str]) -> str:
+    """The command and what differs from its usual arguments: 'train --resolution 100000'."""
+    for prefix in ([*GENERATE, *WITH_MODELS], GENERATE, [*EVAL, *EVAL_MODELS], EVAL, TRAIN):
+        if argv[: len(prefix)] == prefix:
+            return " ".join([argv[0], *argv[len(prefix) :]])[:70]
+    return " ".join(argv)[:70]
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), CASES, ids=[_case_id(case[0]) for case in CASES])
 def test_every_command_refuses_a_mistake_in_one_line(files, tmp_path, capsys, argv, code, message):
     paths = {name: str(path) for name, path in files.items()}
     status, out, err = run([a.format(out=tmp_path / "out", **paths) for a in argv], capsys)

@@ -1452,7 +1452,8 @@ class Trainer:
                 for path in (self.metrics_path, self.out / "validation.csv"):
                     _truncate_csv(path, self.step)
         elif self.dist.is_main:
-            (self.out / "config.json").write_text(config.to_json() + "\n")
+            with atomic_file(self.out / "config.json", "w", encoding="utf-8") as handle:
+                handle.write(config.to_json() + "\n")
             self.metrics_path.unlink(missing_ok=True)
         previous = signal.signal(signal.SIGINT, self._request_stop) if self._main_thread() else None
         try:
