@@ -837,6 +837,15 @@ def _add_serve(commands) -> None:
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded image (default 10 MB)")
     s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest uploaded image in pixels")
     s.add_argument("--max-queue", type=int, default=8, help="jobs waiting or running before refusing (default 8)")
+    s.add_argument(
+        "--keep-minutes",
+        type=float,
+        default=60.0,
+        help="how long the page's uploads and results stay downloadable (default 60); all go when the server stops",
+    )
+    s.add_argument(
+        "--max-stored-mb", type=float, default=2048.0, help="disk for the page's uploads and results (default 2048)"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -850,6 +859,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _check_range("--max-upload-mb", args.max_upload_mb, 0.01, 1024)
     _check_range("--max-pixels", args.max_pixels, 64 * 64, 2**31)
     _check_range("--max-queue", args.max_queue, 1, 10_000)
+    _check_range("--keep-minutes", args.keep_minutes, 1, 7 * 24 * 60)
+    _check_range("--max-stored-mb", args.max_stored_mb, 1, 2**20)
     auth = None
     if args.auth is not None:
         user, colon, password = args.auth.partition(":")
@@ -867,12 +878,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.listen:
         where = "with --auth" if auth else "WITHOUT a password (add --auth USER:PASS)"
         print(f"warning: --listen serves on every network interface, {where}", file=sys.stderr)
-    from .server import Limits
+    from .server import Limits, ModelUnavailable
+    from .server_files import Retention
     from .webui import serve
 
     device = str(default_device()) if args.device == "auto" else args.device
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_queue)
-    serve(args.models, host, args.port, auth, limits, device, args.dtype, args.base, args.controlnet)
+    retention = Retention(max_bytes=int(args.max_stored_mb * 2**20), max_age_s=args.keep_minutes * 60)
+    try:
+        serve(args.models, host, args.port, auth, limits, device, args.dtype, args.base, args.controlnet, retention)
+    except ModelUnavailable as error:  # the first model is loaded before serving
+        raise CommandError(error.detail) from None
 
 
 # -- train ----------------------------------------------------------------------------------------

@@ -1,19 +1,20 @@
 """The generation service behind ``controlnet serve``: the web UI (webui.py) and the JSON API share it.
 
 It checks every request against the original canny app's ranges (REFERENCE.md section 5), keeps a
-server on a shared machine safe (an upload size and a pixel limit, a queue of bounded length, one
-job per model at a time), runs the pipeline with progress and cancellation between steps, and writes
-each image as a PNG carrying its settings (metadata.py), as ``controlnet generate`` does.
+server on a shared machine safe (an upload size and a pixel limit, bounded prompts and output sizes,
+a queue of bounded length, one job per model at a time), runs the pipeline with progress and
+cancellation between steps, and returns the images in memory with the PNG text that carries their
+settings (metadata.py), as ``controlnet generate`` writes it. It writes no file: the web UI stores
+what the page shows in its own bounded folder (server_files.py); the JSON API returns it inline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import secrets
-import tempfile
+import os
+import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from . import __version__, shipped
-from .images import ImageError, load_image, save_png
+from .annotators.resizing import check_aspect_ratio
+from .images import ImageError, ImageSource, encode_png, load_image
 from .metadata import image_text, map_text, model_records
 from .pipeline import MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
-from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
+from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompt
 
 SHIPPED = "shipped"  # the name of the shipped model in the model picker
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth")
@@ -45,12 +47,26 @@ class Cancelled(RuntimeError):
     """The user cancelled the job; it stopped between two sampling steps."""
 
 
+class ModelUnavailable(RuntimeError):
+    """A served model's files failed to load: the server's problem, not the request's. The message
+    names the model, never a path; ``detail`` (with paths) is for the server's log."""
+
+    def __init__(self, model: str, detail: str) -> None:
+        super().__init__(f"model {model!r} cannot be loaded on this server (the server's log says why)")
+        self.detail = f"cannot load model {model}: {detail}"
+
+
 @dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = 10 * 2**20  # one uploaded image
     max_pixels: int = 4096 * 4096  # one uploaded image, checked from its header before decoding
     max_queue: int = 8  # jobs waiting or running, all models together
     max_resolution: int = 768  # the original app's slider maximum
+
+    @property
+    def max_body_bytes(self) -> int:
+        """One HTTP request body: room for a few images in base64 (4/3 of their size) and the rest."""
+        return 8 * self.max_upload_bytes
 
 
 @dataclass
@@ -94,10 +110,20 @@ class GenerateRequest:
 
 @dataclass
 class GenerateResponse:
-    images: list[Path]  # PNGs with their settings in the metadata
-    control_maps: list[Path]
+    """A finished job, in memory: the caller decides whether anything is stored."""
+
+    images: list[np.ndarray]  # uint8 [H, W, 3]
+    control_maps: list[np.ndarray]  # each unit's detected map as a picture, uint8 [H, W, 3]
     seeds: list[int]
     settings: dict[str, Any]
+    image_texts: list[dict[str, str]]  # each image's PNG text: its settings (metadata.image_text)
+    map_texts: list[dict[str, str]]
+
+    def image_pngs(self) -> list[bytes]:
+        return [encode_png(image, text) for image, text in zip(self.images, self.image_texts, strict=True)]
+
+    def map_pngs(self) -> list[bytes]:
+        return [encode_png(image, text) for image, text in zip(self.control_maps, self.map_texts, strict=True)]
 
 
 def default_prompts(model: str) -> tuple[str, str]:
@@ -117,6 +143,16 @@ def check_request(request: GenerateRequest, limits: Limits, controlnets: int, sa
     """Refuse a request outside the ranges with one RequestError naming the field and what is allowed."""
     from .annotators import ANNOTATORS
 
+    for text, what in (
+        (request.prompt, "the prompt"),
+        (request.negative_prompt, "the negative prompt"),
+        (request.added_prompt, "the added prompt"),
+    ):
+        if text is not None:
+            try:
+                check_prompt(text, what)
+            except ValueError as error:
+                raise RequestError(str(error)) from None
     if not request.prompt.strip() and not request.units:
         raise RequestError("give a prompt or a control image (or both)")
     _check_range("images", request.num_images, 1, MAX_IMAGES)
@@ -153,25 +189,36 @@ def check_request(request: GenerateRequest, limits: Limits, controlnets: int, sa
         _check_range(f"{name}: annotator resolution", unit.annotator_resolution, 64, 2048)
         if not 0 <= unit.controlnet < controlnets:
             raise RequestError(f"{name}: ControlNet {unit.controlnet} does not exist (the model has {controlnets})")
-        for key, value in unit.annotator_params.items():
-            if key.endswith("threshold"):
-                _check_range(f"{name}: {key.replace('_', ' ')}", value, 1, 255)
+        try:  # the annotator's own typed check: kinds, ranges, choices, unknown names
+            ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
+        except ValueError as error:
+            raise RequestError(f"{name}: {error}") from None
 
 
-def read_upload(path: str | Path, limits: Limits, what: str = "image") -> np.ndarray:
-    """An uploaded image file as RGB uint8, refused (RequestError) when over the size or pixel limits
-    or not an image."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise RequestError(f"the {what} upload is missing; upload it again") from None
+def read_upload(source: ImageSource, limits: Limits, what: str = "image") -> np.ndarray:
+    """An uploaded image (a file, or its bytes) as RGB uint8, refused (RequestError) when over the
+    size or pixel limits (from its header, before decoding), not an image, or longer than 4:1.
+    Messages name "the upload", never a path of the server."""
+    if isinstance(source, (bytes, bytearray)):
+        size = len(source)
+    else:
+        try:
+            size = os.stat(source).st_size
+        except (OSError, ValueError):
+            raise RequestError(f"the {what} upload is missing; upload it again") from None
     if size > limits.max_upload_bytes:
         raise RequestError(f"the {what} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:g} MB")
     try:
-        return load_image(path, max_pixels=limits.max_pixels)
+        image = load_image(source, max_pixels=limits.max_pixels)
+        check_aspect_ratio(image.shape[1], image.shape[0], f"the {what}")
+        return image
     except ImageError as error:
-        raise RequestError(f"the {what}: {error}".replace(str(path), "the upload")) from None
+        message = str(error)
+        if not isinstance(source, (bytes, bytearray)):
+            message = message.replace(str(source), "the upload")
+        raise RequestError(f"the {what}: {message}") from None
+    except ValueError as error:
+        raise RequestError(str(error)) from None
 
 
 @dataclass
@@ -181,12 +228,35 @@ class ModelEntry:
     name: str
     base: Path
     controlnets: list[Path]
+    # The models folder the files were found in: they must still lie inside it when they are loaded
+    # (a file replaced by a link that leads out after the server started is refused).
+    folder: Path | None = None
+
+
+def inside_folder(path: Path, folder: Path) -> bool:
+    """Whether ``path`` and, for a folder, everything in it stay inside ``folder`` once every
+    symlink is resolved (a link that leads out of the models folder is refused, not followed)."""
+    root = Path(os.path.realpath(folder))
+
+    def within(candidate: str | Path) -> bool:
+        real = Path(os.path.realpath(candidate))
+        return real == root or root in real.parents
+
+    if not within(path):
+        return False
+    if path.is_dir():
+        for parent, subfolders, names in os.walk(path, followlinks=False):
+            for name in [*subfolders, *names]:
+                if not within(Path(parent, name)):
+                    return False
+    return True
 
 
 def discover_models(folder: Path | None, include_shipped: bool = True) -> list[ModelEntry]:
     """The shipped model, then every base model in ``folder`` (files with a base, or diffusers
     pipeline folders), each with the ControlNet files of the folder that fit it (checked by shape
-    family when it is loaded). Only files inside ``folder`` are ever offered."""
+    family when it is loaded). Only files inside ``folder`` are ever offered: a symlink that
+    leads out of it is skipped with a warning."""
     from .checkpoints import CheckpointError, inspect_contents
 
     entries = [ModelEntry(SHIPPED, shipped.base_path(), [shipped.canny_path()])] if include_shipped else []
@@ -195,6 +265,9 @@ def discover_models(folder: Path | None, include_shipped: bool = True) -> list[M
     bases, controls = [], []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not (path.suffix in MODEL_SUFFIXES or path.is_dir()):
+            continue
+        if not inside_folder(path, folder):
+            print(f"controlnet serve: skipping {path.name}: a link that leads out of {folder}", file=sys.stderr)
             continue
         try:
             contents = inspect_contents(path)
@@ -205,7 +278,7 @@ def discover_models(folder: Path | None, include_shipped: bool = True) -> list[M
         elif contents.has_controlnet:
             controls.append(path)
     for path, has_own in bases:
-        entries.append(ModelEntry(path.name, path, [path] if has_own else list(controls)))
+        entries.append(ModelEntry(path.name, path, [path] if has_own else list(controls), folder))
     return entries
 
 
@@ -237,15 +310,30 @@ class ModelRegistry:
 
     def pipeline(self, name: str) -> tuple[Pipeline, dict]:
         """The model's pipeline and its file records (name + sha256), loading it if needed."""
+        from .checkpoints import CheckpointError
+
         entry = self.entry(name)
         with self._loading:
             if name not in self._loaded:
                 while len(self._loaded) >= self.keep:  # free the oldest before loading another
                     self._loaded.pop(next(iter(self._loaded)))
-                controlnets = self._fitting_controlnets(entry)
-                pipe = Pipeline.from_files(entry.base, controlnets, device=self.device, dtype=self.dtype)
-                self._loaded[name] = (pipe, model_records(entry.base, controlnets))
+                try:
+                    self._check_inside(entry)
+                    controlnets = self._fitting_controlnets(entry)
+                    pipe = Pipeline.from_files(entry.base, controlnets, device=self.device, dtype=self.dtype)
+                    records = model_records(entry.base, controlnets)
+                except (CheckpointError, OSError, ValueError) as error:
+                    raise ModelUnavailable(name, " ".join(str(error).split())) from None
+                self._loaded[name] = (pipe, records)
             return self._loaded[name]
+
+    @staticmethod
+    def _check_inside(entry: ModelEntry) -> None:
+        if entry.folder is None:
+            return
+        for path in {entry.base, *entry.controlnets}:
+            if not inside_folder(path, entry.folder):
+                raise ValueError(f"{path} now leads out of the models folder {entry.folder}")
 
     @staticmethod
     def _fitting_controlnets(entry: ModelEntry) -> list[Path]:
@@ -290,16 +378,12 @@ class JobQueue:
 
 
 class Service:
-    """Runs generation requests for the UI and the API; writes each result's PNGs to ``out``."""
+    """Runs generation requests for the UI and the API; returns the results in memory."""
 
-    def __init__(self, registry: ModelRegistry, limits: Limits | None = None, out: Path | None = None):
+    def __init__(self, registry: ModelRegistry, limits: Limits | None = None):
         self.registry = registry
         self.limits = limits or Limits()
         self.queue = JobQueue(self.limits.max_queue)
-        self.out = out or Path(tempfile.mkdtemp(prefix="controlnet-serve-"))
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._names = threading.Lock()
-        self._counter = 0
 
     def native_resolution(self, model: str) -> int:
         """The model's native image size (loads the model if it is not loaded)."""
@@ -312,8 +396,11 @@ class Service:
         from .images import resize_image
 
         check_request(GenerateRequest("preview", [unit]), self.limits, 1, ["ddim"])
-        image = resize_image(unit.image, resolution if unit.pixel_perfect else unit.annotator_resolution)
-        return viewable_map(run_annotator(unit.annotator, image, None, **unit.annotator_params))
+        try:
+            image = resize_image(unit.image, resolution if unit.pixel_perfect else unit.annotator_resolution)
+            return viewable_map(run_annotator(unit.annotator, image, None, **unit.annotator_params))
+        except ValueError as error:
+            raise RequestError(" ".join(str(error).split())) from None
 
     def generate(
         self,
@@ -321,7 +408,7 @@ class Service:
         progress: Callable[[int, int], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> GenerateResponse:
-        """Queue, run and save one request. Raises RequestError, QueueFull or Cancelled."""
+        """Queue and run one request. Raises RequestError, QueueFull, Cancelled or ModelUnavailable."""
         from .samplers import SAMPLERS
 
         self.registry.entry(request.model)  # an unknown model is refused before queueing
@@ -360,7 +447,7 @@ class Service:
                 )
             except (ValueError, ImageError) as error:  # the core refused a value: the user's to fix
                 raise RequestError(" ".join(str(error).split())) from None
-        return self._save(request, pipe, result, models, added, negative)
+        return self._response(request, pipe, result, models, added, negative)
 
     def _control_unit(self, unit: UnitRequest, request: GenerateRequest) -> ControlUnit:
         image, annotator, params = unit.image, unit.annotator, dict(unit.annotator_params)
@@ -368,7 +455,10 @@ class Service:
             from .annotators import run_annotator
             from .images import resize_image
 
-            image = run_annotator(annotator, resize_image(image, unit.annotator_resolution), None, **params)
+            try:
+                image = run_annotator(annotator, resize_image(image, unit.annotator_resolution), None, **params)
+            except ValueError as error:
+                raise RequestError(" ".join(str(error).split())) from None
             annotator, params = "none", {}
         return ControlUnit(
             image=image,
@@ -382,7 +472,7 @@ class Service:
             resize_mode=unit.resize_mode,
         )
 
-    def _save(self, request: GenerateRequest, pipe: Pipeline, result, models: dict, added: str, negative: str):
+    def _response(self, request: GenerateRequest, pipe: Pipeline, result, models: dict, added: str, negative: str):
         height, width = result.images[0].shape[:2]
         controls = []
         for unit in request.units:
@@ -414,16 +504,11 @@ class Service:
         if request.mask is not None:  # the share of the picture repainted
             mask = np.asarray(request.mask)
             record["inpaint_area"] = round(float((mask > 127 if mask.dtype == np.uint8 else mask > 0.5).mean()), 4)
-        folder = self.out / time.strftime("%Y-%m-%d")
-        folder.mkdir(parents=True, exist_ok=True)
-        with self._names:
-            self._counter += 1
-            stem = f"{time.strftime('%H%M%S')}-{self._counter:05d}-{secrets.token_hex(3)}"
-        maps = []
-        for i, control_map in enumerate(result.control_maps):
-            map_png = folder / f"{stem}-control-{i}.png"
-            maps.append(save_png(map_png, viewable_map(control_map), map_text(record, result.seeds, i)))
-        images = []
-        for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            images.append(save_png(folder / f"{stem}-{seed}.png", image, image_text(record, models, seed, i)))
-        return GenerateResponse(images, maps, list(result.seeds), record)
+        return GenerateResponse(
+            images=list(result.images),
+            control_maps=[viewable_map(control_map) for control_map in result.control_maps],
+            seeds=list(result.seeds),
+            settings=record,
+            image_texts=[image_text(record, models, seed, i) for i, seed in enumerate(result.seeds)],
+            map_texts=[map_text(record, result.seeds, i) for i in range(len(result.control_maps))],
+        )

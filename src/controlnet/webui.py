@@ -8,31 +8,42 @@ progress bar and a cancel button that stops between steps; a gallery of the dete
 images, whose PNGs download with their settings embedded.
 
 HTTP: ``POST /api/generate`` takes JSON (images as base64 PNG/JPEG) and answers JSON with the PNGs
-in base64; Gradio's own client API (``/gradio_api/...``) works as well. Errors are one-line JSON
-``{"error": ...}`` with status 400 (bad request), 413 (too large) or 503 (queue full).
+in base64, keeping nothing on disk; Gradio's own client API (``/gradio_api/...``) works as well.
+Errors are one-line JSON ``{"error": ...}`` with status 400 (bad request), 401 (no or wrong
+password), 404, 413 (too large), 503 (queue full, or a model that will not load) or 507 (the
+server's disk is full).
+
+What the page uploads and shows lives in one folder the server owns, bounds and removes
+(server_files.py); web_security.py keeps every request to it (docs/security.md).
 """
 
 # No `from __future__ import annotations` here: Gradio and FastAPI read the annotations of the
 # handlers (gr.Request, fastapi.Request) at run time, from classes imported inside the builders.
 import base64
 import binascii
+import contextlib
+import errno
 import json
 import secrets
-import tempfile
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .prompts import MAX_PROMPT_CHARACTERS
 from .server import (
     CONTROL_MODES,
     RESIZE_MODES,
     Cancelled,
     GenerateRequest,
+    GenerateResponse,
     Limits,
     ModelRegistry,
+    ModelUnavailable,
     QueueFull,
     RequestError,
     Service,
@@ -40,6 +51,7 @@ from .server import (
     default_prompts,
     read_upload,
 )
+from .server_files import Retention, ServerFiles
 
 UNITS = 3  # control unit tabs
 ANNOTATOR_CHOICES = ("canny", "scribble", "invert", "shuffle", "color_shuffle", "grey", "tile", "none")
@@ -48,8 +60,8 @@ ANNOTATOR_CHOICES = ("canny", "scribble", "invert", "shuffle", "color_shuffle", 
 # -- the JSON API -------------------------------------------------------------------------------
 
 
-def _decode_image(data: Any, what: str, limits: Limits, folder: Path) -> np.ndarray:
-    """A base64 image from a JSON request, through the same checks as an upload."""
+def _decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
+    """A base64 image from a JSON request, through the same checks as an upload, in memory."""
     if not isinstance(data, str):
         raise RequestError(f"{what} must be a base64-encoded PNG or JPEG string")
     text = data.split(",", 1)[1] if data.startswith("data:") else data
@@ -59,12 +71,7 @@ def _decode_image(data: Any, what: str, limits: Limits, folder: Path) -> np.ndar
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{what} is not valid base64") from None
-    path = folder / f"{secrets.token_hex(8)}.upload"
-    path.write_bytes(raw)
-    try:
-        return read_upload(path, limits, what)
-    finally:
-        path.unlink(missing_ok=True)
+    return read_upload(raw, limits, what)
 
 
 _REQUEST_FIELDS = {
@@ -114,36 +121,62 @@ def request_from_json(body: Any, limits: Limits) -> GenerateRequest:
     if "prompt" not in body:
         raise RequestError('"prompt" is required (it may be empty)')
     fields = {k: _typed(k, v, _REQUEST_FIELDS[k]) for k, v in body.items() if k in _REQUEST_FIELDS}
-    with tempfile.TemporaryDirectory(prefix="controlnet-api-") as scratch:
-        folder = Path(scratch)
-        units = []
-        raw_units = body.get("units", [])
-        if not isinstance(raw_units, list):
-            raise RequestError('"units" must be a list of control units')
-        for i, item in enumerate(raw_units):
-            if not isinstance(item, dict) or "image" not in item:
-                raise RequestError(f"units[{i}] must be an object with an image")
-            bad = set(item) - set(_UNIT_FIELDS) - {"image"}
-            if bad:
-                raise RequestError(f"units[{i}]: unknown field(s): {', '.join(sorted(bad))}")
-            values = {k: _typed(f"units[{i}].{k}", v, _UNIT_FIELDS[k]) for k, v in item.items() if k != "image"}
-            units.append(UnitRequest(_decode_image(item["image"], f"units[{i}].image", limits, folder), **values))
-        for key in ("init_image", "mask"):
-            if body.get(key) is not None:
-                fields[key] = _decode_image(body[key], key, limits, folder)
+    units = []
+    raw_units = body.get("units", [])
+    if not isinstance(raw_units, list):
+        raise RequestError('"units" must be a list of control units')
+    for i, item in enumerate(raw_units):
+        if not isinstance(item, dict) or "image" not in item:
+            raise RequestError(f"units[{i}] must be an object with an image")
+        bad = set(item) - set(_UNIT_FIELDS) - {"image"}
+        if bad:
+            raise RequestError(f"units[{i}]: unknown field(s): {', '.join(sorted(bad))}")
+        values = {k: _typed(f"units[{i}].{k}", v, _UNIT_FIELDS[k]) for k, v in item.items() if k != "image"}
+        units.append(UnitRequest(_decode_image(item["image"], f"units[{i}].image", limits), **values))
+    for key in ("init_image", "mask"):
+        if body.get(key) is not None:
+            fields[key] = _decode_image(body[key], key, limits)
     return GenerateRequest(units=units, **fields)
 
 
-def response_to_json(response) -> dict:
-    def encoded(path: Path) -> str:
-        return base64.b64encode(path.read_bytes()).decode("ascii")
+def response_to_json(response: GenerateResponse) -> dict:
+    """The JSON answer: PNGs (with their settings as PNG text) in base64, encoded in memory."""
+
+    def encoded(pngs: list[bytes]) -> list[str]:
+        return [base64.b64encode(png).decode("ascii") for png in pngs]
 
     return {
-        "images": [encoded(p) for p in response.images],
-        "control_maps": [encoded(p) for p in response.control_maps],
+        "images": encoded(response.image_pngs()),
+        "control_maps": encoded(response.map_pngs()),
         "seeds": response.seeds,
         "settings": response.settings,
     }
+
+
+def store_response(response: GenerateResponse, files: ServerFiles) -> tuple[list[Path], list[Path]]:
+    """The page's copy of a result: (detected maps, images) as PNG files in the server's folder,
+    where Gradio serves them from, after pruning the folder to its bounds."""
+    from .images import save_png
+
+    files.prune()
+    folder = files.results / time.strftime("%Y-%m-%d")
+    folder.mkdir(exist_ok=True)
+    stem = f"{time.strftime('%H%M%S')}-{secrets.token_hex(4)}"
+    maps = [
+        save_png(folder / f"{stem}-control-{i}.png", image, text)
+        for i, (image, text) in enumerate(zip(response.control_maps, response.map_texts, strict=True))
+    ]
+    images = [
+        save_png(folder / f"{stem}-{seed}.png", image, text)
+        for image, text, seed in zip(response.images, response.image_texts, response.seeds, strict=True)
+    ]
+    return maps, images
+
+
+def _storage_message(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the server's disk is full: it cannot store the images; try again later"
+    return f"the server cannot store the images ({error.strerror or 'write error'})"
 
 
 # -- the page -----------------------------------------------------------------------------------
@@ -167,11 +200,14 @@ class _Cancellations:
                 self._flags[session].set()
 
 
-def build_ui(service: Service, document_api: bool = True):
-    """The Gradio Blocks of the page. ``document_api=False`` keeps the generate endpoint callable
-    but out of the API description, which Gradio embeds even in its login page: with a password,
-    the model names stay private until one logs in."""
+def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
+    """The Gradio Blocks of the page; what it uploads and shows lives in ``files``.
+    ``document_api=False`` keeps the generate endpoint callable but out of the API description,
+    which Gradio embeds even in its login page: with a password, the model names stay private
+    until one logs in."""
     import gradio as gr
+
+    from .web_security import guard_image_editor
 
     limits = service.limits
     models = service.registry.names
@@ -185,7 +221,7 @@ def build_ui(service: Service, document_api: bool = True):
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(models, value=first, label="Model", elem_id="model")
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARACTERS, elem_id="prompt")
                 with gr.Row():
                     run = gr.Button("Run", variant="primary", elem_id="run")
                     cancel = gr.Button("Cancel", elem_id="cancel")
@@ -209,8 +245,8 @@ def build_ui(service: Service, document_api: bool = True):
                         )
                         reuse = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
                     eta = gr.Number(0.0, label="eta (DDIM)", minimum=0.0, maximum=1.0)
-                    added_prompt = gr.Textbox(added, label="Added Prompt")
-                    negative_prompt = gr.Textbox(negative, label="Negative Prompt")
+                    added_prompt = gr.Textbox(added, label="Added Prompt", max_length=MAX_PROMPT_CHARACTERS)
+                    negative_prompt = gr.Textbox(negative, label="Negative Prompt", max_length=MAX_PROMPT_CHARACTERS)
                 with gr.Accordion("img2img and inpainting", open=False):
                     init_image = gr.ImageEditor(
                         type="numpy",
@@ -218,11 +254,12 @@ def build_ui(service: Service, document_api: bool = True):
                         layers=False,
                         elem_id="init_image",
                     )
+                    guard_image_editor(init_image, files, limits)
                     denoising = gr.Slider(0.01, 1.0, value=0.75, step=0.01, label="Denoising strength")
                     inpaint = gr.Checkbox(False, label="Inpaint the painted area only", elem_id="inpaint")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Output", columns=2, format="png", elem_id="gallery", height="auto")
-                files = gr.Files(label="PNGs with their settings", elem_id="files")
+                downloads = gr.Files(label="PNGs with their settings", elem_id="files")
                 info = gr.Markdown(elem_id="info")
                 last_seed = gr.State(-1)
 
@@ -234,19 +271,25 @@ def build_ui(service: Service, document_api: bool = True):
                 response = service.generate(
                     job, progress=lambda done, total: progress((done, total), desc="sampling"), cancelled=flag.is_set
                 )
+                map_files, image_files = store_response(response, files)
+            except ModelUnavailable as error:
+                print(f"controlnet serve: {error.detail}", file=sys.stderr)
+                raise gr.Error(str(error), print_exception=False) from None
             except (RequestError, QueueFull) as error:
                 raise gr.Error(str(error), print_exception=False) from None
             except Cancelled as stopped:
                 raise gr.Error(str(stopped), title="Cancelled", print_exception=False) from None
-            shown = [(str(p), f"detected map {i}") for i, p in enumerate(response.control_maps)]
-            shown += [(str(p), f"seed {s}") for p, s in zip(response.images, response.seeds, strict=True)]
+            except OSError as error:  # writing the PNGs: the server's disk, not the user's request
+                raise gr.Error(_storage_message(error), print_exception=False) from None
+            shown = [(str(p), f"detected map {i}") for i, p in enumerate(map_files)]
+            shown += [(str(p), f"seed {s}") for p, s in zip(image_files, response.seeds, strict=True)]
             text = f"seeds {', '.join(map(str, response.seeds))} · {response.settings['width']}x" + (
                 f"{response.settings['height']} · {response.settings['steps']} steps · model {job.model}"
             )
             if "inpaint_area" in response.settings:
                 text += f" · inpainted {response.settings['inpaint_area']:.0%} of the picture"
-            paths = [str(p) for p in (*response.control_maps, *response.images)]
-            return {gallery: shown, files: paths, info: text, last_seed: response.seeds[0]}
+            paths = [str(p) for p in (*map_files, *image_files)]
+            return {gallery: shown, downloads: paths, info: text, last_seed: response.seeds[0]}
 
         fields = {  # the page's inputs by name (the units' are in unit_inputs)
             "model": model,
@@ -269,12 +312,12 @@ def build_ui(service: Service, document_api: bool = True):
         run.click(
             generate,
             inputs=inputs,
-            outputs=[gallery, files, info, last_seed],
+            outputs=[gallery, downloads, info, last_seed],
             api_name="generate",
             api_visibility="public" if document_api else "undocumented",
             concurrency_limit=None,  # the service queues: one job per model at a time
         )
-        prompt.submit(generate, inputs=inputs, outputs=[gallery, files, info, last_seed], api_name=False)
+        prompt.submit(generate, inputs=inputs, outputs=[gallery, downloads, info, last_seed], api_name=False)
 
         def stop(request: gr.Request) -> None:
             cancellations.cancel(request.session_hash or "anonymous")
@@ -286,8 +329,11 @@ def build_ui(service: Service, document_api: bool = True):
             added, negative = default_prompts(name)
             try:
                 size = service.native_resolution(name)
-            except Exception as error:  # a model file that will not load: say so, keep serving
-                raise gr.Error(f"cannot load {name}: {' '.join(str(error).split())}", print_exception=False) from None
+            except ModelUnavailable as error:  # say so (no path), keep serving
+                print(f"controlnet serve: {error.detail}", file=sys.stderr)
+                raise gr.Error(str(error), print_exception=False) from None
+            except RequestError as error:
+                raise gr.Error(str(error), print_exception=False) from None
             return gr.update(value=size), added, negative
 
         model.change(model_changed, inputs=model, outputs=[resolution, added_prompt, negative_prompt], api_name=False)
@@ -296,10 +342,13 @@ def build_ui(service: Service, document_api: bool = True):
 
 def _unit_controls(gr, index: int, service: Service, native: int) -> dict:
     """One control unit's tab: image, annotator with preview, and its settings."""
+    from .web_security import guard_image
+
     enabled = gr.Checkbox(index == 0, label="Enable", elem_id=f"unit{index}_enabled")
     image = gr.Image(
         type="filepath", label="Control image", sources=["upload", "clipboard"], elem_id=f"unit{index}_image"
     )
+    guard_image(image, service.limits)
     annotator = gr.Dropdown(list(ANNOTATOR_CHOICES), value="canny", label="Annotator")
     with gr.Row():
         low = gr.Slider(1, 255, value=100, step=1, label="Canny low threshold")
@@ -426,14 +475,36 @@ def _samplers() -> list[str]:
 # -- the server ---------------------------------------------------------------------------------
 
 
-def build_app(service: Service, auth: tuple[str, str] | None = None):
-    """The FastAPI app: the JSON API at /api, the page at /."""
+def build_app(service: Service, auth: tuple[str, str] | None = None, retention: Retention | None = None):
+    """The ASGI app: the JSON API at /api, the page at /, behind web_security.RequestGuard.
+
+    It owns a new private folder (server_files.ServerFiles, ``app.files``) for what the page uploads
+    and shows, bounded by ``retention``; the folder goes when the app shuts down (its lifespan), or
+    at once if building the app fails."""
+    files = ServerFiles(retention)
+    try:
+        return _build_app(service, auth, files)
+    except BaseException:
+        files.close()
+        raise
+
+
+def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFiles):
     import gradio as gr
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    app = FastAPI(title="controlnet", docs_url=None, redoc_url=None)
-    max_body = 8 * service.limits.max_upload_bytes
+    from .web_security import RequestGuard, confine_page, gradio_folder_environment
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            files.close()
+
+    gradio_folder_environment(files)  # before the page is built: its components read it
+    app = FastAPI(title="controlnet", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     def authorised(request: Request) -> bool:
         if auth is None:
@@ -462,29 +533,39 @@ def build_app(service: Service, auth: tuple[str, str] | None = None):
 
         if not authorised(request):
             return error(401, "this server needs a user name and password (HTTP basic auth)")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            return error(413, f"the request is over {max_body / 2**20:g} MB")
-        body = await request.body()
-        if len(body) > max_body:
-            return error(413, f"the request is over {max_body / 2**20:g} MB")
+        body = await request.body()  # RequestGuard has bounded it while it streamed
         try:
             job = request_from_json(json.loads(body), service.limits)
             response = await anyio.to_thread.run_sync(service.generate, job)
+            return response_to_json(response)
+        except UnicodeDecodeError:
+            return error(400, "the body is not UTF-8 text (JSON must be UTF-8)")
         except json.JSONDecodeError as bad:
             return error(400, f"the body is not JSON: {bad.msg} at character {bad.pos}")
+        except RecursionError:
+            return error(400, "the body is nested too deeply")
         except RequestError as bad:
             return error(400, str(bad))
         except QueueFull as busy:
             return error(503, str(busy))
-        return response_to_json(response)
+        except ModelUnavailable as broken:
+            print(f"controlnet serve: {broken.detail}", file=sys.stderr)
+            return error(503, str(broken))
+        except OSError as failed:  # no file is written for the API; this is the machine's state
+            return error(507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500, _storage_message(failed))
 
-    page = build_ui(service, document_api=auth is None)
+    page = build_ui(service, files, document_api=auth is None)
     page.queue(max_size=service.limits.max_queue, default_concurrency_limit=None)
     mb = f"{service.limits.max_upload_bytes / 2**20:g}mb"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return gr.mount_gradio_app(app, page, path="/", auth=auth, max_file_size=mb, show_error=True)
+        # show_error=False: an exception that is not a gr.Error (a bug, or Gradio's own refusal,
+        # which names paths) reaches the browser as "Error" only; ours are all gr.Error.
+        gr.mount_gradio_app(
+            app, page, path="/", auth=auth, max_file_size=mb, show_error=False, run_history=False, footer_links=[]
+        )
+    confine_page(page, files)
+    return RequestGuard(app, files, service.limits.max_body_bytes)
 
 
 def serve(
@@ -497,8 +578,9 @@ def serve(
     dtype: str | None = None,
     base: Path | None = None,
     controlnets: list[Path] | None = None,
+    retention: Retention | None = None,
 ) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted; its folder is removed when it stops, however it stops."""
     import uvicorn
 
     from .server import ModelEntry, discover_models
@@ -507,6 +589,9 @@ def serve(
     if base is not None:
         entries.insert(0, ModelEntry(base.name, base, list(controlnets or [])))
     service = Service(ModelRegistry(entries, device, dtype), limits)
-    app = build_app(service, auth)
+    app = build_app(service, auth, retention)
     print(f"controlnet serve: http://{host}:{port}/  (models: {', '.join(service.registry.names)})")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:  # also when uvicorn cannot bind the port (it exits before the app's lifespan)
+        app.files.close()
