@@ -516,6 +516,9 @@ def test_the_folder_is_private_and_goes_when_the_server_stops(service):
         client.post("/gradio_api/upload", files={"files": ("edges.png", EDGES.read_bytes(), "image/png")})
         assert any(p.is_file() for p in root.rglob("*"))
     assert not root.exists()
+    with serving(service) as (_client, second):  # a later app in the process writes only into its own
+        assert second.files.root != root
+    assert not root.exists() and not second.files.root.exists()
 
 
 def _serve_folders() -> set[str]:
@@ -598,3 +601,16 @@ def test_a_model_that_will_not_load_is_a_503_without_paths(tmp_path):
     assert response.json() == {
         "error": "model 'broken.safetensors' cannot be loaded on this server (the server's log says why)"
     }
+
+
+def test_an_app_built_but_never_served_leaves_nothing_at_exit(tmp_path):
+    program = (
+        "from controlnet.server import ModelRegistry, Service, discover_models\n"
+        "from controlnet.webui import build_app\n"
+        "app = build_app(Service(ModelRegistry(discover_models(None))))\n"
+        "print(app.files.root)\n"
+    )
+    environment = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent == tmp_path and list(tmp_path.iterdir()) == []

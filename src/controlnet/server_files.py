@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,9 @@ class ServerFiles:
         self.results = self.gradio / "results"
         self.results.mkdir(parents=True, mode=0o700)
         self._lock = threading.Lock()
+        # Removed by close(), or else when this object is collected or the interpreter exits: an
+        # app that was built but never served (so never shut down) leaves nothing behind either.
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.root), ignore_errors=True)
 
     def contains(self, path: str | os.PathLike[str]) -> bool:
         """Whether ``path``, with every symlink and ``..`` resolved, lies inside the folder."""
@@ -76,7 +80,7 @@ class ServerFiles:
 
     def close(self) -> None:
         """Remove the folder and everything in it."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._remove()
 
     def _files(self) -> list[tuple[Path, float, int]]:
         found = []

@@ -296,6 +296,13 @@ async def _json(send: Send, status: int, message: str) -> None:
 
 def gradio_folder_environment(files: ServerFiles) -> None:
     """Point Gradio's upload area and cache at the server's folder. Gradio reads them from the
-    process environment, when the page is built and at each request: one served page per process."""
+    process environment, when the page is built and at each request (one served page per
+    process), and a few of its modules once, when they are first imported: those are pointed at
+    the folder too, or a second app in the process would write into the first one's."""
+    import gradio.route_utils
+    import gradio.routes
+
     os.environ["GRADIO_TEMP_DIR"] = str(files.gradio)
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(files.gradio / "examples")
+    for module in (gradio.route_utils, gradio.routes):
+        module.DEFAULT_TEMP_DIR = str(files.gradio)
