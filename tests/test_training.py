@@ -442,10 +442,18 @@ def test_nan_gradients_stop_before_the_update(setup, tmp_path):
     before = trainable(trainer)
     weight = trainer.objective.controlnet.zero_convs[0][0].weight
     weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
-    with pytest.raises(TrainingError, match=r"^step 2: the gradients hold NaN or infinite values \(the loss was"):
+    with pytest.raises(TrainingError, match=r"^step 2: the gradient norm is nan \(the loss was [0-9.]+\): training"):
         trainer.train_step()
     after = trainable(trainer)
     assert trainer.step == 1 and all(torch.equal(before[n], after[n]) for n in before)  # not updated
+
+
+def test_nan_gradients_are_found_without_clipping_too(setup, tmp_path):
+    trainer = Trainer(config(setup, tmp_path, max_grad_norm=None), log=lambda m: None)
+    weight = trainer.objective.controlnet.zero_convs[0][0].weight
+    weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(TrainingError, match="step 1: the gradient norm is inf"):
+        trainer.train_step()
 
 
 def test_non_finite_weights_stop_the_run_and_are_never_checkpointed(setup, tmp_path):
@@ -459,11 +467,17 @@ def test_non_finite_weights_stop_the_run_and_are_never_checkpointed(setup, tmp_p
         return result
 
     trainer.optimizer.step = step_then_overflow
-    with pytest.raises(TrainingError, match="step 1: the update made some weights NaN or infinite"):
-        trainer.train_step()
-    with pytest.raises(TrainingError, match="the weights hold NaN or infinite values; no checkpoint written"):
+    trainer.train_step()  # not checked at every step (a pass over the weights): at saving, and by the next loss
+    with pytest.raises(TrainingError, match="step 1: the weights hold NaN or infinite values; no checkpoint written"):
         trainer.save()
     assert checkpoint_dirs(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".*"))
+    trainer.config.max_steps = 1  # the run ends here: its final checkpoint is refused, nothing exported
+    with pytest.raises(TrainingError, match="step 1: the weights hold NaN or infinite values; no checkpoint written"):
+        trainer.run()
+    assert checkpoint_dirs(tmp_path) == [] and not (tmp_path / "controlnet.safetensors").exists()
+    trainer.optimizer.step = step
+    with pytest.raises(TrainingError, match="step 2: the loss is nan"):
+        trainer.train_step()
 
 
 # -- resuming past a damaged checkpoint (issue 16) -------------------------------------------------
@@ -584,3 +598,16 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_earlier_ones(setup, thre
     assert [p.name for p in checkpoint_dirs(out)] == ["step-00000001", "step-00000002", "step-00000003"]
     assert not list((out / "checkpoints").glob(".*"))  # no half-written checkpoint left
     assert all(read_checkpoint(folder) for folder in checkpoint_dirs(out))
+
+
+def test_resuming_from_a_checkpoint_of_another_model_is_a_one_line_error(setup, three_checkpoints, tmp_path):
+    """Another --base (another shape) used to fail deep in copy_ with a traceback."""
+    folder = tmp_path / "checkpoints" / "step-00000002"
+    folder.mkdir(parents=True)
+    state = torch.load(three_checkpoints / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
+    name = next(iter(state["trainable"]))
+    state["trainable"][name] = torch.zeros(3, 3)
+    torch.save(state, folder / "state.pt")  # without a manifest: as checkpoints written before them
+    trainer = Trainer(config(setup, tmp_path, max_steps=3, resume=str(folder)), log=lambda m: None)
+    with pytest.raises(TrainingError, match=rf"{name} is \[3, 3\], this run's .*: it was trained for another model"):
+        trainer.run()
