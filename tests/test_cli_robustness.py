@@ -324,3 +324,36 @@ def test_eval_stops_on_nan_images_without_writing_results(files, tmp_path, capsy
     status, stdout, err = run(argv, capsys)
     assert_one_line_error("eval", status, stdout, err, 1, "hold NaN or infinite values")
     assert not (out / "results.json").exists() and not (out / "grid.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--out", "{locked}/demo", "--steps", "1"],
+        [*GENERATE, *WITH_MODELS],
+        [*EVAL, *EVAL_MODELS],
+        [*TRAIN],
+        ["convert", "{base}", "{locked}/out.safetensors", "--to", "ldm"],
+        ["add-control", "{base}", "{locked}/control.safetensors"],
+        ["data", "scenes", "--out", "{locked}/scenes", "--count", "2"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_a_read_only_output_folder_is_a_one_line_error(files, tmp_path, capsys, argv):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        (locked / "probe").touch()
+    except PermissionError:
+        pass
+    else:  # root (with CAP_DAC_OVERRIDE) writes anyway: the parent-is-a-file cases stand in
+        locked.chmod(0o755)
+        pytest.skip("read-only folders do not stop this user's writes")
+    try:
+        paths = {k: str(v) for k, v in files.items()}
+        status, out, err = run([a.format(out=locked / "out", locked=locked, **paths) for a in argv], capsys)
+    finally:
+        locked.chmod(0o755)
+    assert_one_line_error(argv[0], status, out, err, 1, "Permission denied")
+    assert list(locked.iterdir()) == []
