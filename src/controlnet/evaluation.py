@@ -140,9 +140,10 @@ def scene_adherence(
 
 # -- the evaluation run (``controlnet eval``) ---------------------------------------------------
 
-# The settings' ranges, as ``controlnet generate`` takes them: guidance as the original app's
-# slider (far above 30 the guided noise overflows), the resolution a multiple of 64 (the size the
-# pipeline gives its images: the condition is scaled to it and compared pixel for pixel).
+# The settings' ranges, as ``controlnet generate`` takes them: guidance within the original app's
+# slider (a huge scale multiplies the noise estimates into float16's overflow: NaN images), the
+# resolution a multiple of 64 (the size the pipeline gives its images: the condition is scaled to
+# it and compared with them pixel for pixel).
 GUIDANCE_RANGE = (0.1, 30.0)
 RESOLUTION_RANGE = (64, 2048)
 
