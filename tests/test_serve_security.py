@@ -614,3 +614,20 @@ def test_an_app_built_but_never_served_leaves_nothing_at_exit(tmp_path):
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).parent == tmp_path and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("elem", ["prompt", "negative_prompt", "added_prompt"])
+def test_the_page_bounds_its_prompts_too(service, elem, monkeypatch):
+    from controlnet.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "generate", lambda *a, **k: pytest.fail("a bad request reached the model"))
+    with serving(service) as (client, _app):
+        components, events = _events(client)
+        fn_index, inputs = next((i, inputs) for i, inputs in events if len(inputs) > 20)
+        data = _defaults(components, inputs)
+        labels = {"prompt": "Prompt", "negative_prompt": "Negative Prompt", "added_prompt": "Added Prompt"}
+        position = next(p for p, c in enumerate(inputs) if components[c]["props"].get("label") == labels[elem])
+        data[position] = "a red circle, " * 1000
+        _status, messages = run_event(client, fn_index, data)
+    error = messages[-1]["output"]["error"]
+    assert "14,000 characters long; the limit is 5,000" in error and elem.replace("_", " ") in error
