@@ -85,7 +85,7 @@ TRAIN = ["train", "--data", "{data}", "--base", "{base}", "--out", "{out}", "--m
 # (arguments, exit status (None: any non-zero), a part of the message)
 CASES = [
     # demo: bad devices, outputs and numbers are refused before the model loads
-    (["demo", "--device", "meta", "--out", "{out}"], 2, "--device meta: models cannot run there"),
+    (["demo", "--device", "meta", "--out", "{out}"], 2, "--device meta: this runs on cpu, cuda, cuda:N, mps only"),
     (["demo", "--device", "bogus", "--out", "{out}"], 2, "--device 'bogus' is not a device"),
     (["demo", "--device", "cuda:99", "--out", "{out}"], 2, "no such CUDA device here"),
     (["demo", "--out", "{under_file}"], 1, "is a file, not a folder"),
@@ -108,7 +108,7 @@ CASES = [
     ([*GENERATE, *WITH_MODELS, "--seed", "-2"], 2, "--seed must be between -1 and 2147483647"),
     ([*GENERATE, *WITH_MODELS, "--num-samples", "1000000"], 2, "--num-samples must be between 1 and 12"),
     ([*GENERATE, *WITH_MODELS, "--resolution", "100000"], 2, "--resolution must be a multiple of 64"),
-    ([*GENERATE, *WITH_MODELS, "--device", "meta"], 2, "--device meta: models cannot run there"),
+    ([*GENERATE, *WITH_MODELS, "--device", "meta"], 2, "--device meta: this runs on cpu, cuda, cuda:N, mps only"),
     ([*GENERATE, *WITH_MODELS, "--device", "bogus"], 2, "--device 'bogus' is not a device"),
     ([*GENERATE, *WITH_MODELS, "--negative-prompt", "x" * 6000], 2, "--negative-prompt is 6,000 characters"),
     ([*GENERATE, *WITH_MODELS, "--added-prompt", "a\0b"], 2, "--added-prompt contains a NUL character"),
@@ -161,7 +161,7 @@ CASES = [
     ([*TRAIN, "--resolution", "72"], 2, "--resolution must be a multiple of 64 (validation generates at it)"),
     ([*TRAIN, "--task", "vae", "--model-config", "tiny", "--resolution", "60"], 2, "must be a multiple of 8"),
     ([*TRAIN, "--device", "cuda:99"], 2, "no such CUDA device here"),
-    ([*TRAIN, "--device", "meta"], 2, "training runs on cpu or cuda"),
+    ([*TRAIN, "--device", "meta"], 2, "--device meta: this runs on cpu, cuda, cuda:N only"),
     ([*TRAIN, "--device", "bogus"], 2, "--device 'bogus' is not a device"),
     ([*TRAIN, "--validation-count", "0"], 2, "--validation-count must be at least 1, got 0"),
     ([*TRAIN, "--validation-steps", "0"], 2, "--validation-steps must be between 1 and 1000"),
@@ -218,6 +218,10 @@ CASES = [
     (["serve", "--auth", "nocolon"], 2, "--auth must be USER:PASS"),
     (["serve", "--models", "{missing}"], 2, "no such folder"),
     (["serve", "--base", "{missing}"], 2, "no such file or folder"),
+    (["serve", "--device", "meta"], 2, "--device meta: this runs on cpu, cuda, cuda:N, mps only"),
+    (["serve", "--device", "cuda:7"], 2, "no such CUDA device here"),
+    (["serve", "--keep-minutes", "nan"], 2, "--keep-minutes must be between"),
+    (["serve", "--max-stored-mb", "0"], 2, "--max-stored-mb must be between"),
 ]
 
 

@@ -240,7 +240,7 @@ def test_learning_rate_schedule():
         ({"validation_count": 0}, "--validation-count must be at least 1, got 0"),
         ({"learning_rate": float("inf")}, r"--learning-rate must be a finite number in \(0, 1\], got inf"),
         ({"max_grad_norm": -1.0}, "--max-grad-norm must be a finite number >= 0, got -1.0"),
-        ({"device": "meta"}, "training runs on cpu or cuda"),
+        ({"device": "meta"}, "--device meta: this runs on cpu, cuda, cuda:N only"),
         ({"base": None}, "needs --base"),
         ({"control_init": "uniform"}, "--control-init must be one of zero, gaussian"),
         ({"control_init": "gaussian", "controlnet": "x.safetensors"}, "applies to a new ControlNet"),

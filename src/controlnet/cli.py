@@ -365,25 +365,14 @@ def _check_prompts(*prompts: tuple[str, str]) -> None:
             raise UsageError(str(error)) from None
 
 
-# The devices the models run on; torch also names devices that hold no data (meta) or that this
-# package does not support (xla, ipu, ...), which fail later with a traceback.
-_DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
 def _check_device(name: str) -> None:
-    """A device torch knows and this machine has (torch's own errors are long, or assertions)."""
-    import torch
+    """A device the models can run on and this machine has (runtime.check_device)."""
+    from .runtime import check_device
 
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type not in _DEVICE_TYPES:
-        raise UsageError(f"--device {name}: models cannot run there; use cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available on this machine")
+        check_device(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -883,6 +872,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .webui import serve
 
     device = str(default_device()) if args.device == "auto" else args.device
+    _check_device(device)
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_queue)
     retention = Retention(max_bytes=int(args.max_stored_mb * 2**20), max_age_s=args.keep_minutes * 60)
     try:

@@ -33,6 +33,25 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(name: str, kinds: tuple[str, ...] = ("cpu", "cuda", "mps")) -> torch.device:
+    """The device ``name`` if it is one of ``kinds`` and this machine has it; else ValueError in one
+    line. torch also names devices that hold no data (meta) or that this package does not run on
+    (xla, ipu, ...), which would fail later with a traceback; its own errors list every device type
+    it knows, or are assertions."""
+    allowed = ", ".join("cuda, cuda:N" if kind == "cuda" else kind for kind in kinds)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use {allowed}") from None
+    if device.type not in kinds:
+        raise ValueError(f"--device {name}: this runs on {allowed} only")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (oneDNN's own test: AVX-512 BF16 or
     AMX). Where it does not, bf16 is converted to float32 around every product: slower than float32."""

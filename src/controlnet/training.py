@@ -61,7 +61,7 @@ from .hashing import file_sha256
 from .layers import TimestepEmbedSequential
 from .model import StableDiffusion
 from .prompts import encode_prompts
-from .runtime import NonFiniteError
+from .runtime import NonFiniteError, check_device
 
 TASKS = ("controlnet", "base", "vae")
 CONTROL_INITS = ("zero", "gaussian")
@@ -242,17 +242,11 @@ def _check_number(
 
 
 def check_training_device(name: str) -> torch.device:
-    """The device ``name`` if training can run there: cpu, or a CUDA device this machine has.
-    TrainingError otherwise (torch's own errors are a list of 20 device types, or an assertion)."""
+    """The device ``name`` if training can run there: cpu, or a CUDA device this machine has."""
     try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise TrainingError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise TrainingError(f"--device {name}: training runs on cpu or cuda (cuda:N)")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise TrainingError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
-    return device
+        return check_device(name, ("cpu", "cuda"))
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------
