@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from .checkpoints import (
     save_ldm,
     transfer_control,
 )
+from .files import NotWritable, writable_folder
 from .metadata import format_number, image_text, map_text, model_records, quote, to_json
 from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 from .runtime import NonFiniteError
@@ -483,18 +483,10 @@ def _batch_record(args: argparse.Namespace, pipe, result, units: Sequence[_Unit]
 
 def _writable_folder(path: Path) -> Path:
     """Create the output folder and prove it writable before any model is loaded."""
-    for folder in (path, *path.parents):  # the first that exists must be a folder
-        if folder.exists():
-            if not folder.is_dir():
-                raise CommandError(f"{path}: cannot write there: {folder} is a file, not a folder")
-            break
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise CommandError(f"{path}: cannot write there ({error.strerror or error})") from None
-    return path
+        return writable_folder(path)
+    except NotWritable as error:
+        raise CommandError(str(error)) from None
 
 
 def _save_new(folder: Path, stem: str, image: np.ndarray, text: dict[str, str]) -> Path:
@@ -943,7 +935,7 @@ def _add_train(commands) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training import TrainConfig, TrainingError, prepare_output_folder, train
+    from .training import TrainConfig, TrainingError, train
 
     config = TrainConfig(
         data=args.data,
@@ -991,10 +983,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             raise UsageError(f"--{name} {value}: no such file or folder")
-    try:
-        prepare_output_folder(Path(args.out))
-    except TrainingError as error:
-        raise CommandError(str(error)) from None
+    _writable_folder(Path(args.out))
     train(config, log=lambda message: print(message, flush=True))
 
 

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -98,3 +99,26 @@ def _swap_in(new: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+class NotWritable(ValueError):
+    """A folder that cannot be made or written to; the message is one line, for the user."""
+
+
+def writable_folder(path: str | os.PathLike[str], what: str = "") -> Path:
+    """Create ``path`` (and its parents) and prove it writable, before anything slow runs;
+    NotWritable naming ``what`` (an option, say) and the reason otherwise."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    for folder in (path, *path.parents):  # the first that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotWritable(f"{name}: cannot write there: {folder} is a file, not a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise NotWritable(f"{name}: cannot write there ({error.strerror or error})") from None
+    return path

@@ -42,7 +42,6 @@ import os
 import pickle
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from torch import nn
 from .checkpoints import load_base, load_controlnet, save_diffusers, save_ldm
 from .config import ModelConfig
 from .controlnet import ControlNet
-from .files import atomic_file
+from .files import NotWritable, atomic_file, writable_folder
 from .hashing import file_sha256
 from .layers import TimestepEmbedSequential
 from .model import StableDiffusion
@@ -937,21 +936,6 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=math.inf)))
 
 
-def prepare_output_folder(out: Path) -> None:
-    """Create the run's folder and prove it writable; TrainingError, in one line, otherwise."""
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise TrainingError(f"--out {out}: cannot write there: {folder} is a file, not a folder")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise TrainingError(f"--out {out}: cannot write there ({error.strerror or error})") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -963,7 +947,10 @@ class Trainer:
         config.check()
         self.config = config
         self.out = Path(config.out)
-        prepare_output_folder(self.out)  # before anything slow: a typo in --out costs no waiting
+        try:  # before anything slow: a typo in --out costs no waiting
+            writable_folder(self.out, "--out")
+        except NotWritable as error:
+            raise TrainingError(str(error)) from None
         self.dist = init_distributed(config.device)
         self.device = self.dist.device
         self.log = log if self.dist.is_main else (lambda message: None)
