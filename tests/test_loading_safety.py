@@ -401,19 +401,26 @@ def test_files_and_folders_in_the_wrong_place_are_refused(tiny, tiny_files, tmp_
     documents = tmp_path / "documents"
     documents.mkdir()
     (documents / "thesis.txt").write_text("keep me too")
+    run = tmp_path / "run"  # a training run's folder: a config.json, but no diffusers model
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"task": "controlnet", "learning_rate": 1e-05}')
+    (run / "checkpoints" / "state.pt").write_bytes(b"weeks of training")
     cases = [
         (tiny_files["full"], a_file, "diffusers", "an existing file; a diffusers model is written as a folder"),
         (tiny_files["control"], a_file, "diffusers", "an existing file; a diffusers model is written as a folder"),
         (tiny_files["control"], a_folder, "diffusers", "an existing folder; a .safetensors file is written there"),
         (tiny_files["full"], a_folder, "ldm", "an existing folder; a .safetensors file is written there"),
         (tiny_files["full"], documents, "diffusers", "holds no diffusers model"),
+        (tiny_files["full"], run, "diffusers", "holds no diffusers model"),
+        (tiny_files["full"], tiny_files["full"].parent, "diffusers", "the output would overwrite an input"),
     ]
     for source, target, layout, message in cases:
-        assert main(["convert", str(source), str(target), "--to", layout, "--overwrite"]) == 1
+        assert main(["convert", str(source), str(target), "--to", layout, "--overwrite"]) in (1, 2)
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert a_file.read_bytes() == b"keep me" and a_folder.is_dir() and not any(a_folder.iterdir())
     assert (documents / "thesis.txt").read_text() == "keep me too"
+    assert (run / "checkpoints" / "state.pt").read_bytes() == b"weeks of training" and tiny_files["full"].is_file()
     # an empty folder is fine to fill
     empty = tmp_path / "empty"
     empty.mkdir()

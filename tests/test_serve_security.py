@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import io
 import json
 import os
@@ -115,8 +116,8 @@ def _defaults(components: dict, inputs: list[int]) -> list:
     return [components[i]["props"].get("value") for i in inputs]
 
 
-def _file(path: str) -> dict:
-    return {"path": path, "meta": {"_type": "gradio.FileData"}}
+def _file(path: str, stream: bool = False) -> dict:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}, **({"is_stream": True} if stream else {})}
 
 
 def _attacks(secrets: dict[str, Path]) -> list[str]:
@@ -131,18 +132,31 @@ def _attacks(secrets: dict[str, Path]) -> list[str]:
     ]
 
 
-def _editor_attack(path: str) -> dict:
-    return {"background": _file(path), "layers": [_file(path)], "composite": _file(path), "id": None}
+def _editor_attack(path: str, stream: bool = False) -> dict:
+    file = _file(path, stream)
+    return {"background": file, "layers": [file], "composite": file, "id": None}
 
 
-def _assert_nothing_leaked(client: TestClient, files: ServerFiles, messages: list, secrets: dict[str, Path]) -> None:
-    text = json.dumps(messages)
-    for path in (*secrets.values(), files.root, Path.cwd()):
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_nothing_leaked(
+    client: TestClient, files: ServerFiles, messages: list, secrets: dict[str, Path], sent: str = ""
+) -> None:
+    # An error may quote what the client sent (Gradio's "Value: ... is not in the list of choices"):
+    # that tells the client nothing; a path the server resolved or read would.
+    text = json.dumps(messages).replace(json.dumps(sent)[1:-1], "<sent>") if sent else json.dumps(messages)
+    for path in (*secrets.values(), Path.cwd()):
         assert str(path) not in text, f"a server path in an answer: {text[:500]}"
     assert SECRET not in text
+    # A finished job names its results' files (Gradio's file objects carry their path); an error names none.
+    errors = json.dumps([message for message in messages if message.get("success") is not True])
+    assert str(files.root) not in errors, errors[:500]
+    forbidden = {_digest(path) for path in (*secrets.values(), Path("/etc/passwd"))}
     for path in files.root.rglob("*"):
         if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), f"{path} is a copy of a secret"
+            assert _digest(path) not in forbidden and SECRET.encode() not in path.read_bytes(), f"{path} is a copy"
     for secret in secrets.values():
         assert client.get(f"/gradio_api/file={secret}").status_code in (403, 404)
 
@@ -163,28 +177,35 @@ def test_no_input_of_any_event_reads_a_server_file(service, secrets, layers):
             page = _page_app(app)[1]
             if layers == "the block guards alone":
                 page.has_launched = False
-            else:  # the blocks' own methods again
+            else:  # every block's own methods again: no guard of ours on any of them
                 for block in page.blocks.values():
-                    vars(block).pop("move_resource_to_block_cache", None)
-                    vars(block).pop("async_move_resource_to_block_cache", None)
+                    for method in ("move_resource_to_block_cache", "async_move_resource_to_block_cache",
+                                   "preprocess", "convert_and_format_image"):  # fmt: skip
+                        vars(block).pop(method, None)
         components, events = _events(client)
         assert len(events) >= 5  # generate (button and Enter), previews, model change, reuse seed
         tried = 0
         for fn_index, inputs in events:
             for position, component in enumerate(inputs):
-                for path in _attacks(secrets):
+                # is_stream: Gradio reads such a file where it is, without copying it to its cache.
+                for path, stream in [(path, stream) for path in _attacks(secrets) for stream in (False, True)]:
                     data = _defaults(components, inputs)
                     kind = components[component]["type"]
-                    data[position] = _editor_attack(path) if kind == "imageeditor" else _file(path)
+                    data[position] = _editor_attack(path, stream) if kind == "imageeditor" else _file(path, stream)
                     status, messages = run_event(client, fn_index, data)
                     tried += 1
                     if layers == "all":
                         assert status == 400, messages
                         assert messages[0]["error"] == "a request may name only files uploaded through this page"
-                    elif kind != "state":  # a State input takes its value from the session, not the request
+                    elif kind in ("image", "imageeditor"):
                         assert messages[-1].get("success") is False, messages
-                    _assert_nothing_leaked(client, files, messages, secrets)
-        assert tried > 300
+                        if layers == "the block guards alone":
+                            error = messages[-1]["output"]["error"]
+                            assert error == "that file was not uploaded through this page; upload it again"
+                    # Other inputs may take the object as a value (a textbox makes it a string): what
+                    # matters is that no file was read, copied or fetched.
+                    _assert_nothing_leaked(client, files, messages, secrets, sent=path)
+        assert tried > 600
     after = set(gradio_default.rglob("*")) if gradio_default.exists() else set()
     assert after == before  # Gradio's shared default folder is never used
 
@@ -199,7 +220,7 @@ def test_with_a_password_a_logged_in_user_reads_no_server_file_either(service, s
                 data[position] = _file(path)
                 status, messages = run_event(client, generate[0], data)
                 assert status == 400
-                _assert_nothing_leaked(client, app.files, messages, secrets)
+                _assert_nothing_leaked(client, app.files, messages, secrets, sent=path)
         client.cookies.clear()  # logged out: nothing at all
         assert client.get("/gradio_api/file=/etc/passwd").status_code in (401, 403, 404)
         assert client.post("/gradio_api/queue/join", json={"data": [], "fn_index": 0}).status_code in (401, 403)
@@ -369,7 +390,11 @@ def test_the_inpaint_editor_blobs_are_bounded(service):
             )
 
         refused = [
-            (EDGES.read_bytes(), {"id": "edit", "type": "layer", "index": "1000000000"}, "layer index must be below"),
+            (
+                EDGES.read_bytes(),
+                {"id": "edit", "type": "layer", "index": "1000000000"},
+                "layer index must be null or below",
+            ),
             (b"not an image", {"id": "edit", "type": "layer", "index": "0"}, "not an image"),
             (EDGES.read_bytes(), {"id": "edit", "index": "0"}, "needs an id and a type"),
             (EDGES.read_bytes(), {"type": "layer", "index": "0"}, "needs an id and a type"),
@@ -631,3 +656,47 @@ def test_the_page_bounds_its_prompts_too(service, elem, monkeypatch):
         _status, messages = run_event(client, fn_index, data)
     error = messages[-1]["output"]["error"]
     assert "14,000 characters long; the limit is 5,000" in error and elem.replace("_", " ") in error
+
+
+def test_basic_auth_protects_the_api(service):
+    with serving(service, auth=("ada", "sécret")) as (client, _app):
+        assert client.get("/api/models").status_code == 401
+        assert client.get("/api/models", auth=("ada", "wrong")).status_code == 401
+        assert client.get("/api/models", auth=("ädä", "x")).status_code == 401  # not a 500
+        headers = {"authorization": "Basic " + base64.b64encode("ada:sécret".encode()).decode()}
+        assert client.get("/api/models", headers=headers).json()["models"] == [SHIPPED]
+        assert client.get("/api/models", headers={"authorization": "Basic %%%"}).status_code == 401
+
+
+def test_one_web_ui_per_process_and_gradios_settings_are_given_back(service):
+    before = {name: os.environ.get(name) for name in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE")}
+    with serving(service) as (_client, app):
+        assert os.environ["GRADIO_TEMP_DIR"] == str(app.files.gradio)
+        with pytest.raises(RuntimeError, match="another web UI is running in this process"):
+            build_app(service)
+    assert {name: os.environ.get(name) for name in before} == before
+    with serving(service):  # the first has stopped: a new one may run
+        pass
+
+
+def test_the_component_server_answers_only_the_editors_function(service):
+    with serving(service) as (client, app):
+        _inner, page = _page_app(app)
+        editor = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "init_image")
+        image = {"files": ("b.png", EDGES.read_bytes(), "image/png")}
+        form = {"session_hash": "s1", "component_id": str(editor._id), "fn_name": "accept_blobs", "id": "e"}
+        cases = [
+            ({**form, "component_id": "99999"}, image, "no such component function"),
+            ({**form, "fn_name": "preprocess"}, image, "no such component function"),
+            ({key: value for key, value in form.items() if key != "fn_name"}, image, "no such component function"),
+            ({**form, "type": "layer"}, image, "the layer index must be null or below"),  # no index
+            ({**form, "type": "layer", "index": "²"}, image, "the layer index must be null or below"),
+            ({**form, "type": "background", "index": "null"}, [image["files"]] * 2, "send one editor image"),
+        ]
+        for fields, files, message in cases:
+            files = [("files", file) for file in files] if isinstance(files, list) else files
+            response = client.post("/gradio_api/component_server", data=fields, files=files)
+            assert response.status_code == 400 and message in response.text, response.text
+        for body in ({"component_id": editor._id, "fn_name": "accept_blobs", "session_hash": "s", "data": {}}, [1]):
+            response = client.post("/gradio_api/component_server", json=body)
+            assert response.status_code == 400, response.text

@@ -1019,12 +1019,23 @@ def _check_folder_output(path: Path) -> None:
         raise CheckpointError(
             f"{path}: an existing file; a diffusers model is written as a folder: choose another path"
         )
-    holds_a_model = (path / "model_index.json").is_file() or (path / "config.json").is_file()
-    if not holds_a_model and any(path.iterdir()):
+    if not _holds_a_diffusers_model(path) and any(path.iterdir()):
         raise CheckpointError(
-            f"{path}: an existing folder that holds no diffusers model (no model_index.json or config.json); "
-            "only a model folder is replaced: choose another path"
+            f"{path}: an existing folder that holds no diffusers model (no model_index.json, nor a config.json "
+            "naming a diffusers class); only a model folder is replaced: choose another path"
         )
+
+
+def _holds_a_diffusers_model(path: Path) -> bool:
+    """A pipeline folder (model_index.json) or a single model's folder: a config.json that names a
+    diffusers class. Many folders hold a config.json (a training run's, a project's): not those."""
+    if (path / "model_index.json").is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "_class_name" in config
 
 
 def ldm_state_dict(

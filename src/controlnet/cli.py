@@ -729,7 +729,9 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def _check_output(path: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
-    if any(path.resolve() == i.resolve() for i in inputs):
+    output = path.resolve()
+    # An input that is the output, or lies inside an output folder that would be replaced.
+    if any(output == i.resolve() or output in i.resolve().parents for i in inputs):
         raise UsageError(f"{path}: the output would overwrite an input; choose another path")
     if path.exists() and not overwrite:
         raise UsageError(f"{path}: already exists; pass --overwrite to replace it")

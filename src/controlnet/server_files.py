@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,18 @@ class ServerFiles:
         self.results = self.gradio / "results"
         self.results.mkdir(parents=True, mode=0o700)
         self._lock = threading.Lock()
+        self._on_close: list[Callable[[], None]] = []
         # Removed by close(), or else when this object is collected or the interpreter exits: an
         # app that was built but never served (so never shut down) leaves nothing behind either.
-        self._remove = weakref.finalize(self, shutil.rmtree, str(self.root), ignore_errors=True)
+        self._remove = weakref.finalize(self, _remove, str(self.root), self._on_close)
+
+    @property
+    def closed(self) -> bool:
+        return not self._remove.alive
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the folder is removed (it must not refer to this object)."""
+        self._on_close.append(callback)
 
     def contains(self, path: str | os.PathLike[str]) -> bool:
         """Whether ``path``, with every symlink and ``..`` resolved, lies inside the folder."""
@@ -101,3 +111,9 @@ class ServerFiles:
                 # A folder made in the last minute may be about to receive an upload: leave it.
                 if now - os.path.getmtime(folder) > 60:
                     os.rmdir(folder)
+
+
+def _remove(root: str, callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        callback()
+    shutil.rmtree(root, ignore_errors=True)

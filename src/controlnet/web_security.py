@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -44,7 +46,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_EDITOR_LAYERS = 4  # the inpaint editor draws on one layer; a request may not ask for more
-MAX_PENDING_EDITS = 64  # editor images sent ahead of a run (Gradio keeps them in memory until then)
+MAX_PENDING_EDITS = 64  # edits sent ahead of a run (Gradio keeps them in memory until then)
 
 
 def confine_page(page: gr.Blocks, files: ServerFiles) -> None:
@@ -64,12 +66,15 @@ def confine_page(page: gr.Blocks, files: ServerFiles) -> None:
 # package must not do to its own folder when it is imported.
 
 
-def guard_image(component: gr.Image, limits: Limits) -> None:
-    """A ``gr.Image`` input that checks an image's pixels from its header before Gradio decodes it."""
+def guard_image(component: gr.Image, files: ServerFiles, limits: Limits) -> None:
+    """A ``gr.Image`` input that reads only files inside ``files`` (also those Gradio does not copy:
+    a file object marked ``is_stream`` skips the cache) and checks an image's pixels from its
+    header before Gradio decodes it."""
     preprocess = component.preprocess
 
     def checked_preprocess(payload):
         if payload is not None and payload.path is not None:
+            _check_source(files, payload.path)
             _check_image(payload.path, "image", limits)
         return preprocess(payload)
 
@@ -86,6 +91,7 @@ def guard_image_editor(component: gr.ImageEditor, files: ServerFiles, limits: Li
         component.convert_and_format_image,
         component.accept_blobs,
     )
+    max_pending = 8 * limits.max_upload_bytes  # bytes of edits waiting, as much as one request may carry
 
     def checked_preprocess(payload):
         if payload is not None and len(payload.layers) > MAX_EDITOR_LAYERS:
@@ -100,28 +106,51 @@ def guard_image_editor(component: gr.ImageEditor, files: ServerFiles, limits: Li
             _check_image(bytes(file), "init image", limits)
         return convert(file, flatten_on_white)
 
+    pending = threading.Lock()
+
     @server  # Gradio calls only functions marked so through /component_server
     def checked_accept_blobs(data):
         # Called from a plain route, not from the queue: a refusal is an HTTP 400 with its detail.
-        fields = data.data
-        index = fields.get("index")
+        fields, sent = getattr(data, "data", None), getattr(data, "files", None)
+        if not isinstance(fields, dict) or not isinstance(sent, list) or len(sent) != 1:
+            raise HTTPException(400, "send one editor image as multipart form data")
         if fields.get("type") not in ("background", "layer", "composite") or not isinstance(fields.get("id"), str):
             raise HTTPException(400, "an editor image needs an id and a type: background, layer or composite")
-        if index not in (None, "null") and not (str(index).isdigit() and int(index) < MAX_EDITOR_LAYERS):
-            raise HTTPException(400, f"the layer index must be below {MAX_EDITOR_LAYERS}")
-        if len(data.files) != 1:
-            raise HTTPException(400, "send one image")
+        index = fields.get("index", "")
+        if index != "null" and not (str(index).isdecimal() and int(index) < MAX_EDITOR_LAYERS):
+            raise HTTPException(400, f"the layer index must be null or below {MAX_EDITOR_LAYERS}")
+        image = bytes(sent[0][1])
         try:
-            image_size(bytes(data.files[0][1]), max_pixels=limits.max_pixels)
+            image_size(image, max_pixels=limits.max_pixels)
         except ImageError as error:
             raise HTTPException(400, f"the init image: {error}") from None
-        while len(component.blob_storage) >= MAX_PENDING_EDITS:
-            component.blob_storage.pop(next(iter(component.blob_storage)))  # the oldest edit
-        return accept_blobs(data)
+        with pending:  # the oldest edits go first, to stay within MAX_PENDING_EDITS and the bytes
+            storage = component.blob_storage
+            while storage and (len(storage) >= MAX_PENDING_EDITS or _bytes(storage) + len(image) > max_pending):
+                storage.pop(next(iter(storage)), None)
+            return accept_blobs(data)
 
     component.preprocess = checked_preprocess
     component.convert_and_format_image = checked_convert
     component.accept_blobs = checked_accept_blobs
+
+
+def _bytes(storage: dict) -> int:
+    """The bytes of the editor images Gradio keeps waiting (each edit: background, layers, composite)."""
+    return sum(
+        len(image or b"") for edit in storage.values() for image in (edit.background, *edit.layers, edit.composite)
+    )
+
+
+def server_functions(page: gr.Blocks) -> frozenset[tuple[str, str]]:
+    """(component id, function name) of every function a client may call on ``page`` through
+    ``/component_server`` (Gradio's ``@server`` functions: here, the editor's ``accept_blobs``)."""
+    return frozenset(
+        (str(block_id), name)
+        for block_id, block in page.blocks.items()
+        for name in dir(block)
+        if not name.startswith("__") and getattr(getattr(block, name, None), "_is_server_fn", False)
+    )
 
 
 def _guard_sources(component: gr.blocks.Block, files: ServerFiles) -> None:
@@ -178,8 +207,11 @@ class RequestGuard:
     ``max_body`` bytes counted as they arrive (a chunked body has no length to check first), and
     the folder pruned before each upload."""
 
-    def __init__(self, app: Callable, files: ServerFiles, max_body: int) -> None:
-        self.app, self.files, self.max_body = app, files, max_body
+    def __init__(
+        self, app: Callable, files: ServerFiles, max_body: int, functions: frozenset[tuple[str, str]] = frozenset()
+    ) -> None:
+        """``functions``: the (component id, function name) pairs ``/component_server`` may call."""
+        self.app, self.files, self.max_body, self.functions = app, files, max_body, functions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -219,6 +251,14 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        replay = _replay(body, receive)
+        if scope["path"].startswith("/gradio_api/component_server"):
+            target = await _component_server_target(scope, body)
+            if target not in self.functions:  # Gradio answers an unknown or missing one with a 500
+                await _json(send, 400, "no such component function")
+                return
+            await self.app(scope, replay, send)
+            return
         try:
             named = list(_named_paths(json.loads(body)))
         except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested: Gradio refuses it
@@ -226,15 +266,6 @@ class RequestGuard:
         if any(not self.files.contains(path) for path in named):
             await _json(send, 400, "a request may name only files uploaded through this page")
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: only the client's disconnect
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
         await self.app(scope, replay, send)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -268,6 +299,43 @@ class RequestGuard:
             await _json(send, 413, f"the request is over {self.max_body / 2**20:g} MB")
 
 
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the app ``body`` (already read), then whatever the client sends next."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()  # after the body: only the client's disconnect
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _component_server_target(scope: Scope, body: bytes) -> tuple[str, str] | None:
+    """(component id, function name) of a ``/component_server`` request, JSON or multipart; None
+    when it names none or cannot be read."""
+    from starlette.requests import Request
+
+    try:
+        if Request(scope).headers.get("content-type", "").startswith("multipart/form-data"):
+            async with Request(scope, _replay(body, _disconnected)).form() as form:
+                fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+        else:
+            fields = json.loads(body)
+    except (ValueError, RecursionError, KeyError, AssertionError, HTTPException):
+        return None
+    if not isinstance(fields, dict):
+        return None
+    component, function = fields.get("component_id"), fields.get("fn_name")
+    return (str(component), function) if isinstance(function, str) and component is not None else None
+
+
+async def _disconnected() -> Message:
+    return {"type": "http.disconnect"}
+
+
 def _named_paths(value: Any):
     """Every ``"path"`` string in a JSON value: how Gradio's file objects name their file."""
     if isinstance(value, dict):
@@ -294,15 +362,43 @@ async def _json(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# The folder Gradio's process-wide settings point at, while its server runs.
+_GRADIO_FOLDER: weakref.ref[ServerFiles] | None = None
+_GRADIO_VARIABLES = ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE")
+
+
 def gradio_folder_environment(files: ServerFiles) -> None:
-    """Point Gradio's upload area and cache at the server's folder. Gradio reads them from the
-    process environment, when the page is built and at each request (one served page per
-    process), and a few of its modules once, when they are first imported: those are pointed at
-    the folder too, or a second app in the process would write into the first one's."""
+    """Point Gradio's upload area and cache at the server's folder until the folder is closed.
+
+    Gradio reads them from the process environment, when the page is built and at each request,
+    and a few of its modules once, when they are first imported (those are pointed at the folder
+    too). These are process-wide: a second web UI in the same process would take them from the
+    first, whose users' uploads would then be refused, so it is refused instead (RuntimeError)."""
     import gradio.route_utils
     import gradio.routes
 
+    global _GRADIO_FOLDER
+    current = _GRADIO_FOLDER() if _GRADIO_FOLDER is not None else None
+    if current is not None and current is not files and not current.closed:
+        raise RuntimeError(
+            "another web UI is running in this process (Gradio keeps its upload folder per process): stop it first"
+        )
+    modules = (gradio.route_utils, gradio.routes)
+    saved = ({name: os.environ.get(name) for name in _GRADIO_VARIABLES}, [m.DEFAULT_TEMP_DIR for m in modules])
     os.environ["GRADIO_TEMP_DIR"] = str(files.gradio)
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(files.gradio / "examples")
-    for module in (gradio.route_utils, gradio.routes):
+    for module in modules:
         module.DEFAULT_TEMP_DIR = str(files.gradio)
+    _GRADIO_FOLDER = weakref.ref(files)
+
+    def restore() -> None:
+        variables, constants = saved
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for module, value in zip(modules, constants, strict=True):
+            module.DEFAULT_TEMP_DIR = value
+
+    files.on_close(restore)

@@ -229,7 +229,7 @@ def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
                 with gr.Tabs():
                     for i in range(UNITS):
                         with gr.Tab(f"ControlNet unit {i}"):
-                            unit_inputs.append(_unit_controls(gr, i, service, native))
+                            unit_inputs.append(_unit_controls(gr, i, service, files, native))
                 with gr.Accordion("Options", open=True):
                     num_images = gr.Slider(1, 12, value=1, step=1, label="Images", elem_id="num_images")
                     resolution = gr.Slider(
@@ -340,7 +340,7 @@ def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
     return page
 
 
-def _unit_controls(gr, index: int, service: Service, native: int) -> dict:
+def _unit_controls(gr, index: int, service: Service, files: ServerFiles, native: int) -> dict:
     """One control unit's tab: image, annotator with preview, and its settings."""
     from .web_security import guard_image
 
@@ -348,7 +348,7 @@ def _unit_controls(gr, index: int, service: Service, native: int) -> dict:
     image = gr.Image(
         type="filepath", label="Control image", sources=["upload", "clipboard"], elem_id=f"unit{index}_image"
     )
-    guard_image(image, service.limits)
+    guard_image(image, files, service.limits)
     annotator = gr.Dropdown(list(ANNOTATOR_CHOICES), value="canny", label="Annotator")
     with gr.Row():
         low = gr.Slider(1, 255, value=100, step=1, label="Canny low threshold")
@@ -494,7 +494,7 @@ def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFile
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from .web_security import RequestGuard, confine_page, gradio_folder_environment
+    from .web_security import RequestGuard, confine_page, gradio_folder_environment, server_functions
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -513,10 +513,12 @@ def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFile
         if not header.lower().startswith("basic "):
             return False
         try:
-            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user, _, password = base64.b64decode(header[6:]).partition(b":")
+        except (binascii.Error, ValueError):
             return False
-        return secrets.compare_digest(user, auth[0]) and secrets.compare_digest(password, auth[1])
+        # Bytes: compare_digest refuses str with characters beyond ASCII (a TypeError, a 500).
+        expected_user, expected_password = (part.encode("utf-8") for part in auth)
+        return secrets.compare_digest(user, expected_user) & secrets.compare_digest(password, expected_password)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -551,8 +553,9 @@ def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFile
         except ModelUnavailable as broken:
             print(f"controlnet serve: {broken.detail}", file=sys.stderr)
             return error(503, str(broken))
-        except OSError as failed:  # no file is written for the API; this is the machine's state
-            return error(507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500, _storage_message(failed))
+        except OSError as failed:  # the API writes no file: the machine itself is failing (memory, disk)
+            status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+            return error(status, f"the server could not run the job ({failed.strerror or 'system error'})")
 
     page = build_ui(service, files, document_api=auth is None)
     page.queue(max_size=service.limits.max_queue, default_concurrency_limit=None)
@@ -565,7 +568,7 @@ def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFile
             app, page, path="/", auth=auth, max_file_size=mb, show_error=False, run_history=False, footer_links=[]
         )
     confine_page(page, files)
-    return RequestGuard(app, files, service.limits.max_body_bytes)
+    return RequestGuard(app, files, service.limits.max_body_bytes, server_functions(page))
 
 
 def serve(
