@@ -90,6 +90,9 @@ def test_the_tokenizer_remembers_a_bounded_number_of_words(monkeypatch):
     tokenizer.encode(" ".join(f"word{i}x" for i in range(500)))
     assert len(tokenizer._cache) <= 50
     assert tokenizer.encode("zebra") == expected  # forgetting changes nothing but speed
+    long_word = "q" * 500
+    ids = tokenizer.encode(long_word)
+    assert tokenizer.encode(long_word) == ids and not any(len(word) > 64 for word in tokenizer._cache)
 
 
 # -- output sizes ---------------------------------------------------------------------------------

@@ -600,6 +600,22 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_earlier_ones(setup, thre
     assert all(read_checkpoint(folder) for folder in checkpoint_dirs(out))
 
 
+def test_a_run_killed_between_the_renames_of_a_resave_gets_its_checkpoint_back(setup, three_checkpoints, tmp_path):
+    """Resaving step N moves the old step-N aside, then renames the new one in: killed in between,
+    step N is missing and only the hidden copy holds it. The next run puts it back."""
+    from controlnet.training import read_checkpoint, recover_checkpoints
+
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    folder = out / "checkpoints"
+    os.replace(folder / "step-00000003", folder / ".step-00000003.old-4242")
+    (folder / ".step-00000002.old-4242").mkdir()  # a leftover beside an intact step 2: removed
+    (folder / ".step-00000004.tmp-4242").mkdir()  # half-written: removed
+    recover_checkpoints(out)
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-00000001", "step-00000002", "step-00000003"]
+    assert not list(folder.glob(".*")) and read_checkpoint(folder / "step-00000003")["step"] == 3
+
+
 def test_resuming_from_a_checkpoint_of_another_model_is_a_one_line_error(setup, three_checkpoints, tmp_path):
     """Another --base (another shape) used to fail deep in copy_ with a traceback."""
     folder = tmp_path / "checkpoints" / "step-00000002"

@@ -27,7 +27,6 @@ import pickle
 import pickletools
 import re
 import struct
-import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -186,7 +185,7 @@ _TORCH_PLAIN_GLOBALS = frozenset(
 )
 # What torch.load may raise on a damaged file besides UnpicklingError: its legacy-format reader lets
 # the errors of whatever it trips over through (found by truncating and corrupting real files).
-_DAMAGED_FILE_ERRORS = (
+TORCH_LOAD_ERRORS = (
     RuntimeError,
     EOFError,
     OSError,
@@ -216,17 +215,15 @@ def _read_pickle(path: Path) -> StateDict:
             f"a pickle, but the file starts with {_first_bytes(path)}"
         )
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_inert_globals()):
-            # torch warns about pickle protocols and the like; what matters is in our errors.
-            warnings.simplefilter("ignore")
+        with torch.serialization.safe_globals(_inert_globals()):
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=memory_map)
     except pickle.UnpicklingError:
         # weights_only refused the pickle (or could not parse it). torch's text varies between
         # versions and advises weights_only=False, the one thing never to do with such a file:
         # it is never shown; what the pickle names is read here, from its opcodes.
         raise CheckpointError(_refusal(path)) from None
-    except _DAMAGED_FILE_ERRORS as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_torch_reason(error)})") from None
+    except TORCH_LOAD_ERRORS as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({torch_load_reason(error)})") from None
     while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
@@ -275,7 +272,8 @@ def _check_torch_zip(path: Path) -> bool:
     return not methods
 
 
-def _torch_reason(error: BaseException) -> str:
+def torch_load_reason(error: BaseException) -> str:
+    """One line on why torch.load failed, without torch's advice to pass weights_only=False."""
     reason = _first_line(error)
     # torch's loader errors may end in advice to pass weights_only=False: never passed on.
     return type(error).__name__ if "weights_only" in reason else reason

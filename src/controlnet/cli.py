@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -1125,6 +1126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in _MODEL_JOBS:
         runtime.keep_freed_memory()
+    # torch warns that it "might not support" the protocol of every plain-pickle checkpoint (old
+    # .ckpt files); loading is safe either way, and an error is reported in one line of its own.
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     try:
         _COMMANDS[args.command](args)
     except CommandError as error:

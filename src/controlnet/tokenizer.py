@@ -38,7 +38,9 @@ _START_TOKEN = "<|startoftext|>"
 _END_TOKEN = "<|endoftext|>"
 _END_OF_WORD = "</w>"
 _NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894: every id that is neither a byte symbol nor special
-_MAX_CACHED_WORDS = 100_000  # remembered words (a few MB); the cache starts over when full
+# The word cache stays within a few tens of MB: at most this many words, each at most this long.
+_MAX_CACHED_WORDS = 100_000
+_MAX_CACHED_WORD_LENGTH = 64
 _VOCAB_RESOURCE = "bpe_simple_vocab_16e6.txt.gz"
 
 # ftfy's uncurl_quotes: typographic apostrophes and quotes become ASCII, so "don’t" ends in the
@@ -185,6 +187,8 @@ class CLIPTokenizer:
                     i += 1
             parts = merged
         ids = tuple(self.encoder[p] for p in parts)
+        if len(word) > _MAX_CACHED_WORD_LENGTH:  # not a word people reuse; it would take kilobytes
+            return ids
         if len(self._cache) >= _MAX_CACHED_WORDS:  # a server sees endless new words: stay bounded
             self._cache = {token: self._cache[token] for token in (_START_TOKEN, _END_TOKEN)}
         self._cache[word] = ids

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import load_base, load_controlnet, save_diffusers, save_ldm
+from .checkpoints import TORCH_LOAD_ERRORS, load_base, load_controlnet, save_diffusers, save_ldm, torch_load_reason
 from .config import ModelConfig
 from .controlnet import ControlNet
 from .files import NotWritable, atomic_file, writable_folder
@@ -811,9 +811,23 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
     for old in checkpoint_dirs(out)[:-keep]:
         if old != final:  # never the one just written (the newest, unless newer ones are left over)
             shutil.rmtree(old, ignore_errors=True)
-    for stale in folder.glob(f".{CHECKPOINT_PREFIX}*.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    recover_checkpoints(out)
     return final
+
+
+def recover_checkpoints(out: Path) -> None:
+    """Tidy what a run killed while saving left behind: a half-written ``.step-N.tmp-PID`` goes; a
+    ``.step-N.old-PID`` (the checkpoint a resave of step N was replacing) is put back when step N
+    is missing (killed between the two renames), and removed otherwise."""
+    folder = out / "checkpoints"
+    for stale in folder.glob(f".{CHECKPOINT_PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for replaced in folder.glob(f".{CHECKPOINT_PREFIX}*.old-*"):
+        final = folder / replaced.name[1:].rsplit(".old-", 1)[0]
+        if final.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(replaced, final)
 
 
 class DamagedCheckpoint(TrainingError):
@@ -822,11 +836,6 @@ class DamagedCheckpoint(TrainingError):
     def __init__(self, folder: Path, reason: str) -> None:
         super().__init__(f"{folder}: {reason}")
         self.folder, self.reason = folder, reason
-
-
-# What torch.load raises on a file that is not a whole checkpoint: a truncated zip (RuntimeError),
-# an empty file (EOFError), other bytes (UnpicklingError, or KeyError from its unpickler).
-_UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, OSError)
 
 
 def read_checkpoint(folder: Path) -> dict:
@@ -854,11 +863,16 @@ def read_checkpoint(folder: Path) -> dict:
             raise DamagedCheckpoint(folder, f"{STATE_FILE} differs from what was written (SHA-256 mismatch)")
     try:
         state = torch.load(state_file, weights_only=True)
-    except _UNREADABLE as error:
-        reason = " ".join(str(error).split())[:120] or type(error).__name__
-        raise DamagedCheckpoint(folder, f"{STATE_FILE} cannot be read ({reason})") from None
+    except pickle.UnpicklingError:  # refused by weights_only: not what save_checkpoint writes
+        raise DamagedCheckpoint(folder, f"{STATE_FILE} holds more than tensors and plain data") from None
+    except TORCH_LOAD_ERRORS as error:
+        raise DamagedCheckpoint(folder, f"{STATE_FILE} cannot be read ({torch_load_reason(error)})") from None
     needed = ("step", "trainable", "optimizer", "rng")
-    if not isinstance(state, dict) or any(key not in state for key in needed):
+    if (
+        not isinstance(state, dict)
+        or any(key not in state for key in needed)
+        or not isinstance(state["trainable"], dict)
+    ):
         raise DamagedCheckpoint(folder, f"{STATE_FILE} is not a training checkpoint (it needs {', '.join(needed)})")
     step = _checkpoint_step(folder)
     if step is not None and state["step"] != step:
@@ -879,6 +893,7 @@ def find_resume_point(
     be intact itself (TrainingError): the user asked for that one."""
     if resume is None:
         return None
+    recover_checkpoints(out)
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir():
@@ -1192,8 +1207,8 @@ class Trainer:
         causes = [f"the learning rate (--learning-rate {config.learning_rate:g}) is too high"]
         if config.mixed_precision != "no":
             causes.append(f"--mixed-precision {config.mixed_precision} overflowed (try --mixed-precision no)")
-        intact = checkpoint_dirs(self.out)
-        kept = f"the newest checkpoint is {intact[-1]}" if intact else "no checkpoint was written"
+        saved = checkpoint_dirs(self.out)
+        kept = f"the newest checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
         return TrainingError(
             f"step {self.step + 1}: {what}: training diverged; likely {' or '.join(causes)}. "
             f"Stopped without saving anything of this step; {kept}"
