@@ -16,7 +16,7 @@ from controlnet.annotators import run_annotator
 from controlnet.annotators.resizing import MAX_ASPECT_RATIO, resize_image
 from controlnet.config import SD15
 from controlnet.pipeline import ControlUnit, Pipeline
-from controlnet.prompts import MAX_PROMPT_CHARACTERS, MAX_PROMPT_TOKENS, check_prompt
+from controlnet.prompts import MAX_PROMPT_CHARACTERS, MAX_PROMPT_TOKENS, check_prompts
 from controlnet.runtime import NonFiniteError
 from controlnet.samplers import make_plan
 from controlnet.tiny import random_tiny_models
@@ -38,7 +38,7 @@ def pipe() -> Pipeline:
 def test_a_prompt_of_the_longest_allowed_length_is_accepted():
     words = " ".join(["red"] * MAX_PROMPT_TOKENS)
     assert len(default_tokenizer().encode(words)) == MAX_PROMPT_TOKENS
-    check_prompt(words)  # no error
+    check_prompts(words)  # no error
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_a_prompt_of_the_longest_allowed_length_is_accepted():
 )
 def test_bad_prompts_are_refused_in_one_line(text, message):
     with pytest.raises(ValueError, match=message) as refused:
-        check_prompt(text, "the negative prompt")
+        check_prompts("a circle", negative_prompt=text)
     assert str(refused.value).startswith("the negative prompt") and "\n" not in str(refused.value)
 
 
@@ -64,7 +64,7 @@ def test_a_huge_prompt_is_refused_before_the_tokenizer_reads_it(monkeypatch):
 
     monkeypatch.setattr(default_tokenizer(), "encode", tokenize)
     with pytest.raises(ValueError, match="4,194,304 characters long"):
-        check_prompt("x" * 4 * 2**20)
+        check_prompts("x" * 4 * 2**20)
 
 
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt", "added_prompt"])

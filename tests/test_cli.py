@@ -84,7 +84,7 @@ def test_transfer_control_moves_a_controlnet_to_a_new_base(tiny_files, tmp_path)
         (["convert", "{full}", "{existing}", "--to", "ldm"], 2, "already exists; pass --overwrite"),
         (["convert", "{evil}", "{out}", "--to", "ldm"], 1, "refused: this pickle would run code"),
         (["convert", "{full}", "{out_ckpt}", "--to", "ldm"], 1, "written as .safetensors only"),
-        (["demo", "--steps", "0", "--out", "{out}"], 2, "--steps must be at least 1"),
+        (["demo", "--steps", "0", "--out", "{out}"], 2, "--steps must be between 1 and 100"),
         (["serve", "--auth", "ada"], 2, "--auth must be USER:PASS, both non-empty"),
         (["serve", "--port", "0"], 2, "--port must be between 1 and 65535"),
         (["serve", "--models", "{missing}"], 2, "no such folder"),

@@ -90,7 +90,7 @@ CASES = [
     (["demo", "--device", "cuda:99", "--out", "{out}"], 2, "no such CUDA device here"),
     (["demo", "--out", "{under_file}"], 1, "is a file, not a folder"),
     (["demo", "--out", "{file}"], 1, "is a file, not a folder"),
-    (["demo", "--steps", "0", "--out", "{out}"], 2, "--steps must be at least 1"),
+    (["demo", "--steps", "0", "--out", "{out}"], 2, "--steps must be between 1 and 100"),
     (["demo", "--steps", "100000", "--out", "{out}"], 2, "--steps must be between 1 and 100"),
     (["demo", "--steps", "nan", "--out", "{out}"], 2, "invalid int value"),
     (["demo", "--prompt", "x" * 6000, "--out", "{out}"], 2, "the limit is 5,000"),

@@ -308,17 +308,19 @@ def _load_checked_image(path: str | Path, what: str) -> np.ndarray:
 
 def _check_generate_options(args: argparse.Namespace) -> None:
     """The options that need no file: checked first, so a mistake is reported at once."""
+    from .pipeline import GUIDANCE_RANGE, MAX_IMAGES, RESOLUTION_RANGE
     from .runtime import default_device
     from .samplers import get_sampler
 
     _check_range("--steps", args.steps, 1, 100)
-    _check_range("--num-samples", args.num_samples, 1, 12)
-    _check_range("--guidance", args.guidance, 0.1, 30.0)
+    _check_range("--num-samples", args.num_samples, 1, MAX_IMAGES)
+    _check_range("--guidance", args.guidance, *GUIDANCE_RANGE)
     _check_range("--seed", args.seed, -1, 2147483647)
     _check_range("--low-threshold", args.low_threshold, 1, 255)
     _check_range("--high-threshold", args.high_threshold, 1, 255)
-    if args.resolution is not None and (args.resolution % 64 or not 64 <= args.resolution <= 2048):
-        raise UsageError(f"--resolution must be a multiple of 64 between 64 and 2048, got {args.resolution}")
+    low, high = RESOLUTION_RANGE
+    if args.resolution is not None and (args.resolution % 64 or not low <= args.resolution <= high):
+        raise UsageError(f"--resolution must be a multiple of 64 between {low} and {high}, got {args.resolution}")
     try:
         get_sampler(args.sampler)
     except ValueError as error:
@@ -343,27 +345,20 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         args.added_prompt = ORIGINAL_ADDED_PROMPT if original else ""
     if args.negative_prompt is None:
         args.negative_prompt = ORIGINAL_NEGATIVE_PROMPT if original else ""
-    full_prompt = f"{args.prompt}, {args.added_prompt}" if args.added_prompt else args.prompt
-    _check_prompts(
-        (args.prompt, "--prompt"),
-        (args.added_prompt, "--added-prompt"),
-        (full_prompt, "--prompt with --added-prompt"),
-        (args.negative_prompt, "--negative-prompt"),
-    )
+    _check_prompts(args.prompt, args.added_prompt, args.negative_prompt)
     if args.device == "auto":
         args.device = str(default_device())
     _check_device(args.device)
 
 
-def _check_prompts(*prompts: tuple[str, str]) -> None:
+def _check_prompts(prompt: str, added_prompt: str = "", negative_prompt: str = "") -> None:
     """The core's prompt limits (length, NUL, lone surrogates), before a model is loaded."""
-    from .prompts import check_prompt
+    from .prompts import check_prompts
 
-    for text, what in prompts:
-        try:
-            check_prompt(text, what)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+    try:
+        check_prompts(prompt, added_prompt, negative_prompt, ("--prompt", "--added-prompt", "--negative-prompt"))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _check_device(name: str) -> None:
@@ -786,11 +781,9 @@ def cmd_transfer_control(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
     _check_range("--steps", args.steps, 1, 100)
     if args.prompt is not None:
-        _check_prompts((args.prompt, "--prompt"))
+        _check_prompts(args.prompt)
     if args.device != "auto":
         _check_device(args.device)
     _writable_folder(args.out)
@@ -986,7 +979,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             raise UsageError(f"--{name} {value}: no such file or folder")
-    _writable_folder(Path(args.out))
     train(config, log=lambda message: print(message, flush=True))
 
 
@@ -1023,11 +1015,9 @@ def _check_eval_options(args: argparse.Namespace) -> None:
     """Every option of eval that needs no model, checked before one is loaded."""
     from .evaluation import check_settings
 
-    for name, low in (("--count", 1), ("--images-per-condition", 1), ("--steps", 1)):
-        value = getattr(args, name[2:].replace("-", "_"))
-        if value < low:
-            raise UsageError(f"{name} must be at least {low}, got {value}")
-    try:
+    if args.count < 1:
+        raise UsageError(f"--count must be at least 1, got {args.count}")
+    try:  # the other numbers: the evaluation's own check
         check_settings(
             images_per_condition=args.images_per_condition,
             steps=args.steps,

@@ -140,13 +140,6 @@ def scene_adherence(
 
 # -- the evaluation run (``controlnet eval``) ---------------------------------------------------
 
-# The settings' ranges, as ``controlnet generate`` takes them: guidance within the original app's
-# slider (a huge scale multiplies the noise estimates into float16's overflow: NaN images), the
-# resolution a multiple of 64 (the size the pipeline gives its images: the condition is scaled to
-# it and compared with them pixel for pixel).
-GUIDANCE_RANGE = (0.1, 30.0)
-RESOLUTION_RANGE = (64, 2048)
-
 
 def check_settings(
     *,
@@ -161,7 +154,7 @@ def check_settings(
 ) -> None:
     """Refuse (ValueError, one line naming the setting and what is allowed) settings that cannot
     give meaningful scores, before any image is generated."""
-    from .pipeline import MAX_IMAGES, MAX_SEED
+    from .pipeline import GUIDANCE_RANGE, MAX_IMAGES, MAX_SEED, RESOLUTION_RANGE
     from .samplers import get_sampler
 
     if not 1 <= images_per_condition <= MAX_IMAGES:
@@ -174,7 +167,7 @@ def check_settings(
     # A negative seed would make the pipeline pick a random one: scores no one could reproduce.
     if not 0 <= seed <= MAX_SEED - images_per_condition + 1:
         raise ValueError(f"seed must be between 0 and {MAX_SEED - images_per_condition + 1}, got {seed}")
-    low, high = RESOLUTION_RANGE
+    low, high = RESOLUTION_RANGE  # a multiple of 64: the condition is compared with the images pixel for pixel
     if resolution is not None and (resolution % 64 or not low <= resolution <= high):
         raise ValueError(f"resolution must be a multiple of 64 between {low} and {high}, got {resolution}")
     get_sampler(sampler)  # ValueError naming the samplers

@@ -28,7 +28,7 @@ from .guidance import ActiveControl, ControlMode, GuidedDenoiser
 from .images import HWC3, fit_to, resize_image
 from .model import StableDiffusion
 from .placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
-from .prompts import check_prompt, encode_prompts
+from .prompts import check_prompts, encode_prompts, full_prompt
 from .runtime import check_finite, parse_dtype, prepare, use_channels_last
 from .samplers import Plan, make_plan, sample
 
@@ -37,6 +37,12 @@ MAX_SEED = 2**31 - 1
 # bf16 latent would lose 8 bits at every step's update; the models' inputs are cast per call).
 SAMPLING_DTYPE = torch.float32
 MAX_IMAGES = 12
+# The ranges the command line, evaluation and training take (the web UI keeps the original app's
+# narrower sliders). Guidance: the original app's slider (a huge scale multiplies the noise
+# estimates into float16's overflow: NaN images). Resolution (the short side): a multiple of 64 up
+# to 2048, beyond which a single image needs tens of GB (and a typo like 100000, terabytes).
+GUIDANCE_RANGE = (0.1, 30.0)
+RESOLUTION_RANGE = (64, 2048)
 
 
 @dataclass
@@ -242,19 +248,9 @@ class Pipeline:
         white/true = repaint): after every step the latents outside the mask are replaced by the
         init latents at the same noise level, and the decoded image keeps the init pixels there.
         """
+        check_prompts(prompt, added_prompt, negative_prompt)
         self._check_arguments(controls, num_images, seed, steps, guidance_scale, output)
-        if mask is not None and init_image is None:
-            raise ValueError("a mask needs an init image to inpaint")
-        if init_image is not None and not 0 < denoising_strength <= 1:
-            raise ValueError(f"denoising strength must be in (0, 1], got {denoising_strength}")
-        full_prompt = f"{prompt}, {added_prompt}" if added_prompt else prompt
-        for text, what in (
-            (prompt, "the prompt"),
-            (added_prompt, "the added prompt"),
-            (full_prompt, "the prompt with the added prompt"),
-            (negative_prompt, "the negative prompt"),
-        ):
-            check_prompt(text, what)
+        _check_img2img(init_image, mask, denoising_strength)
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
         resolution = resolution or self.model.config.native_resolution
@@ -263,7 +259,8 @@ class Pipeline:
         mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
 
         with self.placement.use(self.model.text_encoder):
-            context = encode_prompts(self.model.text_encoder, [full_prompt, negative_prompt]).to(self.dtype)
+            encoded = [full_prompt(prompt, added_prompt), negative_prompt]
+            context = encode_prompts(self.model.text_encoder, encoded).to(self.dtype)
         control_maps = [self.control_map(unit, height, width, resolution, mask) for unit in controls]
         init_latents = None
         if init is not None:
@@ -378,6 +375,13 @@ class Pipeline:
                 raise ValueError(f"control start and end need 0 <= start <= end <= 1, got {unit.start}, {unit.end}")
             if unit.scales is not None and not all(math.isfinite(scale) for scale in unit.scales):
                 raise ValueError(f"control scales must be finite numbers, got {unit.scales}")
+
+
+def _check_img2img(init_image: np.ndarray | None, mask: np.ndarray | None, denoising_strength: float) -> None:
+    if mask is not None and init_image is None:
+        raise ValueError("a mask needs an init image to inpaint")
+    if init_image is not None and not 0 < denoising_strength <= 1:  # NaN fails too
+        raise ValueError(f"denoising strength must be in (0, 1], got {denoising_strength}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -38,9 +38,36 @@ ORIGINAL_NEGATIVE_PROMPT = (
 )
 
 
-def check_prompt(text: object, what: str = "the prompt") -> None:
-    """Refuse (ValueError, one line) a prompt that is not text, that no PNG record can hold (NUL,
-    lone surrogates), or that is longer than MAX_PROMPT_CHARACTERS or MAX_PROMPT_TOKENS."""
+def full_prompt(prompt: str, added_prompt: str) -> str:
+    """What is encoded: the prompt, then the added prompt after a comma (as the original apps)."""
+    return f"{prompt}, {added_prompt}" if added_prompt else prompt
+
+
+def check_prompts(
+    prompt: object,
+    added_prompt: object = "",
+    negative_prompt: object = "",
+    names: tuple[str, str, str] = ("the prompt", "the added prompt", "the negative prompt"),
+) -> None:
+    """Refuse (ValueError, one line naming the text by ``names``) prompts that are not text, that
+    no PNG record can hold (NUL, lone surrogates), or that are too long: MAX_PROMPT_CHARACTERS
+    each, checked first, then MAX_PROMPT_TOKENS for what is encoded (the prompt with its added
+    prompt, and the negative prompt)."""
+    for text, what in zip((prompt, added_prompt, negative_prompt), names, strict=True):
+        _check_text(text, what)
+    encoded = full_prompt(prompt, added_prompt)  # type: ignore[arg-type]
+    encoded_name = f"{names[0]} with {names[1]}" if added_prompt else names[0]
+    for text, what in ((encoded, encoded_name), (negative_prompt, names[2])):
+        _check_text(text, what)
+        tokens = len(default_tokenizer().encode(text))  # type: ignore[arg-type]
+        if tokens > MAX_PROMPT_TOKENS:
+            raise ValueError(
+                f"{what} is {tokens} tokens long; the limit is {MAX_PROMPT_TOKENS} "
+                f"({MAX_PROMPT_WINDOWS} windows of {CHUNK_TOKENS} tokens)"
+            )
+
+
+def _check_text(text: object, what: str) -> None:
     if not isinstance(text, str):
         raise ValueError(f"{what} must be text, got {type(text).__name__}")
     if len(text) > MAX_PROMPT_CHARACTERS:
@@ -51,12 +78,6 @@ def check_prompt(text: object, what: str = "the prompt") -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
-    tokens = len(default_tokenizer().encode(text))
-    if tokens > MAX_PROMPT_TOKENS:
-        raise ValueError(
-            f"{what} is {tokens} tokens long; the limit is {MAX_PROMPT_TOKENS} "
-            f"({MAX_PROMPT_WINDOWS} windows of {CHUNK_TOKENS} tokens)"
-        )
 
 
 def tokenize_chunks(prompt: str, pad_token_id: int, max_length: int = 77) -> torch.Tensor:

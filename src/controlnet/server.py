@@ -26,8 +26,8 @@ from . import __version__, shipped
 from .annotators.resizing import check_aspect_ratio
 from .images import ImageError, ImageSource, encode_png, load_image
 from .metadata import image_text, map_text, model_records
-from .pipeline import MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
-from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompt
+from .pipeline import GUIDANCE_RANGE, MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
+from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompts
 
 SHIPPED = "shipped"  # the name of the shipped model in the model picker
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth")
@@ -143,21 +143,15 @@ def check_request(request: GenerateRequest, limits: Limits, controlnets: int, sa
     """Refuse a request outside the ranges with one RequestError naming the field and what is allowed."""
     from .annotators import ANNOTATORS
 
-    for text, what in (
-        (request.prompt, "the prompt"),
-        (request.negative_prompt, "the negative prompt"),
-        (request.added_prompt, "the added prompt"),
-    ):
-        if text is not None:
-            try:
-                check_prompt(text, what)
-            except ValueError as error:
-                raise RequestError(str(error)) from None
+    try:  # None: the model's default, short (the pipeline checks the texts it encodes again)
+        check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
+    except ValueError as error:
+        raise RequestError(str(error)) from None
     if not request.prompt.strip() and not request.units:
         raise RequestError("give a prompt or a control image (or both)")
     _check_range("images", request.num_images, 1, MAX_IMAGES)
     _check_range("steps", request.steps, 1, 100)
-    _check_range("guidance scale", request.guidance_scale, 0.1, 30)
+    _check_range("guidance scale", request.guidance_scale, *GUIDANCE_RANGE)
     _check_range("eta", request.eta, 0, 1)
     _check_range("seed", request.seed, -1, MAX_SEED)
     _check_range("denoising strength", request.denoising_strength, 0.01, 1)

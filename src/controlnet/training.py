@@ -59,6 +59,7 @@ from .files import NotWritable, atomic_file, writable_folder
 from .hashing import file_sha256
 from .layers import TimestepEmbedSequential
 from .model import StableDiffusion
+from .pipeline import RESOLUTION_RANGE
 from .prompts import encode_prompts
 from .runtime import NonFiniteError, check_device
 
@@ -76,7 +77,7 @@ VALIDATION_ROWS = ("control", "data", "prompt", "no prompt")
 # The largest training resolution: the largest size `controlnet generate` accepts, so that what is
 # trained can be used; it also bounds memory (a single 2048 px sample through an SD 1.5 UNet needs
 # tens of GB of activations). Anything above is a typo: --resolution 100000 asked for terabytes.
-MAX_RESOLUTION = 2048
+MAX_RESOLUTION = RESOLUTION_RANGE[1]
 # AdamW moves every weight by about the learning rate at each step: above 1 each step moves a
 # weight by more than its own typical size, which only diverges (SD's ControlNets train at 1e-5).
 MAX_LEARNING_RATE = 1.0
