@@ -270,6 +270,37 @@ def test_generate_on_a_full_disk_leaves_no_half_file_and_keeps_earlier_results(f
     assert (out / "1.png").read_bytes() == b"an earlier result"
 
 
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 24 KB file system (tmpfs), so that writes themselves fail as the disk fills; skipped
+    where mounting is not allowed (not root, or no tmpfs)."""
+    import subprocess
+
+    folder = tmp_path / "tiny-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_generate_on_a_really_full_disk_leaves_no_half_file_and_keeps_earlier_results(files, capsys, tiny_disk):
+    earlier = tiny_disk / "1.png"
+    earlier.write_bytes(b"an earlier result" * 500)  # 8.5 KB of the 24
+    paths = {k: str(v) for k, v in files.items()}
+    argv = [a.format(out=tiny_disk, **paths) for a in [*GENERATE, *WITH_MODELS, "--num-samples", "4"]]
+    status, stdout, err = run(argv, capsys)
+    assert_one_line_error("generate", status, stdout, err, 1, "No space left on device")
+    assert earlier.read_bytes() == b"an earlier result" * 500
+    assert _leftovers(tiny_disk) == []
+    for png in tiny_disk.glob("*.png"):  # what was written before the disk filled is whole
+        if png != earlier:
+            assert png.read_bytes().startswith(b"\x89PNG") and png.read_bytes().endswith(b"IEND\xaeB`\x82")
+
+
 def test_annotate_on_a_full_disk_keeps_the_file_it_was_to_replace(files, tmp_path, capsys, disk_full):
     target = tmp_path / "edges.png"
     target.write_bytes(b"an earlier result")

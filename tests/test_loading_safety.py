@@ -181,10 +181,16 @@ def test_the_refusal_does_not_depend_on_torch_wording(tmp_path, monkeypatch, tor
 
 
 def test_a_refused_pickle_naming_nothing_unsafe_still_gets_our_message(tmp_path):
-    # A pickle of plain data that torch's loader cannot take (here a bare string, not a dict).
-    path = tmp_path / "odd.ckpt"
-    path.write_bytes(pickle.dumps("just a string", protocol=2))
+    # A torch zip whose data.pkl names no global at all, but uses an opcode torch's safe loader
+    # refuses (PERSID, a text persistent id): refused, with the message for "not tensors only".
+    torch.save({"a": torch.ones(2)}, tmp_path / "plain.pth")
+    path = tmp_path / "odd.pth"
+    with zipfile.ZipFile(tmp_path / "plain.pth") as source, zipfile.ZipFile(path, "w") as target:
+        for entry in source.infolist():
+            data = source.read(entry)
+            target.writestr(entry, b"\x80\x02Pabc\n." if entry.filename.endswith("data.pkl") else data)
     message = _one_line_error(read_state_dict, path)
+    assert f"{path}: refused: not a tensor-only checkpoint" in message and "nothing in it was executed" in message
     assert "weights_only" not in message
 
 
