@@ -1,11 +1,11 @@
-"""controlnet.kernels against PyTorch's own kernels, layer by layer, on the shapes of SD 1.5.
+"""controlnet.models.kernels against PyTorch's own kernels, layer by layer, on the shapes of SD 1.5.
 
 For each layer shape of a 256 px training step at batch 2 (the attention and feed-forward linear
 layers of each UNet level, the 3x3 convolutions of the 4x4 level and the stride-2 one that reaches
 it), and each dtype: the median time of the forward alone (no autograd), of the forward and the
 input gradient (a frozen layer in the backward pass: the locked UNet's decoder) and of the forward
 and the full backward (input, weight and bias gradients: the ControlNet's layers), with
-``controlnet.kernels`` ("ours") and inside ``kernels.disabled()`` (PyTorch: MKL's sgemm for float32
+``controlnet.models.kernels`` ("ours") and inside ``kernels.disabled()`` (PyTorch: MKL's sgemm for float32
 linear layers, oneDNN's convolution), and the largest difference between the two outputs relative
 to the largest output. The kernels do not apply to bfloat16 linear layers (PyTorch runs them
 through oneDNN already): those rows are absent.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from controlnet import kernels
+from controlnet.models import kernels
 from controlnet.runtime import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

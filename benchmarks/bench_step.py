@@ -151,8 +151,8 @@ class OursStep(_Timed):
 
     @torch.no_grad()
     def prepare(self, size: int) -> dict:
-        from controlnet.guidance import GuidedDenoiser
         from controlnet.pipeline import ControlUnit
+        from controlnet.sampling.guidance import GuidedDenoiser
 
         latents, context, image = common.step_inputs(size)
         pipe = self.pipe

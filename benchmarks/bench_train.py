@@ -56,7 +56,7 @@ avx512_bf16, torch 2.13, diffusers 0.42.1; 14 minutes), median step, samples/s, 
 
 The cache took 29 s for the 16 samples (1.8 s a sample) and pays back within 1-2.5 epochs, whatever
 the dataset's size. Ours gains the frozen encoders diffusers runs every step (the cache), a fused
-AdamW (0.5-0.7 -> 0.15-0.2 s), in bf16 the frozen base kept in bf16, and ``controlnet.kernels``
+AdamW (0.5-0.7 -> 0.15-0.2 s), in bf16 the frozen base kept in bf16, and ``controlnet.models.kernels``
 (oneDNN's matmul for fp32 linear layers, im2col + matmul for the 4x4 level's convolutions:
 1.09-1.11x on the fp32 step, 1.03x on bf16). Without those kernels the same day gave 1.52x / 1.43x.
 docs/training.md has the table.
@@ -109,7 +109,7 @@ def write_random_base(path: str) -> dict:
     LDM file (written under a temporary name and renamed)."""
     from controlnet.checkpoints import save_ldm
     from controlnet.config import SD15
-    from controlnet.model import StableDiffusion
+    from controlnet.models.stable_diffusion import StableDiffusion
 
     model = StableDiffusion(SD15, empty=True)
     for name in ("unet", "vae", "text_encoder"):
@@ -130,7 +130,7 @@ class _Writer:
 
 def ensure_inputs(cache_dir: Path, resolution: int, samples: int) -> tuple[Path, Path]:
     """The base file and the dataset folder, made if absent."""
-    from controlnet.synthetic import write_dataset
+    from controlnet.datasets.synthetic import write_dataset
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     seeds = "-".join(str(common.SEEDS[n]) for n in ("unet", "vae", "text_encoder"))
@@ -325,7 +325,7 @@ class DiffusersTraining(_Timed):
         diffusers.utils.logging.set_verbosity_error()
 
         from controlnet.checkpoints import load_base
-        from controlnet.controlnet import ControlNet
+        from controlnet.models.controlnet import ControlNet
         from controlnet.training import DataStream
 
         # The very same initial weights as ours: Trainer seeds torch, loads the base and makes the

@@ -24,7 +24,7 @@ import common
 
 
 def generate(dtype: torch.dtype, args: argparse.Namespace) -> np.ndarray:
-    from controlnet.images import load_image
+    from controlnet.imaging.images import load_image
     from controlnet.pipeline import ControlUnit, Pipeline
 
     if args.base:

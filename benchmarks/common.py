@@ -170,8 +170,8 @@ def build_ours(dtype: torch.dtype = torch.float32, whole: bool = True):
     """Our SD 1.5 (UNet; with ``whole`` also the VAE and text encoder, else those stay on the meta
     device) and one ControlNet, with the benchmark's random weights in ``dtype``."""
     from controlnet.config import SD15
-    from controlnet.controlnet import ControlNet
-    from controlnet.model import StableDiffusion, build_empty
+    from controlnet.models.controlnet import ControlNet
+    from controlnet.models.stable_diffusion import StableDiffusion, build_empty
 
     model = StableDiffusion(SD15, empty=True)
     for name in ("unet", "vae", "text_encoder") if whole else ("unet",):

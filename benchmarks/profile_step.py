@@ -42,8 +42,8 @@ def group_of(name: str) -> str:
 
 
 def build_step(size: int, dtype: torch.dtype, channels_last: bool):
-    from controlnet.guidance import GuidedDenoiser
     from controlnet.pipeline import ControlUnit, Pipeline
+    from controlnet.sampling.guidance import GuidedDenoiser
 
     model, controlnet = common.build_ours(dtype)
     pipe = Pipeline(model, [controlnet], dtype=dtype, channels_last=channels_last)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from controlnet.synthetic import SCENE_COLORS, SCENE_SHAPES, scene_caption, scene_sample
+from controlnet.datasets.synthetic import SCENE_COLORS, SCENE_SHAPES, scene_caption, scene_sample
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "controlnet" / "examples"
 SEED, SIZE, COUNT = 2, 128, 4

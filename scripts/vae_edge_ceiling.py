@@ -15,9 +15,9 @@ import torch
 
 from controlnet import shipped
 from controlnet.checkpoints import load_base
-from controlnet.datasets import read_records
+from controlnet.datasets.folders import read_records
 from controlnet.evaluation import edge_f1
-from controlnet.images import load_image
+from controlnet.imaging.images import load_image
 
 
 def main() -> None:

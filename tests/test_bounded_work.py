@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from controlnet import tokenizer as tokenizer_module
 from controlnet.annotators import run_annotator
-from controlnet.annotators.resizing import MAX_ASPECT_RATIO, resize_image
 from controlnet.config import SD15
+from controlnet.imaging.resize import MAX_ASPECT_RATIO, resize_image
+from controlnet.models import tokenizer as tokenizer_module
+from controlnet.models.tiny import random_tiny_models
+from controlnet.models.tokenizer import default_tokenizer
 from controlnet.pipeline import ControlUnit, Pipeline
-from controlnet.prompts import MAX_PROMPT_CHARACTERS, MAX_PROMPT_TOKENS, check_prompts
 from controlnet.runtime import NonFiniteError
-from controlnet.samplers import make_plan
-from controlnet.tiny import random_tiny_models
-from controlnet.tokenizer import default_tokenizer
+from controlnet.sampling.prompts import MAX_PROMPT_CHARACTERS, MAX_PROMPT_TOKENS, check_prompts
+from controlnet.sampling.samplers import make_plan
 
 EDGES = np.zeros((64, 64, 3), np.uint8)
 EDGES[16:48, 16] = 255

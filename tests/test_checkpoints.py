@@ -25,10 +25,10 @@ from controlnet.checkpoints import (
     transfer_control,
 )
 from controlnet.config import SD15, SD21, TINY, ModelConfig
-from controlnet.controlnet import ControlNet
 from controlnet.formats.diffusers_text import text_ldm_to_diffusers
 from controlnet.formats.diffusers_unet import controlnet_ldm_to_diffusers
-from controlnet.model import StableDiffusion
+from controlnet.models.controlnet import ControlNet
+from controlnet.models.stable_diffusion import StableDiffusion
 
 from .helpers import randomize
 
@@ -95,7 +95,7 @@ def test_every_original_key_loads_and_the_ldm_round_trip_is_bit_identical(versio
 
 def load_controlnet_from_parts(control: dict[str, torch.Tensor], config: ModelConfig) -> ControlNet:
     from controlnet.checkpoints import load_strict
-    from controlnet.model import build_empty
+    from controlnet.models.stable_diffusion import build_empty
 
     controlnet = build_empty(lambda: ControlNet(config.controlnet()))
     load_strict(controlnet, control, "ControlNet", "test")
@@ -462,7 +462,7 @@ def test_a_full_file_keeps_the_controlnet_config_including_pooling(tiny, tmp_pat
 def test_sd2_ldm_files_must_name_their_prediction_type(tmp_path):
     from controlnet.checkpoints import _base_config_from_shapes
     from controlnet.config import SD21_V
-    from controlnet.unet import UNet
+    from controlnet.models.unet import UNet
 
     with torch.device("meta"):
         parts = {"unet": UNet(SD21.unet).state_dict()}

@@ -12,9 +12,9 @@ from controlnet import shipped
 from controlnet.checkpoints import load_controlnet, read_state_dict, save_ldm
 from controlnet.cli import main
 from controlnet.config import TINY
-from controlnet.controlnet import ControlNet
-from controlnet.images import load_image
-from controlnet.model import StableDiffusion
+from controlnet.imaging.images import load_image
+from controlnet.models.controlnet import ControlNet
+from controlnet.models.stable_diffusion import StableDiffusion
 
 from .helpers import randomize
 

@@ -20,10 +20,10 @@ from controlnet.annotators import run_annotator
 from controlnet.checkpoints import save_diffusers, save_ldm
 from controlnet.cli import main
 from controlnet.config import TINY
-from controlnet.controlnet import ControlNet
 from controlnet.hashing import cache_path, cached_file_sha256, file_sha256, folder_sha256, model_sha256
-from controlnet.images import load_image, read_png_text
-from controlnet.model import StableDiffusion
+from controlnet.imaging.images import load_image, read_png_text
+from controlnet.models.controlnet import ControlNet
+from controlnet.models.stable_diffusion import StableDiffusion
 
 from .helpers import randomize
 

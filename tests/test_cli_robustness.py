@@ -15,8 +15,8 @@ from PIL import Image
 
 from controlnet.checkpoints import save_ldm
 from controlnet.cli import main
-from controlnet.synthetic import write_dataset
-from controlnet.tiny import random_tiny_models
+from controlnet.datasets.synthetic import write_dataset
+from controlnet.models.tiny import random_tiny_models
 
 
 @pytest.fixture(autouse=True)

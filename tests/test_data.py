@@ -13,7 +13,7 @@ from PIL import Image
 
 from controlnet.annotators import run_annotator
 from controlnet.cli import main
-from controlnet.datasets import (
+from controlnet.datasets.folders import (
     ControlDataset,
     DatasetError,
     DataWarning,
@@ -22,7 +22,7 @@ from controlnet.datasets import (
     read_records,
     square_crop,
 )
-from controlnet.synthetic import (
+from controlnet.datasets.synthetic import (
     FILL50K_COLORS,
     SCENE_COLORS,
     SCENE_SHAPES,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from controlnet.annotators.canny import canny
+from controlnet.datasets.synthetic import scene_sample, write_dataset
 from controlnet.evaluation import edge_f1, evaluate, scene_adherence, ssim
 from controlnet.pipeline import GenerationResult
-from controlnet.synthetic import scene_sample, write_dataset
 
 
 def test_edge_f1_counts_exact_edge_pixels():
@@ -49,8 +49,8 @@ class _ReplayPipeline:
     """Stands for a model that draws exactly the data's images (or a fixed wrong one)."""
 
     def __init__(self, data, wrong: bool = False) -> None:
-        from controlnet.datasets import read_records
-        from controlnet.images import load_image
+        from controlnet.datasets.folders import read_records
+        from controlnet.imaging.images import load_image
 
         self.targets = {r.prompt: load_image(r.target) for r in read_records(data)}
         self.wrong = wrong

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from controlnet.config import TINY
-from controlnet.controlnet import ControlNet
-from controlnet.guidance import ActiveControl, GuidedDenoiser
-from controlnet.model import StableDiffusion
+from controlnet.models.controlnet import ControlNet
+from controlnet.models.stable_diffusion import StableDiffusion
+from controlnet.models.tiny import circle_edges, random_tiny_models
 from controlnet.pipeline import ControlUnit, Pipeline
-from controlnet.prompts import encode_prompts, tokenize_chunks
-from controlnet.tiny import circle_edges, random_tiny_models
+from controlnet.sampling.guidance import ActiveControl, GuidedDenoiser
+from controlnet.sampling.prompts import encode_prompts, tokenize_chunks
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_uint8_output_truncates_as_the_original(pipe):
 
 
 def test_the_first_control_image_is_resized_as_the_original_app(pipe):
-    from controlnet.images import resize_image
+    from controlnet.imaging.resize import resize_image
 
     image = np.zeros((50, 70, 3), np.uint8)
     image[10:40, 20:50] = 255
@@ -247,7 +247,7 @@ def test_low_memory_mode_gives_the_same_image_and_parks_idle_models():
 
 
 def test_sliced_attention_equals_whole_attention():
-    from controlnet.layers import Attention
+    from controlnet.models.layers import Attention
 
     torch.manual_seed(0)
     attention = Attention(64, 32, heads=4, head_dim=16).eval()
@@ -261,8 +261,8 @@ def test_sliced_attention_equals_whole_attention():
 
 def test_low_memory_mode_on_a_cpu_streams_the_unet_and_controlnet_block_by_block():
     """During sampling no more than one block of the UNet and ControlNet holds its weights."""
-    from controlnet.layers import ResBlock
-    from controlnet.placement import blocks
+    from controlnet.models.layers import ResBlock
+    from controlnet.models.placement import blocks
 
     model, controlnet = random_tiny_models(seed=0)
     low = Pipeline(model, [controlnet], low_memory=True)

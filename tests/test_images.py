@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet.images import (
+from controlnet.imaging.images import (
     DEFAULT_MAX_PIXELS,
     HWC3,
     ImageError,
@@ -352,7 +352,7 @@ def test_read_png_text_refuses_other_formats(tmp_path: Path) -> None:
 
 def test_resizing_is_importable_from_images_too() -> None:
     from controlnet import annotators
-    from controlnet.images import fit_to, pixel_perfect_resolution, resize_image
+    from controlnet.imaging.resize import fit_to, pixel_perfect_resolution, resize_image
 
     assert (fit_to, resize_image, pixel_perfect_resolution) == (
         annotators.fit_to,
@@ -360,7 +360,7 @@ def test_resizing_is_importable_from_images_too() -> None:
         annotators.pixel_perfect_resolution,
     )
     with pytest.raises(ImportError):
-        from controlnet.images import no_such_name  # noqa: F401
+        from controlnet.imaging.images import no_such_name  # noqa: F401
 
 
 def test_bytes_in_memory_load_as_the_file_does(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""controlnet.kernels: the same outputs and gradients as PyTorch's own layers, taken where they apply."""
+"""controlnet.models.kernels: the same outputs and gradients as PyTorch's own layers, taken where they apply."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from controlnet import kernels
+from controlnet.models import kernels
 
 pytestmark = pytest.mark.skipif(
     not kernels._onednn_matmul_available(), reason="this PyTorch build has no oneDNN matmul"

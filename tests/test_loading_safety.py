@@ -33,12 +33,12 @@ from controlnet.checkpoints import (
 )
 from controlnet.cli import main
 from controlnet.config import PRESETS
-from controlnet.controlnet import ControlNet
 from controlnet.files import atomic_file, atomic_folder, atomic_path
 from controlnet.hashing import cached_file_sha256
-from controlnet.model import StableDiffusion
-from controlnet.tiny import random_tiny_models
-from controlnet.unet import UNet
+from controlnet.models.controlnet import ControlNet
+from controlnet.models.stable_diffusion import StableDiffusion
+from controlnet.models.tiny import random_tiny_models
+from controlnet.models.unet import UNet
 
 LOADERS = (read_state_dict, inspect_contents, load_base, load_controlnet)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from controlnet.config import SD15, SD21, SD21_V, TINY, ControlNetConfig, UNetConfig, detect_preset, preset
-from controlnet.controlnet import ControlNet, scale_residuals, soft_control_scales
-from controlnet.model import StableDiffusion
-from controlnet.unet import UNet
+from controlnet.models.controlnet import ControlNet, scale_residuals, soft_control_scales
+from controlnet.models.stable_diffusion import StableDiffusion
+from controlnet.models.unet import UNet
 
 from .helpers import randomize
 
@@ -198,7 +198,7 @@ def test_schedule_is_the_original_linear_schedule():
 def test_bf16_group_norm_agrees_with_the_float32_round_trip(shape, groups, channels_last):
     """GroupNorm32 runs bf16 natively (no float32 copy of the activations): every element equals the
     original's float32 computation rounded to bf16, up to one bf16 rounding step."""
-    from controlnet.layers import GroupNorm32
+    from controlnet.models.layers import GroupNorm32
 
     generator = torch.Generator().manual_seed(0)
     norm = GroupNorm32(groups, shape[1])

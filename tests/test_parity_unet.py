@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from controlnet.config import SD15, SD21, ModelConfig
-from controlnet.controlnet import ControlNet, scale_residuals
 from controlnet.formats.diffusers_unet import (
     controlnet_config_to_diffusers,
     controlnet_ldm_to_diffusers,
     unet_config_to_diffusers,
     unet_ldm_to_diffusers,
 )
-from controlnet.unet import UNet
+from controlnet.models.controlnet import ControlNet, scale_residuals
+from controlnet.models.unet import UNet
 
 from .helpers import random_module, relative_error
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from controlnet.config import SD15
-from controlnet.controlnet import ControlNet
 from controlnet.formats.diffusers_text import text_config_to_diffusers, text_ldm_to_diffusers
 from controlnet.formats.diffusers_tokenizer import write_hf_tokenizer_files
 from controlnet.formats.diffusers_unet import (
@@ -23,7 +22,8 @@ from controlnet.formats.diffusers_unet import (
     unet_ldm_to_diffusers,
 )
 from controlnet.formats.diffusers_vae import vae_config_to_diffusers, vae_ldm_to_diffusers
-from controlnet.model import StableDiffusion
+from controlnet.models.controlnet import ControlNet
+from controlnet.models.stable_diffusion import StableDiffusion
 from controlnet.pipeline import ControlUnit, Pipeline
 
 from .helpers import randomize

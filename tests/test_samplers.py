@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from controlnet.config import ScheduleConfig
-from controlnet.samplers import (
+from controlnet.sampling.samplers import (
     SAMPLERS,
     Plan,
     get_sampler,

@@ -27,15 +27,23 @@ from PIL import Image
 
 from controlnet import shipped
 from controlnet.checkpoints import save_ldm
-from controlnet.server import SHIPPED, Limits, ModelEntry, ModelRegistry, ModelUnavailable, Service, discover_models
-from controlnet.server_files import Retention, ServerFiles
-from controlnet.tiny import random_tiny_models
+from controlnet.models.tiny import random_tiny_models
+from controlnet.serve.files import Retention, ServerFiles
+from controlnet.serve.service import (
+    SHIPPED,
+    Limits,
+    ModelEntry,
+    ModelRegistry,
+    ModelUnavailable,
+    Service,
+    discover_models,
+)
 
 pytest.importorskip("gradio")
 from fastapi.testclient import TestClient
 
-from controlnet import web_security
-from controlnet.webui import build_app
+from controlnet.serve import security
+from controlnet.serve.web import build_app
 
 from .helpers import _free_port
 
@@ -231,15 +239,15 @@ def test_the_component_guard_refuses_urls_and_outside_paths_on_its_own(service, 
     try:
         inside = files.gradio / "upload.png"
         inside.write_bytes(EDGES.read_bytes())
-        web_security._check_source(files, str(inside))  # no error
+        security._check_source(files, str(inside))  # no error
         for path in [*_attacks(secrets), str(files.gradio / ".." / ".." / "x"), "file:///etc/passwd"]:
             with pytest.raises(Exception, match="not uploaded through this page") as refused:
-                web_security._check_source(files, path)
+                security._check_source(files, path)
             assert path not in str(refused.value)
         link = files.gradio / "link.png"
         link.symlink_to(secrets["picture"])
         with pytest.raises(Exception, match="not uploaded through this page"):
-            web_security._check_source(files, str(link))  # a link inside that leads out
+            security._check_source(files, str(link))  # a link inside that leads out
     finally:
         files.close()
 
@@ -334,7 +342,7 @@ def _guard_run(path: str, body: _Body, headers=()) -> tuple[int, bool]:
 
     files = ServerFiles()
     try:
-        guard = web_security.RequestGuard(app, files, max_body=10 * 2**20)
+        guard = security.RequestGuard(app, files, max_body=10 * 2**20)
         scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers)}
         anyio.run(guard, scope, body, send)
     finally:
@@ -403,10 +411,10 @@ def test_the_inpaint_editor_blobs_are_bounded(service):
             response = send(content, **fields)
             assert response.status_code == 400 and message in response.json()["detail"], response.text
         assert editor.blob_storage == {}
-        for i in range(web_security.MAX_PENDING_EDITS + 10):
+        for i in range(security.MAX_PENDING_EDITS + 10):
             response = send(EDGES.read_bytes(), id=f"edit{i}", type="background", index="null")
             assert response.status_code == 200, response.text
-        assert len(editor.blob_storage) == web_security.MAX_PENDING_EDITS
+        assert len(editor.blob_storage) == security.MAX_PENDING_EDITS
 
 
 # -- the JSON API -----------------------------------------------------------------------------------
@@ -480,7 +488,7 @@ def test_the_api_keeps_nothing_on_disk(service):
 
 
 def test_a_full_disk_is_a_one_line_error_on_the_page_and_the_server_goes_on(service, monkeypatch):
-    import controlnet.images
+    import controlnet.imaging.images
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -493,7 +501,7 @@ def test_a_full_disk_is_a_one_line_error_on_the_page_and_the_server_goes_on(serv
         steps = next(p for p, c in enumerate(inputs) if components[c]["props"].get("elem_id") == "steps")
         data[prompt], data[steps] = "a red circle", 1
         with monkeypatch.context() as patch:
-            patch.setattr(controlnet.images, "atomic_file", full)
+            patch.setattr(controlnet.imaging.images, "atomic_file", full)
             _status, messages = run_event(client, fn_index, data)
         assert (
             messages[-1]["output"]["error"] == "the server's disk is full: it cannot store the images; try again later"
@@ -630,8 +638,8 @@ def test_a_model_that_will_not_load_is_a_503_without_paths(tmp_path):
 
 def test_an_app_built_but_never_served_leaves_nothing_at_exit(tmp_path):
     program = (
-        "from controlnet.server import ModelRegistry, Service, discover_models\n"
-        "from controlnet.webui import build_app\n"
+        "from controlnet.serve.service import ModelRegistry, Service, discover_models\n"
+        "from controlnet.serve.web import build_app\n"
         "app = build_app(Service(ModelRegistry(discover_models(None))))\n"
         "print(app.files.root)\n"
     )

@@ -14,7 +14,8 @@ from PIL import Image
 
 from controlnet import shipped
 from controlnet.checkpoints import save_ldm
-from controlnet.server import (
+from controlnet.models.tiny import random_tiny_models
+from controlnet.serve.service import (
     SHIPPED,
     Cancelled,
     GenerateRequest,
@@ -26,13 +27,12 @@ from controlnet.server import (
     UnitRequest,
     discover_models,
 )
-from controlnet.tiny import random_tiny_models
-from controlnet.webui import request_from_json
+from controlnet.serve.web import request_from_json
 
 pytest.importorskip("gradio")
 from fastapi.testclient import TestClient
 
-from controlnet.webui import build_app
+from controlnet.serve.web import build_app
 
 
 def _png(image: np.ndarray) -> str:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from controlnet import shipped
+from controlnet.datasets.synthetic import SCENE_COLORS, scene_caption, scene_sample, write_dataset
 from controlnet.evaluation import edge_f1, evaluate, scene_adherence
 from controlnet.pipeline import ControlUnit, Pipeline
-from controlnet.synthetic import SCENE_COLORS, scene_caption, scene_sample, write_dataset
 
 HELD_OUT_SEED = 1  # the seed of scripts/train_shipped_model.sh's held-out scenes (training: seed 0)
 CONDITIONS = 6

@@ -19,7 +19,7 @@ from controlnet.formats.diffusers_text import (
     text_diffusers_to_ldm,
     text_ldm_to_diffusers,
 )
-from controlnet.text import (
+from controlnet.models.text import (
     POSITION_IDS_KEY,
     CLIPTextEncoder,
     OpenCLIPTextEncoder,
@@ -27,7 +27,7 @@ from controlnet.text import (
     build_text_encoder,
     clip_position_ids,
 )
-from controlnet.tokenizer import default_tokenizer
+from controlnet.models.tokenizer import default_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

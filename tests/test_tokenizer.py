@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from controlnet.tokenizer import END_TOKEN_ID, START_TOKEN_ID, CLIPTokenizer, clean_text, default_tokenizer
+from controlnet.models.tokenizer import END_TOKEN_ID, START_TOKEN_ID, CLIPTokenizer, clean_text, default_tokenizer
 
 LONG = "a highly detailed photograph of a majestic lion, golden hour lighting, 8k resolution, " * 6
 

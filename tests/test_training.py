@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from controlnet.checkpoints import load_controlnet, save_ldm
-from controlnet.controlnet import ControlNet
-from controlnet.synthetic import write_dataset
-from controlnet.tiny import random_tiny_models
+from controlnet.datasets.synthetic import write_dataset
+from controlnet.models.controlnet import ControlNet
+from controlnet.models.tiny import random_tiny_models
 from controlnet.training import DataStream, TrainConfig, Trainer, TrainingError, checkpoint_dirs, lr_multiplier
 
 

@@ -17,7 +17,7 @@ from controlnet.formats.diffusers_vae import (
     vae_key_table,
     vae_ldm_to_diffusers,
 )
-from controlnet.vae import AutoencoderKL, DiagonalGaussian
+from controlnet.models.vae import AutoencoderKL, DiagonalGaussian
 
 from .helpers import random_module, relative_error
 

@@ -49,12 +49,12 @@ from .config import (
     UNetConfig,
     VAEConfig,
 )
-from .controlnet import ControlNet
 from .files import atomic_file, atomic_folder, atomic_path
 from .formats import diffusers_text, diffusers_unet, diffusers_vae
 from .formats.diffusers_tokenizer import write_hf_tokenizer_files
-from .model import StableDiffusion, build_empty
-from .text import POSITION_IDS_KEY, clip_position_ids
+from .models.controlnet import ControlNet
+from .models.stable_diffusion import StableDiffusion, build_empty
+from .models.text import POSITION_IDS_KEY, clip_position_ids
 
 StateDict = dict[str, torch.Tensor]
 

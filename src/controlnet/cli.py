@@ -29,8 +29,8 @@ from .checkpoints import (
 )
 from .files import NotWritable, writable_folder
 from .metadata import format_number, image_text, map_text, model_records, quote, to_json
-from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 from .runtime import NonFiniteError
+from .sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 
 
 class CommandError(Exception):
@@ -227,9 +227,9 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
 
     Everything is checked here, before a model is loaded: a typo costs no waiting."""
     from .annotators import RESIZE_MODES, get_annotator
-    from .guidance import ControlMode
     from .hashing import file_sha256
     from .pipeline import ControlUnit
+    from .sampling.guidance import ControlMode
 
     default_mode = "control" if args.guess_mode else args.control_mode
     specs: list[dict] = []
@@ -295,8 +295,8 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
 def _load_checked_image(path: str | Path, what: str) -> np.ndarray:
     """An input image read (ImageError: one line naming the file) and its shape checked as the
     core will (at most 4:1), before a model is loaded."""
-    from .annotators.resizing import check_aspect_ratio
-    from .images import load_image
+    from .imaging.images import load_image
+    from .imaging.resize import check_aspect_ratio
 
     image = load_image(path)
     try:
@@ -310,7 +310,7 @@ def _check_generate_options(args: argparse.Namespace) -> None:
     """The options that need no file: checked first, so a mistake is reported at once."""
     from .pipeline import GUIDANCE_RANGE, MAX_IMAGES, RESOLUTION_RANGE
     from .runtime import default_device
-    from .samplers import get_sampler
+    from .sampling.samplers import get_sampler
 
     _check_range("--steps", args.steps, 1, 100)
     _check_range("--num-samples", args.num_samples, 1, MAX_IMAGES)
@@ -353,7 +353,7 @@ def _check_generate_options(args: argparse.Namespace) -> None:
 
 def _check_prompts(prompt: str, added_prompt: str = "", negative_prompt: str = "") -> None:
     """The core's prompt limits (length, NUL, lone surrogates), before a model is loaded."""
-    from .prompts import check_prompts
+    from .sampling.prompts import check_prompts
 
     try:
         check_prompts(prompt, added_prompt, negative_prompt, ("--prompt", "--added-prompt", "--negative-prompt"))
@@ -372,7 +372,7 @@ def _check_device(name: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .images import load_image
+    from .imaging.images import load_image
     from .pipeline import Pipeline, viewable_map
     from .runtime import parse_dtype
 
@@ -490,7 +490,7 @@ def _save_new(folder: Path, stem: str, image: np.ndarray, text: dict[str, str]) 
 
     The name is claimed by creating the file exclusively first, so two runs writing to the same
     folder at once cannot both pick it; save_png then replaces the empty claim atomically."""
-    from .images import save_png
+    from .imaging.images import save_png
 
     n = 0
     while True:
@@ -541,7 +541,7 @@ class _ProgressBar:
 
 def cmd_annotate(args: argparse.Namespace) -> None:
     from .annotators import get_annotator, run_annotator
-    from .images import load_image
+    from .imaging.images import load_image
 
     if args.list:
         _list_annotators()
@@ -642,7 +642,7 @@ def _bound(value: float | None) -> str:
 
 def _save_over(path: Path, image: np.ndarray, text: dict[str, str]) -> None:
     """save_png (atomic) with a failure to write reported in one line."""
-    from .images import save_png
+    from .imaging.images import save_png
 
     try:
         save_png(path, image, text)
@@ -687,7 +687,7 @@ def _add_data(commands) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from .synthetic import DEFAULT_SIZES, check_output, check_size, write_dataset
+    from .datasets.synthetic import DEFAULT_SIZES, check_output, check_size, write_dataset
 
     size = DEFAULT_SIZES[args.task] if args.size is None else args.size
     try:
@@ -855,9 +855,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.listen:
         where = "with --auth" if auth else "WITHOUT a password (add --auth USER:PASS)"
         print(f"warning: --listen serves on every network interface, {where}", file=sys.stderr)
-    from .server import Limits, ModelUnavailable
-    from .server_files import Retention
-    from .webui import serve
+    from .serve.files import Retention
+    from .serve.service import Limits, ModelUnavailable
+    from .serve.web import serve
 
     device = str(default_device()) if args.device == "auto" else args.device
     _check_device(device)
@@ -1042,7 +1042,7 @@ def _check_eval_options(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .datasets import read_records
+    from .datasets.folders import read_records
     from .evaluation import evaluate, format_summary
     from .pipeline import Pipeline
 

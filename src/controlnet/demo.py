@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from . import shipped
-from .charts import image_grid
 from .files import atomic_file
-from .images import load_image, save_png
+from .imaging.charts import image_grid
+from .imaging.images import load_image, save_png
 from .pipeline import ControlUnit, Pipeline
 from .runtime import default_device
 

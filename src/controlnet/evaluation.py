@@ -121,7 +121,7 @@ def scene_adherence(
     found when at least ``OBJECT_SHARE`` of its box has its colour, the background when at least
     ``BACKGROUND_SHARE`` of the pixels outside the boxes have it. With a control image the objects
     must be where their edges are; a shape of the right colour elsewhere does not count."""
-    from .synthetic import SCENE_COLORS
+    from .datasets.synthetic import SCENE_COLORS
 
     palette = palette or SCENE_COLORS
     labels, names = palette_labels(image, palette)
@@ -155,7 +155,7 @@ def check_settings(
     """Refuse (ValueError, one line naming the setting and what is allowed) settings that cannot
     give meaningful scores, before any image is generated."""
     from .pipeline import GUIDANCE_RANGE, MAX_IMAGES, MAX_SEED, RESOLUTION_RANGE
-    from .samplers import get_sampler
+    from .sampling.samplers import get_sampler
 
     if not 1 <= images_per_condition <= MAX_IMAGES:
         raise ValueError(f"images per condition must be between 1 and {MAX_IMAGES}, got {images_per_condition}")
@@ -213,9 +213,9 @@ def evaluate(
     prompts alone: the base model's scores, to compare with. Writes ``results.json`` and
     ``grid.png`` (a row per condition: the condition, then its images) to ``out``; returns the
     results."""
-    from .charts import image_grid
-    from .datasets import read_records
-    from .images import load_image
+    from .datasets.folders import read_records
+    from .imaging.charts import image_grid
+    from .imaging.images import load_image
     from .pipeline import ControlUnit
 
     if count < 1:

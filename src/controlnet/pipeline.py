@@ -23,14 +23,15 @@ import torch
 
 from .annotators import run_annotator
 from .checkpoints import check_compatible, load_base, load_controlnet
-from .controlnet import ControlNet
-from .guidance import ActiveControl, ControlMode, GuidedDenoiser
-from .images import HWC3, fit_to, resize_image
-from .model import StableDiffusion
-from .placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
-from .prompts import check_prompts, encode_prompts, full_prompt
+from .imaging.images import HWC3
+from .imaging.resize import fit_to, resize_image
+from .models.controlnet import ControlNet
+from .models.placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
+from .models.stable_diffusion import StableDiffusion
 from .runtime import check_finite, parse_dtype, prepare, use_channels_last
-from .samplers import Plan, make_plan, sample
+from .sampling.guidance import ActiveControl, ControlMode, GuidedDenoiser
+from .sampling.prompts import check_prompts, encode_prompts, full_prompt
+from .sampling.samplers import Plan, make_plan, sample
 
 MAX_SEED = 2**31 - 1
 # The latents between steps and the sampler's arithmetic: float32 whatever the models' dtype (a

@@ -54,14 +54,14 @@ from torch import nn
 
 from .checkpoints import TORCH_LOAD_ERRORS, load_base, load_controlnet, save_diffusers, save_ldm, torch_load_reason
 from .config import ModelConfig
-from .controlnet import ControlNet
 from .files import NotWritable, atomic_file, writable_folder
 from .hashing import file_sha256
-from .layers import TimestepEmbedSequential
-from .model import StableDiffusion
+from .models.controlnet import ControlNet
+from .models.layers import TimestepEmbedSequential
+from .models.stable_diffusion import StableDiffusion
 from .pipeline import RESOLUTION_RANGE
-from .prompts import encode_prompts
 from .runtime import NonFiniteError, check_device
+from .sampling.prompts import encode_prompts
 
 TASKS = ("controlnet", "base", "vae")
 CONTROL_INITS = ("zero", "gaussian")
@@ -1049,7 +1049,7 @@ class Trainer:
         return model, BaseObjective(model, config)
 
     def _load_dataset(self):
-        from .datasets import DatasetError, load_dataset
+        from .datasets.folders import DatasetError, load_dataset
 
         try:
             return load_dataset(self.config.data, self.resolution, max_bad_fraction=self.config.max_bad_fraction)
@@ -1355,8 +1355,8 @@ class Trainer:
         return scores
 
     def _validation_images(self, trainable: dict[str, torch.Tensor]):
-        from .charts import image_grid
         from .evaluation import edge_f1
+        from .imaging.charts import image_grid
         from .pipeline import ControlUnit, Pipeline
 
         samples = self.validation_samples()
@@ -1432,7 +1432,7 @@ class Trainer:
 
     def draw_curves(self) -> None:
         """loss.png (training loss) and validation.png (the validation scores) from the CSV logs."""
-        from .charts import line_chart
+        from .imaging.charts import line_chart
 
         losses = _read_csv(self.metrics_path)
         if losses:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ..images import HWC3
+from ..imaging.images import HWC3
+from ..imaging.resize import INTERPOLATIONS, RESIZE_MODES, fit_to, pixel_perfect_resolution, resize, resize_image
 from . import classic
 from .base import Annotator, AnnotatorFn, Param, ParamValue
 from .canny import canny
-from .resizing import INTERPOLATIONS, RESIZE_MODES, fit_to, pixel_perfect_resolution, resize, resize_image
 
 __all__ = [
     "ANNOTATORS",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..images import HWC3
+from ..imaging.images import HWC3
 
 ParamValue = int | float | bool | str
 AnnotatorFn = Callable[..., np.ndarray]

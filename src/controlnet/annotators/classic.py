@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..images import HWC3
+from ..imaging.images import HWC3
+from ..imaging.resize import resize
 from .canny import canny
 from .filters import gaussian_blur, make_noise_disk, remap_linear, rgb_to_grey
-from .resizing import resize
 
 CHANNELS: tuple[str, ...] = ("luma", "red", "green", "blue")
 

@@ -1,6 +1,6 @@
 """Text encoder: our (LDM) layout <-> the diffusers ``text_encoder/`` folder layout.
 
-Our keys are those of an LDM checkpoint after ``cond_stage_model.`` (see :mod:`controlnet.text`).
+Our keys are those of an LDM checkpoint after ``cond_stage_model.`` (see :mod:`controlnet.models.text`).
 The diffusers side is what ``text_encoder/model.safetensors`` holds and diffusers' own converter
 writes: HF ``CLIPTextModel`` keys *with* the ``text_model.`` prefix
 (``text_model.encoder.layers.0.self_attn.q_proj.weight``). transformers 5 names the parameters of an
@@ -35,7 +35,7 @@ from collections.abc import Mapping
 import torch
 
 from controlnet.config import TextEncoderConfig
-from controlnet.text import POSITION_IDS_KEY, build_text_encoder, layers_used
+from controlnet.models.text import POSITION_IDS_KEY, build_text_encoder, layers_used
 
 _DIFFUSERS_POSITION_IDS = "text_model.embeddings.position_ids"
 _LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, used by both CLIP and OpenCLIP

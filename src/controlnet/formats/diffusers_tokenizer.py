@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..files import atomic_file
-from ..tokenizer import END_TOKEN_ID, default_tokenizer
+from ..models.tokenizer import END_TOKEN_ID, default_tokenizer
 
 
 def write_hf_tokenizer_files(folder: str | os.PathLike, pad_token_id: int, max_length: int = 77) -> Path:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_MAX_PIXELS
 
 Interpolation = Literal["auto", "area", "lanczos", "linear", "nearest"]
 ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_fill"]

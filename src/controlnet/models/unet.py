@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import UNetConfig
+from ..config import UNetConfig
 from .kernels import Conv2d, Linear
 from .layers import (
     Downsample,

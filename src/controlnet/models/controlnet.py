@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import ControlNetConfig
+from ..config import ControlNetConfig
 from .kernels import Conv2d
 from .layers import TimestepEmbedding, TimestepEmbedSequential, zero_module
 from .unet import UNet, build_encoder, build_time_embed

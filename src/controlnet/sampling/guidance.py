@@ -20,8 +20,8 @@ from enum import Enum
 
 import torch
 
-from .controlnet import ControlNet, scale_residuals, soft_control_scales
-from .unet import UNet
+from ..models.controlnet import ControlNet, scale_residuals, soft_control_scales
+from ..models.unet import UNet
 
 
 class ControlMode(str, Enum):

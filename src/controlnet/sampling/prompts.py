@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .tokenizer import default_tokenizer
+from ..models.tokenizer import default_tokenizer
 
 CHUNK_TOKENS = 75  # text tokens per 77-position window (start and end tokens excluded)
 

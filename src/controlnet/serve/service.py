@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, shipped
-from .annotators.resizing import check_aspect_ratio
-from .images import ImageError, ImageSource, encode_png, load_image
-from .metadata import image_text, map_text, model_records
-from .pipeline import GUIDANCE_RANGE, MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
-from .prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompts
+from .. import __version__, shipped
+from ..imaging.images import ImageError, ImageSource, encode_png, load_image
+from ..imaging.resize import check_aspect_ratio
+from ..metadata import image_text, map_text, model_records
+from ..pipeline import GUIDANCE_RANGE, MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
+from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompts
 
 SHIPPED = "shipped"  # the name of the shipped model in the model picker
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth")
@@ -141,7 +141,7 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 
 def check_request(request: GenerateRequest, limits: Limits, controlnets: int, samplers: Sequence[str]) -> None:
     """Refuse a request outside the ranges with one RequestError naming the field and what is allowed."""
-    from .annotators import ANNOTATORS
+    from ..annotators import ANNOTATORS
 
     try:  # None: the model's default, short (the pipeline checks the texts it encodes again)
         check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
@@ -251,7 +251,7 @@ def discover_models(folder: Path | None, include_shipped: bool = True) -> list[M
     pipeline folders), each with the ControlNet files of the folder that fit it (checked by shape
     family when it is loaded). Only files inside ``folder`` are ever offered: a symlink that
     leads out of it is skipped with a warning."""
-    from .checkpoints import CheckpointError, inspect_contents
+    from ..checkpoints import CheckpointError, inspect_contents
 
     entries = [ModelEntry(SHIPPED, shipped.base_path(), [shipped.canny_path()])] if include_shipped else []
     if folder is None:
@@ -304,7 +304,7 @@ class ModelRegistry:
 
     def pipeline(self, name: str) -> tuple[Pipeline, dict]:
         """The model's pipeline and its file records (name + sha256), loading it if needed."""
-        from .checkpoints import CheckpointError
+        from ..checkpoints import CheckpointError
 
         entry = self.entry(name)
         with self._loading:
@@ -331,7 +331,7 @@ class ModelRegistry:
 
     @staticmethod
     def _fitting_controlnets(entry: ModelEntry) -> list[Path]:
-        from .checkpoints import CheckpointError, load_base, load_controlnet
+        from ..checkpoints import CheckpointError, load_base, load_controlnet
 
         if len(entry.controlnets) <= 1 and entry.controlnets == [entry.base]:
             return entry.controlnets
@@ -386,8 +386,8 @@ class Service:
 
     def annotate(self, unit: UnitRequest, resolution: int) -> np.ndarray:
         """The unit's control map as the preview shows it (at ``resolution``, the output's short side)."""
-        from .annotators import run_annotator
-        from .images import resize_image
+        from ..annotators import run_annotator
+        from ..imaging.resize import resize_image
 
         check_request(GenerateRequest("preview", [unit]), self.limits, 1, ["ddim"])
         try:
@@ -403,7 +403,7 @@ class Service:
         cancelled: Callable[[], bool] | None = None,
     ) -> GenerateResponse:
         """Queue and run one request. Raises RequestError, QueueFull, Cancelled or ModelUnavailable."""
-        from .samplers import SAMPLERS
+        from ..sampling.samplers import SAMPLERS
 
         self.registry.entry(request.model)  # an unknown model is refused before queueing
         with self.queue.slot(), self.registry.lock(request.model):
@@ -446,8 +446,8 @@ class Service:
     def _control_unit(self, unit: UnitRequest, request: GenerateRequest) -> ControlUnit:
         image, annotator, params = unit.image, unit.annotator, dict(unit.annotator_params)
         if not unit.pixel_perfect:  # annotate at the chosen resolution; the pipeline fits the map
-            from .annotators import run_annotator
-            from .images import resize_image
+            from ..annotators import run_annotator
+            from ..imaging.resize import resize_image
 
             try:
                 image = run_annotator(annotator, resize_image(image, unit.annotator_resolution), None, **params)

@@ -8,7 +8,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .text import build_text_encoder
 from .unet import UNet
 from .vae import AutoencoderKL

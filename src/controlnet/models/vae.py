@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import VAEConfig
+from ..config import VAEConfig
 
 __all__ = ["AutoencoderKL", "Decoder", "DiagonalGaussian", "Encoder"]
 

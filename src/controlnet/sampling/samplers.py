@@ -54,7 +54,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .config import PredictionType, ScheduleConfig
+from ..config import PredictionType, ScheduleConfig
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None

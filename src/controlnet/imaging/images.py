@@ -13,7 +13,7 @@ are composited over white; CMYK, YCbCr and palette images are converted to RGB; 
 orientation is applied.
 
 Resizing (`resize_image`, `fit_to`, `pixel_perfect_resolution`, `resize`) lives with its
-OpenCV-exact kernels in `controlnet.annotators.resizing`; the names are also importable from here.
+OpenCV-exact kernels in `controlnet.imaging.resize`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .files import atomic_file
+from ..files import atomic_file
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # the largest image load_image decodes unless told otherwise
 
@@ -40,19 +40,6 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # What Pillow raises on damaged data: truncated streams (OSError), bad chunks or CRCs
 # (SyntaxError), bad values (ValueError), short reads (EOFError, struct.error), bad zlib data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
-
-
-# Forwarded lazily from controlnet.annotators.resizing: importing it here at the top would be a cycle
-# (the annotators import HWC3 from this module).
-_RESIZE_NAMES = frozenset({"resize", "resize_image", "fit_to", "pixel_perfect_resolution", "RESIZE_MODES"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _RESIZE_NAMES:
-        from .annotators import resizing
-
-        return getattr(resizing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ImageError(ValueError):

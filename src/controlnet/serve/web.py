@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from .prompts import MAX_PROMPT_CHARACTERS
-from .server import (
+from ..sampling.prompts import MAX_PROMPT_CHARACTERS
+from .files import Retention, ServerFiles
+from .service import (
     CONTROL_MODES,
     RESIZE_MODES,
     Cancelled,
@@ -51,7 +52,6 @@ from .server import (
     default_prompts,
     read_upload,
 )
-from .server_files import Retention, ServerFiles
 
 UNITS = 3  # control unit tabs
 ANNOTATOR_CHOICES = ("canny", "scribble", "invert", "shuffle", "color_shuffle", "grey", "tile", "none")
@@ -156,7 +156,7 @@ def response_to_json(response: GenerateResponse) -> dict:
 def store_response(response: GenerateResponse, files: ServerFiles) -> tuple[list[Path], list[Path]]:
     """The page's copy of a result: (detected maps, images) as PNG files in the server's folder,
     where Gradio serves them from, after pruning the folder to its bounds."""
-    from .images import save_png
+    from ..imaging.images import save_png
 
     files.prune()
     folder = files.results / time.strftime("%Y-%m-%d")
@@ -207,7 +207,7 @@ def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
     until one logs in."""
     import gradio as gr
 
-    from .web_security import guard_image_editor
+    from .security import guard_image_editor
 
     limits = service.limits
     models = service.registry.names
@@ -342,7 +342,7 @@ def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
 
 def _unit_controls(gr, index: int, service: Service, files: ServerFiles, native: int) -> dict:
     """One control unit's tab: image, annotator with preview, and its settings."""
-    from .web_security import guard_image
+    from .security import guard_image
 
     enabled = gr.Checkbox(index == 0, label="Enable", elem_id=f"unit{index}_enabled")
     image = gr.Image(
@@ -467,7 +467,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
 
 
 def _samplers() -> list[str]:
-    from .samplers import SAMPLERS
+    from ..sampling.samplers import SAMPLERS
 
     return list(SAMPLERS)
 
@@ -494,7 +494,7 @@ def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFile
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from .web_security import RequestGuard, confine_page, gradio_folder_environment, server_functions
+    from .security import RequestGuard, confine_page, gradio_folder_environment, server_functions
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -586,7 +586,7 @@ def serve(
     """Run the server until interrupted; its folder is removed when it stops, however it stops."""
     import uvicorn
 
-    from .server import ModelEntry, discover_models
+    from .service import ModelEntry, discover_models
 
     entries = discover_models(models_folder, include_shipped=base is None)
     if base is not None:

@@ -16,7 +16,7 @@ kept in `Record.extra` (the scenes task's ``scene`` metadata, for instance).
 Each item is a dict: ``"hint"`` float32 [3, R, R] in [0, 1] (the condition), ``"image"`` float32
 [3, R, R] in [-1, 1] (the target), ``"prompt"`` str and ``"index"`` int, R the resolution, as the
 original tutorial's dataset scales them (there as HWC arrays). Images are read as RGB (grey, RGBA,
-palette, 16-bit converted as `controlnet.images.load_image` does), scaled so the short side is R
+palette, 16-bit converted as `controlnet.imaging.images.load_image` does), scaled so the short side is R
 and centre-cropped to R x R: area averaging when shrinking, Lanczos when enlarging (the original
 apps' rule, with Pillow's kernels). Source and target are each brought to R x R on their own, so
 they stay aligned whenever their aspect ratios match, whatever their sizes; when the aspect ratios
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import ImageError, load_image
+from ..imaging.images import ImageError, load_image
 
 FORMATS: tuple[str, ...] = ("fill50k", "diffusers")
 PROMPT_FILE = "prompt.json"  # the fill50k layout

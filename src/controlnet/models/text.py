@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from controlnet.config import TextEncoderConfig
-from controlnet.kernels import Linear
-from controlnet.tokenizer import default_tokenizer
+from controlnet.models.kernels import Linear
+from controlnet.models.tokenizer import default_tokenizer
 
 # SD 1.x files (and HF CLIPTextModel files written by transformers < 4.31) hold this [1, 77] int64
 # buffer, 0..76. It carries no information and older fine-tunes saved it corrupted (as floats that

@@ -36,9 +36,9 @@ from fastapi import HTTPException
 from gradio.components.base import server
 from gradio.data_classes import FileData
 
-from .images import ImageError, image_size
-from .server import Limits
-from .server_files import ServerFiles
+from ..imaging.images import ImageError, image_size
+from .files import ServerFiles
+from .service import Limits
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import TINY
+from ..config import TINY
 from .controlnet import ControlNet
-from .model import StableDiffusion
+from .stable_diffusion import StableDiffusion
 
 
 def circle_edges(size: int) -> np.ndarray:

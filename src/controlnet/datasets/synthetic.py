@@ -20,7 +20,7 @@ writing more samples never changes the earlier ones. Shapes are drawn at 4x the 
 with a box filter, so their edges are anti-aliased as in a photograph.
 
 `write_dataset` writes samples in the fill50k layout (`prompt.json` JSON lines, `source/`,
-`target/`), which `controlnet.datasets.ControlDataset` reads back.
+`target/`), which `controlnet.datasets.folders.ControlDataset` reads back.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .files import atomic_file
+from ..files import atomic_file
 
 # CSS colours, named with spaces as in the original fill50k prompts. Black is left out: the
 # fill50k source background is black, and an outline must show on it.
@@ -201,7 +201,7 @@ def scene_sample(index: int, *, size: int = 64, seed: int = 0) -> Sample:
     Colours are all different (background and shapes); shapes may repeat. A shape that finds no
     place overlapping the others by at most 20% of the smaller bounding box is left out (and so
     not captioned): rare, and decided by the seed like everything else."""
-    from .annotators import run_annotator  # numpy only; imported here to keep this module light
+    from ..annotators import run_annotator  # numpy only; imported here to keep this module light
 
     check_size(size)
     rng = _rng(seed, index)

@@ -1,0 +1,2 @@
+"""Training data: the folder layouts people have (``folders``: fill50k, diffusers) and the synthetic
+tasks the project trains its own models on (``synthetic``)."""

@@ -1,0 +1,8 @@
+"""The networks, with module names equal to the original checkpoints' keys.
+
+``layers`` (the blocks the UNet, the ControlNet and the VAE share, and ``zero_module``), ``kernels``
+(faster CPU products behind nn.Linear / nn.Conv2d), ``unet``, ``controlnet`` (the trainable copy of
+the encoder, its hint encoder and zero convolutions), ``vae``, ``text`` and ``tokenizer`` (CLIP and
+OpenCLIP), ``stable_diffusion`` (the three together, as one LDM checkpoint holds them),
+``placement`` (low-memory placement of modules), ``tiny`` (seeded random small models for tests).
+"""
