@@ -43,7 +43,7 @@ pytest.importorskip("gradio")
 from fastapi.testclient import TestClient
 
 from controlnet.serve import security
-from controlnet.serve.web import build_app
+from controlnet.serve.app import build_app
 
 from .helpers import _free_port
 
@@ -639,7 +639,7 @@ def test_a_model_that_will_not_load_is_a_503_without_paths(tmp_path):
 def test_an_app_built_but_never_served_leaves_nothing_at_exit(tmp_path):
     program = (
         "from controlnet.serve.service import ModelRegistry, Service, discover_models\n"
-        "from controlnet.serve.web import build_app\n"
+        "from controlnet.serve.app import build_app\n"
         "app = build_app(Service(ModelRegistry(discover_models(None))))\n"
         "print(app.files.root)\n"
     )

@@ -15,6 +15,7 @@ from PIL import Image
 from controlnet import shipped
 from controlnet.checkpoints import save_ldm
 from controlnet.models.tiny import random_tiny_models
+from controlnet.serve.api import request_from_json
 from controlnet.serve.service import (
     SHIPPED,
     Cancelled,
@@ -27,12 +28,11 @@ from controlnet.serve.service import (
     UnitRequest,
     discover_models,
 )
-from controlnet.serve.web import request_from_json
 
 pytest.importorskip("gradio")
 from fastapi.testclient import TestClient
 
-from controlnet.serve.web import build_app
+from controlnet.serve.app import build_app
 
 
 def _png(image: np.ndarray) -> str:

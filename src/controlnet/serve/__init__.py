@@ -1,2 +1,3 @@
-"""``controlnet serve``: the generation service (``service``), the web page and JSON API (``web``),
-what the server answers and serves (``security``), and its own bounded folder (``files``)."""
+"""``controlnet serve``: the generation service (``service``), the web page (``ui``) and the JSON API
+(``api``) in one app (``app``), what the server answers and serves (``security``), and its own
+bounded folder (``files``)."""

@@ -8,17 +8,43 @@ Every image and an overview grid (controls above, images below) go to the output
 
 from __future__ import annotations
 
+import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from . import shipped
-from .files import atomic_file
-from .imaging.charts import image_grid
-from .imaging.images import load_image, save_png
-from .pipeline import ControlUnit, Pipeline
-from .runtime import default_device
+from .. import shipped
+from ..files import atomic_file
+from ..imaging.charts import image_grid
+from ..imaging.images import load_image, save_png
+from ..pipeline import ControlUnit, Pipeline
+from ..runtime import NonFiniteError, default_device
+from .common import CommandError, check_device, check_prompts, check_range, one_line, output_folder
 
-SEED = 0
+SEED = 0  # every demo image uses it: make demo prints the same every time
+
+
+def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
+    demo = commands.add_parser("demo", help="the shipped model on the shipped example control images")
+    demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
+    demo.add_argument("--prompt", help="one prompt for every example (default: each example's own)")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps")
+    demo.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    return {"demo": cmd_demo}
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    check_range("--steps", args.steps, 1, 100)
+    if args.prompt is not None:
+        check_prompts(args.prompt)
+    if args.device != "auto":
+        check_device(args.device)
+    output_folder(args.out)
+    try:
+        run_demo(args.out, args.steps, args.prompt, args.device, args.dtype)
+    except NonFiniteError as error:
+        raise CommandError(one_line(error)) from None
 
 
 def run_demo(

@@ -1,41 +1,25 @@
-"""``controlnet serve``: a Gradio web UI and a JSON API over one generation service (server.py).
-
-The page has the original canny app's options with its defaults and ranges (REFERENCE.md section 5)
-and what AUTOMATIC1111's extension adds: several control units (tabs) each with its own image,
-annotator (with a preview), strength, start/end, control mode, resize mode and pixel perfect; a
-sampler; img2img and inpainting (paint the mask on the image); the seed with "reuse last seed"; a
-progress bar and a cancel button that stops between steps; a gallery of the detected maps and the
-images, whose PNGs download with their settings embedded.
-
-HTTP: ``POST /api/generate`` takes JSON (images as base64 PNG/JPEG) and answers JSON with the PNGs
-in base64, keeping nothing on disk; Gradio's own client API (``/gradio_api/...``) works as well.
-Errors are one-line JSON ``{"error": ...}`` with status 400 (bad request), 401 (no or wrong
-password), 404, 413 (too large), 503 (queue full, or a model that will not load) or 507 (the
-server's disk is full).
-
-What the page uploads and shows lives in one folder the server owns, bounds and removes
-(server_files.py); web_security.py keeps every request to it (docs/security.md).
+"""The web page: the original canny app's options with its defaults and ranges, and what the
+AUTOMATIC1111 extension adds: several control units (tabs) each with its own image, annotator (with
+a preview), strength, start/end, control mode, resize mode and pixel perfect; a sampler; img2img and
+inpainting (paint the mask on the image); the seed with "reuse last seed"; a progress bar and a
+cancel button that stops between steps; a gallery of the detected maps and the images, whose PNGs
+download with their settings embedded. What it uploads and shows lives in the server's own folder
+(files.py), guarded by security.py.
 """
 
-# No `from __future__ import annotations` here: Gradio and FastAPI read the annotations of the
-# handlers (gr.Request, fastapi.Request) at run time, from classes imported inside the builders.
-import base64
-import binascii
-import contextlib
+# No `from __future__ import annotations` here: Gradio reads the annotations of the handlers
+# (gr.Request) at run time, from classes imported inside the builders.
 import errno
-import json
 import secrets
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..sampling.prompts import MAX_PROMPT_CHARACTERS
-from .files import Retention, ServerFiles
+from .files import ServerFiles
 from .service import (
     CONTROL_MODES,
     RESIZE_MODES,
@@ -43,7 +27,6 @@ from .service import (
     GenerateRequest,
     GenerateResponse,
     Limits,
-    ModelRegistry,
     ModelUnavailable,
     QueueFull,
     RequestError,
@@ -55,102 +38,6 @@ from .service import (
 
 UNITS = 3  # control unit tabs
 ANNOTATOR_CHOICES = ("canny", "scribble", "invert", "shuffle", "color_shuffle", "grey", "tile", "none")
-
-
-# -- the JSON API -------------------------------------------------------------------------------
-
-
-def _decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
-    """A base64 image from a JSON request, through the same checks as an upload, in memory."""
-    if not isinstance(data, str):
-        raise RequestError(f"{what} must be a base64-encoded PNG or JPEG string")
-    text = data.split(",", 1)[1] if data.startswith("data:") else data
-    if len(text) > limits.max_upload_bytes * 4 // 3 + 4:
-        raise RequestError(f"{what} is over the upload limit of {limits.max_upload_bytes / 2**20:g} MB")
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(f"{what} is not valid base64") from None
-    return read_upload(raw, limits, what)
-
-
-_REQUEST_FIELDS = {
-    "prompt": str,
-    "model": str,
-    "negative_prompt": str,
-    "added_prompt": str,
-    "num_images": int,
-    "steps": int,
-    "guidance_scale": float,
-    "eta": float,
-    "seed": int,
-    "sampler": str,
-    "resolution": int,
-    "guess_mode": bool,
-    "denoising_strength": float,
-}
-_UNIT_FIELDS = {
-    "annotator": str,
-    "annotator_params": dict,
-    "strength": float,
-    "start": float,
-    "end": float,
-    "mode": str,
-    "resize_mode": str,
-    "pixel_perfect": bool,
-    "annotator_resolution": int,
-    "controlnet": int,
-}
-
-
-def _typed(name: str, value: Any, kind: type) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RequestError(f"{name} must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}")
-    return value
-
-
-def request_from_json(body: Any, limits: Limits) -> GenerateRequest:
-    """A GenerateRequest from the API's JSON body; RequestError names the first bad field."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    unknown = set(body) - set(_REQUEST_FIELDS) - {"units", "init_image", "mask"}
-    if unknown:
-        raise RequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    if "prompt" not in body:
-        raise RequestError('"prompt" is required (it may be empty)')
-    fields = {k: _typed(k, v, _REQUEST_FIELDS[k]) for k, v in body.items() if k in _REQUEST_FIELDS}
-    units = []
-    raw_units = body.get("units", [])
-    if not isinstance(raw_units, list):
-        raise RequestError('"units" must be a list of control units')
-    for i, item in enumerate(raw_units):
-        if not isinstance(item, dict) or "image" not in item:
-            raise RequestError(f"units[{i}] must be an object with an image")
-        bad = set(item) - set(_UNIT_FIELDS) - {"image"}
-        if bad:
-            raise RequestError(f"units[{i}]: unknown field(s): {', '.join(sorted(bad))}")
-        values = {k: _typed(f"units[{i}].{k}", v, _UNIT_FIELDS[k]) for k, v in item.items() if k != "image"}
-        units.append(UnitRequest(_decode_image(item["image"], f"units[{i}].image", limits), **values))
-    for key in ("init_image", "mask"):
-        if body.get(key) is not None:
-            fields[key] = _decode_image(body[key], key, limits)
-    return GenerateRequest(units=units, **fields)
-
-
-def response_to_json(response: GenerateResponse) -> dict:
-    """The JSON answer: PNGs (with their settings as PNG text) in base64, encoded in memory."""
-
-    def encoded(pngs: list[bytes]) -> list[str]:
-        return [base64.b64encode(png).decode("ascii") for png in pngs]
-
-    return {
-        "images": encoded(response.image_pngs()),
-        "control_maps": encoded(response.map_pngs()),
-        "seeds": response.seeds,
-        "settings": response.settings,
-    }
 
 
 def store_response(response: GenerateResponse, files: ServerFiles) -> tuple[list[Path], list[Path]]:
@@ -177,9 +64,6 @@ def _storage_message(error: OSError) -> str:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the server's disk is full: it cannot store the images; try again later"
     return f"the server cannot store the images ({error.strerror or 'write error'})"
-
-
-# -- the page -----------------------------------------------------------------------------------
 
 
 class _Cancellations:
@@ -470,131 +354,3 @@ def _samplers() -> list[str]:
     from ..sampling.samplers import SAMPLERS
 
     return list(SAMPLERS)
-
-
-# -- the server ---------------------------------------------------------------------------------
-
-
-def build_app(service: Service, auth: tuple[str, str] | None = None, retention: Retention | None = None):
-    """The ASGI app: the JSON API at /api, the page at /, behind web_security.RequestGuard.
-
-    It owns a new private folder (server_files.ServerFiles, ``app.files``) for what the page uploads
-    and shows, bounded by ``retention``; the folder goes when the app shuts down (its lifespan), or
-    at once if building the app fails."""
-    files = ServerFiles(retention)
-    try:
-        return _build_app(service, auth, files)
-    except BaseException:
-        files.close()
-        raise
-
-
-def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFiles):
-    import gradio as gr
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
-    from .security import RequestGuard, confine_page, gradio_folder_environment, server_functions
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        try:
-            yield
-        finally:
-            files.close()
-
-    gradio_folder_environment(files)  # before the page is built: its components read it
-    app = FastAPI(title="controlnet", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-    def authorised(request: Request) -> bool:
-        if auth is None:
-            return True
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("basic "):
-            return False
-        try:
-            user, _, password = base64.b64decode(header[6:]).partition(b":")
-        except (binascii.Error, ValueError):
-            return False
-        # Bytes: compare_digest refuses str with characters beyond ASCII (a TypeError, a 500).
-        expected_user, expected_password = (part.encode("utf-8") for part in auth)
-        return secrets.compare_digest(user, expected_user) & secrets.compare_digest(password, expected_password)
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.get("/api/models")
-    def list_models(request: Request):
-        if not authorised(request):
-            return error(401, "this server needs a user name and password (HTTP basic auth)")
-        return {"models": service.registry.names, "queue": service.queue.length, "max_queue": service.queue.max_length}
-
-    @app.post("/api/generate")
-    async def generate(request: Request):
-        import anyio
-
-        if not authorised(request):
-            return error(401, "this server needs a user name and password (HTTP basic auth)")
-        body = await request.body()  # RequestGuard has bounded it while it streamed
-        try:
-            job = request_from_json(json.loads(body), service.limits)
-            response = await anyio.to_thread.run_sync(service.generate, job)
-            return response_to_json(response)
-        except UnicodeDecodeError:
-            return error(400, "the body is not UTF-8 text (JSON must be UTF-8)")
-        except json.JSONDecodeError as bad:
-            return error(400, f"the body is not JSON: {bad.msg} at character {bad.pos}")
-        except RecursionError:
-            return error(400, "the body is nested too deeply")
-        except RequestError as bad:
-            return error(400, str(bad))
-        except QueueFull as busy:
-            return error(503, str(busy))
-        except ModelUnavailable as broken:
-            print(f"controlnet serve: {broken.detail}", file=sys.stderr)
-            return error(503, str(broken))
-        except OSError as failed:  # the API writes no file: the machine itself is failing (memory, disk)
-            status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
-            return error(status, f"the server could not run the job ({failed.strerror or 'system error'})")
-
-    page = build_ui(service, files, document_api=auth is None)
-    page.queue(max_size=service.limits.max_queue, default_concurrency_limit=None)
-    mb = f"{service.limits.max_upload_bytes / 2**20:g}mb"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # show_error=False: an exception that is not a gr.Error (a bug, or Gradio's own refusal,
-        # which names paths) reaches the browser as "Error" only; ours are all gr.Error.
-        gr.mount_gradio_app(
-            app, page, path="/", auth=auth, max_file_size=mb, show_error=False, run_history=False, footer_links=[]
-        )
-    confine_page(page, files)
-    return RequestGuard(app, files, service.limits.max_body_bytes, server_functions(page))
-
-
-def serve(
-    models_folder: Path | None = None,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    auth: tuple[str, str] | None = None,
-    limits: Limits | None = None,
-    device: str = "cpu",
-    dtype: str | None = None,
-    base: Path | None = None,
-    controlnets: list[Path] | None = None,
-    retention: Retention | None = None,
-) -> None:
-    """Run the server until interrupted; its folder is removed when it stops, however it stops."""
-    import uvicorn
-
-    from .service import ModelEntry, discover_models
-
-    entries = discover_models(models_folder, include_shipped=base is None)
-    if base is not None:
-        entries.insert(0, ModelEntry(base.name, base, list(controlnets or [])))
-    service = Service(ModelRegistry(entries, device, dtype), limits)
-    app = build_app(service, auth, retention)
-    print(f"controlnet serve: http://{host}:{port}/  (models: {', '.join(service.registry.names)})")
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:  # also when uvicorn cannot bind the port (it exits before the app's lifespan)
-        app.files.close()

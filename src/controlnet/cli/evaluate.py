@@ -1,0 +1,108 @@
+"""``controlnet eval``: controllability of a model on a dataset folder (evaluation.py)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from ..runtime import NonFiniteError
+from .common import CommandError, ProgressBar, UsageError, one_line, output_folder, shipped_model
+
+
+def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
+    e = commands.add_parser(
+        "eval",
+        help="measure controllability: generate from (condition, prompt) pairs and score the images",
+        description="Generate from the first COUNT (condition, prompt) pairs of a dataset folder (fill50k or "
+        "diffusers layout) with fixed seeds and report the ControlNet++ metrics: Canny edge F1 of the images "
+        "against their condition, SSIM of the edge maps, and, for 'controlnet data scenes' data, whether the "
+        "named colours are where the shapes are. Writes results.json and grid.png to --out.",
+    )
+    e.add_argument("--data", type=Path, required=True, help="a dataset folder (prompt.json or metadata.jsonl)")
+    e.add_argument("--out", type=Path, required=True, help="folder for results.json and grid.png")
+    e.add_argument("--base", type=Path, help="base model (default: the default model)")
+    e.add_argument("--controlnet", type=Path, help="ControlNet (with --base)")
+    e.add_argument("--no-control", action="store_true", help="the base model alone, from the prompts")
+    e.add_argument("--count", type=int, default=50, help="conditions to evaluate (default 50)")
+    e.add_argument("--images-per-condition", type=int, default=4, help="default 4 (the ControlNet++ protocol)")
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guidance", type=float, default=7.5, help="default 7.5 (the ControlNet++ protocol)")
+    e.add_argument("--sampler", default="ddim")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--resolution", type=int, help="default: the model's native resolution")
+    e.add_argument("--low-threshold", type=int, default=100)
+    e.add_argument("--high-threshold", type=int, default=200)
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    return {"eval": cmd_eval}
+
+
+def _check_eval_options(args: argparse.Namespace) -> None:
+    """Every option of eval that needs no model, checked before one is loaded."""
+    from ..evaluation import check_settings
+
+    if args.count < 1:
+        raise UsageError(f"--count must be at least 1, got {args.count}")
+    try:  # the other numbers: the evaluation's own check
+        check_settings(
+            images_per_condition=args.images_per_condition,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            resolution=args.resolution,
+            sampler=args.sampler,
+            low_threshold=args.low_threshold,
+            high_threshold=args.high_threshold,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not args.data.exists():
+        raise UsageError(f"--data {args.data}: no such folder")
+    if args.controlnet and args.base is None:
+        raise UsageError("--controlnet needs --base (the base model it was trained for)")
+    if args.controlnet and args.no_control:
+        raise UsageError("--no-control evaluates the base alone; it contradicts --controlnet")
+    for path in (args.base, args.controlnet):
+        if path is not None and not path.exists():
+            raise UsageError(f"{path}: no such file or folder")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ..datasets.folders import read_records
+    from ..evaluation import evaluate, format_summary
+    from ..pipeline import Pipeline
+
+    _check_eval_options(args)
+    read_records(args.data)  # DatasetError (one line) for a folder without a readable listing
+    output_folder(args.out)
+    base, controlnets = args.base, [args.controlnet] if args.controlnet else []
+    if base is None:
+        base, controlnets = shipped_model()
+    pipe = Pipeline.from_files(base, controlnets, dtype=args.dtype)
+    use_control = not args.no_control
+    if use_control and not pipe.controlnets:
+        raise UsageError("no ControlNet to evaluate: pass --controlnet PATH, or --no-control for the base alone")
+    progress = ProgressBar("conditions")
+    try:
+        results = evaluate(
+            pipe,
+            args.data,
+            args.out,
+            count=args.count,
+            images_per_condition=args.images_per_condition,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            use_control=use_control,
+            resolution=args.resolution,
+            sampler=args.sampler,
+            low_threshold=args.low_threshold,
+            high_threshold=args.high_threshold,
+            progress=progress,
+        )
+    except NonFiniteError as error:  # NaN images: nothing is scored, results.json is not written
+        raise CommandError(one_line(error)) from None
+    finally:
+        progress.close()
+    print(format_summary(results))
+    print(f"results: {args.out / 'results.json'}; samples: {args.out / 'grid.png'}")

@@ -1,0 +1,183 @@
+"""The JSON API: ``POST /api/generate`` takes JSON (images as base64 PNG/JPEG) and answers JSON with
+the PNGs in base64, keeping nothing on disk; ``GET /api/models`` lists the models and the queue.
+
+Errors are one line of JSON, ``{"error": ...}``, with status 400 (a bad request: the message names
+the field and what is allowed), 401 (no or wrong password), 503 (queue full, or a model that will
+not load) or 507 (the server's disk is full); RequestGuard adds 404 and 413 (security.py).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the annotations of the handlers
+# (fastapi.Request) at run time, from classes imported inside ``add_json_api``.
+import base64
+import binascii
+import errno
+import json
+import secrets
+import sys
+from typing import Any
+
+import numpy as np
+
+from .service import (
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+    ModelUnavailable,
+    QueueFull,
+    RequestError,
+    Service,
+    UnitRequest,
+    read_upload,
+)
+
+
+def add_json_api(app, service: Service, auth: tuple[str, str] | None) -> None:
+    """The JSON API's two routes on the FastAPI ``app``; with ``auth``, HTTP basic auth in front."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/api/models")
+    def list_models(request: Request):
+        if not authorised(request.headers.get("authorization", ""), auth):
+            return error(401, "this server needs a user name and password (HTTP basic auth)")
+        return {"models": service.registry.names, "queue": service.queue.length, "max_queue": service.queue.max_length}
+
+    @app.post("/api/generate")
+    async def generate(request: Request):
+        import anyio
+
+        if not authorised(request.headers.get("authorization", ""), auth):
+            return error(401, "this server needs a user name and password (HTTP basic auth)")
+        body = await request.body()  # RequestGuard has bounded it while it streamed
+        try:
+            job = request_from_json(json.loads(body), service.limits)
+            response = await anyio.to_thread.run_sync(service.generate, job)
+            return response_to_json(response)
+        except UnicodeDecodeError:
+            return error(400, "the body is not UTF-8 text (JSON must be UTF-8)")
+        except json.JSONDecodeError as bad:
+            return error(400, f"the body is not JSON: {bad.msg} at character {bad.pos}")
+        except RecursionError:
+            return error(400, "the body is nested too deeply")
+        except RequestError as bad:
+            return error(400, str(bad))
+        except QueueFull as busy:
+            return error(503, str(busy))
+        except ModelUnavailable as broken:
+            print(f"controlnet serve: {broken.detail}", file=sys.stderr)
+            return error(503, str(broken))
+        except OSError as failed:  # the API writes no file: the machine itself is failing (memory, disk)
+            status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+            return error(status, f"the server could not run the job ({failed.strerror or 'system error'})")
+
+
+def authorised(header: str, auth: tuple[str, str] | None) -> bool:
+    """Whether an ``Authorization`` header carries ``auth`` (HTTP basic); always, without ``auth``."""
+    if auth is None:
+        return True
+    if not header.lower().startswith("basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:]).partition(b":")
+    except (binascii.Error, ValueError):
+        return False
+    # Bytes: compare_digest refuses str with characters beyond ASCII (a TypeError, a 500). Both
+    # are compared whatever the first gives, so the time taken tells nothing.
+    expected_user, expected_password = (part.encode("utf-8") for part in auth)
+    return secrets.compare_digest(user, expected_user) & secrets.compare_digest(password, expected_password)
+
+
+def _decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
+    """A base64 image from a JSON request, through the same checks as an upload, in memory."""
+    if not isinstance(data, str):
+        raise RequestError(f"{what} must be a base64-encoded PNG or JPEG string")
+    text = data.split(",", 1)[1] if data.startswith("data:") else data
+    if len(text) > limits.max_upload_bytes * 4 // 3 + 4:
+        raise RequestError(f"{what} is over the upload limit of {limits.max_upload_bytes / 2**20:g} MB")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{what} is not valid base64") from None
+    return read_upload(raw, limits, what)
+
+
+_REQUEST_FIELDS = {
+    "prompt": str,
+    "model": str,
+    "negative_prompt": str,
+    "added_prompt": str,
+    "num_images": int,
+    "steps": int,
+    "guidance_scale": float,
+    "eta": float,
+    "seed": int,
+    "sampler": str,
+    "resolution": int,
+    "guess_mode": bool,
+    "denoising_strength": float,
+}
+_UNIT_FIELDS = {
+    "annotator": str,
+    "annotator_params": dict,
+    "strength": float,
+    "start": float,
+    "end": float,
+    "mode": str,
+    "resize_mode": str,
+    "pixel_perfect": bool,
+    "annotator_resolution": int,
+    "controlnet": int,
+}
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RequestError(f"{name} must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}")
+    return value
+
+
+def request_from_json(body: Any, limits: Limits) -> GenerateRequest:
+    """A GenerateRequest from the API's JSON body; RequestError names the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    unknown = set(body) - set(_REQUEST_FIELDS) - {"units", "init_image", "mask"}
+    if unknown:
+        raise RequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "prompt" not in body:
+        raise RequestError('"prompt" is required (it may be empty)')
+    fields = {k: _typed(k, v, _REQUEST_FIELDS[k]) for k, v in body.items() if k in _REQUEST_FIELDS}
+    units = []
+    raw_units = body.get("units", [])
+    if not isinstance(raw_units, list):
+        raise RequestError('"units" must be a list of control units')
+    for i, item in enumerate(raw_units):
+        if not isinstance(item, dict) or "image" not in item:
+            raise RequestError(f"units[{i}] must be an object with an image")
+        bad = set(item) - set(_UNIT_FIELDS) - {"image"}
+        if bad:
+            raise RequestError(f"units[{i}]: unknown field(s): {', '.join(sorted(bad))}")
+        values = {k: _typed(f"units[{i}].{k}", v, _UNIT_FIELDS[k]) for k, v in item.items() if k != "image"}
+        units.append(UnitRequest(_decode_image(item["image"], f"units[{i}].image", limits), **values))
+    for key in ("init_image", "mask"):
+        if body.get(key) is not None:
+            fields[key] = _decode_image(body[key], key, limits)
+    return GenerateRequest(units=units, **fields)
+
+
+def response_to_json(response: GenerateResponse) -> dict:
+    """The JSON answer: PNGs (with their settings as PNG text) in base64, encoded in memory."""
+
+    def encoded(pngs: list[bytes]) -> list[str]:
+        return [base64.b64encode(png).decode("ascii") for png in pngs]
+
+    return {
+        "images": encoded(response.image_pngs()),
+        "control_maps": encoded(response.map_pngs()),
+        "seeds": response.seeds,
+        "settings": response.settings,
+    }
