@@ -429,29 +429,8 @@ def _uniform(value: Any, indices: list[int], what: str) -> int:
 
 
 def _unet_config_from(d: Mapping[str, Any], kind: str, out_channels: int) -> UNetConfig:
-    settings = _CONTROLNET_SETTINGS if kind == "ControlNetModel" else _UNET_SETTINGS
-    for key in settings:
-        value, fixed = d.get(key, _FIXED_SETTINGS[key]), _FIXED_SETTINGS[key]
-        if isinstance(value, (list, tuple)) and not any(value):
-            value = False  # e.g. only_cross_attention given per level
-        if value == fixed or (value in (None, False) and fixed in (None, False)):
-            continue  # None and False both mean "off"
-        raise ValueError(f"{kind} config has {key}={value!r}; only {fixed!r} has an LDM counterpart")
-
-    widths = [int(w) for w in _get(d, "block_out_channels")]
-    down = list(_get(d, "down_block_types"))
-    if len(down) != len(widths):
-        raise ValueError(f"{len(down)} down_block_types for {len(widths)} block_out_channels")
-    allowed = ("CrossAttnDownBlock2D", "DownBlock2D")
-    if any(t not in allowed for t in down):
-        raise ValueError(f"down_block_types={down}: only {allowed} have LDM counterparts")
-    attention_levels = [i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D"]
-    if kind == "UNet2DConditionModel":
-        up = list(_get(d, "up_block_types"))
-        mirror = [t.replace("Down", "Up") for t in reversed(down)]
-        if up != mirror:
-            raise ValueError(f"up_block_types={up} do not mirror down_block_types (expected {mirror})")
-
+    _check_fixed_settings(d, kind)
+    widths, attention_levels = _levels(d, kind)
     model_channels = widths[0]
     if any(w % model_channels for w in widths):
         raise ValueError(f"block_out_channels={widths} are not multiples of the first")
@@ -468,30 +447,7 @@ def _unet_config_from(d: Mapping[str, Any], kind: str, out_channels: int) -> UNe
         raise ValueError("nested transformer_layers_per_block has no LDM counterpart")
     context_dim = _uniform(_get(d, "cross_attention_dim"), used, "cross_attention_dim")
     transformer_depth = _uniform(depth, used, "transformer_layers_per_block")
-
-    heads_setting = d.get("num_attention_heads") or _get(d, "attention_head_dim")
-    num_heads: int | None = None
-    num_head_channels: int | None = None
-    if isinstance(heads_setting, int):
-        num_heads = heads_setting
-    else:
-        heads = [int(h) for h in heads_setting]
-        if len(heads) != len(widths):
-            raise ValueError(f"attention_head_dim={heads} needs one entry per level ({len(widths)})")
-        for i in used:
-            if widths[i] % heads[i]:
-                raise ValueError(f"{widths[i]} channels do not split into {heads[i]} heads (attention_head_dim)")
-        head_widths = {widths[i] // heads[i] for i in used}
-        head_counts = {heads[i] for i in used}
-        if len(head_widths) == 1:
-            num_head_channels = head_widths.pop()
-        elif len(head_counts) == 1:
-            num_heads = head_counts.pop()
-        else:
-            raise ValueError(
-                f"attention_head_dim={heads} (heads per level) is neither a fixed head count nor a fixed head width"
-            )
-
+    num_heads, num_head_channels = _heads_from(d, widths, used)
     return UNetConfig(
         in_channels=int(_get(d, "in_channels")),
         out_channels=out_channels,
@@ -505,6 +461,58 @@ def _unet_config_from(d: Mapping[str, Any], kind: str, out_channels: int) -> UNe
         context_dim=context_dim,
         use_linear_in_transformer=bool(_get(d, "use_linear_projection")),
         norm_groups=int(norm_groups),
+    )
+
+
+def _check_fixed_settings(d: Mapping[str, Any], kind: str) -> None:
+    """Refuse a config that sets anything the LDM UNet cannot do (`_FIXED_SETTINGS`)."""
+    settings = _CONTROLNET_SETTINGS if kind == "ControlNetModel" else _UNET_SETTINGS
+    for key in settings:
+        value, fixed = d.get(key, _FIXED_SETTINGS[key]), _FIXED_SETTINGS[key]
+        if isinstance(value, (list, tuple)) and not any(value):
+            value = False  # e.g. only_cross_attention given per level
+        if value == fixed or (value in (None, False) and fixed in (None, False)):
+            continue  # None and False both mean "off"
+        raise ValueError(f"{kind} config has {key}={value!r}; only {fixed!r} has an LDM counterpart")
+
+
+def _levels(d: Mapping[str, Any], kind: str) -> tuple[list[int], list[int]]:
+    """The channels of each level and the levels with cross-attention, from the block lists."""
+    widths = [int(w) for w in _get(d, "block_out_channels")]
+    down = list(_get(d, "down_block_types"))
+    if len(down) != len(widths):
+        raise ValueError(f"{len(down)} down_block_types for {len(widths)} block_out_channels")
+    allowed = ("CrossAttnDownBlock2D", "DownBlock2D")
+    if any(t not in allowed for t in down):
+        raise ValueError(f"down_block_types={down}: only {allowed} have LDM counterparts")
+    if kind == "UNet2DConditionModel":
+        up = list(_get(d, "up_block_types"))
+        mirror = [t.replace("Down", "Up") for t in reversed(down)]
+        if up != mirror:
+            raise ValueError(f"up_block_types={up} do not mirror down_block_types (expected {mirror})")
+    return widths, [i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D"]
+
+
+def _heads_from(d: Mapping[str, Any], widths: list[int], used: list[int]) -> tuple[int | None, int | None]:
+    """``(num_heads, num_head_channels)``, one of them None, from diffusers' heads per level (see
+    the module docstring): a fixed count, or per-level counts that make a fixed head width."""
+    heads_setting = d.get("num_attention_heads") or _get(d, "attention_head_dim")
+    if isinstance(heads_setting, int):
+        return heads_setting, None
+    heads = [int(h) for h in heads_setting]
+    if len(heads) != len(widths):
+        raise ValueError(f"attention_head_dim={heads} needs one entry per level ({len(widths)})")
+    for i in used:
+        if widths[i] % heads[i]:
+            raise ValueError(f"{widths[i]} channels do not split into {heads[i]} heads (attention_head_dim)")
+    head_widths = {widths[i] // heads[i] for i in used}
+    head_counts = {heads[i] for i in used}
+    if len(head_widths) == 1:
+        return None, head_widths.pop()
+    if len(head_counts) == 1:
+        return head_counts.pop(), None
+    raise ValueError(
+        f"attention_head_dim={heads} (heads per level) is neither a fixed head count nor a fixed head width"
     )
 
 
