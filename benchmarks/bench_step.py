@@ -165,7 +165,7 @@ class OursStep(_Timed):
             uncond=context[1:2],
             guidance_scale=common.GUIDANCE_SCALE,
             controls=[active],
-            total_steps=20,
+            timesteps=None,  # one evaluation: the unit acts
         )
         self.x = latents.to(pipe.device, pipe.dtype)
         self.t = torch.full((1,), float(common.TIMESTEP), device=pipe.device)

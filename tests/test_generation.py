@@ -13,6 +13,7 @@ from controlnet.models.tiny import circle_edges, random_tiny_models
 from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.sampling.guidance import ActiveControl, GuidedDenoiser
 from controlnet.sampling.prompts import encode_prompts, tokenize_chunks
+from controlnet.sampling.samplers import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,23 @@ def test_a_unit_outside_its_window_costs_no_controlnet_call(pipe):
     assert counter.close() == 3
 
 
+def test_the_control_window_is_decided_from_the_timestep_not_from_a_counter(pipe):
+    """The denoiser holds no step counter: called at the plan's timesteps in any order, each call
+    runs exactly the units whose window holds that step; a timestep outside the plan is refused."""
+    plan = make_plan("ddim", pipe.model.config.schedule, 10)
+    hint = pipe.hint_tensor(EDGES)
+    early = ActiveControl(pipe.controlnets[0], pipe.controlnets[0].encode_hint(hint), start=0.0, end=0.3)
+    late = ActiveControl(pipe.controlnets[1], pipe.controlnets[1].encode_hint(hint), start=0.5, end=1.0)
+    context = torch.randn(1, 77, TINY.text.width)
+    denoiser = GuidedDenoiser(pipe.model.unet, context, None, 1.0, [early, late], timesteps=plan.timesteps)
+    for step in (9, 0, 5, 2, 3, 4):  # out of order on purpose
+        t = plan.timesteps[step].to(torch.float32).reshape(1)
+        expected = [unit for unit, window in ((early, range(0, 3)), (late, range(5, 10))) if step in window]
+        assert denoiser.active(t) == expected, step
+    with pytest.raises(ValueError, match="not a step of its plan"):
+        denoiser.active(torch.tensor([123.5]))
+
+
 def test_the_hint_encoder_runs_once_per_generation(pipe):
     counter = _Counter(pipe.controlnets[0].input_hint_block)
     pipe.generate("a circle", [ControlUnit(EDGES)], num_images=2, steps=8, seed=1)
@@ -102,7 +120,7 @@ def test_several_units_sum_their_residuals():
     context = torch.randn(1, 77, 64)
     hint = torch.rand(1, 3, 64, 64)
     units = [ActiveControl(n, n.encode_hint(hint)) for n in nets]
-    both = GuidedDenoiser(model.unet, context, None, 1.0, units, 1)(x, t)
+    both = GuidedDenoiser(model.unet, context, None, 1.0, units)(x, t)
     summed = [a + b for a, b in zip(*(u.residuals(x, t, context) for u in units), strict=True)]
     with torch.no_grad():
         assert torch.equal(both, model.unet(x, t, context, control=summed))

@@ -156,3 +156,25 @@ def test_small_layers_stay_with_pytorch_by_default():
     assert backward_name(cross_attention_kv, torch.randn(2, 77, 768)) == "_OneDNNLinearBackward"
     level_4_conv = kernels.Conv2d(1280, 1280, 3, padding=1)
     assert backward_name(level_4_conv, torch.randn(2, 1280, 4, 4)) == "_Im2colConv3x3Backward"
+
+
+def test_turning_the_kernels_off_in_one_thread_leaves_another_threads_on(any_size):
+    """disabled() is a context variable, not a process-wide switch: a server job running in another
+    thread keeps the kernels while a comparison turns them off here."""
+    import threading
+
+    layer = kernels.Linear(40, 24)
+    x = torch.randn(6, 40)
+    inside, seen = threading.Event(), {}
+
+    def other_job() -> None:
+        inside.wait(timeout=30)
+        seen["other"] = backward_name(layer, x.clone())
+
+    worker = threading.Thread(target=other_job)
+    worker.start()
+    with kernels.disabled():
+        inside.set()
+        worker.join(timeout=30)
+        seen["here"] = backward_name(layer, x.clone())
+    assert seen == {"other": "_OneDNNLinearBackward", "here": "AddmmBackward0"}

@@ -138,16 +138,14 @@ class Pipeline:
 
         Static shapes (a new image size compiles again) and, on a CPU, inductor's freezing: the
         weights become constants of the graph, prepacked for oneDNN (without it compiling gains
-        nothing on a CPU). Freezing is a process-wide inductor setting; this turns it on. The first
-        generation at a size takes a minute or two longer; later steps are about 10% faster
-        (docs/benchmarks.md). Compiled graphs keep their own copy of the weights: more memory.
+        nothing on a CPU). Freezing is asked for these modules only (torch.compile's options), not
+        set process-wide. The first generation at a size takes a minute or two longer; later steps
+        are about 10% faster (docs/benchmarks.md). Compiled graphs keep their own copy of the
+        weights: more memory.
         """
-        if self.device.type == "cpu":
-            from torch._inductor import config as inductor_config
-
-            inductor_config.freezing = True
+        options = {"freezing": True} if self.device.type == "cpu" else None
         for module in (self.model.unet, *self.controlnets):
-            module.compile(dynamic=False)
+            module.compile(dynamic=False, options=options)
 
     # -- the steps of a generation, each small enough to read -----------------------------------
 
@@ -281,7 +279,7 @@ class Pipeline:
                 uncond=context[1:2].expand(num_images, -1, -1),
                 guidance_scale=guidance_scale,
                 controls=active,
-                total_steps=plan.total_steps,
+                timesteps=plan.timesteps,
             )
             blend = None if mask is None else self.inpaint_blend(plan, mask, init_latents, noise)
             x = sample(
@@ -290,7 +288,7 @@ class Pipeline:
                 plan,
                 init=init_latents,
                 generator=[torch.Generator().manual_seed(s) for s in seeds],
-                callback=lambda step, total: self._on_step(denoiser, progress, step, total),
+                callback=progress,
                 after_step=blend,
             )
         check_finite(x, f"the latents after sampling (UNet and ControlNets in {_dtype_name(self.dtype)})")
@@ -347,12 +345,6 @@ class Pipeline:
             return x * (1.0 - keep) + plan.noise(init_latents, noise, step + 1) * keep
 
         return blend
-
-    @staticmethod
-    def _on_step(denoiser: GuidedDenoiser, progress: Callable[[int, int], None] | None, step: int, total: int) -> None:
-        denoiser.step = step  # the next evaluation is step `step`: it decides the control windows
-        if progress is not None:
-            progress(step, total)
 
     def _check_arguments(self, controls, num_images, seed, steps, guidance_scale, output) -> None:
         if not 1 <= num_images <= MAX_IMAGES:

@@ -17,12 +17,13 @@ to one rounding step. ``benchmarks/bench_kernels.py`` prints both sides on the m
 ``Linear`` and ``Conv2d`` are ``nn.Linear`` / ``nn.Conv2d`` with these kernels where they apply
 (same parameters, same state-dict keys) and PyTorch's own everywhere else: other devices and
 dtypes, autocast to float16, tensor subclasses (FSDP's DTensor), ``torch.compile``, channels_last
-weights. ``disabled()`` turns them off (tests, benchmarks).
+weights. ``disabled()`` turns them off in the current thread (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Iterator
@@ -41,18 +42,19 @@ MIN_MULTIPLY_ADDS = 2**25  # linear layers: rows x in x out (SD 1.5's smallest, 
 SMALL_MAP_POSITIONS = 16
 MIN_CONV_CHANNEL_PRODUCT = 768 * 768
 
-_enabled = True
+# Whether the kernels are on, for the current thread or task only (a context variable): turning them
+# off to compare never changes what another job of the same process computes.
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("controlnet_kernels_enabled", default=True)
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """PyTorch's own kernels inside the block (to compare with them)."""
-    global _enabled
-    previous, _enabled = _enabled, False
+    """PyTorch's own kernels inside the block (to compare with them), in this thread or task only."""
+    token = _enabled.set(False)
     try:
         yield
     finally:
-        _enabled = previous
+        _enabled.reset(token)
 
 
 @functools.cache
@@ -82,7 +84,7 @@ def _plain(*tensors: torch.Tensor | None) -> bool:
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a CPU product of ``x`` runs in here (autocast's if it is on), or None where these
     kernels do not apply."""
-    if not _enabled or x.device.type != "cpu" or torch.compiler.is_compiling() or not _onednn_matmul_available():
+    if not _enabled.get() or x.device.type != "cpu" or torch.compiler.is_compiling() or not _onednn_matmul_available():
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     return dtype if dtype in (torch.float32, torch.bfloat16) else None

@@ -9,7 +9,9 @@ Control modes (REFERENCE.md sections 1 and 7):
   without this unit: the original apps' guess mode.
 
 A unit acts on step ``i`` of ``N`` when ``i / N >= start`` and ``(i + 1) / N <= end`` (diffusers'
-rule); outside that window its ControlNet is not run at all.
+rule); outside that window its ControlNet is not run at all. Which units act at which step is
+decided once, from the plan's timesteps (``control_schedule``); the denoiser finds the step from the
+timestep it is called with, so it holds no step counter that someone else must keep up to date.
 """
 
 from __future__ import annotations
@@ -84,11 +86,19 @@ def _sum_residuals(groups: Sequence[list[torch.Tensor]]) -> list[torch.Tensor] |
     return total
 
 
+def control_schedule(controls: Sequence[ActiveControl], timesteps: Sequence[float] | torch.Tensor) -> dict:
+    """For each timestep of a plan (its step ``i`` of ``N``), the units inside their window there,
+    keyed by the timestep as the sampler passes it (float32)."""
+    values = torch.as_tensor(timesteps).to(torch.float32).tolist()
+    total = len(values)
+    return {t: [c for c in controls if c.active_at(i, total)] for i, t in enumerate(values)}
+
+
 class GuidedDenoiser:
     """``denoise(x, t)`` with classifier-free guidance and ControlNet units.
 
-    ``step`` must say which sampling step is being evaluated (the pipeline advances it from the
-    sampler's callback); it decides which units are inside their window.
+    ``timesteps``: the plan's, to decide once which units act at which step (their windows); the
+    step of a call is found from its ``t``. None: every unit acts at every call (one evaluation).
     """
 
     def __init__(
@@ -98,7 +108,7 @@ class GuidedDenoiser:
         uncond: torch.Tensor | None,
         guidance_scale: float,
         controls: Sequence[ActiveControl],
-        total_steps: int,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
         only_mid_control: bool = False,
     ) -> None:
         """The models run in ``cond``'s dtype; ``x`` comes in (and the result goes out) in the
@@ -111,9 +121,17 @@ class GuidedDenoiser:
         self.both = None if self.uncond is None else torch.cat([self.uncond, cond])  # [uncond; cond], built once
         self.guidance_scale = guidance_scale
         self.controls = list(controls)
-        self.total_steps = total_steps
+        self.schedule = None if timesteps is None else control_schedule(self.controls, timesteps)
         self.only_mid_control = only_mid_control
-        self.step = 0
+
+    def active(self, t: torch.Tensor) -> list[ActiveControl]:
+        """The units that act at timestep ``t`` (one value for the whole batch)."""
+        if self.schedule is None:
+            return self.controls
+        key = float(t.reshape(-1)[0])
+        if key not in self.schedule:
+            raise ValueError(f"the denoiser was called at timestep {key:g}, which is not a step of its plan")
+        return self.schedule[key]
 
     def _eps(self, x, t, context, controls: Sequence[ActiveControl]) -> torch.Tensor:
         groups = [c.residuals(x, t, context) for c in controls]
@@ -123,7 +141,7 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sampling_dtype = x.dtype
         x = x.to(self.dtype)
-        active = [c for c in self.controls if c.active_at(self.step, self.total_steps)]
+        active = self.active(t)
         if self.uncond is None:
             return self._eps(x, t, self.cond, active).to(sampling_dtype)
         if not any(c.conditional_only for c in active):
