@@ -1,4 +1,5 @@
-"""Reading and writing checkpoints: every format, round trips, safety, and errors users can act on."""
+"""Reading and writing checkpoints (controlnet.loading, controlnet.formats): every format, round trips,
+safety, and errors users can act on."""
 
 from __future__ import annotations
 
@@ -11,22 +12,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from controlnet.checkpoints import (
-    CheckpointError,
-    detect_format,
-    inspect_contents,
-    ldm_state_dict,
-    load_base,
-    load_controlnet,
-    read_state_dict,
-    save_diffusers,
-    save_ldm,
-    split_ldm,
-    transfer_control,
-)
 from controlnet.config import SD15, SD21, TINY, ModelConfig
+from controlnet.formats.detect import base_config_from_shapes, detect_format, inspect_contents
+from controlnet.formats.diffusers import save_diffusers
 from controlnet.formats.diffusers_text import text_ldm_to_diffusers
 from controlnet.formats.diffusers_unet import controlnet_ldm_to_diffusers
+from controlnet.formats.errors import CheckpointError
+from controlnet.formats.ldm import ldm_state_dict, save_ldm, split_ldm
+from controlnet.formats.tensors import read_state_dict
+from controlnet.loading import load_base, load_controlnet, load_strict, transfer_control
 from controlnet.models.controlnet import ControlNet
 from controlnet.models.stable_diffusion import StableDiffusion
 
@@ -79,8 +73,6 @@ def test_every_original_key_loads_and_the_ldm_round_trip_is_bit_identical(versio
     original = _random_tensors(KEYS[version], seed=1)
     parts = split_ldm(original)
     model = StableDiffusion(config, empty=True)
-    from controlnet.checkpoints import load_strict
-
     load_strict(model.unet, parts["unet"], "UNet", version)
     load_strict(model.vae, parts["vae"], "VAE", version)
     if version == "v15":
@@ -94,7 +86,6 @@ def test_every_original_key_loads_and_the_ldm_round_trip_is_bit_identical(versio
 
 
 def load_controlnet_from_parts(control: dict[str, torch.Tensor], config: ModelConfig) -> ControlNet:
-    from controlnet.checkpoints import load_strict
     from controlnet.models.stable_diffusion import build_empty
 
     controlnet = build_empty(lambda: ControlNet(config.controlnet()))
@@ -460,7 +451,6 @@ def test_a_full_file_keeps_the_controlnet_config_including_pooling(tiny, tmp_pat
 
 
 def test_sd2_ldm_files_must_name_their_prediction_type(tmp_path):
-    from controlnet.checkpoints import _base_config_from_shapes
     from controlnet.config import SD21_V
     from controlnet.models.unet import UNet
 
@@ -468,11 +458,11 @@ def test_sd2_ldm_files_must_name_their_prediction_type(tmp_path):
         parts = {"unet": UNet(SD21.unet).state_dict()}
     path = tmp_path / "v2-1_768-ema-pruned.safetensors"
     with pytest.raises(CheckpointError, match="say which with prediction='eps' or 'v'"):
-        _base_config_from_shapes(parts, None, path)
-    assert _base_config_from_shapes(parts, "v", path) is SD21_V
-    assert _base_config_from_shapes(parts, "eps", path) is SD21
+        base_config_from_shapes(parts, None, path)
+    assert base_config_from_shapes(parts, "v", path) is SD21_V
+    assert base_config_from_shapes(parts, "eps", path) is SD21
     path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
-    assert _base_config_from_shapes(parts, None, path) is SD21_V
+    assert base_config_from_shapes(parts, None, path) is SD21_V
 
 
 def test_diffusers_layout_oddities(tiny, tmp_path):

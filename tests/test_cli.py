@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from controlnet import shipped
-from controlnet.checkpoints import load_controlnet, read_state_dict, save_ldm
 from controlnet.cli import main
 from controlnet.config import TINY
+from controlnet.formats.ldm import save_ldm
+from controlnet.formats.tensors import read_state_dict
 from controlnet.imaging.images import load_image
+from controlnet.loading import load_controlnet
 from controlnet.models.controlnet import ControlNet
 from controlnet.models.stable_diffusion import StableDiffusion
 

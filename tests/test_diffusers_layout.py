@@ -18,6 +18,7 @@ from diffusers.loaders import single_file_utils
 
 from controlnet.config import SD15, SD21, SD21_V, TINY, ControlNetConfig, ModelConfig, UNetConfig
 from controlnet.formats import diffusers_unet as du
+from controlnet.formats.ldm import CONTROL_PREFIX, UNET_PREFIX
 
 KEYS_FILE = Path(__file__).parent / "data" / "ldm_keys.json"
 FULL = {"v15": SD15, "v21": SD21}
@@ -63,13 +64,13 @@ def test_full_size_maps_match_diffusers_models(ldm_keys, version):
     model = FULL[version]
     unet, control = _diffusers_models(model, "meta")
 
-    ldm_unet = _meta_state(ldm_keys[version], du.LDM_UNET_PREFIX)
+    ldm_unet = _meta_state(ldm_keys[version], UNET_PREFIX)
     assert len(ldm_unet) == 686
     dif_unet = du.unet_ldm_to_diffusers(ldm_unet, model.unet)
     assert _shapes(dif_unet) == _shapes(unet.state_dict())
     assert set(du.unet_key_map(model.unet)) == set(ldm_unet)
 
-    ldm_control = _meta_state(ldm_keys[version], du.LDM_CONTROLNET_PREFIX)
+    ldm_control = _meta_state(ldm_keys[version], CONTROL_PREFIX)
     assert len(ldm_control) == 340
     dif_control = du.controlnet_ldm_to_diffusers(ldm_control, model.controlnet())
     assert _shapes(dif_control) == _shapes(control.state_dict())
@@ -89,14 +90,14 @@ def test_full_size_maps_agree_with_diffusers_converter(ldm_keys, version):
     shapes alone would not catch, say, two ResBlocks of a level swapped)."""
     model = FULL[version]
     unet_config = du.unet_config_to_diffusers(model.unet)
-    prefixed = {du.LDM_UNET_PREFIX + k: v for k, v in _meta_state(ldm_keys[version], du.LDM_UNET_PREFIX).items()}
+    prefixed = {UNET_PREFIX + k: v for k, v in _meta_state(ldm_keys[version], UNET_PREFIX).items()}
     theirs = single_file_utils.convert_ldm_unet_checkpoint(prefixed, unet_config)
     # both pass the same tensor objects through: compare names and identities
-    ldm_state = {k[len(du.LDM_UNET_PREFIX) :]: v for k, v in prefixed.items()}
+    ldm_state = {k[len(UNET_PREFIX) :]: v for k, v in prefixed.items()}
     ours = du.unet_ldm_to_diffusers(ldm_state, model.unet)
     assert _same_objects(ours, theirs)
 
-    control_state = _meta_state(ldm_keys[version], du.LDM_CONTROLNET_PREFIX)
+    control_state = _meta_state(ldm_keys[version], CONTROL_PREFIX)
     control_config = du.controlnet_config_to_diffusers(model.controlnet())
     theirs = single_file_utils.convert_controlnet_checkpoint(control_state, control_config)
     assert _same_objects(du.controlnet_ldm_to_diffusers(control_state, model.controlnet()), theirs)
@@ -109,9 +110,9 @@ def test_full_size_maps_agree_with_diffusers_converter(ldm_keys, version):
 def test_full_size_round_trips_keep_tensor_objects(ldm_keys, version):
     model = FULL[version]
     cn = model.controlnet()
-    ldm_unet = _meta_state(ldm_keys[version], du.LDM_UNET_PREFIX)
+    ldm_unet = _meta_state(ldm_keys[version], UNET_PREFIX)
     assert _same_objects(du.unet_diffusers_to_ldm(du.unet_ldm_to_diffusers(ldm_unet, model.unet), model.unet), ldm_unet)
-    ldm_control = _meta_state(ldm_keys[version], du.LDM_CONTROLNET_PREFIX)
+    ldm_control = _meta_state(ldm_keys[version], CONTROL_PREFIX)
     assert _same_objects(
         du.controlnet_diffusers_to_ldm(du.controlnet_ldm_to_diffusers(ldm_control, cn), cn), ldm_control
     )
@@ -166,7 +167,7 @@ def test_tiny_map_covers_diffusers_models():
 def test_tiny_maps_agree_with_diffusers_converter():
     unet, control = _diffusers_models(TINY, "meta")
     ldm = du.unet_diffusers_to_ldm(unet.state_dict(), TINY.unet)
-    prefixed = {du.LDM_UNET_PREFIX + k: v for k, v in ldm.items()}
+    prefixed = {UNET_PREFIX + k: v for k, v in ldm.items()}
     theirs = single_file_utils.convert_ldm_unet_checkpoint(prefixed, du.unet_config_to_diffusers(TINY.unet))
     assert _same_objects(du.unet_ldm_to_diffusers(ldm, TINY.unet), theirs)
 
@@ -368,7 +369,7 @@ def test_unsupported_controlnet_configs_are_refused():
 
 
 def test_unknown_and_missing_keys_raise(ldm_keys):
-    ldm = _meta_state(ldm_keys["v15"], du.LDM_UNET_PREFIX)
+    ldm = _meta_state(ldm_keys["v15"], UNET_PREFIX)
     extra = {**ldm, "label_emb.0.0.weight": torch.empty(1, device="meta")}
     with pytest.raises(ValueError, match=r"1 unknown keys \(label_emb.0.0.weight\)"):
         du.unet_ldm_to_diffusers(extra, SD15.unet)

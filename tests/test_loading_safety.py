@@ -20,21 +20,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from controlnet import checkpoints, shipped
-from controlnet.checkpoints import (
-    CheckpointError,
-    inspect_contents,
-    ldm_state_dict,
-    load_base,
-    load_controlnet,
-    read_state_dict,
-    save_diffusers,
-    save_ldm,
-)
+from controlnet import shipped
 from controlnet.cli import main
 from controlnet.config import PRESETS
 from controlnet.files import atomic_file, atomic_folder, atomic_path
+from controlnet.formats import diffusers
+from controlnet.formats.detect import controlnet_config_from_shapes, inspect_contents, preset_from_shapes
+from controlnet.formats.diffusers import save_diffusers
+from controlnet.formats.errors import CheckpointError
+from controlnet.formats.ldm import ldm_state_dict, save_ldm
+from controlnet.formats.tensors import has_non_finite, read_state_dict
 from controlnet.hashing import cached_file_sha256
+from controlnet.loading import load_base, load_controlnet
 from controlnet.models.controlnet import ControlNet
 from controlnet.models.stable_diffusion import StableDiffusion
 from controlnet.models.tiny import random_tiny_models
@@ -339,8 +336,8 @@ def test_every_preset_is_detected_from_its_shapes(config):
     with torch.device("meta"):
         unet = UNet(config.unet).state_dict()
         control = ControlNet(config.controlnet()).state_dict()
-    assert checkpoints._preset_from_shapes(unet, "unet") is config
-    assert checkpoints._controlnet_config_from_shapes(control, "control.pth") == config.controlnet()
+    assert preset_from_shapes(unet, "unet") is config
+    assert controlnet_config_from_shapes(control, "control.pth") == config.controlnet()
 
 
 def test_presets_are_told_apart_by_what_detection_reads():
@@ -390,7 +387,7 @@ def test_a_failure_midway_leaves_the_old_folder_intact(tiny, tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints, "write_hf_tokenizer_files", fail)
+    monkeypatch.setattr(diffusers, "write_hf_tokenizer_files", fail)
     other, _ = random_tiny_models(seed=9)  # other weights: a partial write would show
     with pytest.raises(OSError, match="disk full"):
         save_diffusers(out, other)
@@ -482,13 +479,13 @@ def test_everything_written_gets_the_umasks_permissions(tiny, tmp_path, umask):
 def test_non_finite_values_are_found_in_every_float_type(dtype):
     finfo = torch.finfo(dtype)
     legitimate = torch.tensor([0.0, -0.0, finfo.max, -finfo.max, finfo.tiny, finfo.tiny / 4, 1.0], dtype=dtype)
-    assert not checkpoints._has_non_finite(legitimate)  # extremes and subnormals are numbers
+    assert not has_non_finite(legitimate)  # extremes and subnormals are numbers
     for bad in (float("nan"), float("inf"), float("-inf")):
         for position in (0, 77, 199):
             tensor = torch.zeros(10, 20, dtype=dtype)
             tensor.view(-1)[position] = bad
-            assert checkpoints._has_non_finite(tensor)
-            assert checkpoints._has_non_finite(tensor.t())  # not contiguous
+            assert has_non_finite(tensor)
+            assert has_non_finite(tensor.t())  # not contiguous
 
 
 def _poisoned_base(model: StableDiffusion) -> dict[str, torch.Tensor]:

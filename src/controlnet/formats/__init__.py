@@ -1,5 +1,14 @@
-"""Key maps between our (original LDM) layout and other layouts, as explicit, tested tables.
+"""Model files: how each layout stores the models, read safely and written atomically.
 
-Every function here is a pure ``dict -> dict`` over tensors: no copies beyond the reshapes, splits
-and concatenations a layout needs, so a round trip is bit-identical.
+- ``tensors``: reading tensor files safely (safetensors; pickles only as tensors) and writing safetensors;
+- ``ldm``: the original single-file layout (prefixes, splitting a file into its models, save_ldm);
+- ``detect``: what a file holds, the configuration of one that does not say, ControlNet/base fit;
+- ``diffusers``: diffusers folders and single files, read and written (save_diffusers);
+- ``diffusers_unet``, ``diffusers_vae``, ``diffusers_text``, ``diffusers_tokenizer``: the key maps
+  and config translations between our (original LDM) layout and diffusers', as explicit, tested
+  tables: pure ``dict -> dict`` over tensors, no copies beyond the reshapes, splits and
+  concatenations a layout needs, so a round trip is bit-identical;
+- ``errors``: CheckpointError, the one-line error of all of them.
+
+Building models from these files is ``controlnet.loading``'s.
 """

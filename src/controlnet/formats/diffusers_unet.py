@@ -33,9 +33,6 @@ import torch
 
 from ..config import ControlNetConfig, UNetConfig
 
-LDM_UNET_PREFIX = "model.diffusion_model."
-LDM_CONTROLNET_PREFIX = "control_model."
-
 Pair = tuple[str, str]
 
 _PARAMS = ("weight", "bias")

@@ -1,0 +1,192 @@
+"""Models from files: `load_base` and `load_controlnet`, for every format people have, strictly.
+
+Read (``formats/``): LDM single files (``.safetensors``, ``.ckpt``), with or without a
+``state_dict`` wrapper, ``model_ema.*`` and schedule buffers; ControlNet 1.0 full files (base +
+``control_model.*``), 1.1 control-only files (``.pth``, ``.safetensors``) and control files whose
+keys lack the ``control_model.`` prefix; diffusers folders (``unet/``, ``vae/``, ``text_encoder/``,
+``controlnet/``) and single diffusers-layout ControlNet ``.safetensors`` files.
+
+Safety (``formats/tensors``): safetensors first; pickles only through
+``torch.load(weights_only=True)``; weights holding NaN or infinite values are refused. Strictness
+(`load_strict`): every key of every model must be matched, and what does not match is listed with
+the file name and the detected format. A ControlNet made for another base family is refused
+(`check_compatible`). Any file that is not what it claims to be gives a one-line
+``CheckpointError`` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ControlNetConfig, ModelConfig
+from .formats import diffusers, ldm
+from .formats.detect import (
+    base_config_from_shapes,
+    check_compatible,
+    controlnet_config_from_shapes,
+    detect_format,
+    with_prediction,
+)
+from .formats.errors import CheckpointError, short_list
+from .formats.tensors import StateDict, check_finite, read_state_dict
+from .models.controlnet import ControlNet
+from .models.stable_diffusion import StableDiffusion, build_empty
+
+__all__ = ["CheckpointError", "check_compatible", "load_base", "load_controlnet", "load_strict", "transfer_control"]
+
+
+def load_base(
+    path: str | os.PathLike,
+    *,
+    prediction: str | None = None,
+    use_ema: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusion:
+    """A Stable Diffusion model from an LDM single file or a diffusers folder.
+
+    ``prediction`` ("eps" or "v") overrides what the file says or implies: SD 2.x eps and v models
+    have the same shapes, so a v model from an LDM file without our metadata must be named.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_diffusers_base(path, prediction=prediction, dtype=dtype)
+    state_dict, metadata = read_state_dict(path)
+    fmt = detect_format(state_dict, path)
+    if fmt != "ldm":
+        raise CheckpointError(f"{path}: holds a ControlNet only ({fmt}), not a base model; pass it as a ControlNet")
+    try:
+        parts = ldm.split_ldm(state_dict, use_ema=use_ema)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    base_prefixes = (ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.TEXT_PREFIX) + (("model_ema.",) if use_ema else ())
+    check_finite({k: v for k, v in state_dict.items() if k.startswith(base_prefixes)}, path)
+    config = ldm.stored_config(metadata, str(path))
+    if isinstance(config, ModelConfig):
+        config = with_prediction(config, prediction)
+    else:
+        config = base_config_from_shapes(parts, prediction, path)
+    model = StableDiffusion(config, empty=True)
+    source = f"{path.name} (ldm, {config.name})"
+    load_strict(model.unet, parts["unet"], "UNet", source)
+    load_strict(model.vae, parts["vae"], "VAE", source)
+    load_strict(model.text_encoder, parts["text"], "text encoder", source)
+    return model.to(dtype)
+
+
+def _load_diffusers_base(folder: Path, *, prediction: str | None, dtype: torch.dtype) -> StableDiffusion:
+    config = diffusers.read_pipeline_config(folder, prediction)
+    model = StableDiffusion(config, empty=True)
+    parts = (("unet", model.unet, "UNet"), ("vae", model.vae, "VAE"), ("text", model.text_encoder, "text encoder"))
+    for part, module, what in parts:
+        weights = diffusers.read_pipeline_part(folder, part, config)
+        load_strict(module, weights, what, f"{folder.name}/{diffusers.PIPELINE_FOLDERS[part]} (diffusers)")
+    return model.to(dtype)
+
+
+def load_controlnet(
+    path: str | os.PathLike,
+    base: ModelConfig | None = None,
+    *,
+    global_average_pooling: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ControlNet:
+    """A ControlNet from any of the formats in the module docstring.
+
+    With ``base``, a ControlNet made for another base family (say SD 2.x for an SD 1.x base) is
+    refused. ``global_average_pooling`` overrides the guess from the name (only the shuffle model pools).
+    """
+    path = Path(path)
+    if path.is_dir():
+        control, config = diffusers.read_controlnet_folder(path)
+        fmt = "diffusers-controlnet"
+    else:
+        control, config, fmt = _read_controlnet_file(path, base)
+    if global_average_pooling is not None:
+        config = dataclasses.replace(config, global_average_pooling=global_average_pooling)
+    if base is not None:
+        check_compatible(config, base, path.name)
+    model = build_empty(lambda: ControlNet(config))
+    load_strict(model, control, "ControlNet", f"{path.name} ({fmt})")
+    return model.to(dtype)
+
+
+def _read_controlnet_file(path: Path, base: ModelConfig | None) -> tuple[StateDict, ControlNetConfig, str]:
+    """A ControlNet file's weights (LDM layout, no prefix), configuration and format."""
+    state_dict, metadata = read_state_dict(path)
+    fmt = detect_format(state_dict, path)
+    if fmt == "diffusers-controlnet":
+        return (*diffusers.controlnet_from_file(state_dict, base, path), fmt)
+    control = ldm.control_part(state_dict, fmt, path)
+    prefix = "" if fmt == "ldm-control-bare" else ldm.CONTROL_PREFIX
+    check_finite({prefix + k: v for k, v in control.items()}, path)
+    stored = ldm.stored_config(metadata, str(path), ldm.CONTROL_METADATA_KEY)
+    config = stored if isinstance(stored, ControlNetConfig) else controlnet_config_from_shapes(control, str(path))
+    return control, config, fmt
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, source: str) -> None:
+    """Load ``state_dict`` into ``module``, every key matched, with a useful error when not.
+
+    ``module`` may live on the meta device (tensors are then assigned, not copied); tensors are
+    converted to the dtype of the module's floating-point parameters.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} (file {list(state_dict[k].shape)}, model {list(expected[k].shape)})"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    # A file's header may say any dtype: integers or booleans where the model has float weights
+    # would load and fail later, far from the file.
+    wrong_kind = [
+        f"{k} ({state_dict[k].dtype})"
+        for k in expected
+        if k in state_dict and expected[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if missing or unexpected or mismatched or wrong_kind:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing: {short_list(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected: {short_list(unexpected)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} with another shape: {short_list(mismatched)}")
+        if wrong_kind:
+            problems.append(f"{len(wrong_kind)} not floating-point: {short_list(wrong_kind)}")
+        raise CheckpointError(f"{source}: the {what} weights do not fit the model; " + "; ".join(problems))
+    on_meta = any(t.is_meta for t in expected.values())
+    converted = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    module.load_state_dict(converted, strict=True, assign=on_meta)
+
+
+def transfer_control(
+    control: Mapping[str, torch.Tensor],
+    old_base_unet: Mapping[str, torch.Tensor],
+    new_base_unet: Mapping[str, torch.Tensor],
+) -> StateDict:
+    """Move a ControlNet to a fine-tuned base (the original ``tool_transfer_control``).
+
+    Every control weight that has an equivalent in the UNet becomes ``control + (new - old)``,
+    computed in float32; the hint encoder and zero convolutions are kept as they are. All three
+    state dicts are in the LDM layout without prefixes.
+    """
+    transferred = {}
+    for key, weight in control.items():
+        if key in old_base_unet:
+            if key not in new_base_unet:
+                raise CheckpointError(f"the new base model lacks {key}")
+            if not (weight.shape == old_base_unet[key].shape == new_base_unet[key].shape):
+                raise CheckpointError(f"{key}: shapes differ between the ControlNet and the base models")
+            moved = weight.float() + (new_base_unet[key].float() - old_base_unet[key].float())
+            transferred[key] = moved.to(weight.dtype)
+        else:
+            transferred[key] = weight
+    return transferred
