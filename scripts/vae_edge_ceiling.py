@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from controlnet import shipped
-from controlnet.checkpoints import load_base
 from controlnet.datasets.folders import read_records
 from controlnet.evaluation import edge_f1
 from controlnet.imaging.images import load_image
+from controlnet.loading import load_base
 
 
 def main() -> None:

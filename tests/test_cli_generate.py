@@ -17,9 +17,10 @@ from PIL import Image
 
 from controlnet import __version__, shipped
 from controlnet.annotators import run_annotator
-from controlnet.checkpoints import save_diffusers, save_ldm
 from controlnet.cli import main
 from controlnet.config import TINY
+from controlnet.formats.diffusers import save_diffusers
+from controlnet.formats.ldm import save_ldm
 from controlnet.hashing import cache_path, cached_file_sha256, file_sha256, folder_sha256, model_sha256
 from controlnet.imaging.images import load_image, read_png_text
 from controlnet.models.controlnet import ControlNet
@@ -236,21 +237,21 @@ def test_model_files_are_named_with_their_sha256(models, tmp_path):
         (["--image", "{corrupt}"], 1, "corrupt or truncated"),
         (["--image", "{text}"], 1, "is not an image"),
         (["--image", "{bomb}"], 1, "too large to decode safely"),
-        (["--image", "{image}", "--steps", "0"], 2, "--steps must be between 1 and 100, got 0"),
-        (["--image", "{image}", "--steps", "101"], 2, "--steps must be between 1 and 100, got 101"),
-        (["--image", "{image}", "--num-samples", "13"], 2, "--num-samples must be between 1 and 12"),
-        (["--image", "{image}", "--seed", "2147483648"], 2, "--seed must be between -1 and 2147483647"),
-        (["--image", "{image}", "--guidance", "0"], 2, "--guidance must be between 0.1 and 30.0"),
+        (["--image", "{image}", "--steps", "0"], 2, "steps must be between 1 and 100, got 0"),
+        (["--image", "{image}", "--steps", "101"], 2, "steps must be between 1 and 100, got 101"),
+        (["--image", "{image}", "--num-samples", "13"], 2, "images must be between 1 and 12"),
+        (["--image", "{image}", "--seed", "2147483648"], 2, "seed must be between -1 and 2147483647"),
+        (["--image", "{image}", "--guidance", "0"], 2, "guidance scale must be between 0.1 and 30"),
         (["--image", "{image}", "--resolution", "100"], 2, "--resolution must be a multiple of 64"),
-        (["--image", "{image}", "--sampler", "plms"], 2, "unknown sampler 'plms'; choose one of ddim"),
+        (["--image", "{image}", "--sampler", "plms"], 2, "sampler must be one of ddim, euler"),
         (["--image", "{image}", "--sampler", "euler_a", "--eta", "0.5"], 2, "applies to the ddim sampler only"),
-        (["--image", "{image}", "--eta", "nan"], 2, "--eta must be between 0 and 1"),
-        (["--image", "{image}", "--eta", "1.5"], 2, "--eta must be between 0 and 1"),  # NaN latents above 1
-        (["--image", "{image}", "--annotator", "hed2"], 2, "unknown annotator 'hed2'; choose one of canny"),
+        (["--image", "{image}", "--eta", "nan"], 2, "eta must be a number, got nan"),
+        (["--image", "{image}", "--eta", "1.5"], 2, "eta must be between 0 and 1"),  # NaN latents above 1
+        (["--image", "{image}", "--annotator", "hed2"], 2, "annotator must be one of canny, scribble"),
         (["--image", "{image}", "--annotator", "inpaint"], 2, "needs mask, which the command line cannot give"),
-        (["--image", "{image}", "--strength", "2.5"], 2, "strength must be between 0.0 and 2.0, got 2.5"),
-        (["--image", "{image}", "--start", "0.8", "--end", "0.2"], 2, "0 <= start <= end <= 1"),
-        (["--image", "{image}", "--low-threshold", "0"], 2, "--low-threshold must be between 1 and 255"),
+        (["--image", "{image}", "--strength", "2.5"], 2, "strength must be between 0 and 2, got 2.5"),
+        (["--image", "{image}", "--start", "0.8", "--end", "0.2"], 2, "start (0.8) must not be after end (0.2)"),
+        (["--image", "{image}", "--low-threshold", "0"], 2, "canny parameter 'low_threshold' must be in [1, 255], got 0"),
         (["--image", "{image}", "--guess-mode", "--control-mode", "prompt"], 2, "--guess-mode means --control-mode"),
         (["--image", "{image}", "--device", "abacus"], 2, "--device 'abacus' is not a device"),
         (["--control", "{image}"], 2, "bad --control item"),
@@ -258,8 +259,8 @@ def test_model_files_are_named_with_their_sha256(models, tmp_path):
         (["--control", "annotator=canny"], 2, "needs image=PATH"),
         (["--control", "image={image},strength=high"], 2, "--control strength='high': not a number"),
         (["--control", "image={image},controlnet=x"], 2, "--control controlnet='x': not an integer"),
-        (["--control", "image={image},mode=loud"], 2, "unknown control mode 'loud'"),
-        (["--control", "image={image},resize=stretch"], 2, "unknown resize mode 'stretch'"),
+        (["--control", "image={image},mode=loud"], 2, "control mode must be one of balanced, prompt, control, got 'loud'"),
+        (["--control", "image={image},resize=stretch"], 2, "resize mode must be one of just_resize"),
         (["--control", "image={missing}"], 1, "cannot read"),
         (["--control", "image={image},controlnet=1"], 2, "controlnet=1, but only 1 ControlNet(s) are loaded"),
         (["--image", "{image}", "--controlnet", "{control}"], 2, "--controlnet needs --base"),

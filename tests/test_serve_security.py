@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from controlnet import shipped
-from controlnet.checkpoints import save_ldm
+from controlnet.formats.ldm import save_ldm
 from controlnet.models.tiny import random_tiny_models
 from controlnet.serve.files import Retention, ServerFiles
 from controlnet.serve.service import (
