@@ -19,7 +19,7 @@ clipping, the optimiser step.
   noise, posterior samples, dropped prompts) are taken from ours (``DataStream``,
   ``sample_generator``; the same calls otherwise), so both sides see the same batches and their
   losses can be compared: the "loss 1" column (first step) agrees to bf16 rounding.
-- ours: ``controlnet.training.Trainer`` built from a ``TrainConfig`` (the base written once as an
+- ours: ``controlnet.train.Trainer`` built from a ``TrainConfig`` (the base written once as an
   LDM ``.safetensors`` file, the dataset as a fill50k folder), timed through ``Trainer.train_step()``,
   with ``cache=True`` (the default: VAE posteriors and text encodings computed once per dataset,
   before training; the time it takes is reported apart) and ``cache=False``.
@@ -234,15 +234,16 @@ class OursTraining(_Timed):
     the dataset fingerprint are timed as they happen."""
 
     def __init__(self, base: str, data: str, out: str, resolution: int, batch_size: int, mixed: str, cache: bool):
-        from controlnet import training
+        from controlnet import train
+        from controlnet.train import data
 
         self.setup: dict[str, float] = {}
         for owner, name, key in (
-            (training.FrozenCache, "build", "cache_build_s"),
-            (training, "dataset_fingerprint", "fingerprint_s"),
+            (data.FrozenCache, "build", "cache_build_s"),
+            (data, "dataset_fingerprint", "fingerprint_s"),
         ):
             setattr(owner, name, self._timing(getattr(owner, name), key))
-        config = training.TrainConfig(
+        config = train.TrainConfig(
             data=data,
             out=out,
             base=base,
@@ -258,7 +259,7 @@ class OursTraining(_Timed):
             max_steps=10**6,
             progress=False,
         )
-        self.trainer = training.Trainer(config, log=lambda message: None)
+        self.trainer = train.Trainer(config, log=lambda message: None)
         self.optimizer = self.trainer.optimizer
         self._hook_optimizer()
         make_batch = self.trainer.batch
@@ -326,7 +327,7 @@ class DiffusersTraining(_Timed):
 
         from controlnet.checkpoints import load_base
         from controlnet.models.controlnet import ControlNet
-        from controlnet.training import DataStream
+        from controlnet.train.data import DataStream
 
         # The very same initial weights as ours: Trainer seeds torch, loads the base and makes the
         # ControlNet from its UNet (the hint encoder's fresh initialisation comes from that seed);
@@ -392,7 +393,7 @@ class DiffusersTraining(_Timed):
         return {"warmup": self.warm_up(warmup), "setup": {}, "samples": len(self.records)}
 
     def run_step(self) -> float:
-        from controlnet.training import sample_generator
+        from controlnet.train.data import sample_generator
 
         start = time.perf_counter()
         positions = self.stream.positions(self.step_index, 0, 0)

@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from controlnet.imaging.charts import grid_cell, image_grid, line_chart
-from controlnet.training import VALIDATION_ROWS
+from controlnet.train.config import VALIDATION_ROWS
 
 SAMPLE_COLUMNS = 4  # validation scenes shown in the sample grids
 

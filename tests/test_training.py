@@ -18,7 +18,10 @@ from controlnet.checkpoints import load_controlnet, save_ldm
 from controlnet.datasets.synthetic import write_dataset
 from controlnet.models.controlnet import ControlNet
 from controlnet.models.tiny import random_tiny_models
-from controlnet.training import DataStream, TrainConfig, Trainer, TrainingError, checkpoint_dirs, lr_multiplier
+from controlnet.train import TrainConfig, Trainer, TrainingError
+from controlnet.train.checkpoints import checkpoint_dirs
+from controlnet.train.data import DataStream
+from controlnet.train.optim import lr_multiplier
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +148,7 @@ def test_gaussian_init_replaces_every_zero_layer_and_moves_the_base_from_step_ze
 
 
 def test_the_vae_loss_penalises_blurred_edges():
-    from controlnet.training import image_gradient_l1
+    from controlnet.train.objectives import image_gradient_l1
 
     edge = torch.zeros(1, 3, 16, 16)
     edge[..., 8:] = 1.0
@@ -415,7 +418,8 @@ def test_a_nan_loss_stops_the_run_in_one_line_and_keeps_the_good_checkpoints(set
     step and the likely cause, saves nothing of that step, exports nothing; step 2 stays the newest
     checkpoint, intact."""
     from controlnet.cli import main
-    from controlnet.training import ControlNetObjective, read_checkpoint
+    from controlnet.train.checkpoints import read_checkpoint
+    from controlnet.train.objectives import ControlNetObjective
 
     real_loss, calls = ControlNetObjective.loss, []
 
@@ -525,7 +529,7 @@ def _truncate_old_style(folder: Path) -> None:  # written before manifests: load
     ],
 )
 def test_resume_passes_over_a_damaged_latest_checkpoint(setup, three_checkpoints, tmp_path, damage, reason):
-    from controlnet.training import read_checkpoint
+    from controlnet.train.checkpoints import read_checkpoint
 
     out = tmp_path / "run"
     shutil.copytree(three_checkpoints, out)
@@ -583,7 +587,7 @@ def test_resume_with_no_intact_checkpoint_is_a_one_line_error(setup, three_check
 def test_a_checkpoint_that_cannot_be_written_leaves_the_earlier_ones(setup, three_checkpoints, tmp_path, monkeypatch):
     import errno
 
-    from controlnet.training import read_checkpoint
+    from controlnet.train.checkpoints import read_checkpoint
 
     out = tmp_path / "run"
     shutil.copytree(three_checkpoints, out)
@@ -603,7 +607,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_earlier_ones(setup, thre
 def test_a_run_killed_between_the_renames_of_a_resave_gets_its_checkpoint_back(setup, three_checkpoints, tmp_path):
     """Resaving step N moves the old step-N aside, then renames the new one in: killed in between,
     step N is missing and only the hidden copy holds it. The next run puts it back."""
-    from controlnet.training import read_checkpoint, recover_checkpoints
+    from controlnet.train.checkpoints import read_checkpoint, recover_checkpoints
 
     out = tmp_path / "run"
     shutil.copytree(three_checkpoints, out)

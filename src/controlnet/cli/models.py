@@ -96,7 +96,7 @@ def cmd_transfer_control(args: argparse.Namespace) -> None:
 
 
 def cmd_add_control(args: argparse.Namespace) -> None:
-    from ..training import add_control
+    from ..train import add_control
 
     check_output(args.output, args.overwrite, [args.base])
     output_folder(args.output.parent)

@@ -69,7 +69,7 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ..training import TrainConfig, TrainingError, train
+    from ..train import TrainConfig, TrainingError, train
 
     config = TrainConfig(
         data=args.data,
