@@ -1,4 +1,9 @@
-"""Checkpoints: written whole or not at all, checked before a run resumes from them."""
+"""Checkpoints: written whole or not at all, checked before a run resumes from them.
+
+``out/checkpoints/step-N/`` holds ``state.pt`` (everything a resumed run needs) and, written last,
+``checkpoint.json``: the size and SHA-256 of ``state.pt``. A checkpoint that does not match its
+manifest is damaged: passed over (``find_resume_point``) and set aside, never resumed from.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..checkpoints import TORCH_LOAD_ERRORS, torch_load_reason
-from ..files import atomic_file
+from ..files import atomic_folder
+from ..formats.tensors import TORCH_LOAD_ERRORS, torch_load_reason
 from ..hashing import file_sha256
 from .config import CHECKPOINT_PREFIX, MANIFEST_FILE, STATE_FILE, TrainingError
+from .distributed import shard_like
 from .optim import all_finite
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -56,8 +60,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
     """``out/checkpoints/step-N``: ``state.pt`` and, written last, a manifest of its size and
-    SHA-256 (``checkpoint.json``), all under a temporary name renamed into place; then all but the
-    last ``keep`` checkpoints are removed.
+    SHA-256 (``checkpoint.json``), in a new folder that takes the checkpoint's place only once
+    complete (``files.atomic_folder``; a checkpoint of the same step, saved by an earlier run, is
+    replaced then); then all but the last ``keep`` checkpoints are removed.
 
     The rename makes a checkpoint appear whole or not at all; the manifest lets a later run tell a
     checkpoint damaged since (a truncated copy, a disk error) from an intact one. Weights that are
@@ -66,39 +71,14 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
     TrainingError; the checkpoints written before are kept."""
     if not all_finite(state["trainable"].values()):
         raise TrainingError(f"step {step}: the weights hold NaN or infinite values; no checkpoint written")
-    folder = out / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
-    temporary = folder / f".{final.name}.tmp-{os.getpid()}"
-    replaced = folder / f".{final.name}.old-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
     try:
-        temporary.mkdir(parents=True)
-        with open(temporary / STATE_FILE, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        manifest = {
-            "step": step,
-            "files": {
-                STATE_FILE: {
-                    "bytes": (temporary / STATE_FILE).stat().st_size,
-                    "sha256": file_sha256(temporary / STATE_FILE),
-                }
-            },
-        }
-        with atomic_file(temporary / MANIFEST_FILE, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            os.replace(final, replaced)
-        os.replace(temporary, final)
+        with atomic_folder(final) as folder:
+            _write_checkpoint(folder, step, state)
     except OSError as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if replaced.exists() and not final.exists():
-            os.replace(replaced, final)  # put the one it was to replace back
         raise TrainingError(
             f"cannot write the checkpoint {final} ({error.strerror or error}); the checkpoints written before are kept"
         ) from None
-    shutil.rmtree(replaced, ignore_errors=True)
     for old in checkpoint_dirs(out)[:-keep]:
         if old != final:  # never the one just written (the newest, unless newer ones are left over)
             shutil.rmtree(old, ignore_errors=True)
@@ -106,19 +86,27 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
     return final
 
 
+def _write_checkpoint(folder: Path, step: int, state: dict) -> None:
+    """The files of a checkpoint, in the new ``folder`` (atomic_folder syncs them before the swap)."""
+    written = folder / STATE_FILE
+    torch.save(state, written)
+    manifest = {"step": step, "files": {STATE_FILE: {"bytes": written.stat().st_size, "sha256": file_sha256(written)}}}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
 def recover_checkpoints(out: Path) -> None:
-    """Tidy what a run killed while saving left behind: a half-written ``.step-N.tmp-PID`` goes; a
-    ``.step-N.old-PID`` (the checkpoint a resave of step N was replacing) is put back when step N
-    is missing (killed between the two renames), and removed otherwise."""
+    """Tidy what a run killed while saving left behind: a hidden ``.step-N.*.tmp`` folder (a
+    checkpoint being written) goes; a hidden ``.step-N.*.old`` one (the checkpoint a resave of step
+    N was replacing) is put back when step N is missing (killed between the two renames), and
+    removed otherwise. Also the names of runs from before ``files.atomic_folder``:
+    ``.step-N.tmp-PID`` and ``.step-N.old-PID``."""
     folder = out / "checkpoints"
-    for stale in folder.glob(f".{CHECKPOINT_PREFIX}*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for replaced in folder.glob(f".{CHECKPOINT_PREFIX}*.old-*"):
-        final = folder / replaced.name[1:].rsplit(".old-", 1)[0]
-        if final.exists():
-            shutil.rmtree(replaced, ignore_errors=True)
-        else:
-            os.replace(replaced, final)
+    for hidden in sorted(folder.glob(f".{CHECKPOINT_PREFIX}*")):
+        final = folder / hidden.name[1:].split(".", 1)[0]
+        if ".old" in hidden.name and not final.exists():
+            os.replace(hidden, final)
+        elif ".old" in hidden.name or ".tmp" in hidden.name:
+            shutil.rmtree(hidden, ignore_errors=True)
 
 
 class DamagedCheckpoint(TrainingError):
@@ -223,3 +211,24 @@ def set_aside(folder: Path) -> Path:
         n += 1
     os.replace(folder, target)
     return target
+
+
+def restore_trainable(parameters: dict[str, nn.Parameter], saved: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy a checkpoint's trainable tensors (``saved``, read from ``folder``) into ``parameters``
+    (this process's shards of them under FSDP). TrainingError when it lacks one or holds one of
+    another shape: a checkpoint of another model (another --base) used to fail deep in copy_."""
+    missing = set(parameters) - set(saved)
+    if missing:
+        raise TrainingError(
+            f"{folder}: the checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
+        )
+    for name, parameter in parameters.items():
+        shape = tuple(saved[name].shape)
+        if shape != tuple(parameter.shape):  # a sharded parameter's shape is the whole one
+            raise TrainingError(
+                f"{folder}: the checkpoint's {name} is {list(shape)}, this run's {list(parameter.shape)}: "
+                "it was trained for another model"
+            )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(shard_like(saved[name], parameter))

@@ -1,11 +1,13 @@
-"""The order of the data, the randomness of each sample, and the frozen parts' outputs computed once."""
+"""The training data: its order, the randomness of each sample, the frozen parts' outputs
+computed once (the cache), and the draws a diffusion objective's batch is made of."""
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +15,11 @@ from torch import nn
 
 from ..files import atomic_file
 from ..sampling.prompts import encode_prompts
+from .config import TrainingError
+
+if TYPE_CHECKING:
+    from ..models.stable_diffusion import StableDiffusion
+    from .distributed import Distributed
 
 # ---------------------------------------------------------------------------------------------
 # The order of the data and the randomness of each sample
@@ -137,3 +144,86 @@ def dataset_fingerprint(dataset, resolution: int, *weights: nn.Module | None) ->
             digest.update(values.flatten()[:1024].float().cpu().numpy().tobytes())
             digest.update(str(float(values.abs().sum(dtype=torch.float64))).encode())
     return digest.hexdigest()[:16]
+
+
+def load_training_data(folder: str, resolution: int, max_bad_fraction: float):
+    """The dataset in ``folder`` (either layout, ``datasets.folders``) at ``resolution``;
+    TrainingError naming what is wrong otherwise."""
+    from ..datasets.folders import DatasetError, load_dataset
+
+    try:
+        return load_dataset(folder, resolution, max_bad_fraction=max_bad_fraction)
+    except DatasetError as error:
+        raise TrainingError(str(error)) from None
+
+
+def prepare_cache(
+    dataset,
+    resolution: int,
+    encoders: tuple[nn.Module, nn.Module | None] | None,
+    folder: Path,
+    dist: Distributed,
+    log: Callable[[str], None],
+) -> FrozenCache | None:
+    """The cache of the frozen ``encoders`` (the VAE, and the text encoder or None) over
+    ``dataset`` in ``folder``: built by the first process if it is not there yet, then loaded by
+    every process; None without ``encoders``. Call it while the encoders are in float32 (before
+    they are cast to a mixed-precision dtype)."""
+    if encoders is None:
+        return None
+    vae, text = encoders
+    fingerprint = dataset_fingerprint(dataset, resolution, vae, text)
+    cache = FrozenCache(folder, fingerprint)
+    if dist.is_main and not cache.ready():
+        log(f"caching the frozen parts' outputs for {len(dataset)} samples in {cache.path}")
+        vae.eval()
+        cache.build(dataset, vae, text, 16, dist.device, log)
+    dist.barrier()
+    cache.load()
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# The draws of a batch
+
+
+def diffusion_batch(
+    model: StableDiffusion,
+    items: Sequence[dict],
+    generators: Sequence[torch.Generator],
+    proportion_empty_prompts: float,
+    cache: FrozenCache | None,
+) -> dict:
+    """What the diffusion loss needs of ``items`` (samples of the data): for each, from its own
+    generator and in this order, a timestep, the noise, whether its prompt is dropped and a sample
+    of its VAE posterior (from the cache; without one, the posterior samples are drawn after all
+    the rest); the latents scaled by the VAE's factor. The batch's ``prompts`` are the prompts
+    kept (dropped ones empty)."""
+    shape = latent_shape(model, items)
+    timesteps, noises, latents, prompts = [], [], [], []
+    for item, generator in zip(items, generators, strict=True):
+        timesteps.append(int(torch.randint(0, model.config.schedule.num_timesteps, (1,), generator=generator)))
+        noises.append(torch.randn(shape, generator=generator))
+        drop = torch.rand((), generator=generator).item() < proportion_empty_prompts
+        prompts.append("" if drop else item["prompt"])
+        if cache is not None:
+            latents.append(cache.latents(item["index"], generator))
+    batch: dict = {"timesteps": torch.tensor(timesteps), "noise": torch.stack(noises), "prompts": prompts}
+    if cache is None:
+        with torch.no_grad():
+            vae_weight = next(model.vae.parameters())
+            images = torch.stack([item["image"] for item in items]).to(vae_weight.device, vae_weight.dtype)
+            posterior = model.vae.encode(images)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(vae_weight.device)
+            batch["latents"] = posterior.mean.float() + posterior.std.float() * noise
+    else:
+        batch["latents"] = torch.stack(latents)
+    batch["latents"] = batch["latents"] * model.vae.scale_factor
+    return batch
+
+
+def latent_shape(model: StableDiffusion, items: Sequence[dict]) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents of the samples' images."""
+    height, width = items[0]["image"].shape[-2:]
+    factor = model.vae.downsample_factor
+    return model.config.unet.in_channels, height // factor, width // factor

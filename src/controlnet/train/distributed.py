@@ -1,18 +1,20 @@
-"""Many processes: this process's place among them (torchrun), and FSDP's sharded tensors."""
+"""Many processes: this process's place among them (torchrun), how the trainable module is
+replicated (DDP) or sharded (FSDP), and tensors gathered from and laid back out as shards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from .objectives import ControlNetObjective
+from .config import TrainingError
 
-# ---------------------------------------------------------------------------------------------
-# Processes
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,6 +58,25 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 
+    def on_main(self, work: Callable[[], T], failure: str) -> T | None:
+        """``work()`` on the first process (None on the others), every process waiting for it. A
+        TrainingError there is raised on every process (``failure`` on the others), so that none
+        waits forever for a process that stopped (a full disk while writing, say)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except TrainingError as caught:
+                error = caught
+        if self.any(error is not None):  # also the barrier
+            raise error or TrainingError(failure)
+        return result
+
+    def replicate(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in DistributedDataParallel (each process on its local GPU with cuda)."""
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
 
 def init_distributed(device: str) -> Distributed:
     """Join the process group a launcher (torchrun) describes in the environment, if any."""
@@ -75,19 +96,34 @@ def init_distributed(device: str) -> Distributed:
     return Distributed(rank=rank, world_size=world_size, device=place, owns_group=owns_group)
 
 
-def shard_controlnet_objective(objective: ControlNetObjective) -> None:
-    """FSDP (PyTorch's ``fully_shard``): each large block of the ControlNet is its own shard group,
-    gathered for its forward and backward only; the objective is
-    the root (so the hint encoder, called before the ControlNet's forward, is gathered too). The
-    frozen base is not sharded: every process keeps it whole, as with DDP."""
-    from torch.distributed.fsdp import fully_shard
+def gradient_sync(engine: nn.Module, *, fsdp: bool, last: bool) -> contextlib.AbstractContextManager:
+    """Where the backward pass of a micro-step runs: the gradients are reduced over the processes
+    on the last micro-step of an optimiser step only (reduce-scattered under FSDP)."""
+    if fsdp:
+        engine.set_requires_gradient_sync(last)
+    elif not last and isinstance(engine, nn.parallel.DistributedDataParallel):
+        return engine.no_sync()
+    return contextlib.nullcontext()
 
-    controlnet = objective.controlnet
-    for block in (*controlnet.input_blocks, controlnet.middle_block, controlnet.input_hint_block):
-        fully_shard(block)
-    fully_shard(controlnet)
-    frozen = {p for p in objective.parameters() if not p.requires_grad}
-    fully_shard(objective, ignored_params=frozen)
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, *, fsdp: bool) -> dict:
+    """The optimiser's state, whole on the CPU under FSDP (a collective then: every process calls it)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict, *, fsdp: bool) -> None:
+    """The inverse of ``optimizer_state`` (under FSDP each process keeps its shard of it)."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

@@ -1,4 +1,10 @@
-"""What trains: one objective per task (its trainable modules, its loss, its exports)."""
+"""What trains: one ``Objective`` per task, owning everything that differs between the tasks.
+
+An objective builds its model (loads or makes it, chooses what trains), assembles its batches from
+the samples and their random draws, computes its loss, says which frozen parts the cache may hold
+and which to keep in the mixed-precision dtype, makes its validation images and scores, and
+exports what it trained. The loop (``loop.Trainer``) is the same for all of them.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,31 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import save_diffusers, save_ldm
+from ..config import ModelConfig, preset
+from ..formats.diffusers import save_diffusers
+from ..formats.ldm import save_ldm
+from ..loading import load_base, load_controlnet
 from ..models.controlnet import ControlNet
 from ..models.stable_diffusion import StableDiffusion
-from .config import TrainConfig, TrainingError
+from ..sampling.prompts import encode_prompts
+from .config import VALIDATION_ROWS, TrainConfig, TrainingError
+from .data import FrozenCache, diffusion_batch, latent_shape
 from .distributed import is_sharded
-
-# ---------------------------------------------------------------------------------------------
-# What trains: one objective per task
+from .validation import (
+    ValidationSet,
+    base_images,
+    edge_f1s,
+    generate_row,
+    grid,
+    mean_pixel_l1,
+    to_uint8,
+    validation_pipeline,
+)
 
 
 def diffusion_loss(
@@ -40,13 +59,60 @@ def diffusion_loss(
 
 
 class Objective(nn.Module):
-    """What a task trains: ``trainable`` modules, their ``loss`` on a batch, and what to export."""
+    """What a task trains (``model``: the whole model, trained in part or in full) and everything
+    about it that is particular to the task; the methods that do nothing here are what most tasks
+    do not need."""
+
+    model: StableDiffusion
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> Objective:
+        """The objective with its model, loaded or made as ``config`` says (torch is seeded)."""
+        raise NotImplementedError
 
     def parameter_groups(self, config: TrainConfig) -> list[dict]:
+        """The optimiser's parameter groups: what trains, at which learning rate."""
+        raise NotImplementedError
+
+    def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
+        """The batch of ``items`` (samples of the data), each with its own ``generator`` for all of
+        its random draws (on the CPU; the loop moves the tensors to the device)."""
         raise NotImplementedError
 
     def loss(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward(self, batch: dict) -> torch.Tensor:  # DistributedDataParallel calls forward
+        return self.loss(batch)
+
+    def cached_encoders(self) -> tuple[nn.Module, nn.Module | None] | None:
+        """The frozen encoders whose outputs the cache holds: the VAE and the text encoder (or None
+        when it trains); None when the VAE trains (nothing to cache)."""
+        return None
+
+    def cast_frozen(self, dtype: torch.dtype | None) -> None:
+        """Keep the frozen parts in the mixed-precision ``dtype`` (None: float32 training)."""
+
+    def back_to_training(self, dtype: torch.dtype | None) -> None:
+        """After a validation: train mode again (the VAE in eval mode, which changes nothing: it has
+        no dropout), the frozen parts in the mixed-precision ``dtype`` again (the validation
+        pipeline ran them in float32)."""
+        self.train()
+        self.model.vae.eval()
+        self.cast_frozen(dtype)
+
+    def shard(self) -> None:
+        """Shard the trainable modules over the processes (FSDP)."""
+        raise TrainingError("--strategy fsdp shards the ControlNet: it is for the controlnet task")
+
+    def validation_images(
+        self, validation: ValidationSet, trainable: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], object]:
+        """The scores and the grid image of a validation; ``trainable`` as for ``export``."""
+        raise NotImplementedError
+
+    def before_export(self, dataset, device: torch.device, log: Callable[[str], None]) -> None:
+        """Anything to settle before the export (on the first process, with the weights exported)."""
 
     def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
         """Write the trained model(s) to ``out``; ``trainable``: every trainable tensor, whole
@@ -54,20 +120,48 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-class ControlNetObjective(Objective):
-    """The frozen base with its trainable ControlNet (see the module docstring)."""
+class DiffusionObjective(Objective):
+    """What the two diffusion tasks share: the noise schedule, the loss, the prompt drop."""
+
+    def __init__(self, model: StableDiffusion, config: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.proportion_empty_prompts = config.proportion_empty_prompts
+        self.register_buffer("alphas_cumprod", model.config.schedule.alphas_cumprod().float(), persistent=False)
+        self.prediction = model.config.schedule.prediction
+
+    def noise_loss(self, batch: dict, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return diffusion_loss(
+            denoise, batch["latents"], batch["noise"], batch["timesteps"], self.alphas_cumprod, self.prediction
+        )
+
+
+class ControlNetObjective(DiffusionObjective):
+    """The frozen base with its trainable ControlNet (the paper's section 3.3): the loss is the noise
+    prediction of the locked UNet with the ControlNet's residuals added. With ``unlock_decoder``
+    (the original's ``sd_locked=False``) the UNet's decoder trains too, at its own learning rate."""
 
     def __init__(self, model: StableDiffusion, controlnet: ControlNet, config: TrainConfig) -> None:
-        super().__init__()
-        self.model = model.requires_grad_(False)
+        super().__init__(model.requires_grad_(False), config)
         self.controlnet = controlnet.requires_grad_(True).train()
         self.only_mid_control = config.only_mid_control
         self.unlock_decoder = config.unlock_decoder
         if config.unlock_decoder:  # sd_locked=False: the decoder half of the UNet learns too
             for part in (model.unet.output_blocks, model.unet.out):
                 part.requires_grad_(True).train()
-        self.register_buffer("alphas_cumprod", model.config.schedule.alphas_cumprod().float(), persistent=False)
-        self.prediction = model.config.schedule.prediction
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> ControlNetObjective:
+        """The base from ``--base``; the ControlNet from ``--controlnet``, or a new one from the
+        base UNet's encoder (zero convolutions at zero, or Gaussian: the paper's ablation)."""
+        model = load_base(config.base)
+        if config.controlnet:
+            controlnet = load_controlnet(config.controlnet, model.config)
+        else:
+            controlnet = ControlNet.from_unet(model.unet, model.config.controlnet())
+            if config.control_init == "gaussian":
+                controlnet.gaussian_init_(torch.Generator().manual_seed(config.seed))
+        return cls(model.float(), controlnet.float(), config)
 
     def parameter_groups(self, config: TrainConfig) -> list[dict]:
         groups = [{"params": list(self.controlnet.parameters()), "lr": config.learning_rate}]
@@ -77,6 +171,17 @@ class ControlNetObjective(Objective):
             groups.append({"params": decoder, "lr": lr})
         return groups
 
+    def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
+        """The diffusion draws, the control images (``hint``) and the prompts' encodings (``context``)."""
+        batch = diffusion_batch(self.model, items, generators, self.proportion_empty_prompts, cache)
+        batch["hint"] = torch.stack([item["hint"] for item in items])
+        if cache is not None:
+            batch["context"] = torch.stack([cache.encoding(p) for p in batch["prompts"]])
+        else:
+            with torch.no_grad():
+                batch["context"] = encode_prompts(self.model.text_encoder, batch["prompts"]).float()
+        return batch
+
     def loss(self, batch: dict) -> torch.Tensor:
         context, hint = batch["context"], batch["hint"]
 
@@ -84,12 +189,53 @@ class ControlNetObjective(Objective):
             residuals = self.controlnet(noisy, self.controlnet.encode_hint(hint), t, context)
             return self.model.unet(noisy, t, context, control=residuals, only_mid_control=self.only_mid_control)
 
-        return diffusion_loss(
-            denoise, batch["latents"], batch["noise"], batch["timesteps"], self.alphas_cumprod, self.prediction
-        )
+        return self.noise_loss(batch, denoise)
 
-    def forward(self, batch: dict) -> torch.Tensor:  # DistributedDataParallel calls forward
-        return self.loss(batch)
+    def cached_encoders(self) -> tuple[nn.Module, nn.Module | None]:
+        return self.model.vae, self.model.text_encoder
+
+    def cast_frozen(self, dtype: torch.dtype | None) -> None:
+        """Under mixed precision the frozen parts live in the autocast dtype (as diffusers' script
+        keeps them): autocast would otherwise cast their float32 weights again at every use (frozen
+        weights are not in its cache), and they take half the memory. An unlocked decoder keeps the
+        UNet in float32 (its master weights)."""
+        if dtype is None:
+            return
+        frozen = [self.model.vae, self.model.text_encoder]
+        if not self.unlock_decoder:
+            frozen.append(self.model.unet)
+        for module in frozen:
+            module.to(dtype)
+
+    def shard(self) -> None:
+        """FSDP (PyTorch's ``fully_shard``): each large block of the ControlNet is its own shard
+        group, gathered for its forward and backward only; the objective is the root (so the hint
+        encoder, called before the ControlNet's forward, is gathered too). The frozen base is not
+        sharded: every process keeps it whole, as with DDP."""
+        from torch.distributed.fsdp import fully_shard
+
+        controlnet = self.controlnet
+        for block in (*controlnet.input_blocks, controlnet.middle_block, controlnet.input_hint_block):
+            fully_shard(block)
+        fully_shard(controlnet)
+        frozen = {p for p in self.parameters() if not p.requires_grad}
+        fully_shard(self, ignored_params=frozen)
+
+    def validation_images(
+        self, validation: ValidationSet, trainable: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], object]:
+        """Generated with their prompts and with none; the edge F1 of each row against the control
+        maps, and ``base_distance``: how far the control moves the locked model's images (exactly 0
+        at step 0 with zero convolutions)."""
+        pipe = validation_pipeline(self.model, [self.plain_controlnet(trainable)], validation.device)
+        with_prompt = generate_row(pipe, validation, use_prompt=True, control=True)
+        without = generate_row(pipe, validation, use_prompt=False, control=True)
+        scores = {
+            "edge_f1": float(np.mean(edge_f1s(with_prompt, validation.hints))),
+            "edge_f1_no_prompt": float(np.mean(edge_f1s(without, validation.hints))),
+            "base_distance": mean_pixel_l1(with_prompt, base_images(pipe, validation)),
+        }
+        return scores, grid([validation.hints, validation.targets, with_prompt, without], VALIDATION_ROWS)
 
     def plain_controlnet(self, trainable: dict[str, torch.Tensor]) -> ControlNet:
         """A stand-alone float32 ControlNet holding the trained weights (not sharded, not wrapped)."""
@@ -113,21 +259,39 @@ class ControlNetObjective(Objective):
         return paths
 
 
-class BaseObjective(Objective):
-    """A UNet and its text encoder from scratch on a frozen VAE's latents."""
+class BaseObjective(DiffusionObjective):
+    """A UNet and its text encoder from scratch on a frozen VAE's latents (the same loss)."""
 
     def __init__(self, model: StableDiffusion, config: TrainConfig) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model, config)
         model.vae.requires_grad_(False).eval()
         model.unet.requires_grad_(True).train()
         model.text_encoder.requires_grad_(True).train()
-        self.register_buffer("alphas_cumprod", model.config.schedule.alphas_cumprod().float(), persistent=False)
-        self.prediction = model.config.schedule.prediction
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> BaseObjective:
+        """A new model of the ``--model-config`` preset with the trained VAE of ``--base`` (its
+        latent scale factor calibrated by the vae task)."""
+        model_config = _preset(config)
+        trained = load_base(config.base)  # the VAE's file (a model saved by the vae task)
+        scale = trained.config.vae.scale_factor
+        if dataclasses.replace(trained.config.vae, scale_factor=scale) != dataclasses.replace(
+            model_config.vae, scale_factor=scale
+        ):
+            raise TrainingError(f"{config.base}: its VAE is not the one of --model-config {config.model_config}")
+        model = StableDiffusion(model_config.replace(vae=trained.config.vae))
+        model.vae.load_state_dict(trained.vae.state_dict())
+        return cls(model, config)
 
     def parameter_groups(self, config: TrainConfig) -> list[dict]:
         params = [*self.model.unet.parameters(), *self.model.text_encoder.parameters()]
         return [{"params": params, "lr": config.learning_rate}]
+
+    def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
+        """The diffusion draws and the prompts' tokens (the text encoder trains)."""
+        batch = diffusion_batch(self.model, items, generators, self.proportion_empty_prompts, cache)
+        batch["tokens"] = self.model.text_encoder.tokenize(batch["prompts"])
+        return batch
 
     def loss(self, batch: dict) -> torch.Tensor:
         context = self.model.text_encoder(batch["tokens"])
@@ -135,12 +299,20 @@ class BaseObjective(Objective):
         def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.model.unet(noisy, t, context)
 
-        return diffusion_loss(
-            denoise, batch["latents"], batch["noise"], batch["timesteps"], self.alphas_cumprod, self.prediction
-        )
+        return self.noise_loss(batch, denoise)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.loss(batch)
+    def cached_encoders(self) -> tuple[nn.Module, nn.Module | None]:
+        return self.model.vae, None
+
+    def validation_images(
+        self, validation: ValidationSet, trainable: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], object]:
+        """Generated with the prompts; ``pixel_l1``: how far they are from their data images
+        (colours mostly). No row without a prompt: a base model without one says little."""
+        pipe = validation_pipeline(self.model, [], validation.device)
+        images = generate_row(pipe, validation, use_prompt=True, control=False)
+        scores = {"pixel_l1": mean_pixel_l1(images, validation.targets)}
+        return scores, grid([validation.hints, validation.targets, images], VALIDATION_ROWS[:3])
 
     def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
         model = copy.deepcopy(self.model).float().eval()  # never sharded: the whole model is here
@@ -171,8 +343,21 @@ class VAEObjective(Objective):
         self.kl_weight = config.kl_weight
         self.gradient_loss_weight = config.gradient_loss_weight
 
+    @classmethod
+    def build(cls, config: TrainConfig) -> VAEObjective:
+        """A new model of the ``--model-config`` preset, whose VAE trains."""
+        return cls(StableDiffusion(_preset(config)), config)
+
     def parameter_groups(self, config: TrainConfig) -> list[dict]:
         return [{"params": list(self.vae.parameters()), "lr": config.learning_rate}]
+
+    def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
+        """The images and the noise of their posterior samples."""
+        shape = latent_shape(self.model, items)
+        return {
+            "image": torch.stack([item["image"] for item in items]),
+            "posterior_noise": torch.stack([torch.randn(shape, generator=g) for g in generators]),
+        }
 
     def loss(self, batch: dict) -> torch.Tensor:
         images = batch["image"]
@@ -185,8 +370,24 @@ class VAEObjective(Objective):
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
         return rec + self.kl_weight * kl
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.loss(batch)
+    def validation_images(
+        self, validation: ValidationSet, trainable: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], object]:
+        """The samples' images through the VAE; ``reconstruction_l1``: their distance to the data."""
+        images = torch.stack([item["image"] for item in validation.samples]).to(validation.device)
+        rebuilt = [to_uint8(x) for x in self.model.vae(images).float()]
+        scores = {"reconstruction_l1": mean_pixel_l1(rebuilt, validation.targets)}
+        return scores, grid([validation.targets, rebuilt], ["data", "VAE"])
+
+    def before_export(self, dataset, device: torch.device, log: Callable[[str], None]) -> None:
+        """Calibrate the latent scale factor on (up to) the first 256 images of the data."""
+        count = min(len(dataset), 256)
+        images = [
+            torch.stack([dataset[i]["image"] for i in range(j, min(j + 16, count))]).to(device)
+            for j in range(0, count, 16)
+        ]
+        factor = self.calibrate(images)
+        log(f"VAE latent scale factor: {factor} (1 / std of the latents of {count} images)")
 
     @torch.no_grad()
     def calibrate(self, images: Sequence[torch.Tensor]) -> float:
@@ -208,3 +409,18 @@ class VAEObjective(Objective):
     def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
         model = copy.deepcopy(self.model).float().eval()
         return [save_ldm(out / "vae.safetensors", model=model)]
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"controlnet": ControlNetObjective, "base": BaseObjective, "vae": VAEObjective}
+
+
+def build_objective(config: TrainConfig) -> Objective:
+    """The objective of ``config.task`` (one of ``config.TASKS``), built from ``config``."""
+    return OBJECTIVES[config.task].build(config)
+
+
+def _preset(config: TrainConfig) -> ModelConfig:
+    try:
+        return preset(config.model_config)
+    except (KeyError, ValueError) as error:
+        raise TrainingError(f"--model-config: {error}") from None
