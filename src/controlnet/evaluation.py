@@ -153,27 +153,24 @@ def check_settings(
     high_threshold: int,
 ) -> None:
     """Refuse (ValueError, one line naming the setting and what is allowed) settings that cannot
-    give meaningful scores, before any image is generated."""
-    from .pipeline import GUIDANCE_RANGE, MAX_IMAGES, MAX_SEED, RESOLUTION_RANGE
-    from .sampling.samplers import get_sampler
+    give meaningful scores, before any image is generated: the generation settings as settings.py
+    defines them, a seed that is not random (scores no one could reproduce), and the Canny
+    thresholds as the canny annotator defines them."""
+    from .annotators import get_annotator
+    from .settings import MAX_SEED, check_generation
 
-    if not 1 <= images_per_condition <= MAX_IMAGES:
-        raise ValueError(f"images per condition must be between 1 and {MAX_IMAGES}, got {images_per_condition}")
-    if not 1 <= steps <= 1000:
-        raise ValueError(f"steps must be between 1 and 1000, got {steps}")
-    low, high = GUIDANCE_RANGE
-    if not low <= guidance_scale <= high:  # NaN fails both comparisons
-        raise ValueError(f"guidance scale must be between {low} and {high}, got {guidance_scale}")
-    # A negative seed would make the pipeline pick a random one: scores no one could reproduce.
+    check_generation(
+        {
+            "num_images": images_per_condition,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "resolution": resolution,
+            "sampler": sampler,
+        }
+    )
     if not 0 <= seed <= MAX_SEED - images_per_condition + 1:
         raise ValueError(f"seed must be between 0 and {MAX_SEED - images_per_condition + 1}, got {seed}")
-    low, high = RESOLUTION_RANGE  # a multiple of 64: the condition is compared with the images pixel for pixel
-    if resolution is not None and (resolution % 64 or not low <= resolution <= high):
-        raise ValueError(f"resolution must be a multiple of 64 between {low} and {high}, got {resolution}")
-    get_sampler(sampler)  # ValueError naming the samplers
-    for name, value in (("low threshold", low_threshold), ("high threshold", high_threshold)):
-        if not 1 <= value <= 255:
-            raise ValueError(f"Canny {name} must be between 1 and 255, got {value}")
+    get_annotator("canny").resolve({"low_threshold": low_threshold, "high_threshold": high_threshold})
 
 
 def check_scores(results: dict) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import __version__
 from .annotators import run_annotator
 from .checkpoints import check_compatible, load_base, load_controlnet
 from .imaging.images import HWC3
@@ -32,18 +33,15 @@ from .runtime import check_finite, parse_dtype, prepare, use_channels_last
 from .sampling.guidance import ActiveControl, ControlMode, GuidedDenoiser
 from .sampling.prompts import check_prompts, encode_prompts, full_prompt
 from .sampling.samplers import Plan, make_plan, sample
+from .settings import GENERATION, MAX_SEED, UNIT, check_generation, check_unit
 
-MAX_SEED = 2**31 - 1
 # The latents between steps and the sampler's arithmetic: float32 whatever the models' dtype (a
 # bf16 latent would lose 8 bits at every step's update; the models' inputs are cast per call).
 SAMPLING_DTYPE = torch.float32
-MAX_IMAGES = 12
-# The ranges the command line, evaluation and training take (the web UI keeps the original app's
-# narrower sliders). Guidance: the original app's slider (a huge scale multiplies the noise
-# estimates into float16's overflow: NaN images). Resolution (the short side): a multiple of 64 up
-# to 2048, beyond which a single image needs tens of GB (and a typo like 100000, terabytes).
-GUIDANCE_RANGE = (0.1, 30.0)
-RESOLUTION_RANGE = (64, 2048)
+# Names of settings.py's limits, for the code that imports them from here.
+MAX_IMAGES = int(GENERATION["num_images"].maximum)
+GUIDANCE_RANGE = (GENERATION["guidance_scale"].minimum, GENERATION["guidance_scale"].maximum)
+RESOLUTION_RANGE = (int(GENERATION["resolution"].minimum), int(GENERATION["resolution"].maximum))
 
 
 @dataclass
@@ -51,14 +49,17 @@ class ControlUnit:
     """One ControlNet acting on the generation (an AUTOMATIC1111-style control unit)."""
 
     image: np.ndarray  # the input image, RGB uint8 [H, W, 3] (or a ready control map for annotator "none")
-    annotator: str = "none"  # what extracts the control map from the image (canny, scribble, ...)
+    # In Python the image is a ready control map unless an annotator is named (the command line and
+    # the page run settings.UNIT["annotator"].default, canny, on photos).
+    annotator: str = "none"
     annotator_params: dict = field(default_factory=dict)  # e.g. {"low_threshold": 100, "high_threshold": 200}
-    controlnet: int = 0  # index of the pipeline's ControlNet this unit uses
-    strength: float = 1.0  # control strength, 0..2
-    start: float = 0.0  # fraction of the steps at which the unit starts acting
-    end: float = 1.0  # ... and stops
-    mode: str = "balanced"  # balanced | prompt | control (see guidance.ControlMode)
-    resize_mode: str = "crop_and_resize"  # just_resize | crop_and_resize | resize_and_fill
+    # The rest as settings.UNIT defines them (defaults, ranges, meaning).
+    controlnet: int = UNIT["controlnet"].default
+    strength: float = UNIT["strength"].default
+    start: float = UNIT["start"].default
+    end: float = UNIT["end"].default
+    mode: str = UNIT["mode"].default
+    resize_mode: str = UNIT["resize_mode"].default
     scales: list[float] | None = None  # advanced: one multiplier per residual, replacing strength and mode's
 
 
@@ -248,8 +249,21 @@ class Pipeline:
         init latents at the same noise level, and the decoded image keeps the init pixels there.
         """
         check_prompts(prompt, added_prompt, negative_prompt)
-        self._check_arguments(controls, num_images, seed, steps, guidance_scale, output)
-        _check_img2img(init_image, mask, denoising_strength)
+        check_generation(
+            {
+                "num_images": num_images,
+                "steps": steps,
+                "guidance_scale": guidance_scale,
+                "eta": eta,
+                "seed": -1 if seed is None else seed,
+                "sampler": sampler,
+                "resolution": resolution,
+                "denoising_strength": denoising_strength,
+            }
+        )
+        self._check_arguments(controls, output)
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init image to inpaint")
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
         resolution = resolution or self.model.config.native_resolution
@@ -301,24 +315,30 @@ class Pipeline:
         if output == "uint8":
             # As the original: (x * 127.5 + 127.5).clip(0, 255).astype(uint8), which truncates.
             images = (images * 255.0).clip(0, 255).astype(np.uint8)
-        settings = {
+        settings = {  # the record a PNG carries (metadata.py); the interfaces add what only they know
             "prompt": prompt,
             "negative_prompt": negative_prompt,
             "added_prompt": added_prompt,
             "seed": seed,
+            "num_images": num_images,
             "steps": steps,
             "guidance_scale": guidance_scale,
             "eta": eta,
             "sampler": sampler,
-            "width": width,
-            "height": height,
+            "resolution": resolution,
+            "width": int(width),
+            "height": int(height),
             "model": self.model.config.name,
+            "dtype": str(self.dtype).removeprefix("torch."),
             "img2img": init is not None,
             "inpaint": mask is not None,
             "controls": [{k: v for k, v in dataclasses.asdict(u).items() if k != "image"} for u in controls],
+            "version": __version__,
         }
         if init is not None:
             settings["denoising_strength"] = denoising_strength
+        if mask is not None:  # the share of the picture repainted
+            settings["inpaint_area"] = round(float((mask[:, :, 0] > 127).mean()), 4)
         return GenerationResult(list(images), control_maps, seeds, settings)
 
     def activate(self, unit: ControlUnit, control_map: np.ndarray) -> ActiveControl:
@@ -346,35 +366,19 @@ class Pipeline:
 
         return blend
 
-    def _check_arguments(self, controls, num_images, seed, steps, guidance_scale, output) -> None:
-        if not 1 <= num_images <= MAX_IMAGES:
-            raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
-        if seed is not None and seed > MAX_SEED:
-            raise ValueError(f"seed must be at most {MAX_SEED} (or -1 for a random one), got {seed}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if not (math.isfinite(guidance_scale) and guidance_scale > 0):
-            raise ValueError(f"guidance scale must be a positive number, got {guidance_scale}")
+    def _check_arguments(self, controls: Sequence[ControlUnit], output: str) -> None:
+        """What settings.py does not know: the output kind, the units' scales and ControlNet indices."""
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
-        for unit in controls:
-            if not 0 <= unit.controlnet < len(self.controlnets):
+        for i, unit in enumerate(controls):
+            values = {name: getattr(unit, name) for name in ("strength", "start", "end", "mode", "resize_mode")}
+            check_unit(values | {"annotator": unit.annotator, "controlnet": unit.controlnet}, f"control unit {i}")
+            if unit.controlnet >= len(self.controlnets):
                 raise ValueError(
-                    f"control unit uses ControlNet {unit.controlnet}, but {len(self.controlnets)} are loaded"
+                    f"control unit {i}: ControlNet {unit.controlnet} does not exist ({len(self.controlnets)} loaded)"
                 )
-            if not (math.isfinite(unit.strength) and unit.strength >= 0):
-                raise ValueError(f"control strength must be a number >= 0, got {unit.strength}")
-            if not 0 <= unit.start <= unit.end <= 1:  # NaN fails too
-                raise ValueError(f"control start and end need 0 <= start <= end <= 1, got {unit.start}, {unit.end}")
             if unit.scales is not None and not all(math.isfinite(scale) for scale in unit.scales):
-                raise ValueError(f"control scales must be finite numbers, got {unit.scales}")
-
-
-def _check_img2img(init_image: np.ndarray | None, mask: np.ndarray | None, denoising_strength: float) -> None:
-    if mask is not None and init_image is None:
-        raise ValueError("a mask needs an init image to inpaint")
-    if init_image is not None and not 0 < denoising_strength <= 1:  # NaN fails too
-        raise ValueError(f"denoising strength must be in (0, 1], got {denoising_strength}")
+                raise ValueError(f"control unit {i}: scales must be finite numbers, got {unit.scales}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

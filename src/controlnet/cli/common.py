@@ -3,6 +3,7 @@ loading a model, output files that are never half-written, and the progress bar.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import NotWritable, writable_folder
+from ..settings import Setting, SettingError
 
 
 class CommandError(Exception):
@@ -119,3 +121,30 @@ def os_error(error: OSError) -> str:
     """'PATH: reason' for an OSError (its own text also holds the errno: '[Errno 28] No space ...')."""
     reason = error.strerror or one_line(error)
     return f"{error.filename}: {reason}" if error.filename else f"cannot read or write a file: {reason}"
+
+
+def add_setting(parser: argparse.ArgumentParser, setting: Setting, help: str = "") -> None:
+    """A command-line option made from a setting (settings.py): its flag, type, default and help,
+    which says what is allowed. The value is checked with ``checked`` (the same message as the
+    JSON API and the Python API), not by argparse."""
+    text = help or setting.help
+    if setting.type is bool:
+        parser.add_argument(setting.option, dest=setting.name, action="store_true", help=text)
+        return
+    default = "" if setting.default is None else f"; default {setting.default}"
+    parser.add_argument(
+        setting.option,
+        dest=setting.name,
+        type=setting.type,
+        default=setting.default,
+        metavar=setting.name.upper(),
+        help=f"{text} ({setting.describe()}{default})",
+    )
+
+
+def checked(check, *args) -> None:
+    """Run a settings check; its SettingError becomes a UsageError (exit 2) with the same text."""
+    try:
+        check(*args)
+    except SettingError as error:
+        raise UsageError(str(error)) from None

@@ -12,17 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from ..annotators import get_annotator
 from ..metadata import image_text, map_text, model_records
 from ..runtime import NonFiniteError
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
+from ..settings import GENERATION, UNIT, check_generation, check_unit
 from .common import (
     CommandError,
     ProgressBar,
     UsageError,
+    add_setting,
     check_device,
     check_prompts,
-    check_range,
+    checked,
     one_line,
     output_folder,
     shipped_model,
@@ -48,29 +50,14 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     g.add_argument("--base", type=Path, help="base model: LDM file or diffusers folder")
     g.add_argument("--controlnet", type=Path, action="append", default=[], help="ControlNet file (repeatable)")
     g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
-    g.add_argument("--seed", type=int, default=-1, help="0..2147483647; -1 picks a random seed (default)")
-    g.add_argument("--steps", type=int, default=20, help="1..100 (default 20)")
-    g.add_argument("--resolution", type=int, help="short side, 256..768 step 64 (default: the model's native size)")
-    g.add_argument("--strength", type=float, default=1.0, help="control strength 0..2 (default 1.0)")
-    g.add_argument("--num-samples", type=int, default=1, help="images, 1..12 (default 1)")
-    g.add_argument("--guidance", type=float, default=9.0, help="guidance scale 0.1..30 (default 9.0)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0.0)")
-    g.add_argument("--sampler", default="ddim", help="ddim (default), dpmpp_2m_karras, euler_a, unipc, ...")
-    g.add_argument(
-        "--guess-mode", action="store_true", help="the original guess mode (= --control-mode control), for every unit"
-    )
-    g.add_argument(
-        "--control-mode",
-        default="balanced",
-        choices=("balanced", "prompt", "control"),
-        help="mode of every unit whose --control spec names no mode= (default balanced)",
-    )
-    g.add_argument("--start", type=float, default=0.0, help="fraction of the steps where control starts")
-    g.add_argument("--end", type=float, default=1.0, help="fraction of the steps where control ends")
-    g.add_argument("--annotator", default="canny", help="annotator for --image (default canny; 'none': a ready map)")
-    g.add_argument(
-        "--resize-mode", default="crop_and_resize", choices=("just_resize", "crop_and_resize", "resize_and_fill")
-    )
+    for name in ("seed", "steps", "resolution", "num_images", "guidance_scale", "eta", "sampler", "guess_mode"):
+        add_setting(g, GENERATION[name])
+    # The first unit's settings (--image); a --control spec names its own, and takes --control-mode
+    # as its mode unless it names one.
+    add_setting(g, UNIT["annotator"], "annotator for --image")
+    for name in ("strength", "start", "end", "resize_mode"):
+        add_setting(g, UNIT[name])
+    add_setting(g, UNIT["mode"], "mode of --image and of every --control spec that names no mode=")
     g.add_argument(
         "--added-prompt",
         help=f"appended to the prompt (default: '{ORIGINAL_ADDED_PROMPT}'; none for the shipped model)",
@@ -80,10 +67,15 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         help="default: the original app's ('longbody, lowres, ...'); none for the shipped model, "
         "which never saw those words",
     )
-    g.add_argument("--low-threshold", type=int, default=100, help="Canny low threshold 1..255 (default 100)")
-    g.add_argument("--high-threshold", type=int, default=200, help="Canny high threshold 1..255 (default 200)")
+    for param in get_annotator("canny").params:  # the canny annotator's own definition of its parameters
+        g.add_argument(
+            "--" + param.name.replace("_", "-"),
+            type=int,
+            default=param.default,
+            help=f"Canny: {param.help} ({param.minimum:g}..{param.maximum:g}; default {param.default})",
+        )
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
-    g.add_argument("--denoising-strength", type=float, default=0.75, help="img2img: 0 < s <= 1 (default 0.75)")
+    add_setting(g, GENERATION["denoising_strength"])
     g.add_argument("--mask", type=Path, help="inpainting (with --init-image): white = repaint")
     g.add_argument(
         "--dtype",
@@ -135,64 +127,38 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
     """The control units of --image and every --control, checked and with their images loaded.
 
     Everything is checked here, before a model is loaded: a typo costs no waiting."""
-    from ..annotators import RESIZE_MODES, get_annotator
     from ..hashing import file_sha256
     from ..pipeline import ControlUnit
-    from ..sampling.guidance import ControlMode
 
-    default_mode = "control" if args.guess_mode else args.control_mode
+    default_mode = "control" if args.guess_mode else args.mode
     specs: list[dict] = []
     if args.image is not None:
-        specs.append(
-            {
-                "image": str(args.image),
-                "annotator": args.annotator,
-                "strength": args.strength,
-                "start": args.start,
-                "end": args.end,
-                "resize": args.resize_mode,
-            }
-        )
+        first = {"image": str(args.image), "annotator": args.annotator, "resize": args.resize_mode}
+        specs.append(first | {"strength": args.strength, "start": args.start, "end": args.end})
     specs += [_parse_unit(s) for s in args.control]
     units = []
     for spec in specs:
         where = f"control unit {spec['image']}"
-        annotator_name = spec.get("annotator", "none")
-        try:
-            annotator = get_annotator(annotator_name)
-            mode = ControlMode.parse(spec.get("mode", default_mode)).value
-        except ValueError as error:
-            raise UsageError(f"{where}: {error}") from None
+        values = {
+            "annotator": spec.get("annotator", "none"),
+            "strength": _spec_number(spec, "strength", UNIT["strength"].default, float),
+            "start": _spec_number(spec, "start", UNIT["start"].default, float),
+            "end": _spec_number(spec, "end", UNIT["end"].default, float),
+            "mode": spec.get("mode", default_mode),
+            "resize_mode": spec.get("resize", UNIT["resize_mode"].default),
+            "controlnet": _spec_number(spec, "controlnet", UNIT["controlnet"].default, int),
+        }
+        checked(check_unit, values, where)
+        annotator = get_annotator(values["annotator"])
         if annotator.inputs and not (set(annotator.inputs) <= {"mask"} and args.mask is not None):
             raise UsageError(
-                f"{where}: annotator {annotator_name!r} needs {', '.join(annotator.inputs)}, "
+                f"{where}: annotator {annotator.name!r} needs {', '.join(annotator.inputs)}, "
                 "which the command line cannot give"
             )
-        resize_mode = spec.get("resize", "crop_and_resize")
-        if resize_mode not in RESIZE_MODES:
-            raise UsageError(f"{where}: unknown resize mode {resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
-        strength = _spec_number(spec, "strength", 1.0, float)
-        start = _spec_number(spec, "start", 0.0, float)
-        end = _spec_number(spec, "end", 1.0, float)
-        controlnet = _spec_number(spec, "controlnet", 0, int)
-        check_range(f"{where}: strength", strength, 0.0, 2.0)
-        if not 0.0 <= start <= end <= 1.0:
-            raise UsageError(f"{where}: start and end must satisfy 0 <= start <= end <= 1, got {start} and {end}")
-        if controlnet < 0:
-            raise UsageError(f"{where}: controlnet index must be 0 or more, got {controlnet}")
         params = {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
         image = _load_checked_image(spec["image"], f"control image {spec['image']}")
-        unit = ControlUnit(
-            image=image,
-            annotator=annotator_name,
-            annotator_params=params if annotator_name == "canny" else {},
-            controlnet=controlnet,
-            strength=strength,
-            start=start,
-            end=end,
-            mode=mode,
-            resize_mode=resize_mode,
-        )
+        params = params if annotator.name == "canny" else {}
+        unit = ControlUnit(image=image, annotator_params=params, **values)
         try:
             sha256 = file_sha256(spec["image"])
         except OSError as error:  # read a moment ago, so unlikely: but never a traceback
@@ -217,36 +183,17 @@ def _load_checked_image(path: str | Path, what: str) -> np.ndarray:
 
 def _check_generate_options(args: argparse.Namespace) -> None:
     """The options that need no file: checked first, so a mistake is reported at once."""
-    from ..pipeline import GUIDANCE_RANGE, MAX_IMAGES, RESOLUTION_RANGE
     from ..runtime import default_device
-    from ..sampling.samplers import get_sampler
 
-    check_range("--steps", args.steps, 1, 100)
-    check_range("--num-samples", args.num_samples, 1, MAX_IMAGES)
-    check_range("--guidance", args.guidance, *GUIDANCE_RANGE)
-    check_range("--seed", args.seed, -1, 2147483647)
-    check_range("--low-threshold", args.low_threshold, 1, 255)
-    check_range("--high-threshold", args.high_threshold, 1, 255)
-    low, high = RESOLUTION_RANGE
-    if args.resolution is not None and (args.resolution % 64 or not low <= args.resolution <= high):
-        raise UsageError(f"--resolution must be a multiple of 64 between {low} and {high}, got {args.resolution}")
-    try:
-        get_sampler(args.sampler)
+    checked(check_generation, {name: getattr(args, name) for name in GENERATION})
+    try:  # the canny annotator's own check, as for the JSON API
+        get_annotator("canny").resolve({"low_threshold": args.low_threshold, "high_threshold": args.high_threshold})
     except ValueError as error:
         raise UsageError(str(error)) from None
-    # Above 1, DDIM's update takes the root of a negative number: NaN latents, black images.
-    if not 0 <= args.eta <= 1 or (args.eta != 0 and args.sampler != "ddim"):
-        raise UsageError(
-            f"--eta must be between 0 and 1 and applies to the ddim sampler only, got {args.eta} for {args.sampler}"
-        )
-    if not 0 < args.denoising_strength <= 1:
-        raise UsageError(f"--denoising-strength must be in (0, 1], got {args.denoising_strength}")
     if args.mask is not None and args.init_image is None:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
-    if args.guess_mode and args.control_mode not in ("balanced", "control"):
-        raise UsageError(
-            f"--guess-mode means --control-mode control; it contradicts --control-mode {args.control_mode}"
-        )
+    if args.guess_mode and args.mode not in ("balanced", "control"):
+        raise UsageError(f"--guess-mode means --control-mode control; it contradicts --control-mode {args.mode}")
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
     original = args.base is not None  # the original app's prompt defaults; the shipped model knows none of those words
@@ -293,10 +240,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             [item.unit for item in units],
             negative_prompt=args.negative_prompt,
             added_prompt=args.added_prompt,
-            num_images=args.num_samples,
+            num_images=args.num_images,
             seed=args.seed,
             steps=args.steps,
-            guidance_scale=args.guidance,
+            guidance_scale=args.guidance_scale,
             eta=args.eta,
             sampler=args.sampler,
             resolution=args.resolution,
@@ -312,7 +259,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     finally:
         progress.close()
 
-    record = _batch_record(args, pipe, result, units, models)
+    record = _batch_record(args, result, units, models)
     for i, control_map in enumerate(result.control_maps):
         text = map_text(record, result.seeds, i)
         path = _save_new(out, f"{result.seeds[0]}-control-{i}", viewable_map(control_map), text)
@@ -323,36 +270,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"image (seed {seed}): {path}")
 
 
-def _batch_record(args: argparse.Namespace, pipe, result, units: Sequence[_Unit], models: dict) -> dict:
-    """Everything needed to reproduce the batch, JSON-ready. Starts from the pipeline's own
-    settings (so what it adds later is kept) and states explicitly what the metadata relies on."""
-    height, width = result.images[0].shape[:2]
+def _batch_record(args: argparse.Namespace, result, units: Sequence[_Unit], models: dict) -> dict:
+    """The pipeline's record, with each control image's file name and hash (reproducing needs the
+    same image, and the hash proves it), the models' hashes and the device."""
     controls = []
-    for item in units:
-        control = {k: v for k, v in dataclasses.asdict(item.unit).items() if k != "image"}
-        # The control image's name and hash: reproducing needs the same image, and the hash proves it.
-        control.update(image=item.path.name, image_sha256=item.sha256)
-        controls.append(control)
-    return {
-        **result.settings,
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "added_prompt": args.added_prompt,
-        "seed": result.seeds[0],
-        "num_images": len(result.images),
-        "steps": args.steps,
-        "sampler": args.sampler,
-        "guidance_scale": args.guidance,
-        "eta": args.eta,
-        "resolution": args.resolution or pipe.model.config.native_resolution,
-        "width": int(width),
-        "height": int(height),
-        "controls": controls,
-        "models": models,
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "device": args.device,
-        "version": __version__,
-    }
+    for item, control in zip(units, result.settings["controls"], strict=True):
+        controls.append({**control, "image": item.path.name, "image_sha256": item.sha256})
+    return {**result.settings, "controls": controls, "models": models, "device": args.device}
 
 
 def _save_new(folder: Path, stem: str, image: np.ndarray, text: dict[str, str]) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..settings import GENERATION, UNIT
 from .service import (
     GenerateRequest,
     GenerateResponse,
@@ -104,40 +105,17 @@ def _decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
     return read_upload(raw, limits, what)
 
 
-_REQUEST_FIELDS = {
-    "prompt": str,
-    "model": str,
-    "negative_prompt": str,
-    "added_prompt": str,
-    "num_images": int,
-    "steps": int,
-    "guidance_scale": float,
-    "eta": float,
-    "seed": int,
-    "sampler": str,
-    "resolution": int,
-    "guess_mode": bool,
-    "denoising_strength": float,
-}
-_UNIT_FIELDS = {
-    "annotator": str,
-    "annotator_params": dict,
-    "strength": float,
-    "start": float,
-    "end": float,
-    "mode": str,
-    "resize_mode": str,
-    "pixel_perfect": bool,
-    "annotator_resolution": int,
-    "controlnet": int,
-}
+# The fields a request may have and the JSON type of those that are not settings: the settings
+# (settings.py) are checked by settings.check, with the same messages as everywhere.
+_REQUEST_FIELDS = {"prompt": str, "model": str, "negative_prompt": str, "added_prompt": str} | dict.fromkeys(GENERATION)
+_UNIT_FIELDS = {"annotator_params": dict} | dict.fromkeys(UNIT)
 
 
-def _typed(name: str, value: Any, kind: type) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RequestError(f"{name} must be {'a number' if kind in (int, float) else 'a ' + kind.__name__}")
+def _typed(name: str, value: Any, kind: type | None) -> Any:
+    if kind is None:  # a setting: settings.check says what is wrong with it
+        return value
+    if not isinstance(value, kind):
+        raise RequestError(f"{name} must be {'text' if kind is str else 'an object'}, got {type(value).__name__}")
     return value
 
 

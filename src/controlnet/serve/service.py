@@ -22,17 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, shipped
+from .. import shipped
 from ..imaging.images import ImageError, ImageSource, encode_png, load_image
 from ..imaging.resize import check_aspect_ratio
 from ..metadata import image_text, map_text, model_records
-from ..pipeline import GUIDANCE_RANGE, MAX_IMAGES, MAX_SEED, ControlUnit, Pipeline, viewable_map
+from ..pipeline import ControlUnit, Pipeline, viewable_map
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompts
+from ..settings import GENERATION, UNIT, SettingError, check_generation, check_unit
 
 SHIPPED = "shipped"  # the name of the shipped model in the model picker
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth")
-CONTROL_MODES = ("balanced", "prompt", "control")
-RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 
 
 class RequestError(ValueError):
@@ -74,16 +73,16 @@ class UnitRequest:
     """One control unit of a request (an AUTOMATIC1111-style unit)."""
 
     image: np.ndarray
-    annotator: str = "canny"
+    annotator: str = UNIT["annotator"].default
     annotator_params: dict[str, Any] = field(default_factory=dict)
-    strength: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    mode: str = "balanced"
-    resize_mode: str = "crop_and_resize"
-    pixel_perfect: bool = True  # the annotator runs at the output size
-    annotator_resolution: int = 512  # ... or at this short side, when pixel_perfect is off
-    controlnet: int = 0
+    strength: float = UNIT["strength"].default
+    start: float = UNIT["start"].default
+    end: float = UNIT["end"].default
+    mode: str = UNIT["mode"].default
+    resize_mode: str = UNIT["resize_mode"].default
+    pixel_perfect: bool = UNIT["pixel_perfect"].default  # the annotator runs at the output size
+    annotator_resolution: int = UNIT["annotator_resolution"].default  # ... or at this short side
+    controlnet: int = UNIT["controlnet"].default
 
 
 @dataclass
@@ -95,17 +94,18 @@ class GenerateRequest:
     model: str = SHIPPED
     negative_prompt: str | None = None  # None: the model's default (see default_prompts)
     added_prompt: str | None = None
-    num_images: int = 1
-    steps: int = 20
-    guidance_scale: float = 9.0
-    eta: float = 0.0
-    seed: int = -1  # -1: a random seed
-    sampler: str = "ddim"
-    resolution: int | None = None  # None: the model's native size
-    guess_mode: bool = False  # every unit in "control" mode (the original apps' guess mode)
+    # The rest as settings.GENERATION defines them (defaults, ranges, meaning).
+    num_images: int = GENERATION["num_images"].default
+    steps: int = GENERATION["steps"].default
+    guidance_scale: float = GENERATION["guidance_scale"].default
+    eta: float = GENERATION["eta"].default
+    seed: int = GENERATION["seed"].default  # -1: a random seed
+    sampler: str = GENERATION["sampler"].default
+    resolution: int | None = GENERATION["resolution"].default  # None: the model's native size
+    guess_mode: bool = GENERATION["guess_mode"].default
     init_image: np.ndarray | None = None  # img2img / inpainting
     mask: np.ndarray | None = None  # inpainting: white = repaint
-    denoising_strength: float = 0.75
+    denoising_strength: float = GENERATION["denoising_strength"].default
 
 
 @dataclass
@@ -134,59 +134,49 @@ def default_prompts(model: str) -> tuple[str, str]:
     return ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise RequestError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
-
-
-def check_request(request: GenerateRequest, limits: Limits, controlnets: int, samplers: Sequence[str]) -> None:
-    """Refuse a request outside the ranges with one RequestError naming the field and what is allowed."""
-    from ..annotators import ANNOTATORS
-
+def check_request(request: GenerateRequest, limits: Limits, controlnets: int | None = None) -> None:
+    """Refuse a request outside the ranges (settings.py, and this server's ``limits``) with one
+    RequestError naming the field and what is allowed. ``controlnets``: how many the model has,
+    once it is loaded (None: not checked yet)."""
     try:  # None: the model's default, short (the pipeline checks the texts it encodes again)
         check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
     except ValueError as error:
         raise RequestError(str(error)) from None
     if not request.prompt.strip() and not request.units:
         raise RequestError("give a prompt or a control image (or both)")
-    _check_range("images", request.num_images, 1, MAX_IMAGES)
-    _check_range("steps", request.steps, 1, 100)
-    _check_range("guidance scale", request.guidance_scale, *GUIDANCE_RANGE)
-    _check_range("eta", request.eta, 0, 1)
-    _check_range("seed", request.seed, -1, MAX_SEED)
-    _check_range("denoising strength", request.denoising_strength, 0.01, 1)
-    if request.resolution is not None:
-        _check_range("resolution", request.resolution, 64, limits.max_resolution)
-        if request.resolution % 64:
-            raise RequestError(f"resolution must be a multiple of 64, got {request.resolution}")
-    if request.sampler not in samplers:
-        raise RequestError(f"unknown sampler {request.sampler!r}; choose one of {', '.join(samplers)}")
-    if request.mask is not None and request.init_image is None:
-        raise RequestError("inpainting needs an init image as well as the mask")
-    if len(request.units) > max(controlnets, 0) * 4 or (request.units and controlnets == 0):
-        raise RequestError(f"{len(request.units)} control units, but the model has {controlnets} ControlNet(s)")
-    for i, unit in enumerate(request.units):
-        name = f"control unit {i}"
-        if unit.annotator not in ANNOTATORS:
-            raise RequestError(f"{name}: unknown annotator {unit.annotator!r}; choose one of {', '.join(ANNOTATORS)}")
-        if ANNOTATORS[unit.annotator].weights is not None:
-            raise RequestError(f"{name}: the {unit.annotator} annotator needs weights this server does not have")
-        _check_range(f"{name}: strength", unit.strength, 0, 2)
-        _check_range(f"{name}: start", unit.start, 0, 1)
-        _check_range(f"{name}: end", unit.end, 0, 1)
-        if unit.start >= unit.end:
-            raise RequestError(f"{name}: start ({unit.start:g}) must be before end ({unit.end:g})")
-        if unit.mode not in CONTROL_MODES:
-            raise RequestError(f"{name}: control mode must be one of {', '.join(CONTROL_MODES)}")
-        if unit.resize_mode not in RESIZE_MODES:
-            raise RequestError(f"{name}: resize mode must be one of {', '.join(RESIZE_MODES)}")
-        _check_range(f"{name}: annotator resolution", unit.annotator_resolution, 64, 2048)
-        if not 0 <= unit.controlnet < controlnets:
-            raise RequestError(f"{name}: ControlNet {unit.controlnet} does not exist (the model has {controlnets})")
-        try:  # the annotator's own typed check: kinds, ranges, choices, unknown names
-            ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
-        except ValueError as error:
-            raise RequestError(f"{name}: {error}") from None
+    try:
+        check_generation({name: getattr(request, name) for name in GENERATION})
+        if request.resolution is not None and request.resolution > limits.max_resolution:
+            raise SettingError(f"resolution must be at most {limits.max_resolution} on this server")
+        if request.mask is not None and request.init_image is None:
+            raise SettingError("inpainting needs an init image as well as the mask")
+        for i, unit in enumerate(request.units):
+            _check_unit(unit, f"control unit {i}")
+        if controlnets is not None:
+            _check_controlnets(request.units, controlnets)
+    except SettingError as error:
+        raise RequestError(str(error)) from None
+
+
+def _check_controlnets(units: Sequence[UnitRequest], controlnets: int) -> None:
+    if len(units) > max(controlnets, 0) * 4 or (units and controlnets == 0):
+        raise SettingError(f"{len(units)} control units, but the model has {controlnets} ControlNet(s)")
+    for i, unit in enumerate(units):
+        if unit.controlnet >= controlnets:
+            missing = f"ControlNet {unit.controlnet} does not exist (the model has {controlnets})"
+            raise SettingError(f"control unit {i}: {missing}")
+
+
+def _check_unit(unit: UnitRequest, where: str) -> None:
+    from ..annotators import ANNOTATORS
+
+    check_unit({name: getattr(unit, name) for name in UNIT}, where)
+    if ANNOTATORS[unit.annotator].weights is not None:
+        raise SettingError(f"{where}: the {unit.annotator} annotator needs weights this server does not have")
+    try:  # the annotator's own typed check: kinds, ranges, choices, unknown names
+        ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
+    except ValueError as error:
+        raise SettingError(f"{where}: {error}") from None
 
 
 def read_upload(source: ImageSource, limits: Limits, what: str = "image") -> np.ndarray:
@@ -389,7 +379,7 @@ class Service:
         from ..annotators import run_annotator
         from ..imaging.resize import resize_image
 
-        check_request(GenerateRequest("preview", [unit]), self.limits, 1, ["ddim"])
+        check_request(GenerateRequest("preview", [unit]), self.limits, controlnets=1)
         try:
             image = resize_image(unit.image, resolution if unit.pixel_perfect else unit.annotator_resolution)
             return viewable_map(run_annotator(unit.annotator, image, None, **unit.annotator_params))
@@ -403,12 +393,14 @@ class Service:
         cancelled: Callable[[], bool] | None = None,
     ) -> GenerateResponse:
         """Queue and run one request. Raises RequestError, QueueFull, Cancelled or ModelUnavailable."""
-        from ..sampling.samplers import SAMPLERS
-
-        self.registry.entry(request.model)  # an unknown model is refused before queueing
+        self.registry.entry(request.model)  # an unknown model, or a bad value, is refused before queueing
+        check_request(request, self.limits)
         with self.queue.slot(), self.registry.lock(request.model):
             pipe, models = self.registry.pipeline(request.model)
-            check_request(request, self.limits, len(pipe.controlnets), list(SAMPLERS))
+            try:
+                _check_controlnets(request.units, len(pipe.controlnets))
+            except SettingError as error:
+                raise RequestError(str(error)) from None
             added, negative = default_prompts(request.model)
             added = added if request.added_prompt is None else request.added_prompt
             negative = negative if request.negative_prompt is None else request.negative_prompt
@@ -441,7 +433,7 @@ class Service:
                 )
             except (ValueError, ImageError) as error:  # the core refused a value: the user's to fix
                 raise RequestError(" ".join(str(error).split())) from None
-        return self._response(request, pipe, result, models, added, negative)
+        return self._response(request, result, models)
 
     def _control_unit(self, unit: UnitRequest, request: GenerateRequest) -> ControlUnit:
         image, annotator, params = unit.image, unit.annotator, dict(unit.annotator_params)
@@ -466,38 +458,16 @@ class Service:
             resize_mode=unit.resize_mode,
         )
 
-    def _response(self, request: GenerateRequest, pipe: Pipeline, result, models: dict, added: str, negative: str):
-        height, width = result.images[0].shape[:2]
+    @staticmethod
+    def _response(request: GenerateRequest, result, models: dict) -> GenerateResponse:
+        """The pipeline's record, with the request's units as it gave them (pixel perfect included),
+        the served model's name and the files' hashes."""
         controls = []
         for unit in request.units:
             control = {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"}
             control["mode"] = "control" if request.guess_mode else unit.mode
             controls.append(control)
-        record = {
-            **result.settings,
-            "prompt": request.prompt,
-            "negative_prompt": negative,
-            "added_prompt": added,
-            "seed": result.seeds[0],
-            "num_images": len(result.images),
-            "steps": request.steps,
-            "sampler": request.sampler,
-            "guidance_scale": request.guidance_scale,
-            "eta": request.eta,
-            "resolution": request.resolution or pipe.model.config.native_resolution,
-            "width": int(width),
-            "height": int(height),
-            "controls": controls,
-            "models": models,
-            "model": request.model,
-            "dtype": str(pipe.dtype).removeprefix("torch."),
-            "version": __version__,
-        }
-        if request.init_image is not None:
-            record["denoising_strength"] = request.denoising_strength
-        if request.mask is not None:  # the share of the picture repainted
-            mask = np.asarray(request.mask)
-            record["inpaint_area"] = round(float((mask > 127 if mask.dtype == np.uint8 else mask > 0.5).mean()), 4)
+        record = {**result.settings, "controls": controls, "models": models, "model": request.model}
         return GenerateResponse(
             images=list(result.images),
             control_maps=[viewable_map(control_map) for control_map in result.control_maps],

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..sampling.prompts import MAX_PROMPT_CHARACTERS
+from ..settings import GENERATION, UNIT, Setting
 from .files import ServerFiles
 from .service import (
-    CONTROL_MODES,
-    RESIZE_MODES,
     Cancelled,
     GenerateRequest,
     GenerateResponse,
@@ -37,6 +36,7 @@ from .service import (
 )
 
 UNITS = 3  # control unit tabs
+# The annotators that need nothing but the image (image_to_mask and inpaint need a mask as well).
 ANNOTATOR_CHOICES = ("canny", "scribble", "invert", "shuffle", "color_shuffle", "grey", "tile", "none")
 
 
@@ -84,6 +84,12 @@ class _Cancellations:
                 self._flags[session].set()
 
 
+def _slider(gr, setting: Setting, label: str, step: float, maximum: float | None = None, value=None, **kwargs):
+    """A slider over a setting's range (settings.py), at its default unless ``value`` is given."""
+    value = setting.default if value is None else value
+    return gr.Slider(setting.minimum, maximum or setting.maximum, value=value, step=step, label=label, **kwargs)
+
+
 def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
     """The Gradio Blocks of the page; what it uploads and shows lives in ``files``.
     ``document_api=False`` keeps the generate endpoint callable but out of the API description,
@@ -91,177 +97,171 @@ def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
     until one logs in."""
     import gradio as gr
 
-    from .security import guard_image_editor
-
-    limits = service.limits
-    models = service.registry.names
-    cancellations = _Cancellations()
-    first = models[0]
-    added, negative = default_prompts(first)
+    first = service.registry.names[0]
     native = service.native_resolution(first)
-
     with gr.Blocks(title="ControlNet") as page:
         gr.Markdown("## ControlNet: control Stable Diffusion with edges, scribbles and more")
         with gr.Row():
             with gr.Column(scale=1):
-                model = gr.Dropdown(models, value=first, label="Model", elem_id="model")
-                prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARACTERS, elem_id="prompt")
-                with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    cancel = gr.Button("Cancel", elem_id="cancel")
-                unit_inputs = []
+                inputs = _top(gr, service.registry.names, first)
                 with gr.Tabs():
-                    for i in range(UNITS):
-                        with gr.Tab(f"ControlNet unit {i}"):
-                            unit_inputs.append(_unit_controls(gr, i, service, files, native))
-                with gr.Accordion("Options", open=True):
-                    num_images = gr.Slider(1, 12, value=1, step=1, label="Images", elem_id="num_images")
-                    resolution = gr.Slider(
-                        64, limits.max_resolution, value=native, step=64, label="Image Resolution", elem_id="resolution"
-                    )
-                    guess_mode = gr.Checkbox(False, label="Guess Mode")
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0.1, 30.0, value=9.0, step=0.1, label="Guidance Scale")
-                    sampler = gr.Dropdown(_samplers(), value="ddim", label="Sampler")
-                    with gr.Row():
-                        seed = gr.Number(
-                            -1, label="Seed (-1: random)", precision=0, minimum=-1, maximum=2**31 - 1, elem_id="seed"
-                        )
-                        reuse = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
-                    eta = gr.Number(0.0, label="eta (DDIM)", minimum=0.0, maximum=1.0)
-                    added_prompt = gr.Textbox(added, label="Added Prompt", max_length=MAX_PROMPT_CHARACTERS)
-                    negative_prompt = gr.Textbox(negative, label="Negative Prompt", max_length=MAX_PROMPT_CHARACTERS)
-                with gr.Accordion("img2img and inpainting", open=False):
-                    init_image = gr.ImageEditor(
-                        type="numpy",
-                        label="Init image (paint the area to repaint for inpainting)",
-                        layers=False,
-                        elem_id="init_image",
-                    )
-                    guard_image_editor(init_image, files, limits)
-                    denoising = gr.Slider(0.01, 1.0, value=0.75, step=0.01, label="Denoising strength")
-                    inpaint = gr.Checkbox(False, label="Inpaint the painted area only", elem_id="inpaint")
+                    units = [_unit_tab(gr, i, service, files, native) for i in range(UNITS)]
+                inputs |= _options(gr, service, first, native)
+                inputs |= _img2img(gr, files, service.limits)
             with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Output", columns=2, format="png", elem_id="gallery", height="auto")
-                downloads = gr.Files(label="PNGs with their settings", elem_id="files")
-                info = gr.Markdown(elem_id="info")
-                last_seed = gr.State(-1)
-
-        def generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 -- Gradio's idiom
-            session = request.session_hash or "anonymous"
-            flag = cancellations.start(session)
-            try:
-                job = _request_from_page(data, service, unit_inputs, fields)
-                response = service.generate(
-                    job, progress=lambda done, total: progress((done, total), desc="sampling"), cancelled=flag.is_set
-                )
-                map_files, image_files = store_response(response, files)
-            except ModelUnavailable as error:
-                print(f"controlnet serve: {error.detail}", file=sys.stderr)
-                raise gr.Error(str(error), print_exception=False) from None
-            except (RequestError, QueueFull) as error:
-                raise gr.Error(str(error), print_exception=False) from None
-            except Cancelled as stopped:
-                raise gr.Error(str(stopped), title="Cancelled", print_exception=False) from None
-            except OSError as error:  # writing the PNGs: the server's disk, not the user's request
-                raise gr.Error(_storage_message(error), print_exception=False) from None
-            shown = [(str(p), f"detected map {i}") for i, p in enumerate(map_files)]
-            shown += [(str(p), f"seed {s}") for p, s in zip(image_files, response.seeds, strict=True)]
-            text = f"seeds {', '.join(map(str, response.seeds))} · {response.settings['width']}x" + (
-                f"{response.settings['height']} · {response.settings['steps']} steps · model {job.model}"
-            )
-            if "inpaint_area" in response.settings:
-                text += f" · inpainted {response.settings['inpaint_area']:.0%} of the picture"
-            paths = [str(p) for p in (*map_files, *image_files)]
-            return {gallery: shown, downloads: paths, info: text, last_seed: response.seeds[0]}
-
-        fields = {  # the page's inputs by name (the units' are in unit_inputs)
-            "model": model,
-            "prompt": prompt,
-            "num_images": num_images,
-            "resolution": resolution,
-            "guess_mode": guess_mode,
-            "steps": steps,
-            "guidance": guidance,
-            "sampler": sampler,
-            "seed": seed,
-            "eta": eta,
-            "added_prompt": added_prompt,
-            "negative_prompt": negative_prompt,
-            "init_image": init_image,
-            "denoising": denoising,
-            "inpaint": inpaint,
-        }
-        inputs = set(fields.values()) | {c for unit in unit_inputs for c in unit.values() if c is not None}
-        run.click(
-            generate,
-            inputs=inputs,
-            outputs=[gallery, downloads, info, last_seed],
-            api_name="generate",
-            api_visibility="public" if document_api else "undocumented",
-            concurrency_limit=None,  # the service queues: one job per model at a time
-        )
-        prompt.submit(generate, inputs=inputs, outputs=[gallery, downloads, info, last_seed], api_name=False)
-
-        def stop(request: gr.Request) -> None:
-            cancellations.cancel(request.session_hash or "anonymous")
-
-        cancel.click(stop, inputs=None, outputs=None, api_name=False, queue=False)
-        reuse.click(lambda value: value, inputs=last_seed, outputs=seed, api_name=False, queue=False)
-
-        def model_changed(name: str):
-            added, negative = default_prompts(name)
-            try:
-                size = service.native_resolution(name)
-            except ModelUnavailable as error:  # say so (no path), keep serving
-                print(f"controlnet serve: {error.detail}", file=sys.stderr)
-                raise gr.Error(str(error), print_exception=False) from None
-            except RequestError as error:
-                raise gr.Error(str(error), print_exception=False) from None
-            return gr.update(value=size), added, negative
-
-        model.change(model_changed, inputs=model, outputs=[resolution, added_prompt, negative_prompt], api_name=False)
+                outputs = _outputs(gr)
+        _wire(gr, inputs, units, outputs, service, files, document_api)
     return page
 
 
-def _unit_controls(gr, index: int, service: Service, files: ServerFiles, native: int) -> dict:
-    """One control unit's tab: image, annotator with preview, and its settings."""
-    from .security import guard_image
+def _top(gr, models: list[str], first: str) -> dict:
+    """The model picker, the prompt, Run and Cancel."""
+    model = gr.Dropdown(models, value=first, label="Model", elem_id="model")
+    prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARACTERS, elem_id="prompt")
+    with gr.Row():
+        run = gr.Button("Run", variant="primary", elem_id="run")
+        cancel = gr.Button("Cancel", elem_id="cancel")
+    return {"model": model, "prompt": prompt, "run": run, "cancel": cancel}
 
-    enabled = gr.Checkbox(index == 0, label="Enable", elem_id=f"unit{index}_enabled")
-    image = gr.Image(
-        type="filepath", label="Control image", sources=["upload", "clipboard"], elem_id=f"unit{index}_image"
-    )
-    guard_image(image, files, service.limits)
-    annotator = gr.Dropdown(list(ANNOTATOR_CHOICES), value="canny", label="Annotator")
-    with gr.Row():
-        low = gr.Slider(1, 255, value=100, step=1, label="Canny low threshold")
-        high = gr.Slider(1, 255, value=200, step=1, label="Canny high threshold")
-    preview_button = gr.Button("Preview annotator result", size="sm", elem_id=f"unit{index}_preview")
-    preview = gr.Image(label="Detected map", interactive=False, elem_id=f"unit{index}_map")
-    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.01, label="Control Strength")
-    with gr.Row():
-        start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting control step")
-        end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending control step")
-    mode = gr.Radio(list(CONTROL_MODES), value="balanced", label="Control mode")
-    resize_mode = gr.Radio(list(RESIZE_MODES), value="crop_and_resize", label="Resize mode")
-    with gr.Row():
-        pixel_perfect = gr.Checkbox(True, label="Pixel perfect")
-        annotator_resolution = gr.Slider(64, 2048, value=512, step=64, label="Annotator resolution")
-    controls = {
-        "enabled": enabled,
-        "image": image,
-        "annotator": annotator,
-        "low": low,
-        "high": high,
-        "strength": strength,
-        "start": start,
-        "end": end,
-        "mode": mode,
-        "resize_mode": resize_mode,
-        "pixel_perfect": pixel_perfect,
-        "annotator_resolution": annotator_resolution,
+
+def _options(gr, service: Service, first: str, native: int) -> dict:
+    """The original canny app's options: ranges and defaults from settings.GENERATION."""
+    added, negative = default_prompts(first)
+    with gr.Accordion("Options", open=True):
+        options = {
+            "num_images": _slider(gr, GENERATION["num_images"], "Images", 1, elem_id="num_images"),
+            "resolution": _slider(
+                gr,
+                GENERATION["resolution"],
+                "Image Resolution",
+                GENERATION["resolution"].multiple_of,
+                maximum=service.limits.max_resolution,  # this server's limit
+                value=native,
+                elem_id="resolution",
+            ),
+            "guess_mode": gr.Checkbox(GENERATION["guess_mode"].default, label="Guess Mode"),
+            "steps": _slider(gr, GENERATION["steps"], "Steps", 1, elem_id="steps"),
+            "guidance_scale": _slider(gr, GENERATION["guidance_scale"], "Guidance Scale", 0.1),
+            "sampler": gr.Dropdown(
+                list(GENERATION["sampler"].allowed()), value=GENERATION["sampler"].default, label="Sampler"
+            ),
+        }
+        seed = GENERATION["seed"]
+        with gr.Row():
+            options["seed"] = gr.Number(
+                seed.default, label="Seed (-1: random)", precision=0, minimum=seed.minimum, maximum=seed.maximum,
+                elem_id="seed",
+            )  # fmt: skip
+            options["reuse"] = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
+        eta = GENERATION["eta"]
+        options["eta"] = gr.Number(eta.default, label="eta (DDIM)", minimum=eta.minimum, maximum=eta.maximum)
+        options["added_prompt"] = gr.Textbox(added, label="Added Prompt", max_length=MAX_PROMPT_CHARACTERS)
+        options["negative_prompt"] = gr.Textbox(negative, label="Negative Prompt", max_length=MAX_PROMPT_CHARACTERS)
+    return options
+
+
+def _img2img(gr, files: ServerFiles, limits: Limits) -> dict:
+    """The init image (the mask painted on it) and the denoising strength."""
+    from .security import guard_image_editor
+
+    with gr.Accordion("img2img and inpainting", open=False):
+        init_image = gr.ImageEditor(
+            type="numpy",
+            label="Init image (paint the area to repaint for inpainting)",
+            layers=False,
+            elem_id="init_image",
+        )
+        guard_image_editor(init_image, files, limits)
+        denoising = _slider(gr, GENERATION["denoising_strength"], "Denoising strength", 0.01)
+        inpaint = gr.Checkbox(False, label="Inpaint the painted area only", elem_id="inpaint")
+    return {"init_image": init_image, "denoising_strength": denoising, "inpaint": inpaint}
+
+
+def _outputs(gr) -> dict:
+    return {
+        "gallery": gr.Gallery(label="Output", columns=2, format="png", elem_id="gallery", height="auto"),
+        "downloads": gr.Files(label="PNGs with their settings", elem_id="files"),
+        "info": gr.Markdown(elem_id="info"),
+        "last_seed": gr.State(-1),
     }
+
+
+def _wire(gr, inputs: dict, units: list[dict], outputs: dict, service: Service, files: ServerFiles, document_api):
+    """The page's events: Run (and Enter in the prompt), Cancel, Reuse last seed, a model change."""
+    cancellations = _Cancellations()
+    fields = {name: component for name, component in inputs.items() if name not in ("run", "cancel", "reuse")}
+    shown = [outputs[name] for name in ("gallery", "downloads", "info", "last_seed")]
+
+    def generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008 -- Gradio's idiom
+        flag = cancellations.start(request.session_hash or "anonymous")
+        try:
+            job = _request_from_page(data, service, units, fields)
+            response = service.generate(
+                job, progress=lambda done, total: progress((done, total), desc="sampling"), cancelled=flag.is_set
+            )
+            map_files, image_files = store_response(response, files)
+        except ModelUnavailable as error:
+            print(f"controlnet serve: {error.detail}", file=sys.stderr)
+            raise gr.Error(str(error), print_exception=False) from None
+        except (RequestError, QueueFull) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Cancelled as stopped:
+            raise gr.Error(str(stopped), title="Cancelled", print_exception=False) from None
+        except OSError as error:  # writing the PNGs: the server's disk, not the user's request
+            raise gr.Error(_storage_message(error), print_exception=False) from None
+        return dict(zip(shown, _shown(job, response, map_files, image_files), strict=True))
+
+    everything = set(fields.values()) | {c for unit in units for c in unit.values() if c is not None}
+    inputs["run"].click(
+        generate,
+        inputs=everything,
+        outputs=shown,
+        api_name="generate",
+        api_visibility="public" if document_api else "undocumented",
+        concurrency_limit=None,  # the service queues: one job per model at a time
+    )
+    inputs["prompt"].submit(generate, inputs=everything, outputs=shown, api_name=False)
+
+    def stop(request: gr.Request) -> None:
+        cancellations.cancel(request.session_hash or "anonymous")
+
+    inputs["cancel"].click(stop, inputs=None, outputs=None, api_name=False, queue=False)
+    inputs["reuse"].click(lambda value: value, inputs=outputs["last_seed"], outputs=inputs["seed"], api_name=False,
+                          queue=False)  # fmt: skip
+
+    def model_changed(name: str):
+        added, negative = default_prompts(name)
+        try:
+            size = service.native_resolution(name)
+        except ModelUnavailable as error:  # say so (no path), keep serving
+            print(f"controlnet serve: {error.detail}", file=sys.stderr)
+            raise gr.Error(str(error), print_exception=False) from None
+        except RequestError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        return gr.update(value=size), added, negative
+
+    changed = [inputs["resolution"], inputs["added_prompt"], inputs["negative_prompt"]]
+    inputs["model"].change(model_changed, inputs=inputs["model"], outputs=changed, api_name=False)
+
+
+def _shown(job: GenerateRequest, response: GenerateResponse, map_files: list[Path], image_files: list[Path]):
+    """What the page shows of a result: the gallery, the PNG list, the line under it, the seed."""
+    gallery = [(str(p), f"detected map {i}") for i, p in enumerate(map_files)]
+    gallery += [(str(p), f"seed {s}") for p, s in zip(image_files, response.seeds, strict=True)]
+    settings = response.settings
+    text = f"seeds {', '.join(map(str, response.seeds))} · {settings['width']}x{settings['height']} · "
+    text += f"{settings['steps']} steps · model {job.model}"
+    if "inpaint_area" in settings:
+        text += f" · inpainted {settings['inpaint_area']:.0%} of the picture"
+    return gallery, [str(p) for p in (*map_files, *image_files)], text, response.seeds[0]
+
+
+def _unit_tab(gr, index: int, service: Service, files: ServerFiles, native: int) -> dict:
+    """One control unit's tab: image, annotator with preview, and its settings (settings.UNIT)."""
+    with gr.Tab(f"ControlNet unit {index}"):
+        controls = _unit_controls(gr, index, service, files)
+    preview_button = controls.pop("preview_button")
+    preview = controls.pop("preview")
 
     def show_map(path, name, low_value, high_value, perfect, resolution):
         if not path:
@@ -272,13 +272,54 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles, native:
         except RequestError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
-    preview_button.click(
-        show_map,
-        inputs=[image, annotator, low, high, pixel_perfect, annotator_resolution],
-        outputs=preview,
-        api_name=False,
-    )
+    names = ("image", "annotator", "low", "high", "pixel_perfect", "annotator_resolution")
+    preview_button.click(show_map, inputs=[controls[n] for n in names], outputs=preview, api_name=False)
     return controls
+
+
+def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict:
+    from ..annotators import get_annotator
+    from .security import guard_image
+
+    enabled = gr.Checkbox(index == 0, label="Enable", elem_id=f"unit{index}_enabled")
+    image = gr.Image(
+        type="filepath", label="Control image", sources=["upload", "clipboard"], elem_id=f"unit{index}_image"
+    )
+    guard_image(image, files, service.limits)
+    annotator = gr.Dropdown(list(ANNOTATOR_CHOICES), value=UNIT["annotator"].default, label="Annotator")
+    low, high = get_annotator("canny").params  # its own definition of its thresholds
+    with gr.Row():
+        thresholds = [
+            gr.Slider(p.minimum, p.maximum, value=p.default, step=1, label=f"Canny {p.name.replace('_', ' ')}")
+            for p in (low, high)
+        ]
+    preview_button = gr.Button("Preview annotator result", size="sm", elem_id=f"unit{index}_preview")
+    preview = gr.Image(label="Detected map", interactive=False, elem_id=f"unit{index}_map")
+    strength = _slider(gr, UNIT["strength"], "Control Strength", 0.01)
+    with gr.Row():
+        start = _slider(gr, UNIT["start"], "Starting control step", 0.01)
+        end = _slider(gr, UNIT["end"], "Ending control step", 0.01)
+    mode = gr.Radio(list(UNIT["mode"].allowed()), value=UNIT["mode"].default, label="Control mode")
+    resize = gr.Radio(list(UNIT["resize_mode"].allowed()), value=UNIT["resize_mode"].default, label="Resize mode")
+    with gr.Row():
+        pixel_perfect = gr.Checkbox(UNIT["pixel_perfect"].default, label="Pixel perfect")
+        resolution = _slider(gr, UNIT["annotator_resolution"], "Annotator resolution", 64)
+    return {
+        "enabled": enabled,
+        "image": image,
+        "annotator": annotator,
+        "low": thresholds[0],
+        "high": thresholds[1],
+        "preview_button": preview_button,
+        "preview": preview,
+        "strength": strength,
+        "start": start,
+        "end": end,
+        "mode": mode,
+        "resize_mode": resize,
+        "pixel_perfect": pixel_perfect,
+        "annotator_resolution": resolution,
+    }
 
 
 def _unit(path, annotator, low, high, pixel_perfect, resolution, limits: Limits, **settings) -> UnitRequest:
@@ -308,49 +349,42 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
                 data[controls["pixel_perfect"]],
                 data[controls["annotator_resolution"]],
                 service.limits,
-                strength=float(data[controls["strength"]]),
-                start=float(data[controls["start"]]),
-                end=float(data[controls["end"]]),
-                mode=data[controls["mode"]],
-                resize_mode=data[controls["resize_mode"]],
+                **{name: data[controls[name]] for name in ("strength", "start", "end", "mode", "resize_mode")},
             )
         )
-    init_image, mask = None, None
-    editor = value["init_image"]
-    has_picture = editor is not None and editor.get("background") is not None
-    if value["inpaint"] and not has_picture:
-        raise RequestError("inpainting is on but there is no init image: upload one and paint the area to repaint")
-    if has_picture:
-        init_image = np.asarray(editor["background"])[..., :3].astype(np.uint8)
-        if value["inpaint"]:
-            layers = [np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None]
-            painted = np.zeros(init_image.shape[:2], bool)
-            for layer in layers:
-                painted |= (layer[..., 3] > 0) if layer.shape[-1] == 4 else (layer.max(axis=-1) > 0)
-            if not painted.any():
-                raise RequestError("inpainting is on but nothing is painted: paint the area to repaint")
-            mask = np.where(painted, 255, 0).astype(np.uint8)
+    init_image, mask = _init_and_mask(value["init_image"], value["inpaint"])
+    numbers = {name: value[name] for name in ("num_images", "steps", "seed", "resolution")}
     return GenerateRequest(
         prompt=value["prompt"] or "",
         units=units,
         model=value["model"],
         negative_prompt=value["negative_prompt"],
         added_prompt=value["added_prompt"],
-        num_images=int(value["num_images"]),
-        steps=int(value["steps"]),
-        guidance_scale=float(value["guidance"]),
+        # Gradio gives floats for integer sliders and None for an emptied number box.
+        **{name: GENERATION[name].default if v is None else int(v) for name, v in numbers.items()},
+        guidance_scale=float(value["guidance_scale"]),
         eta=float(value["eta"] or 0.0),
-        seed=int(value["seed"] if value["seed"] is not None else -1),
         sampler=value["sampler"],
-        resolution=int(value["resolution"]),
         guess_mode=bool(value["guess_mode"]),
         init_image=init_image,
         mask=mask,
-        denoising_strength=float(value["denoising"]),
+        denoising_strength=float(value["denoising_strength"]),
     )
 
 
-def _samplers() -> list[str]:
-    from ..sampling.samplers import SAMPLERS
-
-    return list(SAMPLERS)
+def _init_and_mask(editor: dict | None, inpaint: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The editor's picture as the init image, and with ``inpaint`` the painted area as the mask."""
+    has_picture = editor is not None and editor.get("background") is not None
+    if inpaint and not has_picture:
+        raise RequestError("inpainting is on but there is no init image: upload one and paint the area to repaint")
+    if not has_picture:
+        return None, None
+    init_image = np.asarray(editor["background"])[..., :3].astype(np.uint8)
+    if not inpaint:
+        return init_image, None
+    painted = np.zeros(init_image.shape[:2], bool)
+    for layer in (np.asarray(layer) for layer in editor.get("layers") or [] if layer is not None):
+        painted |= (layer[..., 3] > 0) if layer.shape[-1] == 4 else (layer.max(axis=-1) > 0)
+    if not painted.any():
+        raise RequestError("inpainting is on but nothing is painted: paint the area to repaint")
+    return init_image, np.where(painted, 255, 0).astype(np.uint8)

@@ -1,0 +1,200 @@
+"""Every generation setting, defined once: its default, its range or choices, and what it means.
+
+The Python API (``Pipeline.generate``), the command line (``controlnet generate``), the web page and
+the JSON API take their defaults, limits and help from here and refuse a value with the same one
+line (``SettingError``), and the PNG settings record is built here (``batch_record``). Defaults
+and ranges are the original canny app's (docs/reference.md, "The original app"); the control-unit
+settings are the AUTOMATIC1111 extension's.
+
+Prompts have their own limits (sampling/prompts.py: characters, then tokens); annotator parameters
+are defined by each annotator (annotators/); what a server may refuse besides (its resolution
+slider, its upload sizes) is its own (serve/service.Limits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_SEED = 2**31 - 1
+
+
+class SettingError(ValueError):
+    """A setting outside what is allowed: one line naming it, what is allowed and what was given."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: ``name`` is its name in the Python and JSON APIs (``flag`` on the command line).
+    Its kind is the type of ``default`` (bool, int, float or str); None defaults are given by
+    ``kind``."""
+
+    name: str
+    default: Any
+    help: str
+    minimum: float | None = None  # inclusive bounds for numbers
+    maximum: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()  # a callable: known only at run time
+    kind: type | None = None  # when ``default`` is None
+    flag: str = ""  # the command line's name, when it is not --name-with-dashes
+    label: str = ""  # how messages and the page name it, when not the name with spaces
+
+    @property
+    def type(self) -> type:
+        return self.kind or type(self.default)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name.replace("_", " ")
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def allowed(self) -> tuple[str, ...]:
+        return self.choices() if callable(self.choices) else self.choices
+
+    def describe(self) -> str:
+        """What is allowed, as help texts say it: '1..100', 'ddim, euler, ...', 'a multiple of 64 in 64..2048'."""
+        if self.allowed():
+            return ", ".join(self.allowed())
+        if self.type is bool:
+            return "true or false"
+        span = f"{_number(self.minimum)}..{_number(self.maximum)}"
+        return f"a multiple of {self.multiple_of} in {span}" if self.multiple_of else span
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """``value`` if allowed, else SettingError: '[where: ]steps must be between 1 and 100, got 0'."""
+        name = f"{where}: {self.title}" if where else self.title
+        if self.allowed():
+            if value not in self.allowed():
+                raise SettingError(f"{name} must be one of {', '.join(self.allowed())}, got {value!r}")
+            return value
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise SettingError(f"{name} must be true or false, got {value!r}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str):
+                raise SettingError(f"{name} must be text, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SettingError(f"{name} must be a number, got {value!r}")
+        if self.type is int and value != int(value):
+            raise SettingError(f"{name} must be a whole number, got {value!r}")
+        if not self.minimum <= value <= self.maximum:
+            raise SettingError(
+                f"{name} must be between {_number(self.minimum)} and {_number(self.maximum)}, got {value!r}"
+            )
+        if self.multiple_of and value % self.multiple_of:
+            raise SettingError(f"{name} must be a multiple of {self.multiple_of}, got {value!r}")
+        return value
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else (str(int(value)) if float(value).is_integer() else repr(float(value)))
+
+
+def _samplers() -> tuple[str, ...]:
+    from .sampling.samplers import SAMPLERS
+
+    return tuple(SAMPLERS)
+
+
+def _annotators() -> tuple[str, ...]:
+    from .annotators import ANNOTATORS
+
+    return tuple(ANNOTATORS)
+
+
+CONTROL_MODES = ("balanced", "prompt", "control")
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+
+# One generation. The prompts are checked by sampling.prompts.check_prompts.
+GENERATION: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("num_images", 1, "images to generate, seed + i each", 1, 12, flag="--num-samples", label="images"),
+        Setting("steps", 20, "sampling steps", 1, 100),
+        Setting(
+            "guidance_scale",
+            9.0,
+            "classifier-free guidance scale (above 30, float16 overflows: NaN images)",
+            0.1,
+            30.0,
+            flag="--guidance",
+        ),
+        Setting("eta", 0.0, "DDIM's eta: 0 deterministic, 1 as much noise as DDPM (ddim only)", 0.0, 1.0),
+        Setting("seed", -1, "the first image's seed; -1 picks one at random", -1, MAX_SEED),
+        Setting("sampler", "ddim", "the sampler", choices=_samplers),
+        Setting(
+            "resolution",
+            None,
+            "the output's short side (default: the model's native size)",
+            64,
+            2048,
+            multiple_of=64,
+            kind=int,
+        ),
+        Setting("denoising_strength", 0.75, "img2img: how far the init image is noised (1: entirely)", 0.01, 1.0),
+        Setting("guess_mode", False, "every unit in control mode (the original apps' guess mode)"),
+    )
+}
+
+# One control unit (the AUTOMATIC1111 extension's unit).
+UNIT: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting(
+            "annotator",
+            "canny",
+            "what extracts the control map from the image ('none': a ready map)",
+            choices=_annotators,
+        ),
+        Setting("strength", 1.0, "control strength", 0.0, 2.0),
+        Setting("start", 0.0, "the fraction of the steps where the unit starts acting", 0.0, 1.0),
+        Setting("end", 1.0, "the fraction of the steps where it stops", 0.0, 1.0),
+        Setting(
+            "mode",
+            "balanced",
+            "balanced, prompt (my prompt is more important) or control (the ControlNet is)",
+            choices=CONTROL_MODES,
+            flag="--control-mode",
+            label="control mode",
+        ),
+        Setting(
+            "resize_mode",
+            "crop_and_resize",
+            "how the image is fitted to the output size",
+            choices=RESIZE_MODES,
+            label="resize mode",
+        ),
+        Setting("pixel_perfect", True, "run the annotator at the output size"),
+        Setting(
+            "annotator_resolution", 512, "the annotator's short side when not pixel perfect", 64, 2048, multiple_of=64
+        ),
+        Setting("controlnet", 0, "which loaded ControlNet the unit uses (from 0)", 0, 63, label="ControlNet index"),
+    )
+}
+
+
+def check_generation(values: Mapping[str, Any]) -> None:
+    """Check every generation setting in ``values`` (unknown names are the caller's to refuse)."""
+    for name, value in values.items():
+        if name in GENERATION and not (value is None and GENERATION[name].default is None):
+            GENERATION[name].check(value)
+    if values.get("eta", 0) != 0 and values.get("sampler", "ddim") != "ddim":
+        raise SettingError(f"eta applies to the ddim sampler only, got eta {values['eta']!r} for {values['sampler']}")
+
+
+def check_unit(values: Mapping[str, Any], where: str = "control unit") -> None:
+    """Check every unit setting in ``values``, and that its window is not reversed."""
+    for name, value in values.items():
+        if name in UNIT:
+            UNIT[name].check(value, where)
+    start, end = values.get("start", 0.0), values.get("end", 1.0)
+    if start > end:
+        raise SettingError(f"{where}: start ({start:g}) must not be after end ({end:g})")

@@ -1,0 +1,196 @@
+"""Every generation setting is defined once (settings.py) and every interface obeys that definition:
+for each setting, the values at its limits and the values just past them, the pipeline (the Python
+API), the JSON API and the command line accept the same values and refuse the same values with the
+same message. The page's widgets take their ranges and defaults from it too."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controlnet import shipped
+from controlnet.cli import main
+from controlnet.models.tiny import circle_edges, random_tiny_models
+from controlnet.pipeline import ControlUnit, Pipeline
+from controlnet.settings import GENERATION, MAX_SEED, UNIT, Setting, SettingError
+
+pytest.importorskip("gradio")
+from fastapi.testclient import TestClient
+
+from controlnet.serve.app import build_app
+from controlnet.serve.service import Limits, ModelRegistry, Service, discover_models
+
+ACCEPTED = "accepted"
+EDGES = shipped.examples()[0].control
+
+
+class Validated(Exception):
+    """Raised by a stub at the first step after an interface's checks: the values were accepted."""
+
+
+def _stop(*args, **kwargs):
+    raise Validated
+
+
+def values(setting: Setting) -> Iterator[tuple[object, bool]]:
+    """(value, allowed) pairs at and just past the setting's limits."""
+    if setting.allowed():
+        choices = [c for c in setting.allowed() if c not in ("image_to_mask", "inpaint")]  # those need a mask
+        yield from ((choice, True) for choice in choices)
+        yield "bogus", False
+    elif setting.type is bool:
+        yield True, True
+        yield 1, False
+    else:
+        step = setting.multiple_of or (1 if setting.type is int else 0.01)
+        yield setting.minimum, True
+        yield setting.maximum, True
+        yield setting.minimum - step, False
+        yield setting.maximum + step, False
+        yield math.nan, False
+        if setting.multiple_of:
+            yield setting.minimum + 1, False
+
+
+CASES = [("generation", name, value, allowed) for name, s in GENERATION.items() for value, allowed in values(s)]
+CASES += [("unit", name, value, allowed) for name, s in UNIT.items() for value, allowed in values(s)]
+
+
+def _outcome(run) -> str | None:
+    """ACCEPTED, or the refusal's message without the name of the unit (the command line names a
+    unit by its image file, the APIs by its index); None where the interface does not take it."""
+    try:
+        message = run()
+    except Validated:
+        return ACCEPTED
+    if message is None:
+        return None
+    return message.split("control unit ", 1)[-1].split(": ", 1)[-1] if "control unit" in message else message
+
+
+# -- the three interfaces ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    model, controlnet = random_tiny_models(seed=0)
+    return Pipeline(model, [controlnet], dtype="float32")
+
+
+def through_pipeline(pipe: Pipeline, monkeypatch, kind: str, name: str, value) -> str | None:
+    if name in ("guess_mode", "pixel_perfect", "annotator_resolution"):
+        return None  # not arguments of the Python API (guess mode is a unit's mode there)
+    if name == "controlnet" and value not in (0, -1) and setting_allows(UNIT[name], value):
+        return None  # allowed, but this pipeline has one ControlNet: the model's limit, not the setting's
+    monkeypatch.setattr(Pipeline, "output_size", _stop)  # the first step after the checks
+    unit = {name: value} if kind == "unit" else {}
+    settings = {name: value} if kind == "generation" else {}
+    try:
+        pipe.generate("a circle", [ControlUnit(circle_edges(64), **unit)], **settings)
+    except ValueError as error:
+        return str(error)
+    raise AssertionError("the pipeline neither refused nor reached its first step")
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    # The server's own cap on the resolution (Limits.max_resolution, an operator's choice) set to
+    # the setting's, so that only the setting decides here.
+    limits = Limits(max_resolution=int(GENERATION["resolution"].maximum))
+    with TestClient(build_app(Service(ModelRegistry(discover_models(None)), limits))) as client:
+        yield client
+
+
+def through_json_api(client: TestClient, monkeypatch, kind: str, name: str, value) -> str:
+    monkeypatch.setattr(ModelRegistry, "pipeline", _stop)  # loading the model comes after the checks
+    unit = {"image": base64.b64encode(EDGES.read_bytes()).decode(), "annotator": "none"}
+    body = {"prompt": "a circle", "units": [unit | ({name: value} if kind == "unit" else {})]}
+    body |= {name: value} if kind == "generation" else {}
+    response = client.post("/api/generate", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    return response.json()["error"]
+
+
+def through_command_line(tmp_path: Path, capsys, monkeypatch, kind: str, name: str, value) -> str | None:
+    setting = (GENERATION if kind == "generation" else UNIT)[name]
+    if name in ("pixel_perfect", "annotator_resolution") or (setting.type is bool and value is not True):
+        return None  # not options of the command line (a flag is on or off)
+    if setting.type is int and isinstance(value, float):
+        return None  # argparse refuses what is not an integer, before any setting is checked
+    monkeypatch.setattr(Pipeline, "from_files", _stop)  # loading the model comes after the checks
+    argv = ["generate", "--prompt", "a circle", "--out", str(tmp_path)]
+    if kind == "generation":
+        argv += [setting.option] if setting.type is bool else [setting.option, str(value)]
+        argv += ["--image", str(EDGES), "--annotator", "none"]
+    else:  # a --control spec: KEY=VALUE items, the resize mode's key is "resize"
+        parts = {"image": EDGES, "annotator": "none", "resize" if name == "resize_mode" else name: value}
+        argv += ["--control", ",".join(f"{key}={item}" for key, item in parts.items())]
+    status = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, (status, err)
+    return err.split("error: ", 1)[1]
+
+
+@pytest.mark.parametrize(("kind", "name", "value", "allowed"), CASES, ids=[f"{c[1]}={c[2]}" for c in CASES])
+def test_the_pipeline_the_json_api_and_the_command_line_agree(
+    pipe, client, tmp_path, capsys, monkeypatch, kind, name, value, allowed
+):
+    outcomes = {
+        "pipeline": _outcome(lambda: through_pipeline(pipe, monkeypatch, kind, name, value)),
+        "JSON API": _outcome(lambda: through_json_api(client, monkeypatch, kind, name, value)),
+        "command line": _outcome(lambda: through_command_line(tmp_path, capsys, monkeypatch, kind, name, value)),
+    }
+    outcomes = {where: outcome for where, outcome in outcomes.items() if outcome is not None}
+    assert outcomes  # some values only one interface can express (a JSON 1 for a flag)
+    expected = ACCEPTED if allowed else _refusal(kind, name, value)
+    assert set(outcomes.values()) == {expected}, outcomes
+
+
+def setting_allows(setting: Setting, value) -> bool:
+    try:
+        setting.check(value)
+    except SettingError:
+        return False
+    return True
+
+
+def _refusal(kind: str, name: str, value) -> str:
+    setting = (GENERATION if kind == "generation" else UNIT)[name]
+    with pytest.raises(SettingError) as refused:
+        setting.check(value)
+    return str(refused.value)
+
+
+def test_every_setting_says_what_it_means_and_what_it_allows():
+    for setting in (*GENERATION.values(), *UNIT.values()):
+        assert setting.help and setting.describe()
+        if setting.default is not None and not callable(setting.choices):
+            assert setting.check(setting.default) == setting.default  # the default is allowed
+    assert GENERATION["seed"].maximum == MAX_SEED
+
+
+def test_the_page_takes_its_ranges_and_defaults_from_the_settings(client):
+    components = {c["props"].get("label"): c["props"] for c in client.get("/config").json()["components"]}
+    for label, setting in [("Steps", GENERATION["steps"]), ("Guidance Scale", GENERATION["guidance_scale"]),
+                           ("Images", GENERATION["num_images"]), ("Control Strength", UNIT["strength"]),
+                           ("Denoising strength", GENERATION["denoising_strength"])]:  # fmt: skip
+        props = components[label]
+        assert (props["minimum"], props["maximum"], props["value"]) == (
+            setting.minimum,
+            setting.maximum,
+            setting.default,
+        )
+    assert components["Sampler"]["choices"] == [[c, c] for c in GENERATION["sampler"].allowed()]
+
+
+def test_the_command_lines_help_names_each_range_and_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for setting in (GENERATION["steps"], GENERATION["guidance_scale"], UNIT["strength"]):
+        assert f"{setting.option} " in text and f"({setting.describe()}; default {setting.default})" in text
