@@ -458,7 +458,7 @@ def report(args, reference, results, errors, probes) -> None:
         print(f"== guided step, {size}x{size} (batch 2: ControlNet + UNet + guidance) ==")
         print(
             f"FLOPs used: {flops / 1e12:.3f} TFLOP ({args.flops}); counted on ours fp32: {measured / 1e12:.3f} "
-            f"({parts}); REFERENCE.md estimate {estimated / 1e12:.3f}"
+            f"({parts}); docs/reference.md estimate {estimated / 1e12:.3f}"
         )
         header = ["variant", "median s", "min s", "runs", "x (b)", "TFLOP/s", "% bf16 mm", "sys s", "faults"]
         header += ["peak GiB", "warm-up s"]

@@ -38,7 +38,7 @@ GUIDANCE_SCALE = 9.0
 TIMESTEP = 501  # one of DDIM's 20 "leading" timesteps (1 + 50k), mid-way
 PROMPT = "a bird on a branch, best quality, extremely detailed"
 NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality"
-# Per image sample at 512x512 (REFERENCE.md section 10): the fallback when FLOPs are not measured.
+# Per image sample at 512x512 (docs/reference.md, "The cost of a step"): the fallback when FLOPs are not measured.
 REFERENCE_TFLOP_512 = {"unet": 0.68, "controlnet": 0.23}
 
 

@@ -2,7 +2,7 @@
 
 Every field is plain data with a comment; invalid values raise ``ValueError`` naming the value and
 what is allowed. The numbers of the real presets are those of the original ``cldm_v15.yaml`` and
-``cldm_v21.yaml`` (REFERENCE.md section 2).
+``cldm_v21.yaml`` (docs/reference.md, "Model configurations").
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class ControlNetConfig:
-    """A ControlNet: the UNet's encoder copy plus the hint encoder (REFERENCE.md section 1)."""
+    """A ControlNet: the UNet's encoder copy plus the hint encoder (docs/reference.md, "The network")."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     hint_channels: int = 3  # channels of the condition image (RGB in [0, 1])

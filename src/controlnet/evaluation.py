@@ -1,4 +1,4 @@
-"""Controllability metrics (the ControlNet++ protocol, REFERENCE.md section 9).
+"""Controllability metrics (the ControlNet++ protocol: docs/reference.md, "Measuring controllability").
 
 The condition is re-extracted from each generated image with the same annotator and settings and
 compared with the condition the image was made from:

@@ -34,7 +34,7 @@ _UNIT_FIELDS = ("image", "annotator", "strength", "start", "end", "mode", "contr
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """``controlnet generate``: every option of the original canny app, same defaults (REFERENCE.md 5)."""
+    """``controlnet generate``: every option of the original canny app, same defaults (settings.py)."""
     g = commands.add_parser(
         "generate",
         help="generate images that follow a prompt and control images",

@@ -300,7 +300,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _scheduler_config(schedule: ScheduleConfig) -> dict:
-    """diffusers' DDIMScheduler set to the original's DDIM (REFERENCE.md section 4)."""
+    """diffusers' DDIMScheduler set to the original's DDIM (docs/reference.md, "Sampling as the original does it")."""
     return {
         "_class_name": "DDIMScheduler",
         "num_train_timesteps": schedule.num_timesteps,

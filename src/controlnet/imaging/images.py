@@ -2,7 +2,7 @@
 
 `load_image` reads any file Pillow can decode and returns what the original ControlNet apps work on:
 an RGB uint8 (H, W, 3) array, with transparency composited over white as their `HWC3` does
-(REFERENCE.md section 5). Bad input is refused with a one-line `ImageError`: a missing or unreadable
+(docs/reference.md, "The original app"). Bad input is refused with a one-line `ImageError`: a missing or unreadable
 file, an empty file, a file that is not an image, a corrupt or truncated image, and an image larger
 than `max_pixels` (decompression bombs are refused from the header, before any pixel is decoded).
 

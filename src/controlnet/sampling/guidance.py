@@ -1,7 +1,7 @@
 """The denoiser the samplers call: classifier-free guidance and ControlNet units live here, so a
 sampler never sees either (the k-diffusion contract: ``denoise(x, t) -> model output``).
 
-Control modes (REFERENCE.md sections 1 and 7):
+Control modes (docs/reference.md, "Control units and modes"):
 
 - ``balanced``: residuals times ``strength`` on both sides of guidance (the original default);
 - ``prompt`` ("My prompt is more important"): the soft scales ``strength * 0.825 ** (12 - i)``;

@@ -30,7 +30,7 @@ MAX_PROMPT_WINDOWS = 8
 MAX_PROMPT_TOKENS = MAX_PROMPT_WINDOWS * CHUNK_TOKENS
 MAX_PROMPT_CHARACTERS = 5_000
 
-# The original canny app's defaults (REFERENCE.md section 5), for models trained on real captions.
+# The original canny app's defaults (docs/reference.md, "The original app"), for models trained on real captions.
 ORIGINAL_ADDED_PROMPT = "best quality, extremely detailed"
 ORIGINAL_NEGATIVE_PROMPT = (
     "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "

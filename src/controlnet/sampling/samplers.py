@@ -1,7 +1,7 @@
 """Samplers: loops over a denoiser ``denoise(x, t) -> model output`` (eps or v).
 
 The sampler never sees ControlNet or guidance; those live inside the denoiser it is given
-(DESIGN.md, "one contract between model and sampler").
+(docs/architecture.md, "sampling/").
 
 **The denoiser contract.** ``denoise(x, t)`` takes latents ``x`` [B, C, H, W] in the
 *variance-preserving* (VP) space, ``x = sqrt(a) x0 + sqrt(1 - a) eps`` with ``a`` the

@@ -1,6 +1,6 @@
 """The generation service behind ``controlnet serve``: the web UI (webui.py) and the JSON API share it.
 
-It checks every request against the original canny app's ranges (REFERENCE.md section 5), keeps a
+It checks every request against the ranges of settings.py, keeps a
 server on a shared machine safe (an upload size and a pixel limit, bounded prompts and output sizes,
 a queue of bounded length, one job per model at a time), runs the pipeline with progress and
 cancellation between steps, and returns the images in memory with the PNG text that carries their
