@@ -22,8 +22,8 @@ from controlnet.sampling.samplers import (
     make_plan,
     plan_from_sigmas,
     sample,
-    training_alphas_cumprod,
 )
+from controlnet.sampling.schedules import training_alphas_cumprod
 
 diffusers = pytest.importorskip("diffusers")
 
