@@ -248,22 +248,20 @@ class Pipeline:
         white/true = repaint): after every step the latents outside the mask are replaced by the
         init latents at the same noise level, and the decoded image keeps the init pixels there.
         """
-        check_prompts(prompt, added_prompt, negative_prompt)
-        check_generation(
-            {
-                "num_images": num_images,
-                "steps": steps,
-                "guidance_scale": guidance_scale,
-                "eta": eta,
-                "seed": -1 if seed is None else seed,
-                "sampler": sampler,
-                "resolution": resolution,
-                "denoising_strength": denoising_strength,
-            }
-        )
-        self._check_arguments(controls, output)
-        if mask is not None and init_image is None:
-            raise ValueError("a mask needs an init image to inpaint")
+        # Every setting, checked here once (settings.py), and later the PNG record's start.
+        job = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "added_prompt": added_prompt,
+            "seed": -1 if seed is None else seed,
+            "num_images": num_images,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "eta": eta,
+            "sampler": sampler,
+            "resolution": resolution,
+        }
+        self._check_arguments(job, controls, output, denoising_strength, init_image, mask)
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
         resolution = resolution or self.model.config.native_resolution
@@ -309,37 +307,27 @@ class Pipeline:
         with self.placement.use(self.model.vae):
             images = self.decode(x)
         check_finite(images, f"the images decoded by the VAE (in {_dtype_name(self.dtype)})")
-        if mask is not None:  # the unmasked pixels are the init image's, exactly
-            repaint = mask[:, :, :1].astype(np.float32) / 255.0
-            images = images * repaint + (init.astype(np.float32) / 255.0) * (1.0 - repaint)
-        if output == "uint8":
-            # As the original: (x * 127.5 + 127.5).clip(0, 255).astype(uint8), which truncates.
-            images = (images * 255.0).clip(0, 255).astype(np.uint8)
-        settings = {  # the record a PNG carries (metadata.py); the interfaces add what only they know
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "added_prompt": added_prompt,
-            "seed": seed,
-            "num_images": num_images,
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "eta": eta,
-            "sampler": sampler,
-            "resolution": resolution,
-            "width": int(width),
-            "height": int(height),
+        images = _finish(images, init, mask, output)
+        job |= {"seed": seed, "resolution": resolution, "width": int(width), "height": int(height)}
+        record = self._record(job, controls, denoising_strength if init is not None else None, mask)
+        return GenerationResult(list(images), control_maps, seeds, record)
+
+    def _record(self, job: dict, controls: Sequence[ControlUnit], denoising_strength, mask) -> dict:
+        """The record a PNG carries (metadata.py): the job's settings and what the pipeline adds;
+        the interfaces add what only they know (file hashes, the device, the served name)."""
+        record = job | {
             "model": self.model.config.name,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "img2img": init is not None,
+            "img2img": denoising_strength is not None,
             "inpaint": mask is not None,
             "controls": [{k: v for k, v in dataclasses.asdict(u).items() if k != "image"} for u in controls],
             "version": __version__,
         }
-        if init is not None:
-            settings["denoising_strength"] = denoising_strength
+        if denoising_strength is not None:
+            record["denoising_strength"] = denoising_strength
         if mask is not None:  # the share of the picture repainted
-            settings["inpaint_area"] = round(float((mask[:, :, 0] > 127).mean()), 4)
-        return GenerationResult(list(images), control_maps, seeds, settings)
+            record["inpaint_area"] = round(float((mask[:, :, 0] > 127).mean()), 4)
+        return record
 
     def activate(self, unit: ControlUnit, control_map: np.ndarray) -> ActiveControl:
         """The unit ready for sampling: its hint features computed once, here."""
@@ -366,10 +354,19 @@ class Pipeline:
 
         return blend
 
-    def _check_arguments(self, controls: Sequence[ControlUnit], output: str) -> None:
-        """What settings.py does not know: the output kind, the units' scales and ControlNet indices."""
+    def _check_arguments(
+        self, job: dict, controls: Sequence[ControlUnit], output: str, denoising_strength: float, init_image, mask
+    ) -> None:
+        """The settings as settings.py defines them, then what it does not know: the output kind,
+        the units' ControlNet indices and scales, a mask without an init image."""
+        check_prompts(job["prompt"], job["added_prompt"], job["negative_prompt"])
+        check_generation(
+            {name: job[name] for name in GENERATION if name in job} | {"denoising_strength": denoising_strength}
+        )
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init image to inpaint")
         for i, unit in enumerate(controls):
             values = {name: getattr(unit, name) for name in ("strength", "start", "end", "mode", "resize_mode")}
             check_unit(values | {"annotator": unit.annotator, "controlnet": unit.controlnet}, f"control unit {i}")
@@ -379,6 +376,16 @@ class Pipeline:
                 )
             if unit.scales is not None and not all(math.isfinite(scale) for scale in unit.scales):
                 raise ValueError(f"control unit {i}: scales must be finite numbers, got {unit.scales}")
+
+
+def _finish(images: np.ndarray, init: np.ndarray | None, mask: np.ndarray | None, output: str) -> np.ndarray:
+    """The decoded images [B, H, W, 3] in [0, 1] as returned: the init image's own pixels outside an
+    inpainting mask, exactly; uint8 as the original makes it ((x * 127.5 + 127.5).clip(0, 255) then
+    a truncating cast) unless floats were asked for."""
+    if mask is not None:
+        repaint = mask[:, :, :1].astype(np.float32) / 255.0
+        images = images * repaint + (init.astype(np.float32) / 255.0) * (1.0 - repaint)
+    return (images * 255.0).clip(0, 255).astype(np.uint8) if output == "uint8" else images
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
