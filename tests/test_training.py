@@ -4,6 +4,7 @@ resume exactly, exports load, and two processes equal one."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -321,6 +322,36 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path, str
     assert again.wait() == 0
     b = load_controlnet(tmp_path / "two" / "controlnet.safetensors", model.config).state_dict()
     assert max((first[k] - b[k]).abs().max().item() for k in a) < 1e-6 * moved
+
+
+def test_the_train_command_takes_its_flags_defaults_and_help_from_the_config_fields(capsys, monkeypatch):
+    import argparse
+    import dataclasses
+
+    from controlnet.cli import train as train_command
+
+    parser = argparse.ArgumentParser()
+    train_command.register(parser.add_subparsers())
+
+    def parse(*extra: str) -> TrainConfig:
+        return train_command.config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o", *extra]))
+
+    assert parse() == TrainConfig(data="d", out="o")  # every default is the field's
+    flags = ["--no-cache", "--max-grad-norm", "0", "--unlock-decoder", "--task", "vae", "--ema-decay", "0.99"]
+    expected = dict(cache=False, max_grad_norm=None, unlock_decoder=True, task="vae", ema_decay=0.99)
+    assert parse(*flags) == TrainConfig(data="d", out="o", **expected)  # --max-grad-norm 0: no clipping
+    with pytest.raises(SystemExit):
+        parse("--mixed-precision", "fp32")  # the field's choices
+    monkeypatch.setenv("COLUMNS", "1000")  # no help text broken over lines
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for spec in dataclasses.fields(TrainConfig):  # each option: its flag, its value's name, its help
+        flag = spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+        described = re.search(rf"{re.escape(flag)}(?: \S+)? {re.escape(spec.metadata['help'])}", text)
+        assert (described is not None) == spec.metadata["cli"], flag
+    assert "--max-steps MAX_STEPS optimiser steps to train for (default: 1000)" in text
+    assert "--weight-decay" not in text and "--progress" not in text  # settings of the Python API only
 
 
 def test_train_and_add_control_commands_report_mistakes_in_one_line(setup, tmp_path, capsys):

@@ -182,7 +182,7 @@ class TrainConfig:
         True, "encode latents and prompts at every step (default: once, kept in the run's cache/)", flag="--no-cache"
     )
     max_bad_fraction: float = option(
-        0.05, "stop when more of the samples read so far are missing or unreadable", range=FRACTION
+        0.05, "stop when more than this share of the samples read so far is unreadable", range=FRACTION
     )
     kl_weight: float = option(1e-6, "vae task: weight of the KL term", range=POSITIVE)
     gradient_loss_weight: float = option(
