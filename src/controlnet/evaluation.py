@@ -212,8 +212,6 @@ def evaluate(
     results."""
     from .datasets.folders import read_records
     from .imaging.charts import image_grid
-    from .imaging.images import load_image
-    from .pipeline import ControlUnit
 
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -233,63 +231,23 @@ def evaluate(
     if not records:
         raise ValueError(f"{data}: no samples to evaluate")
     resolution = resolution or pipe.model.config.native_resolution
+    generation = {
+        "num_images": images_per_condition,
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+        "sampler": sampler,
+    }
     rows, per_sample = [], []
     for i, record in enumerate(records):
-        original = load_image(record.source)
-        condition = _fit(original, resolution)
-        units = [ControlUnit(condition)] if use_control else []
-        result = pipe.generate(
-            record.prompt,
-            units,
-            num_images=images_per_condition,
-            seed=seed,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            resolution=resolution,
-            sampler=sampler,
-        )
-        scores = [edge_f1(image, condition, low_threshold, high_threshold) for image in result.images]
-        entry = {
-            "source": str(record.source),
-            "prompt": record.prompt,
-            "edge_f1": float(np.mean([s.f1 for s in scores])),
-            "edge_precision": float(np.mean([s.precision for s in scores])),
-            "edge_recall": float(np.mean([s.recall for s in scores])),
-            "edge_ssim": float(
-                np.mean([ssim(canny(image, low_threshold, high_threshold), condition) for image in result.images])
-            ),
-        }
-        scene = record.extra.get("scene")
-        if scene is not None:
-            scaled = _scaled_scene(scene, original.shape[1], resolution)
-            adherence = [scene_adherence(image, scaled) for image in result.images]
-            entry["scene_score"] = float(np.mean([a.score for a in adherence]))
-            entry["objects_found"] = float(np.mean([a.objects_found for a in adherence]))
-            entry["background_found"] = float(np.mean([a.background_found for a in adherence]))
+        condition, images, entry = _score_one(pipe, record, generation, use_control, (low_threshold, high_threshold))
         per_sample.append(entry)
         if len(rows) < 8:
-            rows.append([condition, *result.images])
+            rows.append([condition, *images])
         if progress is not None:
             progress(i + 1, len(records))
-    metrics = [k for k in per_sample[0] if k not in ("source", "prompt")]
-    summary = {k: float(np.mean([e[k] for e in per_sample if k in e])) for k in metrics}
-    results = {
-        "summary": summary,
-        "settings": {
-            "data": str(data),
-            "count": len(records),
-            "images_per_condition": images_per_condition,
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "seed": seed,
-            "sampler": sampler,
-            "resolution": resolution,
-            "control": use_control,
-            "canny_thresholds": [low_threshold, high_threshold],
-            "model": pipe.model.config.name,
-        },
-        "samples": per_sample,
-    }
+    results = _results(pipe, data, per_sample, generation, use_control, (low_threshold, high_threshold))
     check_scores(results)
     # Whole files or none: a disk that fills up leaves the previous results.json as it was.
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
@@ -298,6 +256,50 @@ def evaluate(
     with atomic_file(out / "results.json", "w", encoding="utf-8") as handle:
         handle.write(text)
     return results
+
+
+def _results(pipe, data, per_sample: list[dict], generation: dict, use_control: bool, thresholds) -> dict:
+    """What results.json holds: the mean of every score, the settings, and each sample's scores."""
+    metrics = [k for k in per_sample[0] if k not in ("source", "prompt")]
+    summary = {k: float(np.mean([e[k] for e in per_sample if k in e])) for k in metrics}
+    settings = {
+        "data": str(data),
+        "count": len(per_sample),
+        "images_per_condition": generation["num_images"],
+        **{k: generation[k] for k in ("steps", "guidance_scale", "seed", "sampler", "resolution")},
+        "control": use_control,
+        "canny_thresholds": list(thresholds),
+        "model": pipe.model.config.name,
+    }
+    return {"summary": summary, "settings": settings, "samples": per_sample}
+
+
+def _score_one(pipe, record, generation: dict, use_control: bool, thresholds: tuple[int, int]):
+    """(the condition at the output size, the generated images, their scores) for one record."""
+    from .imaging.images import load_image
+    from .pipeline import ControlUnit
+
+    original = load_image(record.source)
+    condition = _fit(original, generation["resolution"])
+    units = [ControlUnit(condition)] if use_control else []
+    images = pipe.generate(record.prompt, units, **generation).images
+    scores = [edge_f1(image, condition, *thresholds) for image in images]
+    entry = {
+        "source": str(record.source),
+        "prompt": record.prompt,
+        "edge_f1": float(np.mean([s.f1 for s in scores])),
+        "edge_precision": float(np.mean([s.precision for s in scores])),
+        "edge_recall": float(np.mean([s.recall for s in scores])),
+        "edge_ssim": float(np.mean([ssim(canny(image, *thresholds), condition) for image in images])),
+    }
+    scene = record.extra.get("scene")
+    if scene is not None:
+        scaled = _scaled_scene(scene, original.shape[1], generation["resolution"])
+        adherence = [scene_adherence(image, scaled) for image in images]
+        entry["scene_score"] = float(np.mean([a.score for a in adherence]))
+        entry["objects_found"] = float(np.mean([a.objects_found for a in adherence]))
+        entry["background_found"] = float(np.mean([a.background_found for a in adherence]))
+    return condition, images, entry
 
 
 def format_summary(results: dict) -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..files import atomic_file
+
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 Series = Sequence[tuple[float, float]]
 
@@ -65,15 +67,8 @@ def line_chart(
         py = height - bottom - (ty(y) - y0) / (y1 - y0) * (height - top - bottom)
         return px, py
 
-    draw.rectangle([left, top, width - right, height - bottom], outline=(80, 80, 80))
-    for x in x_ticks:
-        px = to_pixel(x, 10**y0 if log_y else y0)[0]
-        draw.line([px, top, px, height - bottom], fill=(230, 230, 230))
-        draw.text((px - 12, height - bottom + 6), _label(x), fill="black", font=font)
-    for y in y_ticks:
-        py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-        draw.line([left, py, width - right, py], fill=(230, 230, 230))
-        draw.text((6, py - 6), _label(10**y if log_y else y), fill="black", font=font)
+    frame = (left, top, width - right, height - bottom)
+    _draw_axes(draw, font, frame, x_ticks, y_ticks, to_pixel, log_y)
     for name, x in (marks or {}).items():
         px = to_pixel(x, 10**y0 if log_y else y0)[0]
         draw.line([px, top, px, height - bottom], fill=(120, 120, 120), width=1)
@@ -92,8 +87,24 @@ def line_chart(
     draw.text((6, top - 20), y_label, fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_file(path) as handle:  # whole or not at all
+        image.save(handle, format="PNG")
     return path
+
+
+def _draw_axes(draw, font, frame, x_ticks, y_ticks, to_pixel, log_y: bool) -> None:
+    """The frame, the grid lines at the ticks and their labels."""
+    left, top, right, bottom = frame
+    draw.rectangle(list(frame), outline=(80, 80, 80))
+    y0, y1 = y_ticks[0], y_ticks[-1]
+    for x in x_ticks:
+        px = to_pixel(x, 10**y0 if log_y else y0)[0]
+        draw.line([px, top, px, bottom], fill=(230, 230, 230))
+        draw.text((px - 12, bottom + 6), _label(x), fill="black", font=font)
+    for y in y_ticks:
+        py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
+        draw.line([left, py, right, py], fill=(230, 230, 230))
+        draw.text((6, py - 6), _label(10**y if log_y else y), fill="black", font=font)
 
 
 def _label_width(labels: Sequence[str] | None) -> int:
