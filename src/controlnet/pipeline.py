@@ -23,9 +23,10 @@ import torch
 
 from . import __version__
 from .annotators import run_annotator
-from .checkpoints import check_compatible, load_base, load_controlnet
+from .formats.detect import check_compatible
 from .imaging.images import HWC3
 from .imaging.resize import fit_to, resize_image
+from .loading import load_base, load_controlnet
 from .models.controlnet import ControlNet
 from .models.placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
 from .models.stable_diffusion import StableDiffusion

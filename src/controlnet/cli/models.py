@@ -7,7 +7,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoints import inspect_contents, load_base, load_controlnet, save_diffusers, save_ldm, transfer_control
+from ..formats.detect import inspect_contents
+from ..formats.diffusers import save_diffusers
+from ..formats.ldm import save_ldm
+from ..loading import load_base, load_controlnet, transfer_control
 from .common import UsageError, check_output, output_folder
 
 

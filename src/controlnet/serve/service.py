@@ -241,7 +241,8 @@ def discover_models(folder: Path | None, include_shipped: bool = True) -> list[M
     pipeline folders), each with the ControlNet files of the folder that fit it (checked by shape
     family when it is loaded). Only files inside ``folder`` are ever offered: a symlink that
     leads out of it is skipped with a warning."""
-    from ..checkpoints import CheckpointError, inspect_contents
+    from ..formats.detect import inspect_contents
+    from ..formats.errors import CheckpointError
 
     entries = [ModelEntry(SHIPPED, shipped.base_path(), [shipped.canny_path()])] if include_shipped else []
     if folder is None:
@@ -294,7 +295,7 @@ class ModelRegistry:
 
     def pipeline(self, name: str) -> tuple[Pipeline, dict]:
         """The model's pipeline and its file records (name + sha256), loading it if needed."""
-        from ..checkpoints import CheckpointError
+        from ..formats.errors import CheckpointError
 
         entry = self.entry(name)
         with self._loading:
@@ -321,7 +322,8 @@ class ModelRegistry:
 
     @staticmethod
     def _fitting_controlnets(entry: ModelEntry) -> list[Path]:
-        from ..checkpoints import CheckpointError, load_base, load_controlnet
+        from ..formats.errors import CheckpointError
+        from ..loading import load_base, load_controlnet
 
         if len(entry.controlnets) <= 1 and entry.controlnets == [entry.base]:
             return entry.controlnets
