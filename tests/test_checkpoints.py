@@ -380,7 +380,8 @@ def test_unknown_keys_outside_any_model_are_refused(tiny, tmp_path):
         split_ldm(state_dict)
 
 
-def test_writing_is_atomic_and_ldm_needs_safetensors(tiny, tmp_path):
+def test_ldm_files_are_written_as_safetensors_leaving_no_temporary(tiny, tmp_path):
+    # That a write cut short keeps the old file: tests/test_files.py.
     _, controlnet = tiny
     with pytest.raises(CheckpointError, match=re.escape("written as .safetensors only")):
         save_ldm(tmp_path / "out.ckpt", controlnet=controlnet)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from controlnet.config import TINY
-from controlnet.models.controlnet import ControlNet
+from controlnet.models.controlnet import ControlNet, soft_control_scales
 from controlnet.models.stable_diffusion import StableDiffusion
 from controlnet.models.tiny import circle_edges, random_tiny_models
 from controlnet.pipeline import ControlUnit, Pipeline
@@ -98,14 +98,31 @@ def test_guess_mode_runs_control_on_the_conditional_side_only(pipe):
     assert unet_counter.close() == 4  # balanced: one batched call per step
 
 
-def test_modes_and_several_units_change_the_image(pipe):
-    base = pipe.generate("a circle", [ControlUnit(EDGES)], steps=4, seed=3).images[0]
-    for units in (
-        [ControlUnit(EDGES, mode="prompt")],
-        [ControlUnit(EDGES, mode="control")],
-        [ControlUnit(EDGES), ControlUnit(255 - EDGES, controlnet=1, strength=0.7)],
-    ):
-        assert not np.array_equal(pipe.generate("a circle", units, steps=4, seed=3).images[0], base)
+def _image(pipe, units, **settings) -> np.ndarray:
+    return pipe.generate("a circle", units, steps=4, seed=3, output="float", **settings).images[0]
+
+
+def test_prompt_mode_is_balanced_mode_with_the_soft_scales(pipe):
+    soft = soft_control_scales(0.8, len(pipe.controlnets[0].zero_convs) + 1)
+    with_soft_scales = _image(pipe, [ControlUnit(EDGES, scales=soft)])
+    assert np.array_equal(_image(pipe, [ControlUnit(EDGES, mode="prompt", strength=0.8)]), with_soft_scales)
+    assert not np.array_equal(_image(pipe, [ControlUnit(EDGES, strength=0.8)]), with_soft_scales)
+
+
+def test_control_mode_differs_from_prompt_mode_only_on_the_unconditional_side(pipe):
+    """Both use the soft scales; control mode also leaves the unit out of the unconditional side.
+    With guidance 1 that side plays no part: the two modes give the same image; with 9, not."""
+    for scale, same in ((1.0, True), (9.0, False)):
+        control = _image(pipe, [ControlUnit(EDGES, mode="control")], guidance_scale=scale)
+        prompt = _image(pipe, [ControlUnit(EDGES, mode="prompt")], guidance_scale=scale)
+        assert np.array_equal(control, prompt) == same, scale
+
+
+def test_a_second_unit_acts_through_its_strength(pipe):
+    one = _image(pipe, [ControlUnit(EDGES)])
+    silent = _image(pipe, [ControlUnit(EDGES), ControlUnit(255 - EDGES, controlnet=1, strength=0.0)])
+    acting = _image(pipe, [ControlUnit(EDGES), ControlUnit(255 - EDGES, controlnet=1, strength=0.7)])
+    assert np.array_equal(silent, one) and not np.array_equal(acting, one)
 
 
 def test_several_units_sum_their_residuals():
@@ -233,9 +250,14 @@ def test_mask_and_inpaint_hint_errors(pipe):
 
 
 def test_guidance_below_one_still_mixes_in_the_unconditional_side(pipe):
-    half = pipe.generate("a circle", [ControlUnit(EDGES)], guidance_scale=0.5, steps=3, seed=4, output="float")
-    one = pipe.generate("a circle", [ControlUnit(EDGES)], guidance_scale=1.0, steps=3, seed=4, output="float")
-    assert not np.array_equal(half.images[0], one.images[0])
+    """Any scale but exactly 1 combines the two sides: ``uncond + scale * (cond - uncond)``."""
+    unet, x, t = pipe.model.unet, torch.randn(1, 4, 8, 8), torch.tensor([500.0])
+    cond, uncond = (torch.randn(1, 77, TINY.text.width).to(pipe.dtype) for _ in range(2))
+    conditional = GuidedDenoiser(unet, cond, None, 1.0, [])(x, t)
+    unconditional = GuidedDenoiser(unet, uncond, None, 1.0, [])(x, t)
+    for scale in (0.5, 0.0, 3.0):
+        guided = GuidedDenoiser(unet, cond, uncond, scale, [])(x, t)
+        torch.testing.assert_close(guided, unconditional + scale * (conditional - unconditional))
 
 
 def test_uint8_output_truncates_as_the_original(pipe):

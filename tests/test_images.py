@@ -4,6 +4,7 @@ one-line ImageError, PNG metadata round trips, and the original HWC3."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 import zlib
@@ -301,9 +302,19 @@ def test_png_text_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # no temporary file left
 
 
-def test_save_png_overwrites_atomically(tmp_path: Path) -> None:
+def test_save_png_overwrites_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "out.png"
     save_png(path, _rgb(seed=1), {"run": "1"})
+    before = path.read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:  # the new file is written, then its sync fails
+        patch.setattr(os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            save_png(path, _rgb(seed=2), {"run": "2"})
+    assert path.read_bytes() == before and len(list(tmp_path.iterdir())) == 1  # the old one, whole
     save_png(path, _rgb(seed=2), {"run": "2"})
     assert read_png_text(path) == {"run": "2"}
     np.testing.assert_array_equal(load_image(path), _rgb(seed=2))
