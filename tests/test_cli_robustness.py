@@ -172,7 +172,7 @@ CASES = [
     ([*TRAIN, "--device", "meta"], 2, "--device meta: this runs on cpu, cuda, cuda:N only"),
     ([*TRAIN, "--device", "bogus"], 2, "--device 'bogus' is not a device"),
     ([*TRAIN, "--validation-count", "0"], 2, "--validation-count must be at least 1, got 0"),
-    ([*TRAIN, "--validation-steps", "0"], 2, "--validation-steps must be between 1 and 1000"),
+    ([*TRAIN, "--validation-steps", "0"], 2, "--validation-steps must be between 1 and 100"),
     ([*TRAIN, "--learning-rate", "inf"], 2, "--learning-rate must be a finite number in (0, 1], got inf"),
     ([*TRAIN, "--learning-rate", "nan"], 2, "--learning-rate must be a finite number"),
     ([*TRAIN, "--learning-rate=-1e-5"], 2, "--learning-rate must be a finite number"),

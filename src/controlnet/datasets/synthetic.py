@@ -280,6 +280,8 @@ def write_dataset(
     for i in range(count):
         sample = generate(task, i, size=size, seed=seed)
         record: dict[str, Any] = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": sample.prompt}
+        # Written directly, not one by one atomically: the dataset exists once prompt.json, written
+        # last and atomically, does; a run cut short leaves no prompt.json and is refused as it is.
         Image.fromarray(sample.source).save(out / record["source"])
         Image.fromarray(sample.target).save(out / record["target"])
         if sample.scene is not None:

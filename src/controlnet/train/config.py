@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..pipeline import RESOLUTION_RANGE
 from ..runtime import check_device
+from ..settings import GENERATION
 
 TASKS = ("controlnet", "base", "vae")
 CONTROL_INITS = ("zero", "gaussian")
@@ -33,12 +33,12 @@ VALIDATION_ROWS = ("control", "data", "prompt", "no prompt")
 # The largest training resolution: the largest size `controlnet generate` accepts, so that what is
 # trained can be used; it also bounds memory (a single 2048 px sample through an SD 1.5 UNet needs
 # tens of GB of activations). Anything above is a typo: --resolution 100000 asked for terabytes.
-MAX_RESOLUTION = RESOLUTION_RANGE[1]
+MAX_RESOLUTION = int(GENERATION["resolution"].maximum)
 # AdamW moves every weight by about the learning rate at each step: above 1 each step moves a
 # weight by more than its own typical size, which only diverges (SD's ControlNets train at 1e-5).
 MAX_LEARNING_RATE = 1.0
-# Validation samples with a model's schedule of 1000 training timesteps: no more steps than those.
-MAX_VALIDATION_STEPS = 1000
+# Validation generates its images as `controlnet generate` does: no more steps than it takes.
+MAX_VALIDATION_STEPS = int(GENERATION["steps"].maximum)
 
 
 class TrainingError(ValueError):

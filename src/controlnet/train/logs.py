@@ -8,6 +8,7 @@ learning rate, samples/s) and ``loss.png``; ``validation.csv``, the grids in ``v
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from collections.abc import Callable
@@ -124,7 +125,8 @@ def _tensorboard(out: Path, log: Callable[[str], None]):
 
 
 def append_csv(path: Path, row: dict) -> None:
-    """``row`` at the end of the CSV file ``path``, the header first when the file is new."""
+    """``row`` at the end of the CSV file ``path``, the header first when the file is new. (An
+    appended log: a run killed mid-row leaves a half row, which ``read_csv``'s readers skip.)"""
     new = not path.exists()
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
@@ -141,14 +143,18 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def truncate_csv(path: Path, last_step: int) -> None:
-    """Keep the rows of the CSV log ``path`` up to ``last_step``."""
+    """Keep the rows of the CSV log ``path`` up to ``last_step``; the file is replaced whole, so a
+    run killed meanwhile keeps the old log rather than half of it."""
     rows = read_csv(path)
-    if not rows:
-        return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(r for r in rows if _row_step(r) is not None and _row_step(r) <= last_step)
+    kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= last_step]
+    if len(kept) == len(rows):
+        return  # nothing after the checkpoint: the log stays as it is
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(kept)
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(text.getvalue())
 
 
 def _row_step(row: dict) -> int | None:

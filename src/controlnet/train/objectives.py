@@ -25,6 +25,7 @@ from ..formats.ldm import save_ldm
 from ..loading import load_base, load_controlnet
 from ..models.controlnet import ControlNet
 from ..models.stable_diffusion import StableDiffusion
+from ..sampling.parametrisation import noised, target
 from ..sampling.prompts import encode_prompts
 from .config import VALIDATION_ROWS, TrainConfig, TrainingError
 from .data import FrozenCache, diffusion_batch, latent_shape
@@ -50,12 +51,12 @@ def diffusion_loss(
     prediction: str,
 ) -> torch.Tensor:
     """The latent diffusion loss (Ho et al. 2020, eq. 14, in latent space as Rombach et al. 2022):
-    noise the latents to ``timesteps`` and regress the noise (or v, Salimans & Ho 2022)."""
+    noise the latents to ``timesteps`` and regress the noise (or v): sampling/parametrisation.py."""
     alpha = alphas_cumprod[timesteps].to(latents.dtype)[:, None, None, None]
-    noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
-    target = noise if prediction == "eps" else alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
-    output = denoise(noisy, timesteps)
-    return F.mse_loss(output.float(), target.float())
+    sqrt_alpha, sqrt_one_minus_alpha = alpha.sqrt(), (1 - alpha).sqrt()
+    output = denoise(noised(latents, noise, sqrt_alpha, sqrt_one_minus_alpha), timesteps)
+    expected = target(prediction, latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
+    return F.mse_loss(output.float(), expected.float())
 
 
 class Objective(nn.Module):
