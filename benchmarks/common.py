@@ -199,12 +199,8 @@ def diffusers_unet_and_controlnet(unet, controlnet):
     """diffusers' UNet2DConditionModel and ControlNetModel sharing our modules' tensors."""
     import diffusers
 
-    from controlnet.formats.diffusers_unet import (
-        controlnet_config_to_diffusers,
-        controlnet_ldm_to_diffusers,
-        unet_config_to_diffusers,
-        unet_ldm_to_diffusers,
-    )
+    from controlnet.formats.diffusers_unet import controlnet_ldm_to_diffusers, unet_ldm_to_diffusers
+    from controlnet.formats.diffusers_unet_config import controlnet_config_to_diffusers, unet_config_to_diffusers
 
     with torch.device("meta"):
         their_unet = diffusers.UNet2DConditionModel.from_config(unet_config_to_diffusers(unet.config))

@@ -18,6 +18,7 @@ from diffusers.loaders import single_file_utils
 
 from controlnet.config import SD15, SD21, SD21_V, TINY, ControlNetConfig, ModelConfig, UNetConfig
 from controlnet.formats import diffusers_unet as du
+from controlnet.formats import diffusers_unet_config as duc
 from controlnet.formats.ldm import CONTROL_PREFIX, UNET_PREFIX
 
 KEYS_FILE = Path(__file__).parent / "data" / "ldm_keys.json"
@@ -41,8 +42,8 @@ def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 def _diffusers_models(model: ModelConfig, device: str) -> tuple[UNet2DConditionModel, ControlNetModel]:
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(du.unet_config_to_diffusers(model.unet))
-        control = ControlNetModel.from_config(du.controlnet_config_to_diffusers(model.controlnet()))
+        unet = UNet2DConditionModel.from_config(duc.unet_config_to_diffusers(model.unet))
+        control = ControlNetModel.from_config(duc.controlnet_config_to_diffusers(model.controlnet()))
     return unet, control
 
 
@@ -89,7 +90,7 @@ def test_full_size_maps_agree_with_diffusers_converter(ldm_keys, version):
     """diffusers' single-file converter is an independent oracle for which weight goes where (same
     shapes alone would not catch, say, two ResBlocks of a level swapped)."""
     model = FULL[version]
-    unet_config = du.unet_config_to_diffusers(model.unet)
+    unet_config = duc.unet_config_to_diffusers(model.unet)
     prefixed = {UNET_PREFIX + k: v for k, v in _meta_state(ldm_keys[version], UNET_PREFIX).items()}
     theirs = single_file_utils.convert_ldm_unet_checkpoint(prefixed, unet_config)
     # both pass the same tensor objects through: compare names and identities
@@ -98,7 +99,7 @@ def test_full_size_maps_agree_with_diffusers_converter(ldm_keys, version):
     assert _same_objects(ours, theirs)
 
     control_state = _meta_state(ldm_keys[version], CONTROL_PREFIX)
-    control_config = du.controlnet_config_to_diffusers(model.controlnet())
+    control_config = duc.controlnet_config_to_diffusers(model.controlnet())
     theirs = single_file_utils.convert_controlnet_checkpoint(control_state, control_config)
     assert _same_objects(du.controlnet_ldm_to_diffusers(control_state, model.controlnet()), theirs)
 
@@ -168,12 +169,12 @@ def test_tiny_maps_agree_with_diffusers_converter():
     unet, control = _diffusers_models(TINY, "meta")
     ldm = du.unet_diffusers_to_ldm(unet.state_dict(), TINY.unet)
     prefixed = {UNET_PREFIX + k: v for k, v in ldm.items()}
-    theirs = single_file_utils.convert_ldm_unet_checkpoint(prefixed, du.unet_config_to_diffusers(TINY.unet))
+    theirs = single_file_utils.convert_ldm_unet_checkpoint(prefixed, duc.unet_config_to_diffusers(TINY.unet))
     assert _same_objects(du.unet_ldm_to_diffusers(ldm, TINY.unet), theirs)
 
     cn = TINY.controlnet()
     ldm = du.controlnet_diffusers_to_ldm(control.state_dict(), cn)
-    theirs = single_file_utils.convert_controlnet_checkpoint(ldm, du.controlnet_config_to_diffusers(cn))
+    theirs = single_file_utils.convert_controlnet_checkpoint(ldm, duc.controlnet_config_to_diffusers(cn))
     assert _same_objects(du.controlnet_ldm_to_diffusers(ldm, cn), theirs)
 
 
@@ -183,13 +184,13 @@ def test_tiny_maps_agree_with_diffusers_converter():
 @pytest.mark.parametrize("name", ["sd15", "sd21", "sd21-v", "tiny"])
 def test_config_round_trips(name):
     model = {"sd15": SD15, "sd21": SD21, "sd21-v": SD21_V, "tiny": TINY}[name]
-    d = du.unet_config_to_diffusers(model.unet)
-    back = du.unet_config_from_diffusers(d)
+    d = duc.unet_config_to_diffusers(model.unet)
+    back = duc.unet_config_from_diffusers(d)
     assert back == _canonical(model.unet)
-    assert du.unet_config_from_diffusers(du.unet_config_to_diffusers(back)) == back
+    assert duc.unet_config_from_diffusers(duc.unet_config_to_diffusers(back)) == back
     for pooling in (False, True):
         cn = model.controlnet(global_average_pooling=pooling)
-        back_cn = du.controlnet_config_from_diffusers(du.controlnet_config_to_diffusers(cn))
+        back_cn = duc.controlnet_config_from_diffusers(duc.controlnet_config_to_diffusers(cn))
         assert back_cn == dataclasses.replace(cn, unet=_canonical(cn.unet))
 
 
@@ -197,8 +198,8 @@ def test_config_dicts_are_complete_and_understood_by_diffusers():
     for model in PRESETS.values():
         unet, control = _diffusers_models(model, "meta")
         for built, ours in (
-            (unet, du.unet_config_to_diffusers(model.unet)),
-            (control, du.controlnet_config_to_diffusers(model.controlnet())),
+            (unet, duc.unet_config_to_diffusers(model.unet)),
+            (control, duc.controlnet_config_to_diffusers(model.controlnet())),
         ):
             for key, value in ours.items():
                 if key.startswith("_"):
@@ -225,9 +226,9 @@ def test_diffusers_models_have_the_ldm_attention_heads(name):
             seen += 1
         assert seen > 0
     if name == "sd21":
-        assert du.unet_config_to_diffusers(model.unet)["attention_head_dim"] == [5, 10, 20, 20]
+        assert duc.unet_config_to_diffusers(model.unet)["attention_head_dim"] == [5, 10, 20, 20]
     if name == "sd15":
-        assert du.unet_config_to_diffusers(model.unet)["attention_head_dim"] == 8
+        assert duc.unet_config_to_diffusers(model.unet)["attention_head_dim"] == 8
 
 
 def _ldm_yaml(cfg: UNetConfig) -> dict:
@@ -260,7 +261,7 @@ def _ldm_yaml(cfg: UNetConfig) -> dict:
 def test_config_agrees_with_diffusers_ldm_config_conversion(name):
     cfg = PRESETS[name].unet
     theirs = single_file_utils.create_unet_diffusers_config_from_ldm(_ldm_yaml(cfg), {}, image_size=512)
-    ours = du.unet_config_to_diffusers(cfg)
+    ours = duc.unet_config_to_diffusers(cfg)
     for key, value in theirs.items():
         assert ours.get(key, value) == value, key
 
@@ -326,15 +327,15 @@ SD15_HUB_CONTROLNET = {
 
 
 def test_hub_style_configs_read_as_the_presets():
-    assert du.unet_config_from_diffusers(SD15_HUB_UNET) == SD15.unet
-    assert du.unet_config_from_diffusers(SD21_HUB_UNET) == SD21.unet
-    assert du.controlnet_config_from_diffusers(SD15_HUB_CONTROLNET) == SD15.controlnet()
+    assert duc.unet_config_from_diffusers(SD15_HUB_UNET) == SD15.unet
+    assert duc.unet_config_from_diffusers(SD21_HUB_UNET) == SD21.unet
+    assert duc.controlnet_config_from_diffusers(SD15_HUB_CONTROLNET) == SD15.controlnet()
     sd21_control = {**SD15_HUB_CONTROLNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024}
     sd21_control["use_linear_projection"] = True
-    assert du.controlnet_config_from_diffusers(sd21_control) == SD21.controlnet()
+    assert duc.controlnet_config_from_diffusers(sd21_control) == SD21.controlnet()
     # per-level lists that are uniform where they matter are accepted
     listed = {**SD15_HUB_UNET, "attention_head_dim": [8, 8, 8, 8], "layers_per_block": [2, 2, 2, 2]}
-    assert du.unet_config_from_diffusers(listed) == SD15.unet
+    assert duc.unet_config_from_diffusers(listed) == SD15.unet
 
 
 @pytest.mark.parametrize(
@@ -355,14 +356,14 @@ def test_hub_style_configs_read_as_the_presets():
 )
 def test_unsupported_diffusers_configs_are_refused(change):
     with pytest.raises(ValueError):
-        du.unet_config_from_diffusers({**SD15_HUB_UNET, **change})
+        duc.unet_config_from_diffusers({**SD15_HUB_UNET, **change})
 
 
 def test_unsupported_controlnet_configs_are_refused():
     with pytest.raises(ValueError, match="conditioning_channel_order"):
-        du.controlnet_config_from_diffusers({**SD15_HUB_CONTROLNET, "controlnet_conditioning_channel_order": "bgr"})
+        duc.controlnet_config_from_diffusers({**SD15_HUB_CONTROLNET, "controlnet_conditioning_channel_order": "bgr"})
     with pytest.raises(ValueError, match="4 stages"):
-        du.controlnet_config_from_diffusers({**SD15_HUB_CONTROLNET, "conditioning_embedding_out_channels": [16, 32]})
+        duc.controlnet_config_from_diffusers({**SD15_HUB_CONTROLNET, "conditioning_embedding_out_channels": [16, 32]})
 
 
 # ---- strictness and the projection reshape -------------------------------------------------------

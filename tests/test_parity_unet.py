@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from controlnet.config import SD15, SD21, ModelConfig
-from controlnet.formats.diffusers_unet import (
-    controlnet_config_to_diffusers,
-    controlnet_ldm_to_diffusers,
-    unet_config_to_diffusers,
-    unet_ldm_to_diffusers,
-)
+from controlnet.formats.diffusers_unet import controlnet_ldm_to_diffusers, unet_ldm_to_diffusers
+from controlnet.formats.diffusers_unet_config import controlnet_config_to_diffusers, unet_config_to_diffusers
 from controlnet.models.controlnet import ControlNet, scale_residuals
 from controlnet.models.unet import UNet
 

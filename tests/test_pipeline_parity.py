@@ -15,12 +15,8 @@ import torch
 from controlnet.config import SD15
 from controlnet.formats.diffusers_text import text_config_to_diffusers, text_ldm_to_diffusers
 from controlnet.formats.diffusers_tokenizer import write_hf_tokenizer_files
-from controlnet.formats.diffusers_unet import (
-    controlnet_config_to_diffusers,
-    controlnet_ldm_to_diffusers,
-    unet_config_to_diffusers,
-    unet_ldm_to_diffusers,
-)
+from controlnet.formats.diffusers_unet import controlnet_ldm_to_diffusers, unet_ldm_to_diffusers
+from controlnet.formats.diffusers_unet_config import controlnet_config_to_diffusers, unet_config_to_diffusers
 from controlnet.formats.diffusers_vae import vae_config_to_diffusers, vae_ldm_to_diffusers
 from controlnet.models.controlnet import ControlNet
 from controlnet.models.stable_diffusion import StableDiffusion

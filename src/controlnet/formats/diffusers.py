@@ -21,7 +21,7 @@ from ..config import ControlNetConfig, ModelConfig, ScheduleConfig
 from ..files import atomic_file, atomic_folder
 from ..models.controlnet import ControlNet
 from ..models.stable_diffusion import StableDiffusion
-from . import diffusers_text, diffusers_unet, diffusers_vae
+from . import diffusers_text, diffusers_unet, diffusers_unet_config, diffusers_vae
 from .detect import check_compatible, diffusers_controlnet_config_from_shapes, preset_for
 from .diffusers_tokenizer import write_hf_tokenizer_files
 from .errors import CheckpointError, first_line
@@ -56,7 +56,7 @@ def read_pipeline_config(folder: Path, prediction: str | None = None) -> ModelCo
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: not a diffusers model folder (no {part}/ inside)")
     try:
-        unet_config = diffusers_unet.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+        unet_config = diffusers_unet_config.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
         vae_json = _read_json(folder / "vae" / "config.json")
         vae_config = diffusers_vae.vae_config_from_diffusers(vae_json)
         text_config = diffusers_text.text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
@@ -99,7 +99,7 @@ def read_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig]:
     if kind != "ControlNetModel":
         raise CheckpointError(f"{folder}: holds a {kind}, not a ControlNet (ControlNetModel)")
     try:
-        config = diffusers_unet.controlnet_config_from_diffusers(config_json)
+        config = diffusers_unet_config.controlnet_config_from_diffusers(config_json)
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
             f"{folder / 'config.json'}: not a ControlNet configuration ({first_line(error)})"
@@ -244,7 +244,7 @@ def _controlnet_weights(controlnet: ControlNet) -> StateDict:
 
 
 def _write_controlnet(folder: Path, controlnet: ControlNet) -> None:
-    config = diffusers_unet.controlnet_config_to_diffusers(controlnet.config)
+    config = diffusers_unet_config.controlnet_config_to_diffusers(controlnet.config)
     _write_component(folder, _controlnet_weights(controlnet), config, "diffusion")
 
 
@@ -253,7 +253,7 @@ def _write_pipeline(folder: Path, model: StableDiffusion, controlnet: ControlNet
     _write_component(
         folder / "unet",
         diffusers_unet.unet_ldm_to_diffusers(model.unet.state_dict(), config.unet),
-        diffusers_unet.unet_config_to_diffusers(
+        diffusers_unet_config.unet_config_to_diffusers(
             config.unet, sample_size=config.native_resolution // config.vae.downsample_factor
         ),
         "diffusion",
