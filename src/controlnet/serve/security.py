@@ -8,7 +8,7 @@ uses, never says so; and it downloads a URL given as any input. Three independen
 that hole, each enough on its own for paths, the first and the last for URLs too:
 
 1. :class:`RequestGuard`, in front of the whole app, refuses (400) a request to run an event that
-   names a file outside the server's folder (server_files.py), or a URL, before Gradio sees it.
+   names a file outside the server's folder (files.py), or a URL, before Gradio sees it.
    It also answers only the routes the page and the JSON API use, serves files only from the
    server's folder, and counts request bodies while they stream, refusing one past the limit
    (413) before it is buffered.

@@ -1,11 +1,11 @@
-"""The generation service behind ``controlnet serve``: the web UI (webui.py) and the JSON API share it.
+"""The generation service behind ``controlnet serve``: the web page (ui.py) and the JSON API (api.py) share it.
 
 It checks every request against the ranges of settings.py, keeps a
 server on a shared machine safe (an upload size and a pixel limit, bounded prompts and output sizes,
 a queue of bounded length, one job per model at a time), runs the pipeline with progress and
 cancellation between steps, and returns the images in memory with the PNG text that carries their
 settings (metadata.py), as ``controlnet generate`` writes it. It writes no file: the web UI stores
-what the page shows in its own bounded folder (server_files.py); the JSON API returns it inline.
+what the page shows in its own bounded folder (files.py); the JSON API returns it inline.
 """
 
 from __future__ import annotations
