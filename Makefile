@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.installed-torch
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
+# controlnet_aux (the annotators' oracle) without its dependencies: it requires torchvision, which
+# does not install beside the pinned torch; the tests import only its modules that need none of it.
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-torch
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "controlnet-aux==0.0.10"
 	touch $@
 
 # The browser tests drive Debian's chromium (never a downloaded browser): install it when missing.

@@ -322,7 +322,6 @@ def test_every_annotator_takes_grey_and_rgba_input(name: str) -> None:
 
 def test_every_parameter_is_described() -> None:
     for annotator in ANNOTATORS.values():
-        assert annotator.weights is None  # all classical so far
         for p in annotator.params:
             assert p.help
             if p.kind in ("int", "float"):
@@ -476,11 +475,11 @@ def test_bad_inpaint_masks_are_refused() -> None:
 def test_network_annotators_load_lazily_once(monkeypatch: pytest.MonkeyPatch) -> None:
     loads: list[str] = []
 
-    def factory():
+    def factory(runtime):
         loads.append("weights read")
         return lambda image, gain: (image // 2 * gain).astype(np.uint8)
 
-    fake = Annotator("fake_net", "a network annotator", factory, (Param("gain", 1, 0, 2, help="x"),), weights="net.pth")
+    fake = Annotator("fake_net", "a network annotator", factory, (Param("gain", 1, 0, 2, help="x"),), weights=())
     monkeypatch.setitem(ANNOTATORS, "fake_net", fake)
     assert loads == []  # registering reads nothing
     image = _shapes(16, 16)
@@ -491,11 +490,11 @@ def test_network_annotators_load_lazily_once(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_register_refuses_taken_names() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        register(Annotator("canny", "another canny", lambda: lambda image: image))
+        register(Annotator("canny", "another canny", lambda runtime: lambda image: image))
 
 
 def test_an_annotator_returning_the_wrong_shape_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    broken = Annotator("broken", "returns grey", lambda: lambda image: image[:, :, 0])
+    broken = Annotator("broken", "returns grey", lambda runtime: lambda image: image[:, :, 0])
     monkeypatch.setitem(ANNOTATORS, "broken", broken)
     with pytest.raises(RuntimeError, match="expected"):
         run_annotator("broken", _shapes(16, 16))

@@ -5,8 +5,12 @@
 `run_annotator` sizes the image as the original apps do (`resize_image`: short side to
 `resolution`, sides rounded to multiples of 64) and runs the annotator on it. Every annotator
 returns uint8 (H, W, 3), except "inpaint", whose hint is float32 (H, W, 3) in [0, 1] with -1 at
-masked pixels (`Annotator.float_output`). Nothing is loaded at import: network annotators (none
-yet) name their `weights` and load them in `Annotator.factory` on first use.
+masked pixels (`Annotator.float_output`).
+
+The classical annotators are here; each family of the others has its module (`softedge`, `lineart`,
+`mlsd`, `openpose`, `depth`, `maps`), their networks in `networks/`. Nothing is loaded at import:
+a network annotator names its `weights` (weights.py: one folder, original file names) and reads them
+in `Annotator.factory` on first use, for the `Runtime` (folder, device, dtype) it is called with.
 """
 
 from __future__ import annotations
@@ -18,18 +22,25 @@ import numpy as np
 
 from ..imaging.images import HWC3
 from ..imaging.resize import INTERPOLATIONS, RESIZE_MODES, fit_to, pixel_perfect_resolution, resize, resize_image
-from . import classic
-from .base import Annotator, AnnotatorFn, Param, ParamValue
+from . import classic, depth, lineart, maps, mlsd, openpose, softedge
+from .base import Annotation, Annotator, AnnotatorFn, Param, ParamValue, Runtime
 from .canny import canny
+from .weights import AnnotatorWeightsError, WeightFile, annotators_folder
 
 __all__ = [
     "ANNOTATORS",
     "INTERPOLATIONS",
     "RESIZE_MODES",
+    "Annotation",
     "Annotator",
     "AnnotatorFn",
+    "AnnotatorWeightsError",
     "Param",
     "ParamValue",
+    "Runtime",
+    "WeightFile",
+    "annotate",
+    "annotators_folder",
     "canny",
     "fit_to",
     "get_annotator",
@@ -43,9 +54,9 @@ __all__ = [
 _SEED = Param("seed", 0, 0, 2**32 - 1, help="random seed; the same seed gives the same result")
 
 
-def _plain(fn: AnnotatorFn) -> Callable[[], AnnotatorFn]:
+def _plain(fn: AnnotatorFn) -> Callable[[Runtime], AnnotatorFn]:
     """Factory for a classical annotator: the function itself, nothing to load."""
-    return lambda: fn
+    return lambda runtime: fn
 
 
 ANNOTATORS: dict[str, Annotator] = {
@@ -105,6 +116,12 @@ ANNOTATORS: dict[str, Annotator] = {
         ),
         Annotator("invert", "255 - image: black-on-white line art to white-on-black", _plain(classic.invert)),
         Annotator("none", "the image itself, as RGB", _plain(classic.passthrough)),
+        *softedge.ANNOTATORS,
+        *lineart.ANNOTATORS,
+        *mlsd.ANNOTATORS,
+        *openpose.ANNOTATORS,
+        *depth.ANNOTATORS,
+        *maps.ANNOTATORS,
     )
 }
 
@@ -124,15 +141,26 @@ def get_annotator(name: str) -> Annotator:
         raise ValueError(f"unknown annotator {name!r}; choose one of {', '.join(ANNOTATORS)}") from None
 
 
-def run_annotator(name: str, image: np.ndarray, resolution: int | None = None, **params: Any) -> np.ndarray:
-    """Run annotator `name` on an RGB uint8 image (grey and RGBA accepted, as `HWC3`).
+def annotate(
+    name: str, image: np.ndarray, resolution: int | None = None, *, runtime: Runtime | None = None, **params: Any
+) -> Annotation:
+    """Run annotator `name` on an RGB uint8 image (grey and RGBA accepted, as `HWC3`): the control
+    image and the annotator's data (`Annotation`).
 
     With `resolution`, the image is first sized by `resize_image` (short side to `resolution`,
     sides multiples of 64), as the original apps do; with None it is used at its own size.
-    `params` are the annotator's parameters (unknown names and out-of-range values raise
-    ValueError) and its array inputs (the inpaint `mask`)."""
+    `runtime` says where network annotators read their weights and run (default:
+    `Runtime.default()`). `params` are the annotator's parameters (unknown names and out-of-range
+    values raise ValueError) and its array inputs (the inpaint `mask`)."""
     annotator = get_annotator(name)
     rgb = HWC3(image)
     if resolution is not None:
         rgb = resize_image(rgb, resolution)
-    return annotator(rgb, **params)
+    return annotator.annotate(rgb, runtime, **params)
+
+
+def run_annotator(
+    name: str, image: np.ndarray, resolution: int | None = None, *, runtime: Runtime | None = None, **params: Any
+) -> np.ndarray:
+    """The control image of `annotate` (same arguments)."""
+    return annotate(name, image, resolution, runtime=runtime, **params).image

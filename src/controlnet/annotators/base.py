@@ -1,6 +1,7 @@
 """The annotator contract: a named function from an RGB image to a control image, with parameters
-described well enough for a UI slider or a CLI flag, and room for network annotators whose weights
-load on first use."""
+described well enough for a UI slider or a CLI flag. Network annotators name their weight files
+(`weights.WeightFile`) and build their function from a `Runtime` (the weights folder, the device and
+dtype) on first use, once per runtime."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from ..imaging.images import HWC3
+from .weights import WeightFile, annotators_folder
 
 ParamValue = int | float | bool | str
 AnnotatorFn = Callable[..., np.ndarray]
@@ -59,34 +62,75 @@ class Param:
         return number
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What a network annotator runs with: the folder its weight files are read from, and the
+    device and dtype (names, as torch spells them) its network runs in. `Runtime.default()` takes
+    them from the command's options, else `CONTROLNET_ANNOTATORS` and runtime.py's policy."""
+
+    folder: Path
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @classmethod
+    def default(cls, folder: str | Path | None = None, device: str | None = None, dtype: str | None = None) -> Runtime:
+        """The folder from `weights.annotators_folder`, the device and dtype from runtime.py's policy."""
+        from .. import runtime
+
+        place = runtime.check_device(device) if device else runtime.default_device()
+        chosen = runtime.parse_dtype(dtype, place)
+        name = next(n for n, d in runtime.DTYPES.items() if d == chosen)
+        return cls(annotators_folder(folder), str(place), name)
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """What an annotator made: the control image and, for some, data a user can edit and render
+    back (the openpose annotators' poses as OpenPose JSON)."""
+
+    image: np.ndarray
+    data: dict[str, Any] | None = None
+
+
 @dataclass
 class Annotator:
     """A condition extractor: `annotator(image, **params)` maps an RGB uint8 (H, W, 3) image to a
     control image of the same height and width, uint8 (H, W, 3), or float32 (H, W, 3) in [0, 1]
-    with -1 marking masked pixels when `float_output` (the inpaint hint)."""
+    with -1 marking masked pixels when `float_output` (the inpaint hint).
+
+    `factory(runtime)` builds the function; it may return an `Annotation` instead of an array."""
 
     name: str
     description: str
-    # Builds the function. Classical annotators return a plain function; network annotators load
-    # `weights` here, so nothing is read before the first call (and then only once).
-    factory: Callable[[], AnnotatorFn]
+    # Builds the function. Classical annotators return a plain function; network annotators read
+    # their `weights` here, so nothing is read before the first call (and then once per runtime).
+    factory: Callable[[Runtime], AnnotatorFn]
     params: tuple[Param, ...] = ()
     inputs: tuple[str, ...] = ()  # required array inputs besides the image, e.g. ("mask",)
-    weights: str | None = None  # the weight file a network annotator needs; None for classical ones
+    weights: tuple[WeightFile, ...] = ()  # the files a network annotator reads; () for classical ones
     float_output: bool = False
-    _fn: AnnotatorFn | None = field(default=None, init=False, repr=False, compare=False)
+    _built: tuple[Runtime, AnnotatorFn] | None = field(default=None, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def defaults(self) -> dict[str, ParamValue]:
         return {p.name: p.default for p in self.params}
 
-    def load(self) -> AnnotatorFn:
-        """The annotator's function, built on first use (thread-safe)."""
+    def missing(self, folder: str | Path | None = None) -> list[WeightFile]:
+        """The weight files this annotator needs that `folder` (see `annotators_folder`) lacks."""
+        where = annotators_folder(folder)
+        return [w for w in self.weights if w.find(where) is None]
+
+    def load(self, runtime: Runtime | None = None) -> AnnotatorFn:
+        """The annotator's function for `runtime`, built on first use and kept for the next calls
+        with the same runtime (one at a time: a network's weights are released when another
+        runtime's replace them). Thread-safe."""
+        runtime = runtime or (Runtime(Path()) if not self.weights else Runtime.default())
         with self._lock:
-            if self._fn is None:
-                self._fn = self.factory()
-            return self._fn
+            if self._built is None or self._built[0] != runtime:
+                self._built = None  # release the old network before the new one is read
+                self._built = (runtime, self.factory(runtime))
+            return self._built[1]
 
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with `params`, each checked and coerced; array inputs checked present."""
@@ -102,17 +146,23 @@ class Annotator:
             resolved[name] = params[name]
         return resolved
 
-    def __call__(self, image: np.ndarray, **params: Any) -> np.ndarray:
+    def annotate(self, image: np.ndarray, runtime: Runtime | None = None, **params: Any) -> Annotation:
+        """The control image and the annotator's data (see `Annotation`)."""
         rgb = HWC3(image)
         if rgb.size == 0:
             raise ValueError(f"annotator {self.name!r} got an empty image of shape {image.shape}")
-        out = self.load()(rgb, **self.resolve(params))
+        out = self.load(runtime)(rgb, **self.resolve(params))
+        result = out if isinstance(out, Annotation) else Annotation(out)
         expected = np.float32 if self.float_output else np.uint8
-        if out.shape != rgb.shape or out.dtype != expected:
+        if result.image.shape != rgb.shape or result.image.dtype != expected:
             raise RuntimeError(
-                f"annotator {self.name!r} returned {out.shape} {out.dtype}, expected {rgb.shape} {expected}"
+                f"annotator {self.name!r} returned {result.image.shape} {result.image.dtype}, "
+                f"expected {rgb.shape} {expected}"
             )
-        return out
+        return result
+
+    def __call__(self, image: np.ndarray, runtime: Runtime | None = None, **params: Any) -> np.ndarray:
+        return self.annotate(image, runtime, **params).image
 
 
 def _number(value: Any, integral: bool) -> int | float | None:

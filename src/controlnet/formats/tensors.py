@@ -40,10 +40,14 @@ _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Reading
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+def read_state_dict(
+    path: str | os.PathLike, wrappers: tuple[str, ...] = ("state_dict",)
+) -> tuple[StateDict, dict[str, str]]:
     """All tensors of a ``.safetensors`` or (tensor-only) pickle file, and the safetensors metadata.
 
-    A ``state_dict`` wrapper (Lightning checkpoints) is removed; non-tensor entries are dropped.
+    A pickle's dictionary found under one of ``wrappers`` replaces the whole (Lightning checkpoints
+    keep the weights under ``state_dict``; some annotator files under ``model``); non-tensor entries
+    are dropped.
     """
     path = Path(path)
     if path.is_dir():
@@ -55,7 +59,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         tensors, metadata = _read_safetensors(path)
     elif path.suffix in _PICKLE_SUFFIXES or zipfile.is_zipfile(path):
-        tensors, metadata = _read_pickle(path), {}
+        tensors, metadata = _read_pickle(path, wrappers), {}
     else:
         raise CheckpointError(
             f"{path}: unknown file type {path.suffix!r}; expected .safetensors or a PyTorch checkpoint "
@@ -156,7 +160,7 @@ TORCH_LOAD_ERRORS = (
 )
 
 
-def _read_pickle(path: Path) -> StateDict:
+def _read_pickle(path: Path, wrappers: tuple[str, ...]) -> StateDict:
     with path.open("rb") as f:
         head = f.read(4)
     if head == _ZIP_MAGIC or zipfile.is_zipfile(path):
@@ -178,8 +182,11 @@ def _read_pickle(path: Path) -> StateDict:
         raise CheckpointError(_refusal(path)) from None
     except TORCH_LOAD_ERRORS as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({torch_load_reason(error)})") from None
-    while isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
+    while isinstance(loaded, Mapping):
+        inner = next((w for w in wrappers if isinstance(loaded.get(w), Mapping)), None)
+        if inner is None:
+            break
+        loaded = loaded[inner]
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a dictionary of tensors")
     return {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

@@ -171,8 +171,9 @@ def _check_unit(unit: UnitRequest, where: str) -> None:
     from ..annotators import ANNOTATORS
 
     check_unit({name: getattr(unit, name) for name in UNIT}, where)
-    if ANNOTATORS[unit.annotator].weights is not None:
-        raise SettingError(f"{where}: the {unit.annotator} annotator needs weights this server does not have")
+    missing = ANNOTATORS[unit.annotator].missing()
+    if missing:
+        raise SettingError(f"{where}: the {unit.annotator} annotator needs {missing[0].name}, which this server lacks")
     try:  # the annotator's own typed check: kinds, ranges, choices, unknown names
         ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
     except ValueError as error:
