@@ -129,11 +129,18 @@ def known_files() -> list[WeightFile]:
     return list(files.values())
 
 
+_BN_COUNTER = ".num_batches_tracked"
+
+
 def load_strict(module: nn.Module, tensors: StateDict, weight: WeightFile, path: Path | None = None) -> nn.Module:
     """``module`` with every parameter and buffer from ``tensors``: no key missing, none left over,
     every shape equal; else AnnotatorWeightsError naming the file and the first differences."""
     where = path or weight.name
     expected = module.state_dict()
+    # BatchNorm's step counter is absent from files saved before torch 0.4.1; torch fills it in
+    # (BatchNorm's own loading) and inference never reads it, so its absence is no mismatch.
+    counters = {k: torch.zeros_like(v) for k, v in expected.items() if k.endswith(_BN_COUNTER) and k not in tensors}
+    tensors = {**tensors, **counters}
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     shapes = [
