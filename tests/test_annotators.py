@@ -10,6 +10,7 @@ from controlnet.annotators import (
     ANNOTATORS,
     Annotator,
     Param,
+    Runtime,
     canny,
     fit_to,
     get_annotator,
@@ -20,6 +21,7 @@ from controlnet.annotators import (
     run_annotator,
 )
 from controlnet.annotators.filters import gaussian_blur, make_noise_disk, rgb_to_grey
+from controlnet.annotators.weights import AnnotatorWeightsError
 
 # ------------------------------------------------------------------------------------------------
 # Test images
@@ -288,6 +290,22 @@ def test_pixel_perfect_gives_a_map_that_covers_the_target() -> None:
 # The registry contract: every annotator
 
 
+# The walks below run every annotator that needs no weight file; each network annotator's family
+# test (tests/test_annotators_<family>.py) checks the same contract with random weights of the real
+# layout, and here that without its file it refuses in one line, naming the file and where to get it.
+CLASSICAL = sorted(name for name, annotator in ANNOTATORS.items() if not annotator.weights)
+NETWORK = sorted(name for name, annotator in ANNOTATORS.items() if annotator.weights)
+
+
+@pytest.mark.parametrize("name", NETWORK)
+def test_a_network_annotator_without_its_file_names_it_and_its_source(name: str, tmp_path) -> None:
+    weight = get_annotator(name).missing(tmp_path)[0]
+    with pytest.raises(AnnotatorWeightsError) as refused:
+        run_annotator(name, _shapes(64, 64), None, runtime=Runtime(tmp_path))
+    message = str(refused.value)
+    assert "\n" not in message and weight.name in message and str(tmp_path) in message and weight.source in message
+
+
 def _params_for(name: str, h: int, w: int) -> dict:
     if name == "inpaint":
         mask = np.zeros((h, w), np.uint8)
@@ -296,7 +314,7 @@ def _params_for(name: str, h: int, w: int) -> dict:
     return {}
 
 
-@pytest.mark.parametrize("name", sorted(ANNOTATORS))
+@pytest.mark.parametrize("name", CLASSICAL)
 def test_every_annotator_returns_a_hint_of_the_image_size(name: str) -> None:
     image = _shapes(90, 130)
     out = run_annotator(name, image, None, **_params_for(name, 90, 130))
@@ -307,14 +325,14 @@ def test_every_annotator_returns_a_hint_of_the_image_size(name: str) -> None:
     np.testing.assert_array_equal(out, again)  # deterministic (seeded where random)
 
 
-@pytest.mark.parametrize("name", sorted(ANNOTATORS))
+@pytest.mark.parametrize("name", CLASSICAL)
 def test_every_annotator_sizes_like_the_original_apps(name: str) -> None:
     image = _shapes(75, 125)
     out = run_annotator(name, image, 128, **_params_for(name, 75, 125))
     assert out.shape == (128, 192, 3)  # short side 75 -> 128, long side 213.3 -> 192
 
 
-@pytest.mark.parametrize("name", sorted(ANNOTATORS))
+@pytest.mark.parametrize("name", CLASSICAL)
 def test_every_annotator_takes_grey_and_rgba_input(name: str) -> None:
     for image in (rgb_to_grey(_shapes(40, 50)), _noise((40, 50, 4), 1)):
         assert run_annotator(name, image, **_params_for(name, 40, 50)).shape == (40, 50, 3)

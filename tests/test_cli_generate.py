@@ -169,10 +169,20 @@ def test_guess_mode_two_units_and_euler_a(tmp_path):
     first, second = record["controls"]
     assert first["annotator"] == "canny" and second["annotator"] == "scribble"
     assert (second["strength"], second["start"], second["end"], second["mode"]) == (0.5, 0.25, 0.75, "prompt")
-    assert second["image"] == "strokes.png" and second["annotator_params"] == {}
+    assert second["image"] == "strokes.png" and second["annotator_params"] == {"threshold": 127}  # its default
     assert 'ControlNet 1: "Module: scribble, ' in parameters and "Weight: 0.5" in parameters
     scribble_map = run_annotator("scribble", load_image(strokes), None)
     assert np.array_equal(load_image(out / "2-control-1.png"), scribble_map)
+
+    # Annotator parameters: --annotator-param for --image's unit, KEY=VALUE items in a --control spec.
+    spec = f"image={strokes},annotator=scribble,threshold=200"
+    assert main([*base, "--seed", "4", "--annotator-param", "low_threshold=50", "--control", spec]) == 0
+    first, second = _metadata(out / "4.png")[0]["controls"]
+    assert first["annotator_params"] == {"low_threshold": 50, "high_threshold": 200}
+    assert second["annotator_params"] == {"threshold": 200}
+    assert np.array_equal(
+        load_image(out / "4-control-1.png"), run_annotator("scribble", load_image(strokes), None, threshold=200)
+    )
 
     assert main([*base, "--seed", "3", "--sampler", "euler_a"]) == 0
     record, parameters = _metadata(out / "3.png")
@@ -259,7 +269,10 @@ def test_model_files_are_named_with_their_sha256(models, tmp_path):
         (["--image", "{image}", "--guess-mode", "--control-mode", "prompt"], 2, "--guess-mode means --control-mode"),
         (["--image", "{image}", "--device", "abacus"], 2, "--device 'abacus' is not a device"),
         (["--control", "{image}"], 2, "bad --control item"),
-        (["--control", "image={image},weight=1"], 2, "bad --control item 'weight=1'"),
+        (["--control", "image={image},weight=1"], 2, "bad --control item 'weight=1': not a unit field"),
+        (["--control", "image={image},annotator=scribble,threshold=0"], 2, "'threshold' must be in [1, 255], got 0"),
+        (["--image", "{image}", "--annotator-param", "high=3"], 2, "has no parameter 'high'; it takes low_threshold"),
+        (["--annotator-param", "low_threshold=3"], 2, "--annotator-param is for the unit of --image"),
         (["--control", "annotator=canny"], 2, "needs image=PATH"),
         (["--control", "image={image},strength=high"], 2, "--control strength='high': not a number"),
         (["--control", "image={image},controlnet=x"], 2, "--control controlnet='x': not an integer"),
@@ -366,6 +379,9 @@ def test_annotate_typed_params_and_list(tmp_path, capsys):
         (["canny", "{image}", "{out}", "--resolution", "0"], 2, "--resolution must be between 64 and 8192"),
         (["canny", "{missing}", "{out}"], 1, "cannot read"),
         (["canny", "{image}", "{unwritable}"], 1, "cannot write"),
+        (["canny", "{image}", "{out}", "--json", "{json}"], 2, "detects nothing to write as JSON"),
+        (["canny", "{image}", "{out}", "--json", "{jpg}"], 2, "--json writes JSON; name it .json"),
+        (["canny", "{image}", "{out}", "--device", "abacus"], 2, "--device 'abacus' is not a device"),
     ],
 )
 def test_annotate_mistakes_get_one_line_errors(tmp_path, capsys, argv, code, message):
@@ -379,12 +395,14 @@ def test_annotate_mistakes_get_one_line_errors(tmp_path, capsys, argv, code, mes
         "jpg": tmp_path / "out.jpg",
         "missing": tmp_path / "absent.png",
         "unwritable": tmp_path / "file" / "out.png",
+        "json": tmp_path / "poses.json",
     }
     assert main(["annotate", *(a.format(**paths) for a in argv)]) == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("controlnet annotate: error: ") and len(err.splitlines()) == 1, err
     assert message in err, err
     assert existing.read_bytes() == b"keep me" and not (tmp_path / "out.png").exists()
+    assert not (tmp_path / "poses.json").exists()
 
 
 # -- the model hash cache ------------------------------------------------------------------------

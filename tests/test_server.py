@@ -195,3 +195,33 @@ def test_only_models_inside_the_folder_are_offered(tmp_path):
         registry.pipeline("../etc/passwd")
     pipe, records = registry.pipeline("tiny.safetensors")
     assert len(pipe.controlnets) == 1 and records["base"]["name"] == "tiny.safetensors"
+
+
+def test_every_annotator_in_the_page_menu_fits_its_parameter_controls():
+    from controlnet.annotators import ANNOTATORS
+    from controlnet.serve import ui
+
+    offered = ui.annotator_choices()
+    assert "canny" in offered and "inpaint" not in offered  # inpaint needs a mask as well
+    for name in offered:
+        shown = ui.slot_settings(name)  # raises if the annotator has more parameters of a kind than slots
+        visible = {s["label"] for s in shown.values() if s["visible"]}
+        assert visible == {p.name.replace("_", " ") for p in ANNOTATORS[name].params}, name
+        for param in ANNOTATORS[name].params:
+            settings = shown[ui.param_slots(name)[param.name]]
+            assert settings["value"] == param.default
+            if param.kind in ("int", "float"):  # a slider needs both ends
+                assert settings["minimum"] == param.minimum is not None and settings["maximum"] == param.maximum
+
+
+def test_the_page_reads_an_annotators_parameters_back_from_its_controls(tmp_path):
+    from controlnet.serve import ui
+
+    path = tmp_path / "edges.png"
+    path.write_bytes(EDGES.read_bytes())
+    values = dict.fromkeys(ui._slot_names(), False) | {"number0": 50.0, "number1": 150.0}  # sliders give floats
+    unit = ui._unit(path, "canny", values, True, 512, Limits())
+    assert unit.annotator_params == {"low_threshold": 50, "high_threshold": 150}
+    assert type(unit.annotator_params["low_threshold"]) is int
+    with pytest.raises(RequestError, match="unknown annotator 'nope'"):
+        ui._unit(path, "nope", values, True, 512, Limits())

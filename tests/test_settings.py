@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from controlnet import shipped
+from controlnet.annotators import ANNOTATORS, Runtime
 from controlnet.cli import main
 from controlnet.models.tiny import circle_edges, random_tiny_models
 from controlnet.pipeline import ControlUnit, Pipeline
@@ -40,7 +41,9 @@ def _stop(*args, **kwargs):
 def values(setting: Setting) -> Iterator[tuple[object, bool]]:
     """(value, allowed) pairs at and just past the setting's limits."""
     if setting.allowed():
-        choices = [c for c in setting.allowed() if c not in ("image_to_mask", "inpaint")]  # those need a mask
+        # image_to_mask and inpaint need a mask; a network annotator needs its weight file, which the
+        # folder decides, not the setting (test_a_missing_weight_file_is_named_by_every_interface).
+        choices = [c for c in setting.allowed() if c not in ("image_to_mask", "inpaint") and not _needs_weights(c)]
         yield from ((choice, True) for choice in choices)
         yield "bogus", False
     elif setting.type is bool:
@@ -55,6 +58,10 @@ def values(setting: Setting) -> Iterator[tuple[object, bool]]:
         yield math.nan, False
         if setting.multiple_of:
             yield setting.minimum + 1, False
+
+
+def _needs_weights(choice) -> bool:
+    return choice in ANNOTATORS and bool(ANNOTATORS[choice].weights)
 
 
 CASES = [("generation", name, value, allowed) for name, s in GENERATION.items() for value, allowed in values(s)]
@@ -194,3 +201,25 @@ def test_the_command_lines_help_names_each_range_and_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for setting in (GENERATION["steps"], GENERATION["guidance_scale"], UNIT["strength"]):
         assert f"{setting.option} " in text and f"({setting.describe()}; default {setting.default})" in text
+
+
+def test_a_missing_weight_file_is_named_by_every_interface(pipe, client, tmp_path, capsys, monkeypatch):
+    """A network annotator whose file is not in the folder: the pipeline, the JSON API and the command
+    line each refuse before any model runs, naming the file (the server says where to get it too)."""
+    name = next((n for n in sorted(ANNOTATORS) if _needs_weights(n)), None)
+    if name is None:
+        pytest.skip("no network annotator is registered")
+    weight = ANNOTATORS[name].weights[0]
+    monkeypatch.setenv("CONTROLNET_ANNOTATORS", str(tmp_path / "empty"))  # the server and the command
+    monkeypatch.setattr(pipe, "annotators", Runtime(tmp_path / "empty"))  # a pipeline's is fixed when made
+    with pytest.raises(ValueError) as refused:
+        pipe.generate("a circle", [ControlUnit(circle_edges(64), annotator=name)], steps=1)
+    assert str(refused.value).startswith(weight.name) and str(tmp_path / "empty") in str(refused.value)
+    assert weight.source in str(refused.value)
+    error = through_json_api(client, monkeypatch, "unit", "annotator", name)
+    assert f"needs {weight.name}" in error and weight.source in error
+    monkeypatch.setattr(Pipeline, "from_files", _stop)
+    argv = ["generate", "--prompt", "a", "--out", str(tmp_path), "--image", str(EDGES), "--annotator", name]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and weight.name in err and str(tmp_path / "empty") in err

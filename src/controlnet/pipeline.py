@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .annotators import run_annotator
+from .annotators import Runtime, annotators_folder, run_annotator
 from .formats.detect import check_compatible
 from .imaging.images import HWC3
 from .imaging.resize import fit_to, resize_image
@@ -30,7 +30,7 @@ from .loading import load_base, load_controlnet
 from .models.controlnet import ControlNet
 from .models.placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
 from .models.stable_diffusion import StableDiffusion
-from .runtime import check_finite, parse_dtype, prepare, use_channels_last
+from .runtime import check_finite, dtype_name, parse_dtype, prepare, use_channels_last
 from .sampling.guidance import ActiveControl, ControlMode, GuidedDenoiser
 from .sampling.prompts import check_prompts, encode_prompts, full_prompt
 from .sampling.samplers import Plan, make_plan, sample
@@ -83,17 +83,21 @@ class Pipeline:
         dtype: str | torch.dtype | None = None,
         low_memory: bool = False,
         channels_last: bool | None = None,
+        annotators_dir: str | os.PathLike | None = None,
     ) -> None:
         """``dtype``: None (or "auto") takes the device's fastest (runtime.default_dtype: bfloat16 on
         a CPU with native bf16, float16 on a GPU, else float32). ``channels_last``: None follows
         the device and dtype (runtime.use_channels_last). ``low_memory``: keep on the device only
         the models of the current stage and slice attention (see placement.py); slower, with a
-        lower peak of memory."""
+        lower peak of memory. ``annotators_dir``: where network annotators read their weights
+        (annotators/weights.py: default $CONTROLNET_ANNOTATORS, else ~/.cache/controlnet/annotators);
+        they run on this pipeline's device, in its dtype."""
         for i, controlnet in enumerate(controlnets):
             check_compatible(controlnet.config, model.config, f"ControlNet {i}")
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.channels_last = use_channels_last(self.device, self.dtype) if channels_last is None else channels_last
+        self.annotators = Runtime(annotators_folder(annotators_dir), str(self.device), dtype_name(self.dtype))
         home = torch.device("cpu") if low_memory else self.device
         self.model = prepare(model, home, self.dtype, self.channels_last)
         self.controlnets = [prepare(c, home, self.dtype, self.channels_last) for c in controlnets]
@@ -116,11 +120,12 @@ class Pipeline:
         dtype: str | torch.dtype | None = None,
         prediction: str | None = None,
         low_memory: bool = False,
+        annotators_dir: str | os.PathLike | None = None,
     ) -> Pipeline:
         dtype = parse_dtype(dtype, device)
         model = load_base(base, prediction=prediction, dtype=dtype)
         loaded = [load_controlnet(path, model.config, dtype=dtype) for path in controlnets]
-        return cls(model, loaded, device, dtype, low_memory)
+        return cls(model, loaded, device, dtype, low_memory, annotators_dir=annotators_dir)
 
     @classmethod
     def default(
@@ -179,7 +184,7 @@ class Pipeline:
             if mask is None:
                 raise ValueError("the inpaint annotator needs a mask: pass mask= to generate()")
             params["mask"] = fit_to(mask, width, height, unit.resize_mode, "nearest")
-        return run_annotator(unit.annotator, fitted, None, **params)
+        return run_annotator(unit.annotator, fitted, None, runtime=self.annotators, **params)
 
     def hint_tensor(self, control_map: np.ndarray) -> torch.Tensor:
         """[1, 3, H, W] in [0, 1] (inpaint maps keep their -1 for masked pixels)."""

@@ -82,6 +82,11 @@ def parse_dtype(name: str | torch.dtype | None, device: str | torch.device) -> t
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name DTYPES gives ``dtype`` ("float32", "bfloat16", "float16")."""
+    return next(name for name, known in DTYPES.items() if known == dtype)
+
+
 def use_channels_last(device: str | torch.device, dtype: torch.dtype) -> bool:
     """oneDNN's and cuDNN's fastest convolutions read and write NHWC; only float32 on a CPU keeps
     the default layout (oneDNN's float32 convolutions gain nothing from it here)."""

@@ -79,8 +79,7 @@ class Runtime:
 
         place = runtime.check_device(device) if device else runtime.default_device()
         chosen = runtime.parse_dtype(dtype, place)
-        name = next(n for n, d in runtime.DTYPES.items() if d == chosen)
-        return cls(annotators_folder(folder), str(place), name)
+        return cls(annotators_folder(folder), str(place), runtime.dtype_name(chosen))
 
 
 @dataclass(frozen=True)

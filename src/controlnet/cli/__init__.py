@@ -62,6 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a bad file or value from the user, so one line, not a traceback.
         print(f"controlnet {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of our output stopped (`controlnet annotate --list | head`): nothing to report.
+        # Python would complain once more at exit while flushing stdout, so stdout goes nowhere now.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as error:
         # A file the commands check early can still fail later: a disk that fills up while the
         # results are written, a folder removed meanwhile. The writers leave no half file behind.

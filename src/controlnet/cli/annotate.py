@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .. import __version__
 from ..metadata import format_number, quote, to_json
-from .common import UsageError, check_output, check_range, one_line, save_over
+from .common import (
+    CommandError,
+    UsageError,
+    add_annotators_dir,
+    annotator_params,
+    check_device,
+    check_output,
+    check_range,
+    one_line,
+    save_over,
+)
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -25,16 +34,26 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     annotate.add_argument("--list", action="store_true", help="list the annotators and their parameters, then exit")
     annotate.add_argument("--resolution", type=int, default=512, help="resize the image first (short side, x64)")
     annotate.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="annotator parameter")
+    annotate.add_argument("--json", type=Path, metavar="OUT.json", help="also write what was detected (the poses)")
     annotate.add_argument("--overwrite", action="store_true")
+    add_annotators_dir(annotate)
+    annotate.add_argument("--device", default="auto", help="where network annotators run: auto (default), cpu, cuda")
+    annotate.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="their precision: auto (default) is bfloat16 on a CPU with native bf16, float16 on a GPU, "
+        "else float32; float32 gives the reference's maps exactly",
+    )
     return {"annotate": cmd_annotate}
 
 
 def cmd_annotate(args: argparse.Namespace) -> None:
-    from ..annotators import get_annotator, run_annotator
+    from ..annotators import Runtime, annotate, get_annotator
     from ..imaging.images import load_image
 
     if args.list:
-        _list_annotators()
+        _list_annotators(args.annotators_dir)
         return
     if args.name is None or args.input is None or args.output is None:
         raise UsageError("needs NAME IN OUT (or --list to see the annotators)")
@@ -46,74 +65,61 @@ def cmd_annotate(args: argparse.Namespace) -> None:
         raise UsageError(
             f"annotator {args.name!r} needs {', '.join(annotator.inputs)}, which the command line cannot give"
         )
-    params = _annotator_params(annotator, args.param)
+    params = annotator_params(annotator, args.param)
     check_range("--resolution", args.resolution, 64, 8192)
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"{args.output}: the output is written as PNG; name it .png")
     check_output(args.output, args.overwrite, [args.input])
+    if args.json is not None:
+        if args.json.suffix.lower() != ".json":
+            raise UsageError(f"{args.json}: --json writes JSON; name it .json")
+        check_output(args.json, args.overwrite, [args.input, args.output])
+    if args.device != "auto":
+        check_device(args.device)
+    runtime = Runtime.default(args.annotators_dir, None if args.device == "auto" else args.device, args.dtype)
+    for weight in annotator.weights:  # a missing file, before anything is read: where to get it
+        weight.path(runtime.folder)
     image = load_image(args.input)
     try:
-        result = run_annotator(args.name, image, args.resolution, **params)
+        result = annotate(args.name, image, args.resolution, runtime=runtime, **params)
     except ValueError as error:
         raise UsageError(one_line(error)) from None
+    if args.json is not None and result.data is None:
+        raise UsageError(f"annotator {args.name!r} detects nothing to write as JSON; --json is for the openpose ones")
     record = {"annotator": args.name, "params": params, "resolution": args.resolution, "version": __version__}
-    save_over(args.output, result, {"controlnet": to_json(record)})
-    print(f"wrote {args.output} ({result.shape[1]}x{result.shape[0]})")
+    save_over(args.output, result.image, {"controlnet": to_json(record)})
+    print(f"wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})")
+    if args.json is not None:
+        _save_json(args.json, result.data)
+        print(f"wrote {args.json}")
 
 
-def _annotator_params(annotator, items: Sequence[str]) -> dict:
-    """--param KEY=VALUE items as the annotator's typed parameters, defaults filled in and checked."""
-    known = {p.name: p for p in annotator.params}
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise UsageError(f"bad --param {item!r}; use KEY=VALUE")
-        param = known.get(key)
-        if param is None:
-            takes = ", ".join(known) or "no parameters"
-            raise UsageError(f"annotator {annotator.name!r} has no parameter {key!r}; it takes {takes}")
-        params[key] = _param_value(param, value, annotator.name)
+def _save_json(path: Path, data: dict) -> None:
+    """``data`` as JSON, written atomically (never half a file), a failure in one line."""
+    import json
+
+    from ..files import atomic_file
+
     try:
-        return annotator.resolve(params)  # ranges and choices: the annotator's own check
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+        with atomic_file(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+    except OSError as error:
+        raise CommandError(f"{path}: cannot write ({error.strerror or error})") from None
 
 
-def _param_value(param, text: str, annotator: str) -> Any:
-    """The text of a --param value as the parameter's kind (bool, int, float or str)."""
-    if param.kind == "str":
-        return text
-    if param.kind == "bool":
-        words = {
-            "true": True,
-            "yes": True,
-            "on": True,
-            "1": True,
-            "false": False,
-            "no": False,
-            "off": False,
-            "0": False,
-        }
-        if text.lower() not in words:
-            raise UsageError(f"{annotator} parameter {param.name!r} must be true or false, got {text!r}")
-        return words[text.lower()]
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)  # an int parameter accepts '50.0'; the annotator refuses '50.5'
-    except ValueError:
-        raise UsageError(f"{annotator} parameter {param.name!r} must be a number, got {text!r}") from None
+def _list_annotators(folder: Path | None) -> None:
+    from ..annotators import ANNOTATORS, annotators_folder
 
-
-def _list_annotators() -> None:
-    from ..annotators import ANNOTATORS
-
+    where = annotators_folder(folder)
+    print(f"annotator weights are read from {where}")
     for annotator in ANNOTATORS.values():
         print(f"{annotator.name}: {annotator.description}")
+        missing = annotator.missing(where)
+        for weight in annotator.weights:
+            state = "MISSING" if weight in missing else "present"
+            print(
+                f"    weights {weight.name}: {state}" + (f" (get it from {weight.source})" if weight in missing else "")
+            )
         for p in annotator.params:
             if p.kind == "str":
                 allowed = "one of " + ", ".join(p.choices)

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,3 +149,68 @@ def checked(check, *args) -> None:
         check(*args)
     except SettingError as error:
         raise UsageError(str(error)) from None
+
+
+# -- annotators ---------------------------------------------------------------------------------
+
+
+def add_annotators_dir(parser: argparse.ArgumentParser) -> None:
+    """``--annotators-dir``: the folder of annotator weight files (annotators/weights.py)."""
+    from ..annotators.weights import ENV_VAR, FOLDER_OPTION, default_folder
+
+    parser.add_argument(
+        FOLDER_OPTION,
+        type=Path,
+        metavar="DIR",
+        help=f"folder of the annotators' weight files, under their original names "
+        f"(default: ${ENV_VAR}, else {default_folder()}); nothing is downloaded",
+    )
+
+
+def annotator_params(annotator, items: Sequence[str], option: str = "--param") -> dict:
+    """KEY=VALUE items (of ``option``) as the annotator's typed parameters, defaults filled in and
+    checked by the annotator's own `resolve`."""
+    known = {p.name: p for p in annotator.params}
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise UsageError(f"bad {option} {item!r}; use KEY=VALUE")
+        param = known.get(key)
+        if param is None:
+            takes = ", ".join(known) or "no parameters"
+            raise UsageError(f"annotator {annotator.name!r} has no parameter {key!r}; it takes {takes}")
+        params[key] = param_value(param, value, annotator.name)
+    try:
+        return annotator.resolve(params)  # ranges and choices: the annotator's own check
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def param_value(param, text: str, annotator: str) -> Any:
+    """The text of a parameter's value as the parameter's kind (bool, int, float or str)."""
+    if param.kind == "str":
+        return text
+    if param.kind == "bool":
+        words = {
+            "true": True,
+            "yes": True,
+            "on": True,
+            "1": True,
+            "false": False,
+            "no": False,
+            "off": False,
+            "0": False,
+        }
+        if text.lower() not in words:
+            raise UsageError(f"{annotator} parameter {param.name!r} must be true or false, got {text!r}")
+        return words[text.lower()]
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)  # an int parameter accepts '50.0'; the annotator refuses '50.5'
+    except ValueError:
+        raise UsageError(f"{annotator} parameter {param.name!r} must be a number, got {text!r}") from None

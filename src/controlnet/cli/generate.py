@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..annotators import get_annotator
+from ..annotators import annotators_folder, get_annotator
 from ..metadata import image_text, map_text, model_records
 from ..runtime import NonFiniteError
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
@@ -21,7 +21,9 @@ from .common import (
     CommandError,
     ProgressBar,
     UsageError,
+    add_annotators_dir,
     add_setting,
+    annotator_params,
     check_device,
     check_prompts,
     checked,
@@ -74,6 +76,15 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
             default=param.default,
             help=f"Canny: {param.help} ({param.minimum:g}..{param.maximum:g}; default {param.default})",
         )
+    g.add_argument(
+        "--annotator-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a parameter of --image's annotator (repeatable; see controlnet annotate --list); "
+        "a --control spec gives its annotator's as KEY=VALUE items",
+    )
+    add_annotators_dir(g)
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
     add_setting(g, GENERATION["denoising_strength"])
     g.add_argument("--mask", type=Path, help="inpainting (with --init-image): white = repaint")
@@ -100,13 +111,15 @@ class _Unit:
 
 
 def _parse_unit(spec: str) -> dict[str, str]:
-    """'image=a.png,annotator=canny,strength=0.5' -> {'image': 'a.png', 'annotator': 'canny', ...}."""
+    """'image=a.png,annotator=canny,strength=0.5' -> {'image': 'a.png', 'annotator': 'canny', ...}.
+    Keys other than the unit's own are the annotator's parameters (checked against it later)."""
     unit: dict[str, str] = {}
     for part in filter(None, spec.split(",")):
         key, sep, value = part.partition("=")
-        if not sep or key.strip() not in _UNIT_FIELDS:
+        if not sep or not key.strip():
             raise UsageError(
-                f"bad --control item {part!r}; use KEY=VALUE with KEY one of {', '.join(sorted(_UNIT_FIELDS))}"
+                f"bad --control item {part!r}; use KEY=VALUE with KEY one of {', '.join(sorted(_UNIT_FIELDS))} "
+                "or a parameter of the unit's annotator"
             )
         unit[key.strip()] = value.strip()
     if not unit.get("image"):
@@ -135,6 +148,8 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
     if args.image is not None:
         first = {"image": str(args.image), "annotator": args.annotator, "resize": args.resize_mode}
         specs.append(first | {"strength": args.strength, "start": args.start, "end": args.end})
+    elif args.annotator_param:
+        raise UsageError("--annotator-param is for the unit of --image, and no --image was given")
     specs += [_parse_unit(s) for s in args.control]
     units = []
     for spec in specs:
@@ -155,9 +170,10 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
                 f"{where}: annotator {annotator.name!r} needs {', '.join(annotator.inputs)}, "
                 "which the command line cannot give"
             )
-        params = {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
+        params = _unit_params(annotator, spec, args, first_unit=spec is specs[0] and args.image is not None)
+        for weight in annotator.weights:  # a missing file, before a model is loaded: where to get it
+            weight.path(annotators_folder(args.annotators_dir))
         image = _load_checked_image(spec["image"], f"control image {spec['image']}")
-        params = params if annotator.name == "canny" else {}
         unit = ControlUnit(image=image, annotator_params=params, **values)
         try:
             sha256 = file_sha256(spec["image"])
@@ -165,6 +181,29 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
             raise CommandError(f"cannot read {spec['image']}: {error.strerror or error}") from None
         units.append(_Unit(unit, Path(spec["image"]), sha256))
     return units
+
+
+def _unit_params(annotator, spec: dict, args: argparse.Namespace, first_unit: bool) -> dict:
+    """The unit's annotator parameters: --annotator-param for --image's unit, a spec's own KEY=VALUE
+    items for a --control unit; canny's thresholds default to --low-threshold/--high-threshold."""
+    items = list(args.annotator_param) if first_unit else [f"{k}={v}" for k, v in spec.items() if k not in _UNIT_FIELDS]
+    option = "--annotator-param" if first_unit else f"--control {spec['image']}"
+    known = {p.name for p in annotator.params}
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if not first_unit and key not in known:
+            takes = ", ".join(known) or "none"
+            raise UsageError(
+                f"bad --control item {item!r}: not a unit field ({', '.join(sorted(_UNIT_FIELDS))}) "
+                f"nor a parameter of annotator {annotator.name!r} (its parameters: {takes})"
+            )
+    params = annotator_params(annotator, items, option)
+    if annotator.name == "canny":
+        given = {item.partition("=")[0].strip() for item in items}
+        for name in ("low_threshold", "high_threshold"):
+            if name not in given:
+                params[name] = getattr(args, name)
+    return params
 
 
 def _load_checked_image(path: str | Path, what: str) -> np.ndarray:
@@ -221,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         base, controlnets = shipped_model()
     init_image = None if args.init_image is None else _load_checked_image(args.init_image, "--init-image")
     mask = None if args.mask is None else load_image(args.mask)
-    pipe = Pipeline.from_files(base, controlnets, device=args.device, dtype=dtype)
+    pipe = Pipeline.from_files(base, controlnets, device=args.device, dtype=dtype, annotators_dir=args.annotators_dir)
     models = model_records(base, controlnets)
     if args.compile:
         pipe.compile()

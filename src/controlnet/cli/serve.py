@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import CommandError, UsageError, check_device, check_range
+from .common import CommandError, UsageError, add_annotators_dir, check_device, check_range
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -37,6 +37,7 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     s.add_argument(
         "--max-stored-mb", type=float, default=2048.0, help="disk for the page's uploads and results (default 2048)"
     )
+    add_annotators_dir(s)
     return {"serve": cmd_serve}
 
 
@@ -79,6 +80,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_queue)
     retention = Retention(max_bytes=int(args.max_stored_mb * 2**20), max_age_s=args.keep_minutes * 60)
     try:
-        serve(args.models, host, args.port, auth, limits, device, args.dtype, args.base, args.controlnet, retention)
+        serve(
+            args.models,
+            host,
+            args.port,
+            auth,
+            limits,
+            device,
+            args.dtype,
+            args.base,
+            args.controlnet,
+            retention,
+            args.annotators_dir,
+        )
     except ModelUnavailable as error:  # the first model is loaded before serving
         raise CommandError(error.detail) from None

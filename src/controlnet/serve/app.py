@@ -68,6 +68,7 @@ def serve(
     base: Path | None = None,
     controlnets: list[Path] | None = None,
     retention: Retention | None = None,
+    annotators_dir: Path | None = None,
 ) -> None:
     """Run the server until interrupted; its folder is removed when it stops, however it stops."""
     import uvicorn
@@ -77,7 +78,7 @@ def serve(
     entries = discover_models(models_folder, include_shipped=base is None)
     if base is not None:
         entries.insert(0, ModelEntry(base.name, base, list(controlnets or [])))
-    service = Service(ModelRegistry(entries, device, dtype), limits)
+    service = Service(ModelRegistry(entries, device, dtype, annotators_dir=annotators_dir), limits)
     app = build_app(service, auth, retention)
     print(f"controlnet serve: http://{host}:{port}/  (models: {', '.join(service.registry.names)})")
     try:

@@ -134,10 +134,13 @@ def default_prompts(model: str) -> tuple[str, str]:
     return ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 
 
-def check_request(request: GenerateRequest, limits: Limits, controlnets: int | None = None) -> None:
+def check_request(
+    request: GenerateRequest, limits: Limits, controlnets: int | None = None, annotators: Path | None = None
+) -> None:
     """Refuse a request outside the ranges (settings.py, and this server's ``limits``) with one
     RequestError naming the field and what is allowed. ``controlnets``: how many the model has,
-    once it is loaded (None: not checked yet)."""
+    once it is loaded (None: not checked yet). ``annotators``: the folder of annotator weights
+    (annotators/weights.py; None: its default)."""
     try:  # None: the model's default, short (the pipeline checks the texts it encodes again)
         check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
     except ValueError as error:
@@ -151,7 +154,7 @@ def check_request(request: GenerateRequest, limits: Limits, controlnets: int | N
         if request.mask is not None and request.init_image is None:
             raise SettingError("inpainting needs an init image as well as the mask")
         for i, unit in enumerate(request.units):
-            _check_unit(unit, f"control unit {i}")
+            _check_unit(unit, f"control unit {i}", annotators)
         if controlnets is not None:
             _check_controlnets(request.units, controlnets)
     except SettingError as error:
@@ -167,13 +170,16 @@ def _check_controlnets(units: Sequence[UnitRequest], controlnets: int) -> None:
             raise SettingError(f"control unit {i}: {missing}")
 
 
-def _check_unit(unit: UnitRequest, where: str) -> None:
+def _check_unit(unit: UnitRequest, where: str, annotators: Path | None) -> None:
     from ..annotators import ANNOTATORS
 
     check_unit({name: getattr(unit, name) for name in UNIT}, where)
-    missing = ANNOTATORS[unit.annotator].missing()
-    if missing:
-        raise SettingError(f"{where}: the {unit.annotator} annotator needs {missing[0].name}, which this server lacks")
+    missing = ANNOTATORS[unit.annotator].missing(annotators)
+    if missing:  # the server's folder is not the client's business: the file's name says enough
+        raise SettingError(
+            f"{where}: the {unit.annotator} annotator needs {missing[0].name}, which this server does not have "
+            f"(its administrator can get it from {missing[0].source})"
+        )
     try:  # the annotator's own typed check: kinds, ranges, choices, unknown names
         ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
     except ValueError as error:
@@ -272,11 +278,19 @@ class ModelRegistry:
     """The models a server offers, loaded when first used; at most ``keep`` stay in memory. Each has
     a lock: one job per model at a time."""
 
-    def __init__(self, entries: Sequence[ModelEntry], device: str = "cpu", dtype: str | None = None, keep: int = 1):
+    def __init__(
+        self,
+        entries: Sequence[ModelEntry],
+        device: str = "cpu",
+        dtype: str | None = None,
+        keep: int = 1,
+        annotators_dir: Path | None = None,
+    ):
         if not entries:
             raise ValueError("no models to serve")
         self.entries = {entry.name: entry for entry in entries}
         self.device, self.dtype, self.keep = device, dtype, keep
+        self.annotators_dir = annotators_dir
         self._loaded: dict[str, tuple[Pipeline, dict]] = {}
         self._locks = {name: threading.Lock() for name in self.entries}
         self._loading = threading.Lock()
@@ -306,7 +320,9 @@ class ModelRegistry:
                 try:
                     self._check_inside(entry)
                     controlnets = self._fitting_controlnets(entry)
-                    pipe = Pipeline.from_files(entry.base, controlnets, device=self.device, dtype=self.dtype)
+                    pipe = Pipeline.from_files(
+                        entry.base, controlnets, self.device, self.dtype, annotators_dir=self.annotators_dir
+                    )
                     records = model_records(entry.base, controlnets)
                 except (CheckpointError, OSError, ValueError) as error:
                     raise ModelUnavailable(name, " ".join(str(error).split())) from None
@@ -368,9 +384,13 @@ class Service:
     """Runs generation requests for the UI and the API; returns the results in memory."""
 
     def __init__(self, registry: ModelRegistry, limits: Limits | None = None):
+        from ..annotators import Runtime
+
         self.registry = registry
         self.limits = limits or Limits()
         self.queue = JobQueue(self.limits.max_queue)
+        # Annotators run where the models do, reading the registry's folder of weights.
+        self.annotators = Runtime.default(registry.annotators_dir, registry.device, registry.dtype)
 
     def native_resolution(self, model: str) -> int:
         """The model's native image size (loads the model if it is not loaded)."""
@@ -382,10 +402,11 @@ class Service:
         from ..annotators import run_annotator
         from ..imaging.resize import resize_image
 
-        check_request(GenerateRequest("preview", [unit]), self.limits, controlnets=1)
+        check_request(GenerateRequest("preview", [unit]), self.limits, controlnets=1, annotators=self.annotators.folder)
         try:
             image = resize_image(unit.image, resolution if unit.pixel_perfect else unit.annotator_resolution)
-            return viewable_map(run_annotator(unit.annotator, image, None, **unit.annotator_params))
+            hint = run_annotator(unit.annotator, image, None, runtime=self.annotators, **unit.annotator_params)
+            return viewable_map(hint)
         except ValueError as error:
             raise RequestError(" ".join(str(error).split())) from None
 
@@ -397,7 +418,7 @@ class Service:
     ) -> GenerateResponse:
         """Queue and run one request. Raises RequestError, QueueFull, Cancelled or ModelUnavailable."""
         self.registry.entry(request.model)  # an unknown model, or a bad value, is refused before queueing
-        check_request(request, self.limits)
+        check_request(request, self.limits, annotators=self.annotators.folder)
         with self.queue.slot(), self.registry.lock(request.model):
             pipe, models = self.registry.pipeline(request.model)
             try:
@@ -445,7 +466,8 @@ class Service:
             from ..imaging.resize import resize_image
 
             try:
-                image = run_annotator(annotator, resize_image(image, unit.annotator_resolution), None, **params)
+                image = resize_image(image, unit.annotator_resolution)
+                image = run_annotator(annotator, image, None, runtime=self.annotators, **params)
             except ValueError as error:
                 raise RequestError(" ".join(str(error).split())) from None
             annotator, params = "none", {}

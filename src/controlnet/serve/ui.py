@@ -36,8 +36,36 @@ from .service import (
 )
 
 UNITS = 3  # control unit tabs
-# The annotators that need nothing but the image (image_to_mask and inpaint need a mask as well).
-ANNOTATOR_CHOICES = ("canny", "scribble", "invert", "shuffle", "color_shuffle", "grey", "tile", "none")
+# Each unit shows its annotator's parameters in a fixed set of controls, relabelled and re-ranged
+# when another annotator is picked (as the AUTOMATIC1111 extension does): numbers as sliders,
+# switches as checkboxes, choices as a dropdown. tests/test_server.py checks every annotator fits.
+PARAM_SLOTS = {"number": 4, "flag": 2, "choice": 1}
+_SLOT_KIND = {"int": "number", "float": "number", "bool": "flag", "str": "choice"}
+
+
+def annotator_choices() -> list[str]:
+    """The annotators a unit's menu offers: those that need nothing but the image (image_to_mask and
+    inpaint need a mask as well)."""
+    from ..annotators import ANNOTATORS
+
+    return [name for name, annotator in ANNOTATORS.items() if not annotator.inputs]
+
+
+def param_slots(annotator_name: str) -> dict[str, str]:
+    """Which page control shows each parameter of the annotator: {"low_threshold": "number0", ...}."""
+    from ..annotators import get_annotator
+
+    taken = dict.fromkeys(PARAM_SLOTS, 0)
+    slots = {}
+    for param in get_annotator(annotator_name).params:
+        kind = _SLOT_KIND[param.kind]
+        slots[param.name] = f"{kind}{taken[kind]}"
+        taken[kind] += 1
+    return slots
+
+
+def _slot_names() -> list[str]:
+    return [f"{kind}{i}" for kind, count in PARAM_SLOTS.items() for i in range(count)]
 
 
 def store_response(response: GenerateResponse, files: ServerFiles) -> tuple[list[Path], list[Path]]:
@@ -211,7 +239,7 @@ def _wire(gr, inputs: dict, units: list[dict], outputs: dict, service: Service, 
             raise gr.Error(_storage_message(error), print_exception=False) from None
         return dict(zip(shown, _shown(job, response, map_files, image_files), strict=True))
 
-    everything = set(fields.values()) | {c for unit in units for c in unit.values() if c is not None}
+    everything = set(fields.values()) | {c for unit in units for n, c in unit.items() if n != "weights"}
     inputs["run"].click(
         generate,
         inputs=everything,
@@ -263,36 +291,53 @@ def _unit_tab(gr, index: int, service: Service, files: ServerFiles, native: int)
     preview_button = controls.pop("preview_button")
     preview = controls.pop("preview")
 
-    def show_map(path, name, low_value, high_value, perfect, resolution):
+    slots = _slot_names()
+
+    def show_map(path, name, perfect, resolution, *values):
         if not path:
             raise gr.Error("upload a control image first", print_exception=False)
         try:
-            unit = _unit(path, name, low_value, high_value, perfect, resolution, service.limits)
+            unit = _unit(path, name, dict(zip(slots, values, strict=True)), perfect, resolution, service.limits)
             return service.annotate(unit, native)
         except RequestError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
-    names = ("image", "annotator", "low", "high", "pixel_perfect", "annotator_resolution")
+    names = ("image", "annotator", "pixel_perfect", "annotator_resolution", *slots)
     preview_button.click(show_map, inputs=[controls[n] for n in names], outputs=preview, api_name=False)
+
+    def annotator_changed(name):
+        return _param_updates(gr, name, service.annotators.folder)
+
+    controls["annotator"].change(
+        annotator_changed, inputs=controls["annotator"], outputs=[controls[n] for n in ("weights", *slots)],
+        api_name=False, queue=False,
+    )  # fmt: skip
     return controls
 
 
 def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict:
-    from ..annotators import get_annotator
     from .security import guard_image
 
+    folder = service.annotators.folder
     enabled = gr.Checkbox(index == 0, label="Enable", elem_id=f"unit{index}_enabled")
     image = gr.Image(
         type="filepath", label="Control image", sources=["upload", "clipboard"], elem_id=f"unit{index}_image"
     )
     guard_image(image, files, service.limits)
-    annotator = gr.Dropdown(list(ANNOTATOR_CHOICES), value=UNIT["annotator"].default, label="Annotator")
-    low, high = get_annotator("canny").params  # its own definition of its thresholds
+    default = UNIT["annotator"].default
+    choices = [_menu_entry(name, folder) for name in annotator_choices()]
+    annotator = gr.Dropdown(choices, value=default, label="Annotator", elem_id=f"unit{index}_annotator")
+    weights = gr.Markdown(_weights_note(default, folder), elem_id=f"unit{index}_weights")
+    shown = slot_settings(default)
+    slots = {}
     with gr.Row():
-        thresholds = [
-            gr.Slider(p.minimum, p.maximum, value=p.default, step=1, label=f"Canny {p.name.replace('_', ' ')}")
-            for p in (low, high)
-        ]
+        for i in range(PARAM_SLOTS["number"]):
+            slots[f"number{i}"] = gr.Slider(**shown[f"number{i}"], elem_id=f"unit{index}_number{i}")
+    with gr.Row():
+        for i in range(PARAM_SLOTS["flag"]):
+            slots[f"flag{i}"] = gr.Checkbox(**shown[f"flag{i}"], elem_id=f"unit{index}_flag{i}")
+        for i in range(PARAM_SLOTS["choice"]):
+            slots[f"choice{i}"] = gr.Dropdown(**shown[f"choice{i}"], elem_id=f"unit{index}_choice{i}")
     preview_button = gr.Button("Preview annotator result", size="sm", elem_id=f"unit{index}_preview")
     preview = gr.Image(label="Detected map", interactive=False, elem_id=f"unit{index}_map")
     strength = _slider(gr, UNIT["strength"], "Control Strength", 0.01)
@@ -308,8 +353,8 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict
         "enabled": enabled,
         "image": image,
         "annotator": annotator,
-        "low": thresholds[0],
-        "high": thresholds[1],
+        "weights": weights,
+        **slots,
         "preview_button": preview_button,
         "preview": preview,
         "strength": strength,
@@ -322,12 +367,81 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict
     }
 
 
-def _unit(path, annotator, low, high, pixel_perfect, resolution, limits: Limits, **settings) -> UnitRequest:
-    params = {"low_threshold": int(low), "high_threshold": int(high)} if annotator == "canny" else {}
+def _menu_entry(name: str, folder: Path) -> tuple[str, str]:
+    """The menu's (label, value) for an annotator: its name, marked when its weights are missing."""
+    from ..annotators import get_annotator
+
+    return (f"{name} (weights missing)" if get_annotator(name).missing(folder) else name), name
+
+
+def _weights_note(name: str, folder: Path) -> str:
+    """The line under the menu: which weight files the annotator reads, and where to get the missing."""
+    from ..annotators import get_annotator
+
+    annotator = get_annotator(name)
+    missing = annotator.missing(folder)
+    if missing:
+        wanted = "; ".join(f"`{w.name}` (from {w.source})" for w in missing)
+        return f"**{name} cannot run on this server:** it needs {wanted} in the server's annotators folder."
+    if annotator.weights:
+        return f"{name} reads " + ", ".join(f"`{w.name}`" for w in annotator.weights) + "."
+    return ""
+
+
+def slot_settings(annotator_name: str) -> dict[str, dict]:
+    """Each page control's settings for the annotator: label, range, value, choices and visibility
+    (the keyword arguments of its Gradio component, or of an update to it)."""
+    from ..annotators import get_annotator
+
+    params = {p.name: p for p in get_annotator(annotator_name).params}
+    shown = {name: {"label": " ", "visible": False} for name in _slot_names()}
+    for name, slot in param_slots(annotator_name).items():
+        param = params[name]
+        settings = {"label": name.replace("_", " "), "value": param.default, "visible": True, "info": param.help}
+        if param.kind in ("int", "float"):
+            step = 1 if param.kind == "int" else _step(param.maximum - param.minimum)
+            settings |= {"minimum": param.minimum, "maximum": param.maximum, "step": step}
+        elif param.kind == "str":
+            settings |= {"choices": list(param.choices)}
+        shown[slot] = settings
+    for slot, settings in shown.items():  # a hidden slider or menu still needs a valid range
+        if not settings["visible"] and slot.startswith("number"):
+            settings |= {"minimum": 0, "maximum": 1, "value": 0, "step": 1}
+        if not settings["visible"] and slot.startswith("choice"):
+            settings |= {"choices": [""], "value": ""}
+    return shown
+
+
+def _step(span: float) -> float:
+    """A slider step of about a hundredth of the range, rounded to a power of ten."""
+    return float(10 ** np.floor(np.log10(span / 100))) if span > 0 else 1.0
+
+
+def _param_updates(gr, name: str, folder: Path) -> list:
+    """The updates when a unit's annotator changes: its weights note, then each slot."""
+    shown = slot_settings(name)
+    return [gr.update(value=_weights_note(name, folder)), *(gr.update(**shown[slot]) for slot in _slot_names())]
+
+
+def _unit(path, annotator: str, values: dict, pixel_perfect, resolution, limits: Limits, **settings) -> UnitRequest:
+    """A unit from the page: the annotator's parameters read back from the slots that show them
+    (Gradio gives floats for integer sliders; the annotator's own check refuses what is out of range)."""
+    from ..annotators import get_annotator
+
+    try:
+        params = {p.name: p for p in get_annotator(annotator).params}
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+    given = {}
+    for name, slot in param_slots(annotator).items():
+        value = values[slot]
+        if params[name].kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        given[name] = value
     return UnitRequest(
         read_upload(path, limits, "control image"),
         annotator=annotator,
-        annotator_params=params,
+        annotator_params=given,
         pixel_perfect=bool(pixel_perfect),
         annotator_resolution=int(resolution),
         **settings,
@@ -344,8 +458,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
             _unit(
                 data[controls["image"]],
                 data[controls["annotator"]],
-                data[controls["low"]],
-                data[controls["high"]],
+                {slot: data[controls[slot]] for slot in _slot_names()},
                 data[controls["pixel_perfect"]],
                 data[controls["annotator_resolution"]],
                 service.limits,
