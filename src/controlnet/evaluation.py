@@ -5,19 +5,23 @@ compared with the condition the image was made from:
 
 - Canny: F1 of edge pixels. Both maps are binary; a pixel is a true positive when it is an edge in
   both (exact position: no tolerance band, as ControlNet++ computes it over the pixels).
-- Soft edges (HED, lineart): SSIM between the two maps (grey levels in [0, 1]).
+- Soft edges (HED, lineart) and every other map: SSIM between the two maps (grey levels in [0, 1]).
+- Depth: RMSE between the two depth maps (grey levels in [0, 1]), besides SSIM.
+
+`Reextraction` names the annotator (``controlnet eval --annotator``, default canny) and its settings.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .annotators import Runtime, annotate, get_annotator
 from .annotators.canny import canny
 from .files import atomic_file
 
@@ -79,6 +83,12 @@ def _grey01(image: np.ndarray) -> np.ndarray:
     return image / 255.0 if image.max(initial=0) > 1.0 else image
 
 
+def _levels(image: np.ndarray) -> np.ndarray:
+    """A uint8 map's grey levels in [0, 1] (the mean of its channels)."""
+    image = np.asarray(image, np.float64)
+    return (image.mean(axis=2) if image.ndim == 3 else image) / 255.0
+
+
 def _box_filter(image: np.ndarray, size: int) -> np.ndarray:
     """Means over the ``size`` x ``size`` windows that fit inside the image ('valid' positions)."""
     padded = np.pad(np.cumsum(np.cumsum(image, axis=0), axis=1), ((1, 0), (1, 0)))
@@ -138,6 +148,54 @@ def scene_adherence(
     return SceneScore(objects, bool(background), float(np.mean([*found, background])))
 
 
+@dataclass(frozen=True)
+class Reextraction:
+    """How the condition is re-extracted from a generated image and compared with the one it was
+    made from (the ControlNet++ protocol): the annotator that made the conditions, its parameters,
+    and the `Runtime` its weights are read with (None: the default folder and policy)."""
+
+    annotator: str = "canny"
+    params: Mapping[str, object] = field(default_factory=dict)
+    runtime: Runtime | None = None
+
+    def check(self) -> None:
+        """ValueError (one line) for an unknown annotator, one that needs more than the image, a bad
+        parameter or a missing weight file."""
+        annotator = get_annotator(self.annotator)
+        if annotator.inputs or annotator.float_output:
+            raise ValueError(f"annotator {self.annotator!r} needs more than an image; it cannot re-extract conditions")
+        self.resolved()
+        for weight in annotator.weights:
+            weight.path((self.runtime or Runtime.default()).folder)
+
+    def resolved(self) -> dict:
+        return get_annotator(self.annotator).resolve(self.params)
+
+    def extract(self, image: np.ndarray) -> np.ndarray:
+        """The condition re-extracted from ``image``, at its size."""
+        return annotate(self.annotator, image, None, runtime=self.runtime, **self.params).image
+
+    def scores(self, images: list[np.ndarray], condition: np.ndarray) -> dict[str, float]:
+        """The mean scores of ``images`` against ``condition``: Canny's edge F1 (with its precision
+        and recall) and SSIM of the edge maps; for any other annotator SSIM of the maps, and RMSE too
+        for depth maps (grey levels in [0, 1])."""
+        extracted = [self.extract(image) for image in images]
+        if self.annotator == "canny":
+            params = self.resolved()
+            edges = [edge_f1(image, condition, params["low_threshold"], params["high_threshold"]) for image in images]
+            return {
+                "edge_f1": float(np.mean([s.f1 for s in edges])),
+                "edge_precision": float(np.mean([s.precision for s in edges])),
+                "edge_recall": float(np.mean([s.recall for s in edges])),
+                "edge_ssim": float(np.mean([ssim(found, condition) for found in extracted])),
+            }
+        scores = {"map_ssim": float(np.mean([ssim(found, condition) for found in extracted]))}
+        if self.annotator.startswith("depth"):
+            wanted = _levels(condition)
+            scores["depth_rmse"] = float(np.mean([np.sqrt(np.mean((_levels(f) - wanted) ** 2)) for f in extracted]))
+        return scores
+
+
 # -- the evaluation run (``controlnet eval``) ---------------------------------------------------
 
 
@@ -149,14 +207,12 @@ def check_settings(
     seed: int,
     resolution: int | None,
     sampler: str,
-    low_threshold: int,
-    high_threshold: int,
+    reextraction: Reextraction,
 ) -> None:
     """Refuse (ValueError, one line naming the setting and what is allowed) settings that cannot
     give meaningful scores, before any image is generated: the generation settings as settings.py
-    defines them, a seed that is not random (scores no one could reproduce), and the Canny
-    thresholds as the canny annotator defines them."""
-    from .annotators import get_annotator
+    defines them, a seed that is not random (scores no one could reproduce), and the annotator's
+    parameters as it defines them, with its weight files present."""
     from .settings import MAX_SEED, check_generation
 
     check_generation(
@@ -170,7 +226,7 @@ def check_settings(
     )
     if not 0 <= seed <= MAX_SEED - images_per_condition + 1:
         raise ValueError(f"seed must be between 0 and {MAX_SEED - images_per_condition + 1}, got {seed}")
-    get_annotator("canny").resolve({"low_threshold": low_threshold, "high_threshold": high_threshold})
+    reextraction.check()
 
 
 def check_scores(results: dict) -> None:
@@ -198,14 +254,14 @@ def evaluate(
     use_control: bool = True,
     resolution: int | None = None,
     sampler: str = "ddim",
-    low_threshold: int = 100,
-    high_threshold: int = 200,
+    reextraction: Reextraction | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Generate from the first ``count`` (condition, prompt) pairs of a dataset folder (either
     training layout; the condition image is used as the control map as it is) with fixed seeds
-    (``seed + k`` for the k-th image of every condition) and score the images: Canny edge F1
-    against the condition, SSIM of the edge maps, and, where the data carries scene metadata
+    (``seed + k`` for the k-th image of every condition) and score the images against their
+    condition after re-extracting it with ``reextraction``'s annotator (default: Canny edge F1 and
+    SSIM of the edge maps; see `Reextraction.scores`), and, where the data carries scene metadata
     (``controlnet data scenes``), ``scene_adherence``. ``use_control=False`` generates from the
     prompts alone: the base model's scores, to compare with. Writes ``results.json`` and
     ``grid.png`` (a row per condition: the condition, then its images) to ``out``; returns the
@@ -215,6 +271,7 @@ def evaluate(
 
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    reextraction = reextraction or Reextraction()
     check_settings(
         images_per_condition=images_per_condition,
         steps=steps,
@@ -222,8 +279,7 @@ def evaluate(
         seed=seed,
         resolution=resolution,
         sampler=sampler,
-        low_threshold=low_threshold,
-        high_threshold=high_threshold,
+        reextraction=reextraction,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,13 +297,13 @@ def evaluate(
     }
     rows, per_sample = [], []
     for i, record in enumerate(records):
-        condition, images, entry = _score_one(pipe, record, generation, use_control, (low_threshold, high_threshold))
+        condition, images, entry = _score_one(pipe, record, generation, use_control, reextraction)
         per_sample.append(entry)
         if len(rows) < 8:
             rows.append([condition, *images])
         if progress is not None:
             progress(i + 1, len(records))
-    results = _results(pipe, data, per_sample, generation, use_control, (low_threshold, high_threshold))
+    results = _results(pipe, data, per_sample, generation, use_control, reextraction)
     check_scores(results)
     # Whole files or none: a disk that fills up leaves the previous results.json as it was.
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
@@ -258,7 +314,9 @@ def evaluate(
     return results
 
 
-def _results(pipe, data, per_sample: list[dict], generation: dict, use_control: bool, thresholds) -> dict:
+def _results(
+    pipe, data, per_sample: list[dict], generation: dict, use_control: bool, reextraction: Reextraction
+) -> dict:
     """What results.json holds: the mean of every score, the settings, and each sample's scores."""
     metrics = [k for k in per_sample[0] if k not in ("source", "prompt")]
     summary = {k: float(np.mean([e[k] for e in per_sample if k in e])) for k in metrics}
@@ -268,13 +326,14 @@ def _results(pipe, data, per_sample: list[dict], generation: dict, use_control: 
         "images_per_condition": generation["num_images"],
         **{k: generation[k] for k in ("steps", "guidance_scale", "seed", "sampler", "resolution")},
         "control": use_control,
-        "canny_thresholds": list(thresholds),
+        "annotator": reextraction.annotator,
+        "annotator_params": reextraction.resolved(),
         "model": pipe.model.config.name,
     }
     return {"summary": summary, "settings": settings, "samples": per_sample}
 
 
-def _score_one(pipe, record, generation: dict, use_control: bool, thresholds: tuple[int, int]):
+def _score_one(pipe, record, generation: dict, use_control: bool, reextraction: Reextraction):
     """(the condition at the output size, the generated images, their scores) for one record."""
     from .imaging.images import load_image
     from .pipeline import ControlUnit
@@ -283,15 +342,7 @@ def _score_one(pipe, record, generation: dict, use_control: bool, thresholds: tu
     condition = _fit(original, generation["resolution"])
     units = [ControlUnit(condition)] if use_control else []
     images = pipe.generate(record.prompt, units, **generation).images
-    scores = [edge_f1(image, condition, *thresholds) for image in images]
-    entry = {
-        "source": str(record.source),
-        "prompt": record.prompt,
-        "edge_f1": float(np.mean([s.f1 for s in scores])),
-        "edge_precision": float(np.mean([s.precision for s in scores])),
-        "edge_recall": float(np.mean([s.recall for s in scores])),
-        "edge_ssim": float(np.mean([ssim(canny(image, *thresholds), condition) for image in images])),
-    }
+    entry = {"source": str(record.source), "prompt": record.prompt, **reextraction.scores(images, condition)}
     scene = record.extra.get("scene")
     if scene is not None:
         scaled = _scaled_scene(scene, original.shape[1], generation["resolution"])

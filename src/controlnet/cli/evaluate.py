@@ -7,7 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..runtime import NonFiniteError
-from .common import CommandError, ProgressBar, UsageError, one_line, output_folder, shipped_model
+from .common import (
+    CommandError,
+    ProgressBar,
+    UsageError,
+    add_annotators_dir,
+    annotator_params,
+    one_line,
+    output_folder,
+    shipped_model,
+)
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -15,9 +24,11 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "eval",
         help="measure controllability: generate from (condition, prompt) pairs and score the images",
         description="Generate from the first COUNT (condition, prompt) pairs of a dataset folder (fill50k or "
-        "diffusers layout) with fixed seeds and report the ControlNet++ metrics: Canny edge F1 of the images "
-        "against their condition, SSIM of the edge maps, and, for 'controlnet data scenes' data, whether the "
-        "named colours are where the shapes are. Writes results.json and grid.png to --out.",
+        "diffusers layout) with fixed seeds and report the ControlNet++ metrics: the condition is re-extracted "
+        "from each image with --annotator (the one that made the data's conditions; default canny) and compared "
+        "with the one it was made from: Canny edge F1 and SSIM of the edge maps, SSIM of any other map, RMSE of "
+        "depth maps; for 'controlnet data scenes' data, also whether the named colours are where the shapes are. "
+        "Writes results.json and grid.png to --out.",
     )
     e.add_argument("--data", type=Path, required=True, help="a dataset folder (prompt.json or metadata.jsonl)")
     e.add_argument("--out", type=Path, required=True, help="folder for results.json and grid.png")
@@ -31,14 +42,41 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     e.add_argument("--sampler", default="ddim")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--resolution", type=int, help="default: the model's native resolution")
-    e.add_argument("--low-threshold", type=int, default=100)
-    e.add_argument("--high-threshold", type=int, default=200)
+    e.add_argument("--annotator", default="canny", help="re-extracts the condition from each image (default canny)")
+    e.add_argument(
+        "--annotator-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a parameter of --annotator (repeatable; 'controlnet annotate --list' shows them)",
+    )
+    e.add_argument("--low-threshold", type=int, default=100, help="canny's low threshold (default 100)")
+    e.add_argument("--high-threshold", type=int, default=200, help="canny's high threshold (default 200)")
+    add_annotators_dir(e)
     e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     return {"eval": cmd_eval}
 
 
-def _check_eval_options(args: argparse.Namespace) -> None:
-    """Every option of eval that needs no model, checked before one is loaded."""
+def _reextraction(args: argparse.Namespace):
+    """The annotator that re-extracts conditions, with its parameters (canny's thresholds from
+    --low-threshold/--high-threshold unless --annotator-param gives them) and weights folder."""
+    from ..annotators import Runtime, get_annotator
+    from ..evaluation import Reextraction
+
+    try:
+        annotator = get_annotator(args.annotator)
+    except ValueError as error:
+        raise UsageError(f"--annotator: {error}") from None
+    params = annotator_params(annotator, args.annotator_param, "--annotator-param")
+    given = {item.partition("=")[0].strip() for item in args.annotator_param}
+    if annotator.name == "canny":
+        params |= {name: getattr(args, name) for name in ("low_threshold", "high_threshold") if name not in given}
+    return Reextraction(annotator.name, params, Runtime.default(args.annotators_dir, None, args.dtype))
+
+
+def _check_eval_options(args: argparse.Namespace):
+    """Every option of eval that needs no model, checked before one is loaded; the re-extraction."""
+    from ..annotators.weights import AnnotatorWeightsError
     from ..evaluation import check_settings
 
     if args.count < 1:
@@ -51,9 +89,10 @@ def _check_eval_options(args: argparse.Namespace) -> None:
             seed=args.seed,
             resolution=args.resolution,
             sampler=args.sampler,
-            low_threshold=args.low_threshold,
-            high_threshold=args.high_threshold,
+            reextraction=(reextraction := _reextraction(args)),
         )
+    except AnnotatorWeightsError:
+        raise  # a missing file, as every command says it (exit 1), not a usage mistake
     except ValueError as error:
         raise UsageError(str(error)) from None
     if not args.data.exists():
@@ -65,6 +104,7 @@ def _check_eval_options(args: argparse.Namespace) -> None:
     for path in (args.base, args.controlnet):
         if path is not None and not path.exists():
             raise UsageError(f"{path}: no such file or folder")
+    return reextraction
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -72,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ..evaluation import evaluate, format_summary
     from ..pipeline import Pipeline
 
-    _check_eval_options(args)
+    reextraction = _check_eval_options(args)
     read_records(args.data)  # DatasetError (one line) for a folder without a readable listing
     output_folder(args.out)
     base, controlnets = args.base, [args.controlnet] if args.controlnet else []
@@ -96,8 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             use_control=use_control,
             resolution=args.resolution,
             sampler=args.sampler,
-            low_threshold=args.low_threshold,
-            high_threshold=args.high_threshold,
+            reextraction=reextraction,
             progress=progress,
         )
     except NonFiniteError as error:  # NaN images: nothing is scored, results.json is not written
