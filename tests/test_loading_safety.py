@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from controlnet import shipped
+from controlnet.annotators.weights import AnnotatorWeightsError, WeightFile, load_network
 from controlnet.cli import main
 from controlnet.config import PRESETS
 from controlnet.files import atomic_file, atomic_folder, atomic_path
@@ -153,6 +154,30 @@ def test_a_refused_pickle_gets_our_one_line_message_and_nothing_runs(tmp_path, k
         assert "refused: this pickle would run code" in message and named in message, message
         assert "weights_only" not in message and "Prefer a .safetensors file" in message
     assert not marker.exists()
+
+
+# Annotator weight files (annotators/weights.py) are read by the same loader: a hostile file under an
+# annotator's name runs nothing and is refused in one line that also says which network was expected.
+_ANNOTATOR_FILE = WeightFile("SomeNet.pth", "a test network", "https://example.org/weights", markers=("conv.weight",))
+
+
+@pytest.mark.parametrize("kind", ["os.system in a torch zip", "builtins.eval", "a raw pickle, protocol 2"])
+def test_a_hostile_annotator_file_runs_nothing_and_is_refused_in_one_line(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    named = _hostile(kind, tmp_path / _ANNOTATOR_FILE.name, marker)
+    with pytest.raises(AnnotatorWeightsError) as refused:
+        load_network(_ANNOTATOR_FILE, tmp_path, lambda: torch.nn.Conv2d(1, 1, 1), "cpu", "float32")
+    message = str(refused.value)
+    assert "\n" not in message and "refused: this pickle would run code" in message and named in message
+    assert "expected a test network" in message and not marker.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_annotator_file_with_nan_or_inf_weights_is_refused(tmp_path, value):
+    tensors = {"conv.weight": torch.full((1, 1, 1, 1), value), "conv.bias": torch.zeros(1)}
+    save_file(tensors, tmp_path / "SomeNet.safetensors")
+    with pytest.raises(AnnotatorWeightsError, match=r"SomeNet\.safetensors.*(NaN|infinite)"):
+        load_network(_ANNOTATOR_FILE, tmp_path, lambda: torch.nn.Sequential(), "cpu", "float32")
 
 
 @pytest.mark.parametrize(
