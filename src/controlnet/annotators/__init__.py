@@ -8,7 +8,7 @@ returns uint8 (H, W, 3), except "inpaint", whose hint is float32 (H, W, 3) in [0
 masked pixels (`Annotator.float_output`).
 
 The classical annotators are here; each family of the others has its module (`softedge`, `lineart`,
-`mlsd`, `openpose`, `depth`, `maps`), their networks in `networks/`. Nothing is loaded at import:
+`mlsd`, `openpose`, `depth`, `normal`, `maps`), their networks in `networks/`. Nothing is loaded at import:
 a network annotator names its `weights` (weights.py: one folder, original file names) and reads them
 in `Annotator.factory` on first use, for the `Runtime` (folder, device, dtype) it is called with.
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 from ..imaging.images import HWC3
 from ..imaging.resize import INTERPOLATIONS, RESIZE_MODES, fit_to, pixel_perfect_resolution, resize, resize_image
-from . import classic, depth, lineart, maps, mlsd, openpose, softedge
+from . import classic, depth, lineart, maps, mlsd, normal, openpose, softedge
 from .base import Annotation, Annotator, AnnotatorFn, Param, ParamValue, Runtime
 from .canny import canny
 from .weights import AnnotatorWeightsError, WeightFile, annotators_folder
@@ -121,6 +121,7 @@ ANNOTATORS: dict[str, Annotator] = {
         *mlsd.ANNOTATORS,
         *openpose.ANNOTATORS,
         *depth.ANNOTATORS,
+        *normal.ANNOTATORS,
         *maps.ANNOTATORS,
     )
 }
