@@ -22,7 +22,7 @@ import numpy as np
 
 from ..imaging.images import HWC3
 from ..imaging.resize import INTERPOLATIONS, RESIZE_MODES, fit_to, pixel_perfect_resolution, resize, resize_image
-from . import classic, depth, lineart, maps, mlsd, normal, openpose, softedge
+from . import classic, depth, lineart, maps, mlsd, normal, openpose, posejson, softedge
 from .base import Annotation, Annotator, AnnotatorFn, Param, ParamValue, Runtime
 from .canny import canny
 from .weights import AnnotatorWeightsError, WeightFile, annotators_folder
@@ -123,6 +123,7 @@ ANNOTATORS: dict[str, Annotator] = {
         *depth.ANNOTATORS,
         *normal.ANNOTATORS,
         *maps.ANNOTATORS,
+        *posejson.ANNOTATORS,
     )
 }
 
