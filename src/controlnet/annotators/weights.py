@@ -61,6 +61,9 @@ class WeightFile:
     # Keys (after unwrapping and `prefix` removal) that this network's file holds and the other
     # annotator files do not: how a wrong file is told from the right one.
     markers: tuple[str, ...]
+    # (key, shape) of marker keys whose shape tells this file from another with the same keys (the
+    # OpenPose hand and face networks differ only in their channels); checked with the markers.
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     prefix: str = "module."  # removed from every key that starts with it (DataParallel's prefix)
     wrappers: tuple[str, ...] = ("state_dict", "model")  # dictionaries the weights may be kept under
     size: int | None = None  # the original file's size in bytes, for the docs
@@ -96,21 +99,30 @@ class WeightFile:
         except CheckpointError as error:
             raise AnnotatorWeightsError(f"{error} (expected {self.network})") from None
         tensors = {_without(key, self.prefix): value for key, value in tensors.items()}
-        if not all(marker in tensors for marker in self.markers):
+        if not self.holds(tensors):
             raise AnnotatorWeightsError(f"{path}: {self._not_this(tensors)}")
         return tensors
 
     def _not_this(self, tensors: StateDict) -> str:
         absent = [m for m in self.markers if m not in tensors]
-        text = f"not {self.network}: it lacks {short_list(absent)}"
+        shaped = [
+            f"{k} {tuple(tensors[k].shape)} (expected {s})" for k, s in self.shapes if _wrong_shape(tensors, k, s)
+        ]
+        text = f"not {self.network}: " + (f"it lacks {short_list(absent)}" if absent else f"its {short_list(shaped)}")
         others = [w for w in known_files() if w.name != self.name and w.markers and w.holds(tensors)]
         if others:
             text += f"; it looks like {others[0].name} ({others[0].network})"
         return text
 
     def holds(self, tensors: StateDict) -> bool:
-        """Whether ``tensors`` (already without `prefix`) hold this network's marker keys."""
-        return all(_without(m, self.prefix) in tensors for m in self.markers)
+        """Whether ``tensors`` (already without `prefix`) hold this network's marker keys, each of
+        the shape `shapes` gives it."""
+        keys = all(_without(m, self.prefix) in tensors for m in self.markers)
+        return keys and not any(_wrong_shape(tensors, _without(k, self.prefix), s) for k, s in self.shapes)
+
+
+def _wrong_shape(tensors: StateDict, key: str, shape: tuple[int, ...]) -> bool:
+    return key in tensors and tuple(tensors[key].shape) != tuple(shape)
 
 
 def _without(key: str, prefix: str) -> str:
