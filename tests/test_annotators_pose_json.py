@@ -305,6 +305,8 @@ BAD_JSON = {
     "NaN": ('{"people": [{"pose_keypoints_2d": [NaN' + ", 1" * 53 + "]}]}", "NaN is not a number JSON allows"),
     "Infinity": (_with().replace("275.25", "Infinity"), "Infinity is not a number JSON allows"),
     "huge number": (_with().replace("275.25", "1e999"), r"pose_keypoints_2d\[0\] must be a finite number, got inf"),
+    "huge integer": (_with().replace("275.25", "9" * 400), r"pose_keypoints_2d\[0\] must be a finite number"),
+    "huge canvas integer": (_with(canvas_width=10**400), "canvas_width must be a whole number"),
     "a string number": (_with().replace("275.25", '"275"'), r"pose_keypoints_2d\[0\] must be a finite number"),
     "null number": (_with().replace("275.25", "null"), r"pose_keypoints_2d\[0\] must be a finite number, got None"),
     "far away": (_with().replace("275.25", "1e9"), "more than 1000 canvas sizes away"),

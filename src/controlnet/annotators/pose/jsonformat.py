@@ -123,6 +123,11 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -139,10 +144,19 @@ def _canvas(data: dict, canvas: tuple[int, int] | None) -> tuple[int, int]:
 
 
 def _side(name: str, value: Any) -> int:
-    whole = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not whole or value != int(value) or not 1 <= value <= MAX_SIDE:
-        raise ValueError(f"{name} must be a whole number of pixels from 1 to {MAX_SIDE}, got {value!r}")
+    if not _finite(value) or value != int(value) or not 1 <= value <= MAX_SIDE:
+        raise ValueError(f"{name} must be a whole number of pixels from 1 to {MAX_SIDE}, got {_show(value)}")
     return int(value)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number (not a bool) that a float holds finitely (huge integers do not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _person(entry: Any, index: int, width: int, height: int) -> Person:
@@ -166,8 +180,8 @@ def _points(numbers: Any, where: str, count: int) -> np.ndarray | None:
         got = f"{len(numbers)} numbers" if isinstance(numbers, list) else _kind(numbers)
         raise ValueError(f"{where} must be a list of {sizes}, got {got}")
     for i, v in enumerate(numbers):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{where}[{i}] must be a finite number, got {v!r}")
+        if not _finite(v):
+            raise ValueError(f"{where}[{i}] must be a finite number, got {_show(v)}")
     points = np.array(numbers, dtype=np.float64).reshape(-1, 3)
     if len(points) == BODY_25_POINTS and count == BODY_POINTS:
         points = points[list(BODY_25_TO_COCO)]
