@@ -21,7 +21,6 @@ from controlnet.annotators import (
     run_annotator,
 )
 from controlnet.annotators.filters import gaussian_blur, make_noise_disk, rgb_to_grey
-from controlnet.annotators.posejson import FILE_ANNOTATORS
 from controlnet.annotators.weights import AnnotatorWeightsError
 
 # ------------------------------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def test_pixel_perfect_gives_a_map_that_covers_the_target() -> None:
 # test (tests/test_annotators_<family>.py) checks the same contract with random weights of the real
 # layout, and here that without its file it refuses in one line, naming the file and where to get it.
 # (openpose_json reads a pose file, not an image: tests/test_annotators_pose_json.py walks it.)
-CLASSICAL = sorted(name for name, a in ANNOTATORS.items() if not a.weights and name not in FILE_ANNOTATORS)
+CLASSICAL = sorted(name for name, a in ANNOTATORS.items() if not a.weights and a.from_file is None)
 NETWORK = sorted(name for name, annotator in ANNOTATORS.items() if annotator.weights)
 
 

@@ -15,7 +15,7 @@ from controlnet.annotators import ANNOTATORS, get_annotator
 from controlnet.annotators.pose.draw import draw_poses
 from controlnet.annotators.pose.jsonformat import parse_pose_json, poses_to_json, read_pose_json
 from controlnet.annotators.pose.keypoints import Person, Poses
-from controlnet.annotators.posejson import FILE_ANNOTATORS, annotate_pose_json, render_pose_json
+from controlnet.annotators.posejson import annotate_pose_json, render_pose_json
 
 from .reference_annotators import aux_module
 
@@ -345,7 +345,7 @@ def test_bad_pose_files_are_refused_in_one_line(tmp_path) -> None:
 def test_openpose_json_is_registered_and_reads_a_file_not_an_image(tmp_path) -> None:
     annotator = get_annotator("openpose_json")
     assert ANNOTATORS["openpose_json"] is annotator and not annotator.weights
-    assert "openpose_json" in FILE_ANNOTATORS
+    assert get_annotator("openpose_json").from_file is not None
     with pytest.raises(ValueError, match="draws an OpenPose JSON file, not an image") as refused:
         annotator(np.zeros((64, 64, 3), np.uint8))
     assert "\n" not in str(refused.value)
@@ -354,7 +354,7 @@ def test_openpose_json_is_registered_and_reads_a_file_not_an_image(tmp_path) -> 
 def test_openpose_json_draws_body_hands_and_face_at_the_canvas_or_the_given_size(tmp_path) -> None:
     path = tmp_path / "pose.json"
     path.write_text(json.dumps(EDITOR_JSON))
-    full = FILE_ANNOTATORS["openpose_json"](path)
+    full = get_annotator("openpose_json").from_file(path)
     assert full.image.shape == (768, 512, 3) and full.image.dtype == np.uint8
     _same(parse_pose_json(full.data), read_pose_json(path))  # the poses, to edit and render back
     poses = read_pose_json(path)

@@ -108,6 +108,9 @@ class Annotator:
     inputs: tuple[str, ...] = ()  # required array inputs besides the image, e.g. ("mask",)
     weights: tuple[WeightFile, ...] = ()  # the files a network annotator reads; () for classical ones
     float_output: bool = False
+    # For an annotator that reads a file instead of an image (openpose_json: a pose JSON):
+    # from_file(path_or_text, width, height, **params) -> Annotation; its `factory` refuses images.
+    from_file: Callable[..., Annotation] | None = None
     _built: tuple[Runtime, AnnotatorFn] | None = field(default=None, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 

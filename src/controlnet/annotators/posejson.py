@@ -6,15 +6,13 @@ it is drawn as the ControlNet 1.1 pose models were trained (pose/draw.py), at th
 size unless another is asked for (the coordinates are kept as fractions of the canvas).
 
 Unlike the other annotators it takes a file, not an image: `render_pose_json` (the map) and
-`annotate_pose_json` (the map and the poses as JSON, an `Annotation`) are its entry points, and
-`FILE_ANNOTATORS` tells an interface which annotators read a file this way. Given an image, the
-registered annotator refuses in one line, saying so.
+`annotate_pose_json` (the map and the poses as JSON, an `Annotation`; the annotator's `from_file`)
+are its entry points. Given an image, the registered annotator refuses in one line, saying so.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -82,10 +80,7 @@ OPENPOSE_JSON = Annotator(
         Param("draw_hand", True, help="draw the hands the file gives (21 points each)"),
         Param("draw_face", True, help="draw the faces the file gives (70 white points)"),
     ),
+    from_file=annotate_pose_json,
 )
 
 ANNOTATORS: tuple[Annotator, ...] = (OPENPOSE_JSON,)
-
-# The annotators that read a file rather than an image, and how: fn(source, width, height,
-# **params) -> Annotation. An interface calls this instead of `annotate` for these names.
-FILE_ANNOTATORS: dict[str, Callable[..., Annotation]] = {"openpose_json": annotate_pose_json}
