@@ -248,6 +248,22 @@ def test_mlsd_thresholds_act_as_the_references(thr_v: float, thr_d: float, folde
     assert (ours.max() == 0) == (thr_v == 2.0)
 
 
+def test_mlsd_pads_a_size_off_the_64_grid_and_crops_the_map(folder: Path, oracles) -> None:
+    rgb = PHOTOS["astronaut"][:230, :200]
+    padded = np.pad(rgb, ((0, 26), (0, 56), (0, 0)), mode="edge")
+    ours = _ours("mlsd", folder, rgb)
+    assert ours.shape == (230, 200, 3)
+    np.testing.assert_array_equal(ours, _oracle(oracles["mlsd"], padded)[:230, :200])
+
+
+def test_mlsd_thresholds_are_the_extensions_sliders() -> None:
+    """Names as controlnet_aux's arguments; defaults and ranges as the extension's "MLSD Value
+    Threshold" and "MLSD Distance Threshold" (preprocessor_compiled.py)."""
+    params = {p.name: (p.default, p.minimum, p.maximum) for p in get_annotator("mlsd").params}
+    assert params == {"thr_v": (0.1, 0.01, 2.0), "thr_d": (0.1, 0.01, 20.0)}
+    assert [p.name for p in get_annotator("mlsd_lsd").params] == ["thr_d"]
+
+
 class _Fixed(nn.Module):
     """A stand-in network that returns a given output (pred_lines asks a network for its device)."""
 
