@@ -163,7 +163,7 @@ def test_soft_edges_equal_controlnet_aux_on_photographs(name, network, photo, fo
     ],
 )
 def test_safe_and_scribble_variants_equal_controlnet_aux(name, network, flags, photo, folder, oracles) -> None:
-    rgb = PHOTOS[photo]
+    rgb = PHOTOS[photo][32:224, 32:288]  # 192 x 256: the post-processing on a smaller map, to save time
     ours = _ours(name, folder, rgb)
     if "safe" in flags:  # safe_step leaves the levels 0, 127 and 255 (x * 1.5 floored, halved)
         assert set(np.unique(ours)) <= {0, 127, 255} and len(np.unique(ours)) == 3

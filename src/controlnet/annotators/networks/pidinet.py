@@ -1,7 +1,9 @@
 """PiDiNet, the pixel-difference edge network (Su et al., ICCV 2021; ``table5_pidinet.pth``,
-github.com/hellozhuo/pidinet, MIT licence), in the configuration ControlNet 1.1 uses: 60 channels,
-the "carv4" pattern of pixel-difference convolutions, CDCM dilation modules of 24 channels and CSAM
-attention (ControlNet-v1-1-nightly annotator/pidinet/model.py, ``pidinet()``).
+github.com/hellozhuo/pidinet: MIT licence text, preceded by the authors' note that it is for
+research and that commercial use should be discussed with them first; annotator/pidinet/LICENSE),
+in the configuration ControlNet 1.1 uses: 60 channels, the "carv4" pattern of pixel-difference
+convolutions, CDCM dilation modules of 24 channels and CSAM attention (ControlNet-v1-1-nightly
+annotator/pidinet/model.py, ``pidinet()``).
 
 A pixel-difference convolution convolves differences of pixels instead of pixels, by a 3x3 kernel w:
 - "cd" (central): sum_i w_i (x_i - x_centre); the same as w with sum(w) taken from its centre.
