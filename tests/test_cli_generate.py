@@ -405,6 +405,97 @@ def test_annotate_mistakes_get_one_line_errors(tmp_path, capsys, argv, code, mes
     assert not (tmp_path / "poses.json").exists()
 
 
+# -- a pose JSON wherever a control image goes ---------------------------------------------------
+
+# One person in the A1111 pose editor's format, pixel coordinates on a 512x640 canvas.
+_BODY = [256, 100, 256, 160, 200, 160, 180, 240, 170, 320, 312, 160, 332, 240, 342, 320, 220, 330]
+_BODY += [215, 450, 210, 560, 292, 330, 297, 450, 302, 560, 245, 90, 267, 90, 230, 95, 282, 95]
+POSE = {
+    "people": [{"pose_keypoints_2d": [v for i in range(18) for v in (*_BODY[2 * i : 2 * i + 2], 1)]}],
+    "canvas_width": 512,
+    "canvas_height": 640,
+}
+
+
+def _pose_file(path: Path, pose: dict | None = None) -> Path:
+    path.write_text(json.dumps(pose or POSE))
+    return path
+
+
+def test_annotate_draws_a_pose_json_and_writes_detected_poses_back(tmp_path, capsys):
+    from controlnet.annotators.posejson import render_pose_json
+
+    pose = _pose_file(tmp_path / "pose.json")
+    out, again = tmp_path / "pose.png", tmp_path / "again.json"
+    assert main(["annotate", "openpose_json", str(pose), str(out), "--json", str(again)]) == 0
+    drawn = load_image(out)
+    assert drawn.shape == (640, 512, 3) and np.array_equal(drawn, render_pose_json(pose))  # at its canvas size
+    assert len(np.unique(drawn.reshape(-1, 3), axis=0)) > 18  # the 18 joint colours and the limbs' blends
+    # The written poses draw the same map: a user can edit them and render them back.
+    assert np.array_equal(render_pose_json(again), drawn)
+    small = tmp_path / "small.png"
+    assert main(["annotate", "openpose_json", str(pose), str(small), "--resolution", "256"]) == 0
+    assert load_image(small).shape == (320, 256, 3)  # drawn at the size, strokes as wide as ever
+    # CMU's --write_json records no canvas: --canvas gives it
+    cmu = _pose_file(tmp_path / "cmu.json", {"version": 1.3, "people": POSE["people"]})
+    assert main(["annotate", "openpose_json", str(cmu), str(tmp_path / "cmu.png")]) == 2
+    assert "give the image size" in capsys.readouterr().err
+    assert main(["annotate", "openpose_json", str(cmu), str(tmp_path / "cmu.png"), "--canvas", "512x640"]) == 0
+    assert np.array_equal(load_image(tmp_path / "cmu.png"), drawn)
+
+
+@pytest.mark.parametrize(
+    ("pose", "message"),
+    [
+        ({"people": [{"pose_keypoints_2d": [1, 2]}], "canvas_width": 64, "canvas_height": 64}, "pose_keypoints_2d"),
+        ({"people": [], "canvas_width": 0, "canvas_height": 64}, "canvas_width"),
+        ({"canvas_width": 64, "canvas_height": 64}, "people"),
+        ({"people": [{"pose_keypoints_2d": [float("nan")] * 54}], "canvas_width": 64, "canvas_height": 64}, "NaN"),
+    ],
+)
+def test_a_bad_pose_json_is_one_line_and_nothing_is_written(tmp_path, capsys, pose, message):
+    path = tmp_path / "pose.json"
+    path.write_text(json.dumps(pose))  # NaN as the JSON literal
+    out = tmp_path / "out"
+    for argv in (
+        ["annotate", "openpose_json", str(path), str(tmp_path / "map.png")],
+        ["generate", "--prompt", "a", "--image", str(path), "--out", str(out), *FAST],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "map.png").exists() and not out.exists()
+
+
+def test_generate_takes_a_pose_json_as_a_control_image(tmp_path, capsys):
+    from controlnet.annotators.posejson import render_pose_json
+
+    pose, out = _pose_file(tmp_path / "pose.json"), tmp_path / "out"
+    argv = ["generate", "--prompt", "a person", "--out", str(out), "--seed", "3", "--steps", "1"]
+    assert main([*argv, "--image", str(pose), "--resolution", "128"]) == 0
+    record, _ = _metadata(out / "3.png")
+    [control] = record["controls"]
+    assert control["image"] == "pose.json" and control["image_sha256"] == file_sha256(pose)
+    assert control["annotator"] == "none"  # the drawn pose is the map
+    # the same as the drawn pose given as a ready map
+    drawn = tmp_path / "drawn.png"
+    Image.fromarray(render_pose_json(pose)).save(drawn)
+    assert (
+        main(
+            [*argv, "--image", str(drawn), "--annotator", "none", "--resolution", "128", "--out", str(tmp_path / "o2")]
+        )
+        == 0
+    )
+    assert np.array_equal(load_image(out / "3-control-0.png"), load_image(tmp_path / "o2" / "3-control-0.png"))
+    assert np.array_equal(load_image(out / "3.png"), load_image(tmp_path / "o2" / "3.png"))
+    # a --control unit, with the drawing's own parameters; another annotator on a pose is a mistake
+    spec = f"image={pose},draw_body=false"
+    assert main([*argv, "--control", spec, "--resolution", "128", "--out", str(tmp_path / "o3")]) == 0
+    assert not load_image(tmp_path / "o3" / "3-control-0.png").any()  # nothing drawn but the (absent) hands and face
+    assert main([*argv, "--image", str(pose), "--annotator", "scribble"]) == 2
+    assert "annotator 'scribble' cannot run on it" in capsys.readouterr().err
+
+
 # -- the model hash cache ------------------------------------------------------------------------
 
 

@@ -45,15 +45,22 @@ def render_pose_json(
 
 
 def annotate_pose_json(
-    source: PoseSource, width: int | None = None, height: int | None = None, **params: Any
+    source: PoseSource,
+    width: int | None = None,
+    height: int | None = None,
+    *,
+    canvas: tuple[int, int] | None = None,
+    **params: Any,
 ) -> Annotation:
     """`render_pose_json`'s map, and the poses as OpenPose JSON (normalised, as our openpose
-    annotators write them) in `Annotation.data`. `params` are the annotator's (checked)."""
+    annotators write them) in `Annotation.data`. `canvas` (width, height) is the picture a file
+    without a canvas size (CMU's) was detected on; else `width` x `height` is taken for it.
+    `params` are the annotator's (checked)."""
     if (width is None) != (height is None):
         raise ValueError(f"give both width and height of the pose map, or neither; got {width!r} x {height!r}")
     resolved = OPENPOSE_JSON.resolve(params)
     size = None if width is None or height is None else (width, height)
-    poses = read_pose_json(source, canvas=size)
+    poses = read_pose_json(source, canvas=canvas or size)
     if size is not None:
         poses = Poses(size[0], size[1], poses.people)
     image = draw_poses(poses, body=resolved["draw_body"], hands=resolved["draw_hand"], face=resolved["draw_face"])

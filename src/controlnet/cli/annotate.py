@@ -26,13 +26,25 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "annotate",
         help="run one annotator on an image: controlnet annotate NAME IN OUT",
         description="Run one annotator on an image and write the control map as a PNG. "
-        "`controlnet annotate --list` shows every annotator with its parameters.",
+        "`controlnet annotate --list` shows every annotator with its parameters. openpose_json takes an "
+        "OpenPose JSON file instead of an image and draws its poses.",
     )
     annotate.add_argument("name", nargs="?", help="annotator name (canny, scribble, shuffle, ...); see --list")
     annotate.add_argument("input", type=Path, nargs="?")
     annotate.add_argument("output", type=Path, nargs="?", help="a .png file")
     annotate.add_argument("--list", action="store_true", help="list the annotators and their parameters, then exit")
-    annotate.add_argument("--resolution", type=int, default=512, help="resize the image first (short side, x64)")
+    annotate.add_argument(
+        "--resolution",
+        type=int,
+        help="resize the image first: short side, sides multiples of 64 (default 512; a pose JSON is drawn "
+        "at its canvas size unless this is given)",
+    )
+    annotate.add_argument(
+        "--canvas",
+        metavar="WIDTHxHEIGHT",
+        help="openpose_json: the size of the picture the poses were detected on, for files that do not "
+        "record it (CMU OpenPose's --write_json)",
+    )
     annotate.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="annotator parameter")
     annotate.add_argument("--json", type=Path, metavar="OUT.json", help="also write what was detected (the poses)")
     annotate.add_argument("--overwrite", action="store_true")
@@ -66,7 +78,11 @@ def cmd_annotate(args: argparse.Namespace) -> None:
             f"annotator {args.name!r} needs {', '.join(annotator.inputs)}, which the command line cannot give"
         )
     params = annotator_params(annotator, args.param)
-    check_range("--resolution", args.resolution, 64, 8192)
+    if args.resolution is not None:
+        check_range("--resolution", args.resolution, 64, 8192)
+    canvas = _canvas(args.canvas) if args.canvas is not None else None
+    if canvas is not None and annotator.from_file is None:
+        raise UsageError(f"--canvas is for a pose JSON (openpose_json), not for {args.name}")
     if args.output.suffix.lower() != ".png":
         raise UsageError(f"{args.output}: the output is written as PNG; name it .png")
     check_output(args.output, args.overwrite, [args.input])
@@ -79,19 +95,43 @@ def cmd_annotate(args: argparse.Namespace) -> None:
     runtime = Runtime.default(args.annotators_dir, None if args.device == "auto" else args.device, args.dtype)
     for weight in annotator.weights:  # a missing file, before anything is read: where to get it
         weight.path(runtime.folder)
-    image = load_image(args.input)
+    resolution = 512 if args.resolution is None and annotator.from_file is None else args.resolution
     try:
-        result = annotate(args.name, image, args.resolution, runtime=runtime, **params)
+        if annotator.from_file is not None:
+            result = _annotate_file(annotator, args.input, resolution, canvas, params)
+        else:
+            result = annotate(args.name, load_image(args.input), resolution, runtime=runtime, **params)
     except ValueError as error:
         raise UsageError(one_line(error)) from None
     if args.json is not None and result.data is None:
         raise UsageError(f"annotator {args.name!r} detects nothing to write as JSON; --json is for the openpose ones")
-    record = {"annotator": args.name, "params": params, "resolution": args.resolution, "version": __version__}
+    record = {"annotator": args.name, "params": params, "resolution": resolution, "version": __version__}
     save_over(args.output, result.image, {"controlnet": to_json(record)})
     print(f"wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})")
     if args.json is not None:
         _save_json(args.json, result.data)
         print(f"wrote {args.json}")
+
+
+def _annotate_file(annotator, path: Path, resolution: int | None, canvas: tuple[int, int] | None, params: dict):
+    """An annotator that reads a file (openpose_json): drawn at the file's canvas size, or at the
+    size an image of that size would get at ``resolution`` (strokes keep their width)."""
+    from ..annotators.pose.jsonformat import read_pose_json
+    from ..imaging.resize import check_aspect_ratio, resized_size
+
+    poses = read_pose_json(path, canvas=canvas)
+    width, height = (poses.width, poses.height)
+    if resolution is not None:
+        check_aspect_ratio(width, height, f"the canvas of {path}")
+        width, height = resized_size(width, height, resolution)
+    return annotator.from_file(path, width, height, canvas=(poses.width, poses.height), **params)
+
+
+def _canvas(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise UsageError(f"--canvas {text!r}: give WIDTHxHEIGHT in pixels, e.g. 512x768")
+    return int(width), int(height)
 
 
 def _save_json(path: Path, data: dict) -> None:

@@ -140,7 +140,6 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
     """The control units of --image and every --control, checked and with their images loaded.
 
     Everything is checked here, before a model is loaded: a typo costs no waiting."""
-    from ..hashing import file_sha256
     from ..pipeline import ControlUnit
 
     default_mode = "control" if args.guess_mode else args.mode
@@ -164,23 +163,57 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
             "controlnet": _spec_number(spec, "controlnet", UNIT["controlnet"].default, int),
         }
         checked(check_unit, values, where)
+        first_unit = spec is specs[0] and args.image is not None
+        if Path(spec["image"]).suffix.lower() == ".json":  # a pose, drawn into the unit's map
+            image = _pose_map(spec, values["annotator"], args, first_unit)
+            values["annotator"] = "none"
+            units.append(_Unit(ControlUnit(image=image, **values), Path(spec["image"]), _sha256(spec["image"])))
+            continue
         annotator = get_annotator(values["annotator"])
         if annotator.inputs and not (set(annotator.inputs) <= {"mask"} and args.mask is not None):
             raise UsageError(
                 f"{where}: annotator {annotator.name!r} needs {', '.join(annotator.inputs)}, "
                 "which the command line cannot give"
             )
-        params = _unit_params(annotator, spec, args, first_unit=spec is specs[0] and args.image is not None)
+        params = _unit_params(annotator, spec, args, first_unit)
         for weight in annotator.weights:  # a missing file, before a model is loaded: where to get it
             weight.path(annotators_folder(args.annotators_dir))
         image = _load_checked_image(spec["image"], f"control image {spec['image']}")
         unit = ControlUnit(image=image, annotator_params=params, **values)
-        try:
-            sha256 = file_sha256(spec["image"])
-        except OSError as error:  # read a moment ago, so unlikely: but never a traceback
-            raise CommandError(f"cannot read {spec['image']}: {error.strerror or error}") from None
-        units.append(_Unit(unit, Path(spec["image"]), sha256))
+        units.append(_Unit(unit, Path(spec["image"]), _sha256(spec["image"])))
     return units
+
+
+def _sha256(path: str) -> str:
+    from ..hashing import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError as error:  # read a moment ago, so unlikely: but never a traceback
+        raise CommandError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _pose_map(spec: dict, annotator: str, args: argparse.Namespace, first_unit: bool) -> np.ndarray:
+    """A pose JSON as a unit's control image: drawn as the openpose models were trained (the
+    openpose_json annotator, its parameters from the unit's), at the file's canvas size; the unit
+    then uses that map as it is (annotator none)."""
+    path = spec["image"]
+    if annotator in ("none", "openpose_json") or (first_unit and annotator == UNIT["annotator"].default):
+        draw = get_annotator("openpose_json")
+    else:
+        raise UsageError(
+            f"control unit {path}: a pose JSON is drawn as the openpose models were trained (annotator "
+            f"openpose_json); annotator {annotator!r} cannot run on it"
+        )
+    params = _unit_params(draw, spec, args, first_unit)
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        image = draw.from_file(Path(path), **params).image
+    except ValueError as error:
+        raise UsageError(one_line(error)) from None
+    _check_shape(image, f"the pose map of {path}")
+    return image
 
 
 def _unit_params(annotator, spec: dict, args: argparse.Namespace, first_unit: bool) -> dict:
@@ -210,14 +243,19 @@ def _load_checked_image(path: str | Path, what: str) -> np.ndarray:
     """An input image read (ImageError: one line naming the file) and its shape checked as the
     core will (at most 4:1), before a model is loaded."""
     from ..imaging.images import load_image
-    from ..imaging.resize import check_aspect_ratio
 
     image = load_image(path)
+    _check_shape(image, what)
+    return image
+
+
+def _check_shape(image: np.ndarray, what: str) -> None:
+    from ..imaging.resize import check_aspect_ratio
+
     try:
         check_aspect_ratio(image.shape[1], image.shape[0], what)
     except ValueError as error:
         raise CommandError(str(error)) from None
-    return image
 
 
 def _check_generate_options(args: argparse.Namespace) -> None:

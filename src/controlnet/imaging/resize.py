@@ -280,11 +280,16 @@ def resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
     if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
         raise ValueError(f"expected a non-empty (H, W) or (H, W, C) array, got {_describe(img)}")
     check_aspect_ratio(img.shape[1], img.shape[0])
-    h, w = float(img.shape[0]), float(img.shape[1])
-    k = float(resolution) / min(h, w)
-    new_h = int(np.round(h * k / 64.0)) * 64
-    new_w = int(np.round(w * k / 64.0)) * 64
+    new_w, new_h = resized_size(img.shape[1], img.shape[0], resolution)
+    k = float(resolution) / min(img.shape[:2])
     return resize(img, new_w, new_h, "lanczos" if k > 1 else "area")
+
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The (width, height) `resize_image` gives a width x height picture: the short side scaled to
+    `resolution`, each side rounded to a multiple of 64 (`np.round`, half to even)."""
+    k = float(resolution) / min(width, height)
+    return int(np.round(width * k / 64.0)) * 64, int(np.round(height * k / 64.0)) * 64
 
 
 def fit_to(
