@@ -365,9 +365,10 @@ def test_midas_reads_the_safetensors_version_and_runs_in_bfloat16(folder: Path, 
     reference = run_annotator("depth_midas", rgb, runtime=_fp32(folder))
     assert np.array_equal(run_annotator("depth_midas", rgb, runtime=_fp32(tmp_path)), reference)
     half = run_annotator("depth_midas", rgb, runtime=Runtime(folder, "cpu", "bfloat16"))
-    # bf16 keeps 8 bits of mantissa through 12 transformer blocks: the min-max scaled map stays
-    # within a few levels of float32 on average (measured mean ~3, bound 12).
-    assert np.abs(half.astype(int) - reference.astype(int)).mean() < 12
+    # bf16 keeps 8 bits of mantissa through the ResNet and 12 transformer blocks, and min-max scaling
+    # stretches the random network's narrow depth range: measured on this photo a mean difference of
+    # 9.7 levels (max 80) from float32. Bound: mean below 16 (a wrong cast or layout gives ~60+).
+    assert np.abs(half.astype(int) - reference.astype(int)).mean() < 16
 
 
 # ------------------------------------------------------------------------------------------------
