@@ -367,7 +367,7 @@ def test_midas_reads_the_safetensors_version_and_runs_in_bfloat16(folder: Path, 
     half = run_annotator("depth_midas", rgb, runtime=Runtime(folder, "cpu", "bfloat16"))
     # bf16 keeps 8 bits of mantissa through the ResNet and 12 transformer blocks, and min-max scaling
     # stretches the random network's narrow depth range: measured on this photo a mean difference of
-    # 9.7 levels (max 80) from float32. Bound: mean below 16 (a wrong cast or layout gives ~60+).
+    # 9.7 levels (max 80) from float32. Bound: mean below 16.
     assert np.abs(half.astype(int) - reference.astype(int)).mean() < 16
 
 
