@@ -96,11 +96,12 @@ def cmd_annotate(args: argparse.Namespace) -> None:
     for weight in annotator.weights:  # a missing file, before anything is read: where to get it
         weight.path(runtime.folder)
     resolution = 512 if args.resolution is None and annotator.from_file is None else args.resolution
+    image = None if annotator.from_file is not None else load_image(args.input)  # ImageError: exit 1
     try:
-        if annotator.from_file is not None:
+        if image is None:
             result = _annotate_file(annotator, args.input, resolution, canvas, params)
         else:
-            result = annotate(args.name, load_image(args.input), resolution, runtime=runtime, **params)
+            result = annotate(args.name, image, resolution, runtime=runtime, **params)
     except ValueError as error:
         raise UsageError(one_line(error)) from None
     if args.json is not None and result.data is None:
