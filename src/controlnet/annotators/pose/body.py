@@ -49,7 +49,11 @@ def _map_to_image(output: torch.Tensor, padded: tuple[int, int], pad: tuple[int,
 
 
 def body_maps(
-    network: Network, bgr: np.ndarray, device: str = "cpu", dtype: torch.dtype = torch.float32, channels_last=False
+    network: Network,
+    bgr: np.ndarray,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The body network's (heatmaps (H, W, 19), PAFs (H, W, 38)) over a BGR uint8 image, float64:
     the image scaled to 184 rows (0.5 x 368), padded to multiples of 8 with grey 128, the outputs

@@ -52,7 +52,11 @@ def face_box(body: np.ndarray, width: int, height: int) -> tuple[int, int, int] 
 
 
 def face_heatmaps(
-    network: Network, bgr: np.ndarray, device: str = "cpu", dtype: torch.dtype = torch.float32, channels_last=False
+    network: Network,
+    bgr: np.ndarray,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """The face network's last heatmaps (71, H, W) float32 over a BGR uint8 box: the box resized to
     384 x 384, the maps resized to the box bilinearly with the corners aligned (torch's

@@ -53,7 +53,11 @@ def hand_boxes(body: np.ndarray, width: int, height: int) -> list[tuple[int, int
 
 
 def hand_heatmaps(
-    network: Network, bgr: np.ndarray, device: str = "cpu", dtype: torch.dtype = torch.float32, channels_last=False
+    network: Network,
+    bgr: np.ndarray,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """The hand network's heatmaps (128, 128, 22) float64 of a BGR uint8 box: the box blurred by a
     Gaussian of sigma 0.8, resized to squares of 184, 368, 552 and 736 pixels, each scale's maps

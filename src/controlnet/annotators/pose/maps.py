@@ -67,7 +67,9 @@ def _correlate_symmetric(x: np.ndarray, kernel: np.ndarray, radius: int, axis: i
     padded = np.pad(x, [(radius, radius) if a == axis else (0, 0) for a in range(x.ndim)], mode="symmetric")
 
     def shifted(offset: int) -> np.ndarray:
-        return np.take(padded, np.arange(radius + offset, radius + offset + n), axis=axis)
+        window = [slice(None)] * x.ndim
+        window[axis] = slice(radius + offset, radius + offset + n)
+        return padded[tuple(window)]
 
     out = shifted(0) * kernel[radius]
     for j in range(radius, 0, -1):
