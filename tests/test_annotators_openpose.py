@@ -430,6 +430,24 @@ def test_detected_poses_and_their_drawings_equal_the_reference(reference_on_maps
         assert image.any(), name
 
 
+def test_an_image_off_the_64_grid_is_padded_for_detection_and_its_map_cropped(reference_on_maps, monkeypatch):
+    """As the extension's resize_image_with_pad: the image edge-padded to 256 x 320 (the synthetic
+    maps' size), the map cropped back; the JSON's canvas is the image's, its points the same."""
+    _, heatmaps, pafs = reference_on_maps
+    monkeypatch.setattr(ours, "body_maps", lambda *args: (heatmaps, pafs))
+    detector = ours.Detector(body=None, hand=_StandIn(22, 6), face=_StandIn(71, 7, quiet=(70,)))
+    rgb = _photo(HEIGHT, WIDTH)[:250, :300]
+    padded = np.pad(rgb, ((0, 6), (0, 20), (0, 0)), mode="edge")
+    detected = ours.detect_poses(padded, detector)
+    result = ours.annotate_poses(rgb, detector, True, True, True)
+    np.testing.assert_array_equal(result.image, draw_poses(detected, body=True, hands=True, face=True)[:250, :300])
+    assert (result.data["canvas_width"], result.data["canvas_height"]) == (300, 250)
+    cropped = parse_pose_json(result.data)
+    for mine, full in zip(cropped.people, detected.people, strict=True):
+        np.testing.assert_allclose(mine.body[:, 0] * 300, full.body[:, 0] * WIDTH, rtol=1e-12)
+        np.testing.assert_allclose(mine.face[:, 1] * 250, full.face[:, 1] * HEIGHT, rtol=1e-12)
+
+
 def _same_points(mine: np.ndarray | None, theirs: list | None) -> None:
     """Our keypoints (NaN rows absent) against the reference's list: its absent body points None,
     absent hand points at -1 / size, absent face landmarks left out of the list."""

@@ -101,6 +101,29 @@ def detect_poses(rgb: np.ndarray, detector: Detector) -> Poses:
     return Poses(width, height, people)
 
 
+def annotate_poses(rgb: np.ndarray, detector: Detector, body: bool, hands: bool, face: bool) -> Annotation:
+    """The map of the chosen parts of everyone in an RGB uint8 image, and the poses as OpenPose
+    JSON. As the extension's ``resize_image_with_pad`` / ``remove_pad``, an image whose sides are
+    not multiples of 64 is edge-padded to them for the detection and drawing, and the map cropped;
+    the JSON is of the image's canvas (run_annotator's images need no padding)."""
+    h, w = rgb.shape[:2]
+    poses = detect_poses(np.pad(rgb, ((0, -h % 64), (0, -w % 64), (0, 0)), mode="edge"), detector)
+    canvas = np.ascontiguousarray(draw_poses(poses, body=body, hands=hands, face=face)[:h, :w])
+    return Annotation(canvas, poses_to_json(_cropped(poses, w, h)))
+
+
+def _cropped(poses: Poses, width: int, height: int) -> Poses:
+    """`poses` on the top-left `width` x `height` pixels of their canvas, normalised to those."""
+    if (poses.width, poses.height) == (width, height):
+        return poses
+    scale = np.array([poses.width / width, poses.height / height, 1.0])
+    parts = ("body", "left_hand", "right_hand", "face")
+    people = [
+        Person(**{k: None if getattr(p, k) is None else getattr(p, k) * scale for k in parts}) for p in poses.people
+    ]
+    return Poses(width, height, people)
+
+
 def _normalised(points: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
     """(N, 3) points in a box's pixels (x, y, confidence; NaN rows absent) as (N, 3) normalised to
     the image, in float64 (the reference divides the body's pixels in float64)."""
@@ -130,11 +153,7 @@ def _factory(weights: tuple[WeightFile, ...], draw_body: bool) -> Callable[[Runt
             policy.use_channels_last(runtime.device, dtype),
         )
 
-        def annotate(image: np.ndarray) -> Annotation:
-            poses = detect_poses(image, detector)
-            return Annotation(draw_poses(poses, body=draw_body, hands=hands, face=face), poses_to_json(poses))
-
-        return annotate
+        return lambda image: annotate_poses(image, detector, draw_body, hands, face)
 
     return build
 
