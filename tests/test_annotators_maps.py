@@ -5,6 +5,8 @@ refused in one line."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import pytest
@@ -80,6 +82,23 @@ def test_seg_from_labels_colours_as_the_seg_annotators() -> None:
     expected = _mmseg_colouring(_photo("chelsea", 64, 96), labels, aux_module("util").ade_palette())
     np.testing.assert_array_equal(run_annotator("seg_from_labels", labels), expected)
     np.testing.assert_array_equal(seg_from_labels(labels.astype(np.uint16)), expected)  # wider labels too
+
+
+def test_a_label_image_is_resized_without_blending_its_classes(tmp_path) -> None:
+    """Labels are classes: at the annotator's resolution and through the pipeline's fitting they are
+    resized nearest-neighbour, so only the image's own classes appear (Lanczos or area would invent
+    labels at every boundary, some out of range)."""
+    from controlnet.pipeline import ControlUnit, Pipeline
+
+    labels = np.zeros((500, 700), np.uint8)
+    labels[:, 350:] = 149  # the last class beside the first: any blending makes labels in between
+    labels[200:300, 100:200] = 12
+    colours = {tuple(c) for c in ADE20K_PALETTE[[0, 12, 149]]}
+    sized = run_annotator("seg_from_labels", labels, 512)
+    assert sized.shape == (512, 704, 3) and {tuple(c) for c in sized.reshape(-1, 3)} == colours
+    unit = ControlUnit(labels, annotator="seg_from_labels", resize_mode="crop_and_resize")
+    fitted = Pipeline.control_map(SimpleNamespace(annotators=None), unit, 256, 320, 256, None)
+    assert fitted.shape == (256, 320, 3) and {tuple(c) for c in fitted.reshape(-1, 3)} == colours
 
 
 def test_seg_from_labels_reads_ade20k_annotation_files_one_based() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .annotators import Runtime, annotators_folder, run_annotator
+from .annotators import Runtime, annotators_folder, get_annotator, run_annotator
 from .formats.detect import check_compatible
 from .imaging.images import HWC3
 from .imaging.resize import fit_to, resize_image
@@ -177,8 +177,10 @@ class Pipeline:
         The inpaint annotator gets the generation's mask (fitted the same way) unless given its own.
         """
         image = HWC3(unit.image)
-        original = resize_image(image, resolution)
-        fitted = original if original.shape[:2] == (height, width) else fit_to(image, width, height, unit.resize_mode)
+        how = get_annotator(unit.annotator).resize  # label images: nearest, never blended
+        fitted = resize_image(image, resolution, how)
+        if fitted.shape[:2] != (height, width):
+            fitted = fit_to(image, width, height, unit.resize_mode, how)
         params = dict(unit.annotator_params)
         if unit.annotator == "inpaint" and "mask" not in params:
             if mask is None:

@@ -157,7 +157,7 @@ def annotate(
     annotator = get_annotator(name)
     rgb = HWC3(image)
     if resolution is not None:
-        rgb = resize_image(rgb, resolution)
+        rgb = resize_image(rgb, resolution, annotator.resize)
     return annotator.annotate(rgb, runtime, **params)
 
 

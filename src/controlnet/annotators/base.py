@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..imaging.images import HWC3
+from ..imaging.resize import Interpolation
 from .weights import WeightFile, annotators_folder
 
 ParamValue = int | float | bool | str
@@ -111,6 +112,9 @@ class Annotator:
     # For an annotator that reads a file instead of an image (openpose_json: a pose JSON):
     # from_file(path_or_text, width, height, **params) -> Annotation; its `factory` refuses images.
     from_file: Callable[..., Annotation] | None = None
+    # How its input image is resized: "nearest" for an image of class labels (seg_from_labels),
+    # whose values must never be blended into other classes; "auto" the original apps' rule.
+    resize: Interpolation = "auto"
     _built: tuple[Runtime, AnnotatorFn] | None = field(default=None, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 

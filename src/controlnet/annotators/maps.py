@@ -188,5 +188,6 @@ ANNOTATORS: tuple[Annotator, ...] = (
                 help="0-149: a model's class indices (0 = wall); 1-150: ADE20k annotation files (0 = unlabelled)",
             ),
         ),
+        resize="nearest",  # labels are classes: resizing must not blend them
     ),
 )

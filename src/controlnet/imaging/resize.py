@@ -271,18 +271,20 @@ def check_aspect_ratio(width: int, height: int, what: str = "the image") -> None
         )
 
 
-def resize_image(img: np.ndarray, resolution: int) -> np.ndarray:
+def resize_image(img: np.ndarray, resolution: int, interpolation: Interpolation = "auto") -> np.ndarray:
     """The original apps' `resize_image`: scale so the short side is `resolution`, round each side
-    to a multiple of 64 (`np.round`, half to even), Lanczos4 when enlarging (k > 1) else area.
-    Images longer than MAX_ASPECT_RATIO times their width (or the reverse) are refused."""
+    to a multiple of 64 (`np.round`, half to even), Lanczos4 when enlarging (k > 1) else area
+    (`interpolation` "auto"; "nearest" for label images). Images longer than MAX_ASPECT_RATIO times
+    their width (or the reverse) are refused."""
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 64:
         raise ValueError(f"resolution must be an integer >= 64, got {resolution!r}")
     if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
         raise ValueError(f"expected a non-empty (H, W) or (H, W, C) array, got {_describe(img)}")
     check_aspect_ratio(img.shape[1], img.shape[0])
     new_w, new_h = resized_size(img.shape[1], img.shape[0], resolution)
-    k = float(resolution) / min(img.shape[:2])
-    return resize(img, new_w, new_h, "lanczos" if k > 1 else "area")
+    if interpolation == "auto":
+        interpolation = "lanczos" if float(resolution) / min(img.shape[:2]) > 1 else "area"
+    return resize(img, new_w, new_h, interpolation)
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
