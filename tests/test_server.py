@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from collections.abc import Iterator
 
@@ -225,3 +226,44 @@ def test_the_page_reads_an_annotators_parameters_back_from_its_controls(tmp_path
     assert type(unit.annotator_params["low_threshold"]) is int
     with pytest.raises(RequestError, match="unknown annotator 'nope'"):
         ui._unit(path, "nope", values, True, 512, Limits())
+
+
+_POSE = {
+    "people": [
+        {"pose_keypoints_2d": [c for x, y in [(32, 12), (32, 24), (22, 24), (20, 38)] for c in (x, y, 1)] + [0] * 42}
+    ],
+    "canvas_width": 64,
+    "canvas_height": 64,
+}
+
+
+def test_a_unit_image_may_be_openpose_json(client):
+    """An OpenPose JSON object in place of a unit's image: drawn as the openpose models were trained
+    and used as the map (the detected map the answer returns is that drawing)."""
+    from controlnet.annotators.posejson import render_pose_json
+    from controlnet.imaging.resize import resize_image
+
+    body = {"prompt": "a person", "steps": 1, "seed": 2, "units": [{"image": _POSE}]}
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 200, response.text
+    [detected] = response.json()["control_maps"]
+    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(detected))).convert("RGB"))
+    expected = resize_image(render_pose_json(json.dumps(_POSE)), 128)  # the 64 px canvas at the model's 128
+    assert expected.any() and np.array_equal(drawn, expected)
+    assert response.json()["settings"]["controls"][0]["annotator"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("unit", "message"),
+    [
+        ({"image": {"people": []}}, "units[0].image (OpenPose JSON) has no canvas_width and canvas_height"),
+        ({"image": _POSE | {"canvas_width": 100000}}, "units[0].image (OpenPose JSON)"),
+        ({"image": _POSE | {"canvas_width": 4096, "canvas_height": 4096}}, "over the limit of 1048576 pixels"),
+        ({"image": _POSE, "annotator": "canny"}, "the image is a pose (OpenPose JSON); annotator 'canny' cannot run"),
+        ({"image": [_POSE, _POSE]}, "holds a list of 2 poses"),
+    ],
+)
+def test_bad_openpose_json_units_are_400s(unit, message):
+    with pytest.raises(RequestError) as refused:
+        request_from_json({"prompt": "x", "units": [unit]}, Limits(max_pixels=1024 * 1024))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
