@@ -45,10 +45,10 @@ _SLOT_KIND = {"int": "number", "float": "number", "bool": "flag", "str": "choice
 
 def annotator_choices() -> list[str]:
     """The annotators a unit's menu offers: those that need nothing but the image (image_to_mask and
-    inpaint need a mask as well)."""
+    inpaint need a mask as well; openpose_json reads a JSON file, which the API takes instead)."""
     from ..annotators import ANNOTATORS
 
-    return [name for name, annotator in ANNOTATORS.items() if not annotator.inputs]
+    return [name for name, a in ANNOTATORS.items() if not a.inputs and a.from_file is None]
 
 
 def param_slots(annotator_name: str) -> dict[str, str]:
