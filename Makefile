@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format install install-dev browser clean bench bench-train
+.PHONY: demo test lint format install install-dev browser clean bench bench-train bench-annotators
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench: install-dev
 # Training speed against diffusers' train_controlnet.py logic (SD 1.5 size, 256x256, 7-14 minutes).
 bench-train: install-dev
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_ARGS)
+
+# Network annotators against controlnet_aux on the same weight files, 512x512 photo; BENCH_ARGS: --quick,
+# --annotators-dir DIR (real weights where present, else random), --only a,b, --rounds N.
+bench-annotators: install-dev
+	$(BIN)/python benchmarks/bench_annotators.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
