@@ -65,7 +65,7 @@ def _randomise(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("depth_weights")
     midas = _randomise(DPTHybridMiDaS(), 0)
@@ -265,7 +265,7 @@ class _Predicts(torch.nn.Module):
             return self.model(pixel_values=x).predicted_depth
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def aux_midas(folder: Path):
     with _timm_stand_in():
         module = aux_module("midas")
@@ -308,7 +308,7 @@ def _dinov2_positions(self, embeddings: torch.Tensor, height: int, width: int) -
     return torch.cat([pos[:, :1], patch], dim=1).to(self.position_embeddings.dtype)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf_da2(folder: Path) -> torch.nn.Module:
     model = _hf_da2(_state(folder, DA2_WEIGHTS["vits"].name), "vits")
     embeddings = model.backbone.embeddings

@@ -116,7 +116,7 @@ def _random_mlsd() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def weights() -> dict[str, dict[str, torch.Tensor]]:
     """The random tensors of each file, as the file holds them."""
     return {
@@ -127,7 +127,7 @@ def weights() -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory, weights) -> Path:
     """The four files under their real names, each a plain state dict."""
     where = tmp_path_factory.mktemp("lines_weights")
@@ -136,7 +136,7 @@ def folder(tmp_path_factory, weights) -> Path:
     return where
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def oracles(folder) -> dict[str, object]:
     """controlnet_aux's detectors, read by their own from_pretrained from the same folder."""
     return {

@@ -42,7 +42,7 @@ def _random_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     return weights
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def scannet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Runtime, dict[str, torch.Tensor]]:
     """A folder holding scannet.pt with random weights in the original's layout, and the weights."""
     folder = tmp_path_factory.mktemp("normal_weights")
@@ -51,7 +51,7 @@ def scannet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Runtime, dict[str
     return Runtime(folder, "cpu", "float32"), weights
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference(scannet: tuple[Runtime, dict[str, torch.Tensor]]):
     """controlnet_aux's NormalBaeDetector on the same weights."""
     detector = aux_module("normalbae")

@@ -81,7 +81,7 @@ def _random_state(make, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """The three files under their real names, as plain state dicts with the files' flat keys."""
     where = tmp_path_factory.mktemp("openpose_weights")

@@ -96,13 +96,13 @@ def _random_pidinet() -> dict[str, torch.Tensor]:
     return {f"module.{k}": v.clone() for k, v in net.state_dict().items()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def weights() -> dict[str, dict[str, torch.Tensor]]:
     """The random tensors of each file, as the file holds them."""
     return {HED_FILE: _random_hed(), PIDINET_FILE: _random_pidinet()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory, weights) -> Path:
     """Both files under their real names, in their real layouts: ControlNetHED.pth a plain state
     dict; table5_pidinet.pth the PiDiNet authors' checkpoint, {"state_dict": {"module.<key>": ...}}."""
@@ -112,7 +112,7 @@ def folder(tmp_path_factory, weights) -> Path:
     return where
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def oracles(folder) -> dict[str, object]:
     """controlnet_aux's detectors, read by their own from_pretrained from the same folder."""
     return {

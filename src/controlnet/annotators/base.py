@@ -138,6 +138,11 @@ class Annotator:
                 self._built = (runtime, self.factory(runtime))
             return self._built[1]
 
+    def release(self) -> None:
+        """Forget the built function, and with it a network's weights (built again on next use)."""
+        with self._lock:
+            self._built = None
+
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with `params`, each checked and coerced; array inputs checked present."""
         known = {p.name: p for p in self.params}
