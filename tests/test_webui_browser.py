@@ -7,6 +7,7 @@ from a --models folder."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -126,6 +127,37 @@ def test_a_units_annotator_shows_its_parameters_and_missing_weights(server, brow
     page.locator("#unit0_preview").click()
     page.get_by_text("needs mlsd_large_512_fp32.pth, which this server does not have").first.wait_for()
     assert page.get_by_text("Traceback").count() == 0
+    page.close()
+
+
+def test_a_pose_json_uploaded_to_a_unit_is_drawn_as_its_map(server, browser, tmp_path):
+    from controlnet.annotators.posejson import render_pose_json
+
+    pose = {
+        "people": [{"pose_keypoints_2d": [v for x, y in [(64, 30), (64, 60), (40, 60), (30, 95)] for v in (x, y, 1)]}],
+        "canvas_width": 128,
+        "canvas_height": 128,
+    }
+    pose["people"][0]["pose_keypoints_2d"] += [0] * 42
+    path = tmp_path / "pose.json"
+    path.write_text(json.dumps(pose))
+    page = open_page(browser, server)
+    page.locator("#unit0_pose input[type=file]").set_input_files(str(path))
+    page.locator("#unit0_preview").click()
+    page.locator("#unit0_map img").wait_for()
+    response = page.request.get(page.locator("#unit0_map img").get_attribute("src"))
+    drawn = np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+    assert drawn.any() and (drawn.reshape(-1, 3).max(axis=1) > 0).mean() < 0.2  # a skeleton on black
+    page.locator("#prompt textarea").fill("a person")
+    (detected, _) = run(page, 2)  # the drawn map and the image: the pose drove the unit, canny was not run
+    np.testing.assert_array_equal(detected, render_pose_json(path))  # its 128 px canvas is the output size
+    page.close()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"people": []}')
+    page = open_page(browser, server)
+    page.locator("#unit0_pose input[type=file]").set_input_files(str(bad))
+    page.locator("#unit0_preview").click()
+    page.get_by_text("the pose JSON has no canvas_width and canvas_height").first.wait_for()
     page.close()
 
 

@@ -28,6 +28,7 @@ from .service import (
     RequestError,
     Service,
     UnitRequest,
+    draw_pose,
     read_upload,
 )
 
@@ -105,28 +106,6 @@ def _decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
     return read_upload(raw, limits, what)
 
 
-def _pose_image(data: Any, where: str, values: dict, limits: Limits) -> np.ndarray:
-    """A unit's image given as OpenPose JSON (as `controlnet annotate openpose_json` reads it),
-    drawn as the openpose models were trained, with the openpose_json annotator's parameters if
-    the unit names it; any other annotator cannot run on a pose."""
-    from ..annotators import get_annotator
-    from ..annotators.pose.jsonformat import parse_pose_json
-
-    annotator = values.get("annotator", "none")
-    if annotator not in ("none", "openpose_json"):
-        raise RequestError(f"{where}: the image is a pose (OpenPose JSON); annotator {annotator!r} cannot run on it")
-    draw = get_annotator("openpose_json")
-    try:
-        params = draw.resolve(values.get("annotator_params") or {})
-        poses = parse_pose_json(data)
-    except ValueError as error:
-        raise RequestError(f"{where}.image (OpenPose JSON) {error}") from None
-    if poses.width * poses.height > limits.max_pixels:
-        size = f"{poses.width}x{poses.height}"
-        raise RequestError(f"{where}.image: the pose canvas {size} is over the limit of {limits.max_pixels} pixels")
-    return draw.from_file(json.dumps(data), **params).image
-
-
 # The fields a request may have and the JSON type of those that are not settings: the settings
 # (settings.py) are checked by settings.check, with the same messages as everywhere.
 _REQUEST_FIELDS = {"prompt": str, "model": str, "negative_prompt": str, "added_prompt": str} | dict.fromkeys(GENERATION)
@@ -163,7 +142,10 @@ def request_from_json(body: Any, limits: Limits) -> GenerateRequest:
             raise RequestError(f"units[{i}]: unknown field(s): {', '.join(sorted(bad))}")
         values = {k: _typed(f"units[{i}].{k}", v, _UNIT_FIELDS[k]) for k, v in item.items() if k != "image"}
         if isinstance(item["image"], (dict, list)):  # OpenPose JSON: the pose is drawn into the unit's map
-            image = _pose_image(item["image"], f"units[{i}]", values, limits)
+            where = f"units[{i}].image (OpenPose JSON)"
+            image = draw_pose(
+                item["image"], where, values.get("annotator", "none"), values.get("annotator_params"), limits
+            )
             values |= {"annotator": "none", "annotator_params": {}}
         else:
             image = _decode_image(item["image"], f"units[{i}].image", limits)

@@ -81,6 +81,19 @@ def guard_image(component: gr.Image, files: ServerFiles, limits: Limits) -> None
     component.preprocess = checked_preprocess
 
 
+def guard_file(component: gr.File, files: ServerFiles) -> None:
+    """A ``gr.File`` input (the units' pose JSON) that reads only files inside ``files``, also those
+    marked ``is_stream``; its size and content are checked where it is read (service.draw_pose)."""
+    preprocess = component.preprocess
+
+    def checked_preprocess(payload):
+        if payload is not None:
+            _check_source(files, getattr(payload, "path", None))
+        return preprocess(payload)
+
+    component.preprocess = checked_preprocess
+
+
 def guard_image_editor(component: gr.ImageEditor, files: ServerFiles, limits: Limits) -> None:
     """A ``gr.ImageEditor`` input with its layers bounded and every image checked before it is
     decoded, whether it arrives as an upload (from ``files`` only) or as bytes sent ahead of the

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,49 @@ def _check_unit(unit: UnitRequest, where: str, annotators: Path | None) -> None:
         ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
     except ValueError as error:
         raise SettingError(f"{where}: {error}") from None
+
+
+def draw_pose(source: Any, what: str, annotator: str, params: Mapping | None, limits: Limits) -> np.ndarray:
+    """A unit's pose as its control image: OpenPose JSON, decoded (the JSON API's unit image) or a
+    file uploaded through the page, drawn as the openpose models were trained (the openpose_json
+    annotator, with its parameters when the unit names it: any other annotator cannot run on a
+    pose). RequestError, one line naming ``what``, for a bad file, a bad pose or a canvas over the
+    pixel limit (checked before drawing)."""
+    from ..annotators import get_annotator
+    from ..annotators.pose.jsonformat import parse_pose_json
+
+    if annotator not in ("none", "openpose_json"):
+        raise RequestError(
+            f"{what}: a pose is drawn as the openpose models were trained; annotator {annotator!r} cannot run on it"
+        )
+    if isinstance(source, (str, os.PathLike)):  # a page upload: bounded, then decoded
+        source = _json_upload(source, what, limits)
+    draw = get_annotator("openpose_json")
+    try:
+        resolved = draw.resolve(params or {})
+        poses = parse_pose_json(source)
+    except ValueError as error:
+        raise RequestError(f"{what} {error}") from None
+    if poses.width * poses.height > limits.max_pixels:
+        size = f"{poses.width}x{poses.height}"
+        raise RequestError(f"{what}: the pose canvas {size} is over the limit of {limits.max_pixels} pixels")
+    return draw.from_file(json.dumps(source), **resolved).image
+
+
+def _json_upload(path: str | os.PathLike, what: str, limits: Limits) -> Any:
+    try:
+        size = os.stat(path).st_size
+    except (OSError, ValueError):
+        raise RequestError(f"the {what} upload is missing; upload it again") from None
+    if size > limits.max_upload_bytes:
+        raise RequestError(f"{what} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:g} MB")
+    try:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    except (OSError, ValueError):
+        raise RequestError(f"{what} is not a JSON file (UTF-8); upload the pose editor's .json") from None
+    except RecursionError:
+        raise RequestError(f"{what} is nested too deeply to be a pose") from None
 
 
 def read_upload(source: ImageSource, limits: Limits, what: str = "image") -> np.ndarray:

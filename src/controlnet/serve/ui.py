@@ -32,6 +32,7 @@ from .service import (
     Service,
     UnitRequest,
     default_prompts,
+    draw_pose,
     read_upload,
 )
 
@@ -293,16 +294,17 @@ def _unit_tab(gr, index: int, service: Service, files: ServerFiles, native: int)
 
     slots = _slot_names()
 
-    def show_map(path, name, perfect, resolution, *values):
-        if not path:
-            raise gr.Error("upload a control image first", print_exception=False)
+    def show_map(path, pose, name, perfect, resolution, *values):
+        if not path and not pose:
+            raise gr.Error("upload a control image (or a pose JSON) first", print_exception=False)
         try:
-            unit = _unit(path, name, dict(zip(slots, values, strict=True)), perfect, resolution, service.limits)
+            params = dict(zip(slots, values, strict=True))
+            unit = _unit(path, name, params, perfect, resolution, service.limits, pose=pose)
             return service.annotate(unit, native)
         except RequestError as error:
             raise gr.Error(str(error), print_exception=False) from None
 
-    names = ("image", "annotator", "pixel_perfect", "annotator_resolution", *slots)
+    names = ("image", "pose", "annotator", "pixel_perfect", "annotator_resolution", *slots)
     preview_button.click(show_map, inputs=[controls[n] for n in names], outputs=preview, api_name=False)
 
     def annotator_changed(name):
@@ -316,7 +318,7 @@ def _unit_tab(gr, index: int, service: Service, files: ServerFiles, native: int)
 
 
 def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict:
-    from .security import guard_image
+    from .security import guard_file, guard_image
 
     folder = service.annotators.folder
     enabled = gr.Checkbox(index == 0, label="Enable", elem_id=f"unit{index}_enabled")
@@ -324,6 +326,14 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict
         type="filepath", label="Control image", sources=["upload", "clipboard"], elem_id=f"unit{index}_image"
     )
     guard_image(image, files, service.limits)
+    pose = gr.File(
+        label="or a pose: OpenPose JSON (the pose editor's file), drawn as the openpose models saw it",
+        file_types=[".json"],
+        type="filepath",
+        height=80,
+        elem_id=f"unit{index}_pose",
+    )
+    guard_file(pose, files)
     default = UNIT["annotator"].default
     choices = [_menu_entry(name, folder) for name in annotator_choices()]
     annotator = gr.Dropdown(choices, value=default, label="Annotator", elem_id=f"unit{index}_annotator")
@@ -352,6 +362,7 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict
     return {
         "enabled": enabled,
         "image": image,
+        "pose": pose,
         "annotator": annotator,
         "weights": weights,
         **slots,
@@ -423,11 +434,19 @@ def _param_updates(gr, name: str, folder: Path) -> list:
     return [gr.update(value=_weights_note(name, folder)), *(gr.update(**shown[slot]) for slot in _slot_names())]
 
 
-def _unit(path, annotator: str, values: dict, pixel_perfect, resolution, limits: Limits, **settings) -> UnitRequest:
+def _unit(
+    path, annotator: str, values: dict, pixel_perfect, resolution, limits: Limits, pose=None, **settings
+) -> UnitRequest:
     """A unit from the page: the annotator's parameters read back from the slots that show them
-    (Gradio gives floats for integer sliders; the annotator's own check refuses what is out of range)."""
+    (Gradio gives floats for integer sliders; the annotator's own check refuses what is out of range).
+    A pose JSON, when one is uploaded, is the unit's map: drawn, and the annotator not run."""
     from ..annotators import get_annotator
 
+    if pose:
+        image = draw_pose(pose, "the pose JSON", "none", None, limits)
+        return UnitRequest(
+            image, annotator="none", pixel_perfect=bool(pixel_perfect), annotator_resolution=int(resolution), **settings
+        )
     try:
         params = {p.name: p for p in get_annotator(annotator).params}
     except ValueError as error:
@@ -452,7 +471,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
     value = {name: data[component] for name, component in fields.items()}
     units = []
     for controls in unit_inputs:
-        if not data[controls["enabled"]] or not data[controls["image"]]:
+        if not data[controls["enabled"]] or not (data[controls["image"]] or data[controls["pose"]]):
             continue
         units.append(
             _unit(
@@ -462,6 +481,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
                 data[controls["pixel_perfect"]],
                 data[controls["annotator_resolution"]],
                 service.limits,
+                data[controls["pose"]],
                 **{name: data[controls[name]] for name in ("strength", "start", "end", "mode", "resize_mode")},
             )
         )
