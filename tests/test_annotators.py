@@ -524,3 +524,16 @@ def test_an_annotator_returning_the_wrong_shape_is_caught(monkeypatch: pytest.Mo
     monkeypatch.setitem(ANNOTATORS, "broken", broken)
     with pytest.raises(RuntimeError, match="expected"):
         run_annotator("broken", _shapes(16, 16))
+
+
+def test_the_weights_folder_is_the_option_else_the_environment_else_the_cache(monkeypatch, tmp_path) -> None:
+    from controlnet.annotators.weights import annotators_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CONTROLNET_ANNOTATORS", raising=False)
+    assert annotators_folder() == tmp_path / "home" / ".cache" / "controlnet" / "annotators"
+    monkeypatch.setenv("CONTROLNET_ANNOTATORS", str(tmp_path / "env"))
+    assert annotators_folder() == tmp_path / "env" and Runtime.default().folder == tmp_path / "env"
+    assert annotators_folder(tmp_path / "given") == tmp_path / "given"  # --annotators-dir wins
+    monkeypatch.setenv("CONTROLNET_ANNOTATORS", "")  # set but empty: as if unset
+    assert annotators_folder() == tmp_path / "home" / ".cache" / "controlnet" / "annotators"
