@@ -4,7 +4,7 @@ implementations on the same random weights with the real key layouts, on real ph
 Oracles: controlnet_aux's MiDaS needs timm, which must not be installed beside this project's torch;
 transformers' DPTForDepthEstimation (hybrid config: BiT backbone) and DepthAnythingForDepthEstimation
 are independent implementations of the same networks, loaded from our files through key maps
-written here. MiDaS's pre- and post-processing is controlnet_aux's own ``MidasDetector.__call__``
+(tests/reference_annotators.py). MiDaS's pre- and post-processing is controlnet_aux's own ``MidasDetector.__call__``
 (the module is imported with an empty stand-in for ``timm``, which it only calls when building its
 network); Depth Anything V2's (not in controlnet_aux 0.0.10) is the extension's
 annotator/depth_anything_v2.py written out below.
@@ -12,9 +12,7 @@ annotator/depth_anything_v2.py written out below.
 
 from __future__ import annotations
 
-import functools
 import math
-import sys
 import types
 from pathlib import Path
 
@@ -26,10 +24,10 @@ import torch.nn.functional as F
 from controlnet.annotators import ANNOTATORS, Runtime, run_annotator
 from controlnet.annotators.depth import DA2_WEIGHTS, MIDAS_WEIGHTS
 from controlnet.annotators.networks.depth_anything_v2 import ENCODERS, DepthAnythingV2
-from controlnet.annotators.networks.midas import DPTHybridMiDaS
 from controlnet.annotators.weights import AnnotatorWeightsError
 
-from .reference_annotators import aux_module
+from . import annotator_weights
+from .reference_annotators import da2_to_transformers, midas_detector
 
 transformers = pytest.importorskip("transformers")
 skimage_data = pytest.importorskip("skimage.data")
@@ -41,178 +39,17 @@ def _photo(name: str, h: int = 256, w: int = 256) -> np.ndarray:
     return np.ascontiguousarray(cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA))
 
 
-# ------------------------------------------------------------------------------------------------
-# Random weights with the real layouts
-
-
-def _randomise(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights that keep activations in range: every tensor normal with std 1/sqrt(fan-in)
-    (LayerNorm/GroupNorm weights near 1, biases small, position embeddings and tokens 0.5), and the
-    last conv's bias positive so the final ReLU leaves a varied, non-zero map."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in module.state_dict().items():
-        t = torch.randn(value.shape, generator=g)
-        if key.endswith("gamma") or (value.ndim == 1 and key.endswith("weight")):
-            t = 1.0 + 0.1 * t
-        elif value.ndim == 1:
-            t = 0.05 * t
-        elif "pos_embed" in key or "token" in key:
-            t = 0.5 * t
-        else:
-            t = t / math.sqrt(max(1, value[0].numel()))
-        state[key] = t.contiguous()
-    return state
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiDaS's file and Depth Anything V2 ViT-S's, random in their real layouts."""
     where = tmp_path_factory.mktemp("depth_weights")
-    midas = _randomise(DPTHybridMiDaS(), 0)
-    midas["scratch.output_conv.4.bias"] = torch.tensor([0.5])
-    torch.save(midas, where / MIDAS_WEIGHTS.name)
-    da2 = _randomise(DepthAnythingV2("vits"), 1)
-    da2["depth_head.scratch.output_conv2.2.bias"] = torch.tensor([0.5])
-    torch.save(da2, where / DA2_WEIGHTS["vits"].name)
+    annotator_weights.write(where, MIDAS_WEIGHTS.name)
+    annotator_weights.write(where, DA2_WEIGHTS["vits"].name)
     return where
 
 
 def _state(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(folder / name, weights_only=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Key maps from the original files to transformers' layouts (written from the module structures;
-# transformers' convert_dpt_hybrid_to_pytorch.py and convert_depth_anything_to_hf.py show the same)
-
-
-def _split_qkv(prefix: str, kind: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    names = (f"{prefix}.attention.attention.{n}.{kind}" for n in ("query", "key", "value"))
-    return dict(zip(names, value.chunk(3, dim=0), strict=True))
-
-
-def _fusion(rest: str) -> str:
-    # refinenetN.resConfUnitK.convJ -> residual_layerK.convolutionJ; out_conv -> projection
-    rest = rest.replace("resConfUnit", "residual_layer").replace("out_conv", "projection")
-    return rest.replace(".conv1", ".convolution1").replace(".conv2", ".convolution2")
-
-
-_VIT_BLOCK = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense"}
-
-
-def _decoder_key(key: str) -> str:
-    """``scratch....`` of both models -> transformers' neck."""
-    if key.startswith("scratch.layer"):
-        return f"neck.convs.{int(key[len('scratch.layer')]) - 1}.{key.rsplit('.', 1)[1]}"
-    level = int(key[len("scratch.refinenet")])
-    return f"neck.fusion_stage.layers.{4 - level}.{_fusion(key.split('.', 2)[2])}"
-
-
-def midas_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    vit = "pretrained.model."
-    for key, value in state.items():
-        if key.startswith(vit + "head."):
-            continue  # the ImageNet classifier MiDaS never runs
-        if key.startswith(vit + "blocks."):
-            _, _, _, n, rest = key.split(".", 4)
-            prefix = f"dpt.encoder.layer.{n}"
-            if rest.startswith("attn.qkv."):
-                out.update(_split_qkv(prefix, rest.rsplit(".", 1)[1], value))
-                continue
-            name, kind = rest.rsplit(".", 1)
-            name = _VIT_BLOCK.get(name, {"mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}.get(name))
-            out[f"{prefix}.{name}.{kind}"] = value
-        elif key.startswith(vit + "patch_embed.backbone."):
-            rest = key[len(vit + "patch_embed.backbone.") :]
-            if rest.startswith("stem."):
-                rest = rest.replace("stem.conv", "embedder.convolution").replace("stem.norm", "embedder.norm")
-                out[f"dpt.embeddings.backbone.bit.{rest}"] = value
-            else:
-                out[f"dpt.embeddings.backbone.bit.encoder.{rest.replace('.blocks.', '.layers.')}"] = value
-        elif key.startswith(vit):
-            rest = key[len(vit) :]
-            simple = {"cls_token": "dpt.embeddings.cls_token", "pos_embed": "dpt.embeddings.position_embeddings"}
-            if rest in simple:
-                out[simple[rest]] = value
-            elif rest.startswith("patch_embed.proj."):
-                out[f"dpt.embeddings.projection.{rest.rsplit('.', 1)[1]}"] = value
-            else:  # the final norm
-                out[f"dpt.layernorm.{rest.rsplit('.', 1)[1]}"] = value
-        elif key.startswith("pretrained.act_postprocess"):
-            level = int(key[len("pretrained.act_postprocess")]) - 1
-            index, kind = key.split(".")[2], key.rsplit(".", 1)[1]
-            if index == "0":
-                out[f"neck.reassemble_stage.readout_projects.{level}.0.{kind}"] = value
-            else:
-                part = "projection" if index == "3" else "resize"
-                out[f"neck.reassemble_stage.layers.{level}.{part}.{kind}"] = value
-        elif key.startswith("scratch.output_conv."):
-            out["head.head." + key[len("scratch.output_conv.") :]] = value
-        else:
-            out[_decoder_key(key)] = value
-    return out
-
-
-def da2_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        kind = key.rsplit(".", 1)[1]
-        if key.startswith("pretrained.blocks."):
-            _, _, n, rest = key.split(".", 3)
-            prefix = f"backbone.encoder.layer.{n}"
-            if rest.startswith("attn.qkv."):  # transformers' DINOv2 names them q_proj, k_proj, v_proj
-                names = (f"{prefix}.attention.{n}_proj.{kind}" for n in "qkv")
-                out.update(zip(names, value.chunk(3, dim=0), strict=True))
-                continue
-            name = rest.rsplit(".", 1)[0]
-            name = {"ls1": "layer_scale1", "ls2": "layer_scale2", "attn.proj": "attention.o_proj"}.get(name, name)
-            out[f"{prefix}.{name}.{'lambda1' if kind == 'gamma' else kind}"] = value
-        elif key.startswith("pretrained."):
-            rest = key[len("pretrained.") :]
-            simple = {
-                "cls_token": "backbone.embeddings.cls_token",
-                "mask_token": "backbone.embeddings.mask_token",
-                "pos_embed": "backbone.embeddings.position_embeddings",
-            }
-            if rest in simple:
-                out[simple[rest]] = value
-            elif rest.startswith("patch_embed.proj."):
-                out[f"backbone.embeddings.patch_embeddings.projection.{kind}"] = value
-            else:
-                out[f"backbone.layernorm.{kind}"] = value
-        elif key.startswith("depth_head.projects.") or key.startswith("depth_head.resize_layers."):
-            level = key.split(".")[2]
-            part = "projection" if ".projects." in key else "resize"
-            out[f"neck.reassemble_stage.layers.{level}.{part}.{kind}"] = value
-        elif key.startswith("depth_head.scratch.output_conv"):
-            rest = key[len("depth_head.scratch.") :]
-            name = {"output_conv1": "conv1", "output_conv2.0": "conv2", "output_conv2.2": "conv3"}[
-                rest.rsplit(".", 1)[0]
-            ]
-            out[f"head.{name}.{kind}"] = value
-        else:
-            out[_decoder_key(key[len("depth_head.") :])] = value
-    return out
-
-
-def _hf_midas(state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """transformers' DPT-Hybrid as MiDaS builds it (timm's LayerNorm eps 1e-6, blocks 8 and 11 taken),
-    allowed any input size (its embeddings resize the position grid when asked)."""
-    config = transformers.DPTConfig(
-        is_hybrid=True,
-        hidden_size=768,
-        reassemble_factors=[1, 1, 1, 0.5],
-        neck_hidden_sizes=[256, 512, 768, 768],
-        backbone_out_indices=[0, 1, 8, 11],
-        layer_norm_eps=1e-6,
-        readout_type="project",
-    )
-    model = transformers.DPTForDepthEstimation(config).eval()
-    model.load_state_dict(midas_to_transformers(state), strict=True)
-    embeddings = model.dpt.embeddings
-    embeddings.forward = functools.partial(type(embeddings).forward, embeddings, interpolate_pos_encoding=True)
-    return model
 
 
 def _hf_da2(state: dict[str, torch.Tensor], encoder: str) -> torch.nn.Module:
@@ -239,37 +76,9 @@ def _hf_da2(state: dict[str, torch.Tensor], encoder: str) -> torch.nn.Module:
     return model
 
 
-class _timm_stand_in:
-    """An empty ``timm`` while controlnet_aux.midas is imported: its vit.py imports timm at the top
-    but only calls it when building a network, which the oracle never asks it to."""
-
-    def __enter__(self) -> None:
-        self.added = "timm" not in sys.modules
-        if self.added:
-            sys.modules["timm"] = types.ModuleType("timm")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.added:
-            sys.modules.pop("timm", None)
-
-
-class _Predicts(torch.nn.Module):
-    """transformers' model as MidasDetector calls its network: (1, 3, H, W) -> (1, H, W)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(pixel_values=x).predicted_depth
-
-
 @pytest.fixture(scope="module")
 def aux_midas(folder: Path):
-    with _timm_stand_in():
-        module = aux_module("midas")
-    return module.MidasDetector(_Predicts(_hf_midas(_state(folder, MIDAS_WEIGHTS.name))))
+    return midas_detector(_state(folder, MIDAS_WEIGHTS.name))
 
 
 def _da2_reference(model: torch.nn.Module, rgb: np.ndarray) -> np.ndarray:

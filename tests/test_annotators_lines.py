@@ -13,13 +13,11 @@ is a stand-in): it is tested for what it promises.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -28,102 +26,23 @@ from controlnet.annotators import Runtime, get_annotator, run_annotator
 from controlnet.annotators.mlsd import decode_segments, draw_segments
 from controlnet.annotators.weights import AnnotatorWeightsError
 
-from .helpers import randomize
+from . import annotator_weights
+from .annotator_weights import mlsd_module, photo
 from .reference_annotators import aux_module
 
 REALISTIC, COARSE, ANIME, MLSD = "sk_model.pth", "sk_model2.pth", "netG.pth", "mlsd_large_512_fp32.pth"
 
-
-def _photo(name: str, width: int) -> np.ndarray:
-    """A scikit-image photograph, its short side resized to 256 (INTER_AREA), the centre `width`
-    columns kept: sides multiples of 64, as run_annotator sizes them."""
-    rgb = getattr(skimage.data, name)()
-    h, w = rgb.shape[:2]
-    scaled = cv2.resize(rgb, (round(w * 256 / h), 256), interpolation=cv2.INTER_AREA)
-    left = (scaled.shape[1] - width) // 2
-    return np.ascontiguousarray(scaled[:, left : left + width])
-
-
-PHOTOS = {"astronaut": _photo("astronaut", 256), "coffee": _photo("coffee", 320), "chelsea": _photo("chelsea", 320)}
-
-
-def _chw(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(pixels, np.float32)).permute(2, 0, 1)[None]
-
-
-def _standardise(conv: nn.Module, output: torch.Tensor, channels: slice, mean: float, std: float) -> None:
-    """Rescale `conv`'s output channels so that on `output` (its output before) they have this mean
-    and standard deviation."""
-    with torch.no_grad():
-        for c in range(conv.weight.shape[0])[channels]:
-            scale = std / output[0, c].std()
-            conv.weight[c].mul_(scale)
-            conv.bias[c].sub_(output[0, c].mean()).mul_(scale).add_(mean)
-
-
-def _random_generator(seed: int) -> dict[str, torch.Tensor]:
-    """informative-drawings' Generator(3, 1, 3) as controlnet_aux builds it, random (1/sqrt(fan-in)
-    weights; its InstanceNorms keep every activation in scale), the last convolution rescaled so that
-    its logits on the astronaut have mean 0 and deviation 2: the sigmoid spans most of 0..255."""
-    net = randomize(aux_module("lineart").Generator(3, 1, 3), seed).eval()
-    with torch.no_grad():
-        features = net.model3(net.model2(net.model1(net.model0(_chw(PHOTOS["astronaut"] / 255.0)))))
-        _standardise(net.model4[1], net.model4[1](net.model4[0](features)), slice(None), 0.0, 2.0)
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-def _anime_net() -> nn.Module:
-    norm = functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
-    return aux_module("lineart_anime").UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)
-
-
-def _random_anime() -> dict[str, torch.Tensor]:
-    """pix2pix's UnetGenerator(3, 1, 8, 64) with affine-free InstanceNorm, random, its last
-    transposed convolution scaled by 0.3 (the tanh then saturates on few pixels). Keys with
-    DataParallel's "module." prefix, which the references strip."""
-    net = randomize(_anime_net(), 2).eval()
-    with torch.no_grad():
-        net.model.model[3].weight.mul_(0.3)
-    return {f"module.{k}": v.clone() for k, v in net.state_dict().items()}
-
-
-def _mlsd(submodule: str = ""):
-    """controlnet_aux's mlsd package (its __init__, MLSDdetector) or one of its modules, the package
-    imported first: the loader enters a package bare when a submodule is asked for before it."""
-    package = aux_module("mlsd")
-    return aux_module(f"mlsd.{submodule}") if submodule else package
-
-
-def _random_mlsd() -> dict[str, torch.Tensor]:
-    """MobileV2_MLSD_Large, random, with BatchNorm statistics near 0 and 1; the head's output
-    channels rescaled on the astronaut: centre logits of mean -1 and deviation 1.5 (many centres
-    above the 0.1 score), displacements of deviation 8 pixels. Saved without BatchNorm's
-    num_batches_tracked (the file's torch version is unknown; both loaders fill it in)."""
-    net = randomize(_mlsd("models.mbv2_mlsd_large").MobileV2_MLSD_Large(), 3).eval()
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=generator))
-        features: list[torch.Tensor] = []
-        hook = net.block23.conv3.register_forward_hook(lambda m, i, out: features.append(out))
-        rgb = PHOTOS["astronaut"].astype(np.float32)
-        net(_chw(np.concatenate([rgb, np.ones_like(rgb[:, :, :1])], axis=2) / 127.5 - 1.0))
-        hook.remove()
-        _standardise(net.block23.conv3, features[0], slice(7, 8), -1.0, 1.5)
-        _standardise(net.block23.conv3, features[0], slice(8, 12), 0.0, 8.0)
-    return {k: v.clone() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+PHOTOS = {name: photo(name, width) for name, width in (("astronaut", 256), ("coffee", 320), ("chelsea", 320))}
 
 
 @pytest.fixture(scope="module")
 def weights() -> dict[str, dict[str, torch.Tensor]]:
     """The random tensors of each file, as the file holds them."""
     return {
-        REALISTIC: _random_generator(0),
-        COARSE: _random_generator(1),
-        ANIME: _random_anime(),
-        MLSD: _random_mlsd(),
+        REALISTIC: annotator_weights.lineart(0),
+        COARSE: annotator_weights.lineart(1),
+        ANIME: annotator_weights.lineart_anime(),
+        MLSD: annotator_weights.mlsd(),
     }
 
 
@@ -132,7 +51,7 @@ def folder(tmp_path_factory, weights) -> Path:
     """The four files under their real names, each a plain state dict."""
     where = tmp_path_factory.mktemp("lines_weights")
     for name, tensors in weights.items():
-        torch.save(tensors, where / name)
+        annotator_weights.write(where, name, tensors)
     return where
 
 
@@ -142,7 +61,7 @@ def oracles(folder) -> dict[str, object]:
     return {
         "lineart": aux_module("lineart").LineartDetector.from_pretrained(str(folder)),
         "lineart_anime": aux_module("lineart_anime").LineartAnimeDetector.from_pretrained(str(folder)),
-        "mlsd": _mlsd().MLSDdetector.from_pretrained(str(folder)),
+        "mlsd": mlsd_module().MLSDdetector.from_pretrained(str(folder)),
     }
 
 
@@ -283,7 +202,7 @@ def test_mlsd_decoding_equals_the_references_on_the_same_network_output() -> Non
         1, 9, 1, 1
     )
     output[0, 0, 10:12, 10:12] = 3.0  # four equal peaks: ties in the centre scores
-    reference = _mlsd("utils").pred_lines
+    reference = mlsd_module("utils").pred_lines
     for thr_v, thr_d in [(0.1, 0.1), (0.5, 10.0), (0.9, 3.0)]:
         expected = reference(np.zeros((96, 128, 3), np.uint8), _Fixed(output), [96, 128], thr_v, thr_d)
         ours = decode_segments(output, thr_v, thr_d)

@@ -6,7 +6,6 @@ the same map: the comparisons are exact (identical uint8 maps; measured: no pixe
 
 from __future__ import annotations
 
-import math
 import types
 
 import cv2
@@ -16,38 +15,18 @@ import torch
 from skimage import data as photos
 
 from controlnet.annotators import AnnotatorWeightsError, Runtime, run_annotator
-from controlnet.annotators.networks.normal_bae import NormalBae
 from controlnet.annotators.normal import NORMAL_BAE_WEIGHTS
 
+from . import annotator_weights
 from .reference_annotators import aux_module
-
-
-def _random_weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    """NormalBAE's state dict with random values of a scale that keeps activations in range: He-like
-    convolutions, BatchNorm statistics near identity."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for key, value in NormalBae().state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            weights[key] = torch.zeros_like(value)
-        elif key.endswith("running_var"):
-            weights[key] = 0.5 + torch.rand(value.shape, generator=generator)
-        elif key.endswith("running_mean"):
-            weights[key] = 0.1 * torch.randn(value.shape, generator=generator)
-        elif value.ndim == 1:  # BatchNorm scales near 1, every bias near 0
-            scale = key.endswith(".weight") and (".bn" in key or "_net.1." in key or "_net.4." in key)
-            weights[key] = float(scale) + 0.1 * torch.randn(value.shape, generator=generator)
-        else:
-            weights[key] = torch.randn(value.shape, generator=generator) / math.sqrt(value[0].numel())
-    return weights
 
 
 @pytest.fixture(scope="module")
 def scannet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Runtime, dict[str, torch.Tensor]]:
     """A folder holding scannet.pt with random weights in the original's layout, and the weights."""
     folder = tmp_path_factory.mktemp("normal_weights")
-    weights = _random_weights()
-    torch.save({"model": {f"module.{k}": v for k, v in weights.items()}}, folder / "scannet.pt")
+    weights = annotator_weights.normal_bae()
+    annotator_weights.write(folder, NORMAL_BAE_WEIGHTS.name, weights)
     return Runtime(folder, "cpu", "float32"), weights
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import colorsys
 import json
-import math
 import sys
 import types
 from pathlib import Path
@@ -45,6 +44,7 @@ from controlnet.annotators.pose.jsonformat import parse_pose_json
 from controlnet.annotators.pose.maps import gaussian_filter
 from controlnet.annotators.weights import AnnotatorWeightsError, load_network
 
+from . import annotator_weights
 from .reference_annotators import aux_module
 
 BODY, HAND, FACE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
@@ -59,34 +59,12 @@ def _photo(height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.pad(scaled, ((0, 0), (0, max(0, width - height)), (0, 0)), mode="reflect"))
 
 
-_POOL = 1 << 22
-
-
-def _random_state(make, seed: int) -> dict[str, torch.Tensor]:
-    """The network's keys and shapes, random: He-normal convolutions (activations keep their scale
-    through the stem and six stages), biases small. The values are taken at random places of one
-    pool of 8M normal samples (drawing the 52M values of the body network apart would double the
-    time these tests take); no tensor of these networks holds more than 4M."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in make().state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(2 * _POOL, generator=generator)
-    state = {}
-    for key, shape in shapes.items():
-        count, start = math.prod(shape), int(torch.randint(_POOL, (1,), generator=generator))
-        assert count <= _POOL
-        values = pool[start : start + count]
-        scale = (2.0 / math.prod(shape[1:])) ** 0.5 if key.endswith("weight") else 0.01
-        state[key] = (values * scale).reshape(shape)
-    return state
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """The three files under their real names, as plain state dicts with the files' flat keys."""
     where = tmp_path_factory.mktemp("openpose_weights")
-    for seed, (name, make) in enumerate(NETWORKS.items()):
-        torch.save(_random_state(make, seed), where / name)
+    for name in NETWORKS:
+        annotator_weights.write(where, name)
     return where
 
 

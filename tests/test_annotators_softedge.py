@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from safetensors.torch import save_file
 
@@ -23,83 +22,19 @@ from controlnet.annotators import Runtime, get_annotator, run_annotator
 from controlnet.annotators.networks.pidinet import PixelDifferenceConv, plain_kernel
 from controlnet.annotators.weights import AnnotatorWeightsError
 
+from . import annotator_weights
+from .annotator_weights import photo, pidi_model
 from .reference_annotators import aux_module
 
 HED_FILE, PIDINET_FILE = "ControlNetHED.pth", "table5_pidinet.pth"
 
-
-def _photo(name: str, width: int) -> np.ndarray:
-    """A scikit-image photograph, its short side resized to 256 (INTER_AREA), the centre `width`
-    columns kept: sides multiples of 64, as run_annotator sizes them."""
-    rgb = getattr(skimage.data, name)()
-    h, w = rgb.shape[:2]
-    scaled = cv2.resize(rgb, (round(w * 256 / h), 256), interpolation=cv2.INTER_AREA)
-    left = (scaled.shape[1] - width) // 2
-    return np.ascontiguousarray(scaled[:, left : left + width])
-
-
-PHOTOS = {"astronaut": _photo("astronaut", 256), "coffee": _photo("coffee", 320), "chelsea": _photo("chelsea", 320)}
-
-
-def _pidi_model():
-    """controlnet_aux pidi/model.py, its package's __init__ (PidiNetDetector) imported first: the
-    loader enters a package bare when a submodule is asked for before it."""
-    aux_module("pidi")
-    return aux_module("pidi.model")
-
-
-def _chw(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None]
-
-
-def _random_hed() -> dict[str, torch.Tensor]:
-    """ControlNetHED_Apache2's keys and shapes, random: He-normal convolutions (activations keep
-    their scale through 13 ReLU layers), a typical mean pixel as `norm`, and each side projection
-    rescaled so that its map on the astronaut has mean 0 and standard deviation 3: the sigmoid of
-    the mean of the five maps then spans the whole 0..255 range without saturating."""
-    torch.manual_seed(0)
-    net = aux_module("hed").ControlNetHED_Apache2()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("weight"):
-                p.normal_(0.0, (2.0 / p[0].numel()) ** 0.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 1.0)
-        net.norm.copy_(torch.tensor([123.0, 117.0, 104.0]).view(1, 3, 1, 1))
-        for k, side in enumerate(net(_chw(PHOTOS["astronaut"])), start=1):
-            projection = getattr(net, f"block{k}").projection
-            scale = 3.0 / side.std()
-            projection.weight.mul_(scale)
-            projection.bias.sub_(side.mean()).mul_(scale)
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-def _random_pidinet() -> dict[str, torch.Tensor]:
-    """pidinet()'s keys and shapes (carv4, 60 channels, dil 24, attention) with its own random
-    initialisation, each side map's reduction rescaled to mean 0 and deviation 1 on the astronaut,
-    and random fusion weights: the fused edge probability spans 0..1. Keys as the file has them,
-    with DataParallel's "module." prefix."""
-    torch.manual_seed(1)
-    net = _pidi_model().pidinet().eval()
-    sides: list[torch.Tensor] = []
-    hooks = [r.register_forward_hook(lambda m, i, out: sides.append(out)) for r in net.conv_reduces]
-    with torch.no_grad():
-        net(_chw(PHOTOS["astronaut"][:, :, ::-1]) / 255.0)
-        for hook in hooks:
-            hook.remove()
-        for reduce, side in zip(net.conv_reduces, sides, strict=True):
-            scale = 1.0 / side.std()
-            reduce.conv.weight.mul_(scale)
-            reduce.conv.bias.sub_(side.mean()).mul_(scale)
-        net.classifier.weight.normal_(0.0, 1.5)
-        net.classifier.bias.zero_()
-    return {f"module.{k}": v.clone() for k, v in net.state_dict().items()}
+PHOTOS = {name: photo(name, width) for name, width in (("astronaut", 256), ("coffee", 320), ("chelsea", 320))}
 
 
 @pytest.fixture(scope="module")
 def weights() -> dict[str, dict[str, torch.Tensor]]:
     """The random tensors of each file, as the file holds them."""
-    return {HED_FILE: _random_hed(), PIDINET_FILE: _random_pidinet()}
+    return {HED_FILE: annotator_weights.hed(), PIDINET_FILE: annotator_weights.pidinet()}
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +42,8 @@ def folder(tmp_path_factory, weights) -> Path:
     """Both files under their real names, in their real layouts: ControlNetHED.pth a plain state
     dict; table5_pidinet.pth the PiDiNet authors' checkpoint, {"state_dict": {"module.<key>": ...}}."""
     where = tmp_path_factory.mktemp("softedge_weights")
-    torch.save(weights[HED_FILE], where / HED_FILE)
-    torch.save({"epoch": 14, "state_dict": weights[PIDINET_FILE]}, where / PIDINET_FILE)
+    for name, tensors in weights.items():
+        annotator_weights.write(where, name, tensors)
     return where
 
 
@@ -191,7 +126,7 @@ def test_other_sizes_are_edge_padded_and_scribbled_after_the_crop_as_the_extensi
 def test_pixel_difference_convolutions_equal_the_reference_operators(kind: str) -> None:
     """Each kind, rewritten once as a plain convolution, gives the reference's operator
     (controlnet_aux pidi/model.py createConvFunc) exactly, on a full and on a depthwise layer."""
-    make = _pidi_model().createConvFunc(kind)
+    make = pidi_model().createConvFunc(kind)
     generator = torch.Generator().manual_seed(3)
     for channels_in, channels_out, groups in ((3, 8, 1), (6, 6, 6)):
         conv = PixelDifferenceConv(kind, channels_in, channels_out, groups)
