@@ -19,11 +19,12 @@ difference of the policy's map from float32's.
 
 Weights: ``--annotators-dir DIR`` uses the real files found there (under their original names, as
 controlnet_aux reads them); an annotator whose files are not all there gets random weights with the
-real key layouts, written to a temporary folder (benchmarks/annotator_weights.py), scaled so that the
-maps are neither flat nor saturated. Random weights time the same work except where the work depends
-on the picture: OpenPose's keypoint grouping (its random heatmaps are shifted so that each keypoint
-has a few candidates, as a photo of one person gives; see annotator_weights._random_body) and
-M-LSD's segments (random weights give many).
+real key layouts, written to a temporary folder by the annotator tests' writers
+(tests/annotator_weights.py), scaled so that the maps are neither flat nor saturated. Random weights
+time the same work except where the work depends on the picture: OpenPose's keypoint grouping (its
+random heatmaps are shifted so that each keypoint has a few candidates, as a photo of one person
+gives; see annotator_weights.openpose_body_with_few_peaks) and M-LSD's segments (random weights give
+many).
 
 Where controlnet_aux's work differs from ours (printed under the table too):
 - depth_midas: controlnet_aux builds MiDaS with timm, which is not installed here; its
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import sys
 import tempfile
@@ -52,8 +54,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.*
 
-import annotator_weights
+from tests import annotator_weights
+from tests.reference_annotators import aux_available, aux_module, midas_detector
+
 import common
 from controlnet import runtime as runtime_policy
 from controlnet.annotators import ANNOTATORS, Runtime, get_annotator, run_annotator
@@ -119,8 +124,52 @@ def weight_folder(name: str, real: Path | None, scratch: Path) -> tuple[Path, st
     if real is not None and all((real / f).is_file() for f in files):
         return real, "real"
     for f in files:
-        annotator_weights.write_random(f, scratch)
+        if not (scratch / f).exists():
+            tensors = annotator_weights.openpose_body_with_few_peaks() if f == annotator_weights.BODY else None
+            annotator_weights.write(scratch, f, tensors)
     return scratch, "random"
+
+
+# -- controlnet_aux's detectors on the same files ----------------------------------------------------
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _lineart(folder: Path, file: str):
+    """LineartDetector with the one generator this annotator uses (from_pretrained reads both files
+    into two Generator(3, 1, 3); the same module fills both places here)."""
+    module = aux_module("lineart")
+    model = module.Generator(3, 1, 3)
+    model.load_state_dict(_load(folder / file))
+    model.eval()
+    return module.LineartDetector(model, model)
+
+
+def _openpose(folder: Path):
+    """OpenposeDetector with its body estimator only (from_pretrained also reads the hand and face
+    files, which the body-only annotator never runs)."""
+    package = aux_module("open_pose")
+    return package.OpenposeDetector(aux_module("open_pose.body").Body(str(folder / annotator_weights.BODY)))
+
+
+def aux_detector(name: str, folder: Path) -> Callable[..., np.ndarray]:
+    """controlnet_aux's detector of annotator ``name`` on the files in ``folder``."""
+    builders: dict[str, Callable[[], Callable[..., np.ndarray]]] = {
+        "softedge_hed": lambda: aux_module("hed").HEDdetector.from_pretrained(str(folder)),
+        "softedge_pidinet": lambda: aux_module("pidi").PidiNetDetector.from_pretrained(str(folder)),
+        "lineart_realistic": lambda: _lineart(folder, annotator_weights.REALISTIC),
+        "lineart_coarse": lambda: functools.partial(_lineart(folder, annotator_weights.COARSE), coarse=True),
+        "lineart_anime": lambda: aux_module("lineart_anime").LineartAnimeDetector.from_pretrained(str(folder)),
+        "mlsd": lambda: annotator_weights.mlsd_module().MLSDdetector.from_pretrained(str(folder)),
+        "openpose": lambda: functools.partial(
+            _openpose(folder), include_body=True, include_hand=False, include_face=False
+        ),
+        "depth_midas": lambda: midas_detector(_load(folder / annotator_weights.MIDAS)),
+        "normal_bae": lambda: aux_module("normalbae").NormalBaeDetector.from_pretrained(str(folder)),
+    }
+    return builders[name]()
 
 
 def bench_one(name: str, image: np.ndarray, size: int, folder: Path, rounds: int) -> dict:
@@ -130,7 +179,7 @@ def bench_one(name: str, image: np.ndarray, size: int, folder: Path, rounds: int
         "fp32": Ours(name, Runtime.default(folder, dtype="float32"), size),
     }
     if name not in NO_ORACLE:
-        detector = annotator_weights.aux_detector(name, folder)
+        detector = aux_detector(name, folder)
         variants["aux"] = lambda rgb: detector(rgb, detect_resolution=size, image_resolution=size, output_type="np")
     maps, first, times = {}, {}, {v: [] for v in variants}
     for variant, call in variants.items():  # warm-up: reads the weights, the kernels' first calls
@@ -178,7 +227,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
-    if not annotator_weights.aux_available() and any(n not in NO_ORACLE for n in args.names):
+    if not aux_available() and any(n not in NO_ORACLE for n in args.names):
         sys.exit("controlnet_aux is not installed: make install-dev installs it (without its dependencies)")
     started = time.perf_counter()
     print(common.cpu_line())
