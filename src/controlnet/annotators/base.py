@@ -176,6 +176,17 @@ class Annotator:
         return self.annotate(image, runtime, **params).image
 
 
+def pad_to_64(image: np.ndarray) -> np.ndarray:
+    """The image edge-padded at the bottom and right to sides that are multiples of 64 (the
+    extension's ``resize_image_with_pad`` after its resize; itself when they already are); the
+    caller crops the map back to the image's size (its ``remove_pad``)."""
+    h, w = image.shape[:2]
+    pad_h, pad_w = -h % 64, -w % 64
+    if not pad_h and not pad_w:
+        return image
+    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
 def _number(value: Any, integral: bool) -> int | float | None:
     """An int (integral=True, integral floats accepted) or finite float from `value`, else None."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):

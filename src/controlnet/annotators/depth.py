@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import runtime as policy
 from ..imaging.images import HWC3
-from .base import Annotator, AnnotatorFn, Param, Runtime
+from .base import Annotator, AnnotatorFn, Param, Runtime, pad_to_64
 from .networks.depth_anything_v2 import PATCH, DepthAnythingV2
 from .networks.midas import DPTHybridMiDaS
 from .weights import WeightFile, load_network
@@ -74,14 +74,6 @@ DA2_WEIGHTS = {
 
 # ------------------------------------------------------------------------------------------------
 # Steps shared by the annotators
-
-
-def _pad_to_64(image: np.ndarray) -> np.ndarray:
-    """The image edge-padded at the bottom and right to sides that are multiples of 64."""
-    pad_h, pad_w = -image.shape[0] % 64, -image.shape[1] % 64
-    if not pad_h and not pad_w:
-        return image
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
 def _run(network: torch.nn.Module, pixels: torch.Tensor, runtime: Runtime, what: str) -> torch.Tensor:
@@ -144,11 +136,11 @@ def _midas_factory(normal: bool) -> Callable[[Runtime], AnnotatorFn]:
 
         def depth_map(rgb: np.ndarray) -> np.ndarray:
             h, w = rgb.shape[:2]
-            return HWC3(depth_to_uint8(midas_depth(network, _pad_to_64(rgb), runtime))[:h, :w])
+            return HWC3(depth_to_uint8(midas_depth(network, pad_to_64(rgb), runtime))[:h, :w])
 
         def normal_map(rgb: np.ndarray, a: float, bg_th: float) -> np.ndarray:
             h, w = rgb.shape[:2]
-            depth = midas_depth(network, _pad_to_64(rgb), runtime)
+            depth = midas_depth(network, pad_to_64(rgb), runtime)
             return np.ascontiguousarray(normal_from_depth(depth, a, bg_th)[:h, :w])
 
         return normal_map if normal else depth_map
@@ -205,7 +197,7 @@ def _da2_factory(encoder: str) -> Callable[[Runtime], AnnotatorFn]:
 
         def annotate(rgb: np.ndarray) -> np.ndarray:
             h, w = rgb.shape[:2]
-            padded = _pad_to_64(rgb)
+            padded = pad_to_64(rgb)
             depth = _run(network, da2_input(padded), runtime, "the Depth Anything V2 network's depth")
             return HWC3(da2_depth_to_uint8(depth, *padded.shape[:2])[:h, :w])
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import runtime as policy
 from ..imaging.images import HWC3
-from .base import Annotator, AnnotatorFn, Runtime
+from .base import Annotator, AnnotatorFn, Runtime, pad_to_64
 from .networks.lineart import LineartGenerator
 from .networks.lineart_anime import AnimeLineartUnet
 from .weights import WeightFile, load_network
@@ -54,16 +54,6 @@ ANIME_WEIGHTS = WeightFile(
     markers=("model.model.0.weight", "model.model.1.model.1.weight", "model.model.3.weight"),
     size=217_631_959,
 )
-
-
-def pad_to_64(image: np.ndarray) -> np.ndarray:
-    """The image edge-padded at the bottom and right to sides that are multiples of 64 (the
-    extension's ``resize_image_with_pad`` after its resize); the caller crops the map back."""
-    h, w = image.shape[:2]
-    pad_h, pad_w = -h % 64, -w % 64
-    if not pad_h and not pad_w:
-        return image
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
 def as_input(pixels: np.ndarray, runtime: Runtime) -> torch.Tensor:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from .. import runtime as policy
 from ..imaging.images import HWC3
-from .base import Annotator, AnnotatorFn, Param, Runtime
-from .lineart import ANNOTATORS_REPO, as_input, pad_to_64
+from .base import Annotator, AnnotatorFn, Param, Runtime, pad_to_64
+from .lineart import ANNOTATORS_REPO, as_input
 from .networks.mlsd import MLSDLarge
 from .weights import WeightFile, load_network
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import runtime as policy
-from .base import Annotator, AnnotatorFn, Runtime
+from .base import Annotator, AnnotatorFn, Runtime, pad_to_64
 from .networks.normal_bae import NormalBae
 from .weights import WeightFile, load_network
 
@@ -35,15 +35,6 @@ NORMAL_BAE_WEIGHTS = WeightFile(
 # torchvision's ImageNet statistics, as the reference's transforms.Normalize takes them.
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
-
-
-def _pad_to_64(image: np.ndarray) -> np.ndarray:
-    """The image edge-padded at the bottom and right to sides that are multiples of 64."""
-    h, w = image.shape[:2]
-    pad_h, pad_w = -h % 64, -w % 64
-    if not pad_h and not pad_w:
-        return image
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
 def _as_input(rgb: np.ndarray, runtime: Runtime) -> torch.Tensor:
@@ -72,7 +63,7 @@ def _normal_bae(runtime: Runtime) -> AnnotatorFn:
 
     def normal_bae(image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
-        return np.ascontiguousarray(normal_map(network, _pad_to_64(image), runtime)[:h, :w])
+        return np.ascontiguousarray(normal_map(network, pad_to_64(image), runtime)[:h, :w])
 
     return normal_bae
 

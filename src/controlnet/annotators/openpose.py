@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import runtime as policy
-from .base import Annotation, Annotator, AnnotatorFn, Runtime
+from .base import Annotation, Annotator, AnnotatorFn, Runtime, pad_to_64
 from .networks.openpose import BodyPoseNet, FaceNet, HandPoseNet
 from .pose.body import body_maps, detect_bodies
 from .pose.draw import draw_poses
@@ -107,7 +107,7 @@ def annotate_poses(rgb: np.ndarray, detector: Detector, body: bool, hands: bool,
     not multiples of 64 is edge-padded to them for the detection and drawing, and the map cropped;
     the JSON is of the image's canvas (run_annotator's images need no padding)."""
     h, w = rgb.shape[:2]
-    poses = detect_poses(np.pad(rgb, ((0, -h % 64), (0, -w % 64), (0, 0)), mode="edge"), detector)
+    poses = detect_poses(pad_to_64(rgb), detector)
     canvas = np.ascontiguousarray(draw_poses(poses, body=body, hands=hands, face=face)[:h, :w])
     return Annotation(canvas, poses_to_json(_cropped(poses, w, h)))
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import runtime as policy
 from ..imaging.images import HWC3
-from .base import Annotator, AnnotatorFn, Runtime
+from .base import Annotator, AnnotatorFn, Runtime, pad_to_64
 from .networks.hed import ControlNetHED
 from .networks.pidinet import PiDiNet
 from .weights import WeightFile, load_network
@@ -103,15 +103,6 @@ def to_uint8(edge: np.ndarray, safe: bool) -> np.ndarray:
 # The networks on an image
 
 
-def _pad_to_64(image: np.ndarray) -> np.ndarray:
-    """The image edge-padded at the bottom and right to sides that are multiples of 64."""
-    h, w = image.shape[:2]
-    pad_h, pad_w = -h % 64, -w % 64
-    if not pad_h and not pad_w:
-        return image
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-
-
 def _as_input(pixels: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """(H, W, 3) float32 pixels as the network's (1, 3, H, W) input on the runtime's device and
     dtype: a view with channels last in memory, as the references make it (``rearrange`` of HWC)."""
@@ -168,7 +159,7 @@ def _soft_edge_factory(
 
         def annotate(rgb: np.ndarray) -> np.ndarray:
             h, w = rgb.shape[:2]
-            edge = to_uint8(edges(network, _pad_to_64(rgb), runtime), safe)[:h, :w]
+            edge = to_uint8(edges(network, pad_to_64(rgb), runtime), safe)[:h, :w]
             return HWC3(scribble_from_edges(edge) if scribble else edge)
 
         return annotate
