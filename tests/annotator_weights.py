@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import cv2
@@ -331,3 +331,10 @@ def write(folder: Path, name: str, tensors: dict[str, torch.Tensor] | None = Non
     path = folder / name
     torch.save(file_object(name, TENSORS[name]() if tensors is None else tensors), path)
     return path
+
+
+def write_files(folder: Path, tensors: Mapping[str, dict[str, torch.Tensor]]) -> Path:
+    """Each file of ``tensors`` (file name -> its tensors) written into ``folder``, which is returned."""
+    for name, file_tensors in tensors.items():
+        write(folder, name, file_tensors)
+    return folder

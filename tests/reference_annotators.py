@@ -25,6 +25,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,13 @@ def aux_module(name: str) -> types.ModuleType:
             sys.modules[package] = module
     with _stand_ins():
         return importlib.import_module(full)
+
+
+def at_own_size(detector, rgb: np.ndarray, **options) -> np.ndarray:
+    """A controlnet_aux detector's map at the image's own size (detect and image resolution = its
+    short side: the detector resizes nothing)."""
+    side = min(rgb.shape[:2])
+    return detector(rgb, detect_resolution=side, image_resolution=side, output_type="np", **options)
 
 
 class _stand_ins:

@@ -28,7 +28,7 @@ from controlnet.annotators.weights import AnnotatorWeightsError
 
 from . import annotator_weights
 from .annotator_weights import mlsd_module, photo
-from .reference_annotators import aux_module
+from .reference_annotators import at_own_size, aux_module
 
 REALISTIC, COARSE, ANIME, MLSD = "sk_model.pth", "sk_model2.pth", "netG.pth", "mlsd_large_512_fp32.pth"
 
@@ -49,10 +49,7 @@ def weights() -> dict[str, dict[str, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, weights) -> Path:
     """The four files under their real names, each a plain state dict."""
-    where = tmp_path_factory.mktemp("lines_weights")
-    for name, tensors in weights.items():
-        annotator_weights.write(where, name, tensors)
-    return where
+    return annotator_weights.write_files(tmp_path_factory.mktemp("lines_weights"), weights)
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +60,6 @@ def oracles(folder) -> dict[str, object]:
         "lineart_anime": aux_module("lineart_anime").LineartAnimeDetector.from_pretrained(str(folder)),
         "mlsd": mlsd_module().MLSDdetector.from_pretrained(str(folder)),
     }
-
-
-def _oracle(detector, rgb: np.ndarray, **options) -> np.ndarray:
-    """A detector's map at the image's own size (detect and image resolution = its short side)."""
-    side = min(rgb.shape[:2])
-    return detector(rgb, detect_resolution=side, image_resolution=side, output_type="np", **options)
 
 
 def _ours(name: str, folder: Path, rgb: np.ndarray, dtype: str = "float32", **params) -> np.ndarray:
@@ -91,14 +82,14 @@ def test_lineart_realistic_equals_the_reference(photo: str, folder: Path, oracle
     rgb = PHOTOS[photo]
     ours = _ours("lineart_realistic", folder, rgb)
     _assert_grey_levels(ours)
-    np.testing.assert_array_equal(ours, _oracle(oracles["lineart"], rgb))
+    np.testing.assert_array_equal(ours, at_own_size(oracles["lineart"], rgb))
 
 
 def test_lineart_coarse_reads_its_own_file_and_equals_the_reference(folder: Path, oracles) -> None:
     rgb = PHOTOS["chelsea"]
     ours = _ours("lineart_coarse", folder, rgb)
     _assert_grey_levels(ours)
-    np.testing.assert_array_equal(ours, _oracle(oracles["lineart"], rgb, coarse=True))
+    np.testing.assert_array_equal(ours, at_own_size(oracles["lineart"], rgb, coarse=True))
     assert not np.array_equal(ours, _ours("lineart_realistic", folder, rgb))
 
 
@@ -116,7 +107,7 @@ def test_lineart_anime_equals_the_reference_through_its_256_pixel_resize(folder:
     rgb = PHOTOS["coffee"]  # 256 x 320: resized to 256 x 512 for the network and back
     ours = _ours("lineart_anime", folder, rgb)
     _assert_grey_levels(ours)
-    np.testing.assert_array_equal(ours, _oracle(oracles["lineart_anime"], rgb))
+    np.testing.assert_array_equal(ours, at_own_size(oracles["lineart_anime"], rgb))
 
 
 def test_a_size_off_the_64_grid_is_padded_and_cropped_as_the_extension_does(folder: Path, oracles) -> None:
@@ -126,7 +117,7 @@ def test_a_size_off_the_64_grid_is_padded_and_cropped_as_the_extension_does(fold
     padded = np.pad(rgb, ((0, 56), (0, 6), (0, 0)), mode="edge")
     ours = _ours("lineart_realistic", folder, rgb)
     assert ours.shape == (200, 250, 3)
-    np.testing.assert_array_equal(ours, _oracle(oracles["lineart"], padded)[:200, :250])
+    np.testing.assert_array_equal(ours, at_own_size(oracles["lineart"], padded)[:200, :250])
 
 
 def test_bfloat16_lineart_is_close_to_float32(folder: Path) -> None:
@@ -154,7 +145,7 @@ def test_mlsd_equals_the_reference(photo: str, folder: Path, oracles) -> None:
     rgb = PHOTOS[photo]
     ours = _ours("mlsd", folder, rgb)
     _assert_some_lines(ours)
-    np.testing.assert_array_equal(ours, _oracle(oracles["mlsd"], rgb))
+    np.testing.assert_array_equal(ours, at_own_size(oracles["mlsd"], rgb))
 
 
 @pytest.mark.parametrize(("thr_v", "thr_d"), [(0.3, 5.0), (0.05, 12.0), (2.0, 0.1)])
@@ -163,7 +154,7 @@ def test_mlsd_thresholds_act_as_the_references(thr_v: float, thr_d: float, folde
     failure on no segments leaves it)."""
     rgb = PHOTOS["coffee"]
     ours = _ours("mlsd", folder, rgb, thr_v=thr_v, thr_d=thr_d)
-    np.testing.assert_array_equal(ours, _oracle(oracles["mlsd"], rgb, thr_v=thr_v, thr_d=thr_d))
+    np.testing.assert_array_equal(ours, at_own_size(oracles["mlsd"], rgb, thr_v=thr_v, thr_d=thr_d))
     assert (ours.max() == 0) == (thr_v == 2.0)
 
 
@@ -172,7 +163,7 @@ def test_mlsd_pads_a_size_off_the_64_grid_and_crops_the_map(folder: Path, oracle
     padded = np.pad(rgb, ((0, 26), (0, 56), (0, 0)), mode="edge")
     ours = _ours("mlsd", folder, rgb)
     assert ours.shape == (230, 200, 3)
-    np.testing.assert_array_equal(ours, _oracle(oracles["mlsd"], padded)[:230, :200])
+    np.testing.assert_array_equal(ours, at_own_size(oracles["mlsd"], padded)[:230, :200])
 
 
 def test_mlsd_thresholds_are_the_extensions_sliders() -> None:

@@ -18,7 +18,7 @@ from controlnet.annotators import AnnotatorWeightsError, Runtime, run_annotator
 from controlnet.annotators.normal import NORMAL_BAE_WEIGHTS
 
 from . import annotator_weights
-from .reference_annotators import aux_module
+from .reference_annotators import at_own_size, aux_module
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,7 @@ def _photo(name: str, height: int, width: int) -> np.ndarray:
 def test_normal_bae_equals_controlnet_aux(scannet, reference, photo: str, height: int, width: int) -> None:
     image = _photo(photo, height, width)
     ours = run_annotator("normal_bae", image, None, runtime=scannet[0])
-    theirs = reference(
-        image, detect_resolution=min(height, width), image_resolution=min(height, width), output_type="np"
-    )
+    theirs = at_own_size(reference, image)
     assert theirs.shape == ours.shape == (height, width, 3)
     np.testing.assert_array_equal(ours, theirs)
     assert len(np.unique(ours)) > 20 and 0 < ours.mean() < 255  # the random network's map is not flat

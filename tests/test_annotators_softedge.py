@@ -24,7 +24,7 @@ from controlnet.annotators.weights import AnnotatorWeightsError
 
 from . import annotator_weights
 from .annotator_weights import photo, pidi_model
-from .reference_annotators import aux_module
+from .reference_annotators import at_own_size, aux_module
 
 HED_FILE, PIDINET_FILE = "ControlNetHED.pth", "table5_pidinet.pth"
 
@@ -41,10 +41,7 @@ def weights() -> dict[str, dict[str, torch.Tensor]]:
 def folder(tmp_path_factory, weights) -> Path:
     """Both files under their real names, in their real layouts: ControlNetHED.pth a plain state
     dict; table5_pidinet.pth the PiDiNet authors' checkpoint, {"state_dict": {"module.<key>": ...}}."""
-    where = tmp_path_factory.mktemp("softedge_weights")
-    for name, tensors in weights.items():
-        annotator_weights.write(where, name, tensors)
-    return where
+    return annotator_weights.write_files(tmp_path_factory.mktemp("softedge_weights"), weights)
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +51,6 @@ def oracles(folder) -> dict[str, object]:
         "hed": aux_module("hed").HEDdetector.from_pretrained(str(folder)),
         "pidinet": aux_module("pidi").PidiNetDetector.from_pretrained(str(folder)),
     }
-
-
-def _oracle(oracles, network: str, rgb: np.ndarray, **flags) -> np.ndarray:
-    """The detector's map at the image's own size (detect and image resolution = its short side)."""
-    side = min(rgb.shape[:2])
-    return oracles[network](rgb, detect_resolution=side, image_resolution=side, output_type="np", **flags)
 
 
 def _ours(name: str, folder: Path, rgb: np.ndarray, dtype: str = "float32") -> np.ndarray:
@@ -85,7 +76,7 @@ def test_soft_edges_equal_controlnet_aux_on_photographs(name, network, photo, fo
     rgb = PHOTOS[photo]
     ours = _ours(name, folder, rgb)
     _assert_a_real_map(ours, binary=False)
-    np.testing.assert_array_equal(ours, _oracle(oracles, network, rgb))
+    np.testing.assert_array_equal(ours, at_own_size(oracles[network], rgb))
 
 
 @pytest.mark.parametrize(
@@ -104,7 +95,7 @@ def test_safe_and_scribble_variants_equal_controlnet_aux(name, network, flags, p
         assert set(np.unique(ours)) <= {0, 127, 255} and len(np.unique(ours)) == 3
     else:
         _assert_a_real_map(ours, binary=True)
-    np.testing.assert_array_equal(ours, _oracle(oracles, network, rgb, **flags))
+    np.testing.assert_array_equal(ours, at_own_size(oracles[network], rgb, **flags))
 
 
 def test_other_sizes_are_edge_padded_and_scribbled_after_the_crop_as_the_extension_does(folder, oracles) -> None:
@@ -114,7 +105,7 @@ def test_other_sizes_are_edge_padded_and_scribbled_after_the_crop_as_the_extensi
     padded image here and the extension's steps after it (nms 127 / sigma 3, blur sigma 3, > 4)."""
     rgb = PHOTOS["chelsea"][:150, :170]
     padded = np.pad(rgb, ((0, 42), (0, 22), (0, 0)), mode="edge")
-    soft = _oracle(oracles, "hed", padded)[:150, :170, 0]
+    soft = at_own_size(oracles["hed"], padded)[:150, :170, 0]
     np.testing.assert_array_equal(_ours("softedge_hed", folder, rgb)[:, :, 0], soft)
     thin = aux_module("util").nms(soft, 127, 3.0)
     scribble = cv2.GaussianBlur(thin, (0, 0), 3.0)
