@@ -215,12 +215,7 @@ def draw_pose(source: Any, what: str, annotator: str, params: Mapping | None, li
 
 
 def _json_upload(path: str | os.PathLike, what: str, limits: Limits) -> Any:
-    try:
-        size = os.stat(path).st_size
-    except (OSError, ValueError):
-        raise RequestError(f"the {what} upload is missing; upload it again") from None
-    if size > limits.max_upload_bytes:
-        raise RequestError(f"{what} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:g} MB")
+    _check_upload_size(path, what, limits)
     try:
         with open(path, "rb") as handle:
             return json.loads(handle.read().decode("utf-8"))
@@ -230,19 +225,24 @@ def _json_upload(path: str | os.PathLike, what: str, limits: Limits) -> Any:
         raise RequestError(f"{what} is nested too deeply to be a pose") from None
 
 
-def read_upload(source: ImageSource, limits: Limits, what: str = "image") -> np.ndarray:
-    """An uploaded image (a file, or its bytes) as RGB uint8, refused (RequestError) when over the
-    size or pixel limits (from its header, before decoding), not an image, or longer than 4:1.
-    Messages name "the upload", never a path of the server."""
+def _check_upload_size(source: ImageSource, what: str, limits: Limits) -> None:
+    """RequestError when an upload (a file, or its bytes) is gone or over the size limit."""
     if isinstance(source, (bytes, bytearray)):
         size = len(source)
     else:
         try:
             size = os.stat(source).st_size
         except (OSError, ValueError):
-            raise RequestError(f"the {what} upload is missing; upload it again") from None
+            raise RequestError(f"{what} upload is missing; upload it again") from None
     if size > limits.max_upload_bytes:
-        raise RequestError(f"the {what} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:g} MB")
+        raise RequestError(f"{what} is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:g} MB")
+
+
+def read_upload(source: ImageSource, limits: Limits, what: str = "image") -> np.ndarray:
+    """An uploaded image (a file, or its bytes) as RGB uint8, refused (RequestError) when over the
+    size or pixel limits (from its header, before decoding), not an image, or longer than 4:1.
+    Messages name "the upload", never a path of the server."""
+    _check_upload_size(source, f"the {what}", limits)
     try:
         image = load_image(source, max_pixels=limits.max_pixels)
         check_aspect_ratio(image.shape[1], image.shape[0], f"the {what}")
