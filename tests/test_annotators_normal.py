@@ -54,7 +54,10 @@ def test_normal_bae_equals_controlnet_aux(scannet, reference, photo: str, height
     ours = run_annotator("normal_bae", image, None, runtime=scannet[0])
     theirs = at_own_size(reference, image)
     assert theirs.shape == ours.shape == (height, width, 3)
-    np.testing.assert_array_equal(ours, theirs)
+    # The per-pixel refinement layers run as matrix products over channels-last rows (the
+    # reference: 1x1 Conv1d), which sums in another order: measured 2 values in 196,608 one level off.
+    differ = ours.astype(int) - theirs
+    assert np.abs(differ).max() <= 1 and np.count_nonzero(differ) <= ours.size // 10_000
     assert len(np.unique(ours)) > 20 and 0 < ours.mean() < 255  # the random network's map is not flat
 
 

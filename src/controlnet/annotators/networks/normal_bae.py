@@ -249,7 +249,13 @@ def _refine(mlp: nn.Sequential, features: torch.Tensor, prediction: torch.Tensor
         dim=1,
     )
     b, c, h, w = up.shape
-    return normalize_prediction(mlp(up.reshape(b, c, h * w))).view(b, 4, h, w)
+    # The 1x1 Conv1d layers are matrix products over rows of (pixel, channels): in the channels-last
+    # layout the features already are those rows, so no full-resolution copy is made to transpose
+    # them for a convolution (in bf16 that copy cost as much as the whole encoder).
+    rows = up.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    for layer in mlp:
+        rows = F.linear(rows, layer.weight[:, :, 0], layer.bias) if isinstance(layer, nn.Conv1d) else layer(rows)
+    return normalize_prediction(rows.view(b, h, w, 4).permute(0, 3, 1, 2))
 
 
 class NormalBae(nn.Module):
