@@ -109,6 +109,54 @@ class ControlNetConfig:
         )
 
 
+AdapterKind = Literal["full", "light"]
+
+
+@dataclass(frozen=True)
+class T2IAdapterConfig:
+    """A T2I-Adapter (Mou et al. 2023): a small network that turns a condition image into one feature
+    map per UNet level, added to the UNet's encoder (TencentARC's ``Adapter`` and ``Adapter_light``).
+
+    The defaults are those of every released SD 1.x ``full`` adapter (``t2iadapter_*_sd14v1.pth``,
+    ``*_sd15v2.pth``: ``ksize=1, sk=True, use_conv=False``); the colour adapter is ``light`` with 4
+    blocks per level.
+    """
+
+    kind: AdapterKind = "full"  # "full" (Adapter) or "light" (Adapter_light)
+    in_channels: int = 3  # condition image channels (1 for the sketch and canny adapters)
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width of each feature map = the UNet's levels
+    # full: ResnetBlocks per level (nums_rb); light: ResnetBlock_light per level's extractor.
+    num_res_blocks: int = 2
+    downscale_factor: int = 8  # pixel unshuffle: the image to the latent size, channels x factor^2
+    # full only: the original's ksize (kernel of in_conv, block2 and skep; block1 is always 3x3),
+    # sk=False (``skep``, a convolution on the residual path) and use_conv (a stride-2 conv instead of
+    # 2x2 average pooling between levels).
+    kernel_size: int = 1
+    shortcut_conv: bool = False
+    conv_downsample: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        _require(self.kind in ("full", "light"), f"adapter kind must be 'full' or 'light', got {self.kind!r}")
+        _require(self.in_channels > 0, f"in_channels must be positive, got {self.in_channels}")
+        _require(
+            len(self.channels) > 0 and all(c > 0 for c in self.channels),
+            f"channels must be positive widths, got {self.channels}",
+        )
+        _require(self.num_res_blocks > 0, f"num_res_blocks must be positive, got {self.num_res_blocks}")
+        _require(self.downscale_factor > 0, f"downscale_factor must be positive, got {self.downscale_factor}")
+        _require(self.kernel_size in (1, 3), f"kernel_size must be 1 or 3, got {self.kernel_size}")
+        if self.kind == "light":
+            _require(
+                all(c % 4 == 0 for c in self.channels),
+                f"a light adapter's widths must be multiples of 4 (its blocks run at a quarter), got {self.channels}",
+            )
+            _require(
+                (self.kernel_size, self.shortcut_conv, self.conv_downsample) == (1, False, False),
+                "kernel_size, shortcut_conv and conv_downsample are options of the full adapter only",
+            )
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """AutoencoderKL (``ldm.models.autoencoder``) with its ``ddconfig``."""

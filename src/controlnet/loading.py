@@ -4,7 +4,8 @@ Read (``formats/``): LDM single files (``.safetensors``, ``.ckpt``), with or wit
 ``state_dict`` wrapper, ``model_ema.*`` and schedule buffers; ControlNet 1.0 full files (base +
 ``control_model.*``), 1.1 control-only files (``.pth``, ``.safetensors``) and control files whose
 keys lack the ``control_model.`` prefix; diffusers folders (``unet/``, ``vae/``, ``text_encoder/``,
-``controlnet/``) and single diffusers-layout ControlNet ``.safetensors`` files.
+``controlnet/``) and single diffusers-layout ControlNet ``.safetensors`` files. `load_adapter`: T2I-Adapters
+(TencentARC's ``.pth`` files, diffusers folders and files; ``formats/t2i_adapter``).
 
 Safety (``formats/tensors``): safetensors first; pickles only through
 ``torch.load(weights_only=True)``; weights holding NaN or infinite values are refused. Strictness
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import ControlNetConfig, ModelConfig
-from .formats import diffusers, ldm
+from .formats import diffusers, ldm, t2i_adapter
 from .formats.detect import (
     base_config_from_shapes,
     check_compatible,
@@ -37,8 +38,17 @@ from .formats.errors import CheckpointError, short_list
 from .formats.tensors import StateDict, check_finite, read_state_dict
 from .models.controlnet import ControlNet
 from .models.stable_diffusion import StableDiffusion, build_empty
+from .models.t2i_adapter import T2IAdapter, build_adapter
 
-__all__ = ["CheckpointError", "check_compatible", "load_base", "load_controlnet", "load_strict", "transfer_control"]
+__all__ = [
+    "CheckpointError",
+    "check_compatible",
+    "load_adapter",
+    "load_base",
+    "load_controlnet",
+    "load_strict",
+    "transfer_control",
+]
 
 
 def load_base(
@@ -128,6 +138,35 @@ def _read_controlnet_file(path: Path, base: ModelConfig | None) -> tuple[StateDi
     stored = ldm.stored_config(metadata, str(path), ldm.CONTROL_METADATA_KEY)
     config = stored if isinstance(stored, ControlNetConfig) else controlnet_config_from_shapes(control, str(path))
     return control, config, fmt
+
+
+def load_adapter(
+    path: str | os.PathLike, base: ModelConfig | None = None, *, dtype: torch.dtype = torch.float32
+) -> T2IAdapter:
+    """A T2I-Adapter (full or light) from TencentARC's files (``t2iadapter_*_sd14v1.pth``,
+    ``*_sd15v2.pth``, also with the ``adapter.`` prefix of their training code), a diffusers folder
+    (``config.json`` + weights) or a single diffusers-layout file; its configuration from the
+    folder's config.json or the file's shapes. With ``base``, an adapter whose feature widths do
+    not fit that base's UNet is refused."""
+    path = Path(path)
+    if path.is_dir():
+        weights, config = diffusers.read_adapter_folder(path)
+        fmt = "diffusers-adapter"
+    else:
+        state_dict, _ = read_state_dict(path)
+        fmt = f"{t2i_adapter.detect_adapter_layout(state_dict, str(path))}-adapter"
+        check_finite(state_dict, path)
+        if fmt == "diffusers-adapter":
+            config = t2i_adapter.config_from_diffusers_shapes(state_dict, str(path))
+            weights = t2i_adapter.adapter_diffusers_to_original(state_dict, config)
+        else:
+            weights = t2i_adapter.strip_prefix(state_dict)
+            config = t2i_adapter.config_from_original(weights, str(path))
+    if base is not None:
+        t2i_adapter.check_adapter_compatible(config, base, path.name)
+    model = build_empty(lambda: build_adapter(config))
+    load_strict(model, weights, f"T2I-Adapter ({config.kind})", f"{path.name} ({fmt})")
+    return model.to(dtype)
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, source: str) -> None:

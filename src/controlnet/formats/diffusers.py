@@ -1,6 +1,6 @@
 """The diffusers layout on disk: pipeline folders (``unet/``, ``vae/``, ``text_encoder/``,
-``tokenizer/``, ``scheduler/``, maybe ``controlnet/``), ControlNet folders, and single
-diffusers-layout ControlNet ``.safetensors`` files.
+``tokenizer/``, ``scheduler/``, maybe ``controlnet/``), ControlNet and T2I-Adapter folders, and
+single diffusers-layout ControlNet ``.safetensors`` files.
 
 Read into our (LDM) layout through the explicit key maps of ``diffusers_unet``, ``diffusers_vae``
 and ``diffusers_text``, and written from it the same way; a folder is written whole or not at all
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import ControlNetConfig, ModelConfig, ScheduleConfig
+from ..config import ControlNetConfig, ModelConfig, ScheduleConfig, T2IAdapterConfig
 from ..files import atomic_file, atomic_folder
 from ..models.controlnet import ControlNet
 from ..models.stable_diffusion import StableDiffusion
-from . import diffusers_text, diffusers_unet, diffusers_unet_config, diffusers_vae
+from . import diffusers_text, diffusers_unet, diffusers_unet_config, diffusers_vae, t2i_adapter
 from .detect import check_compatible, diffusers_controlnet_config_from_shapes, preset_for
 from .diffusers_tokenizer import write_hf_tokenizer_files
 from .errors import CheckpointError, first_line
@@ -107,6 +107,21 @@ def read_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig]:
     weights = _read_weights(folder)
     control = _to_ldm(diffusers_unet.controlnet_diffusers_to_ldm, weights, config, folder, "diffusers-controlnet")
     return control, config
+
+
+def read_adapter_folder(folder: Path) -> tuple[StateDict, T2IAdapterConfig]:
+    """A diffusers ``T2IAdapter`` folder's weights (TencentARC layout) and configuration; a
+    pipeline folder's ``adapter/`` when given the pipeline."""
+    if (folder / "adapter").is_dir():
+        folder = folder / "adapter"
+    config_json = _read_json(folder / "config.json")
+    kind = config_json.get("_class_name", "T2IAdapter")
+    if kind != "T2IAdapter":
+        raise CheckpointError(f"{folder}: holds a {kind}, not a T2I-Adapter (T2IAdapter)")
+    config = t2i_adapter.config_from_diffusers(config_json, str(folder / "config.json"))
+    weights = _read_weights(folder)
+    t2i_adapter.detect_adapter_layout(weights, str(folder))
+    return t2i_adapter.adapter_diffusers_to_original(weights, config), config
 
 
 def controlnet_from_file(

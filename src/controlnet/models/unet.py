@@ -7,6 +7,8 @@ both always have the same structure and the copy's keys equal the UNet's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -122,6 +124,7 @@ class UNet(nn.Module):
         context: torch.Tensor,
         control: list[torch.Tensor] | None = None,
         only_mid_control: bool = False,
+        adapter_features: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict noise (or v) for latents ``x`` [B, C, H, W] at ``timesteps`` [B].
 
@@ -129,12 +132,20 @@ class UNet(nn.Module):
         ``ControlledUnetModel``: the middle residual is added to the middle block's output and each
         skip connection gets its residual before the decoder concatenates it. ``only_mid_control``
         injects the middle residual only.
+
+        ``adapter_features``: a T2I-Adapter's feature maps, one per level, each added to the hidden
+        state after the level's last ResBlock (and transformer), before its downsampling, so the
+        skip connection and everything deeper see it: TencentARC's UNet (input blocks 2, 5, 8 and 11
+        in SD) and diffusers' ``down_intrablock_additional_residuals``.
         """
         emb = self.time_embed(self.time_features(timesteps).to(self.time_embed[0].weight.dtype))
+        additions = self._adapter_additions(adapter_features)
         skips = []
         h = x
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i in additions:
+                h = _add_feature(h, additions[i], i)
             skips.append(h)
         h = self.middle_block(h, emb, context)
         if control is not None:
@@ -148,3 +159,29 @@ class UNet(nn.Module):
             next_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(torch.cat([h, skip], dim=1), emb, context, output_size=next_size)
         return self.out(h)
+
+    def _adapter_additions(self, features: Sequence[torch.Tensor] | None) -> dict[int, torch.Tensor]:
+        """{input block index: adapter feature} for the blocks that close each level."""
+        if features is None:
+            return {}
+        ends = level_end_blocks(self.config)
+        if len(features) != len(ends):
+            raise ValueError(f"expected {len(ends)} adapter features (one per UNet level), got {len(features)}")
+        return dict(zip(ends, features, strict=True))
+
+
+def level_end_blocks(config: UNetConfig) -> tuple[int, ...]:
+    """Indices of the input blocks that close each level (the last ResBlock before a Downsample, or
+    the last block): 2, 5, 8, 11 for SD (``input_blocks[0]`` is conv_in; a level is
+    ``num_res_blocks`` blocks and a Downsample)."""
+    per_level = config.num_res_blocks + 1
+    return tuple(level * per_level + config.num_res_blocks for level in range(len(config.channel_mult)))
+
+
+def _add_feature(h: torch.Tensor, feature: torch.Tensor, block: int) -> torch.Tensor:
+    if feature.shape[1:] != h.shape[1:]:
+        raise ValueError(
+            f"adapter feature of shape {list(feature.shape)} does not fit input block {block}'s output "
+            f"{list(h.shape)}: the adapter or the condition image's size does not match this UNet"
+        )
+    return h + feature
