@@ -14,7 +14,7 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     """``controlnet data TASK``: write a synthetic training set in the fill50k layout."""
     data = commands.add_parser(
         "data",
-        help="write a synthetic training set: controlnet data fill50k|scenes --out DIR --count N",
+        help="write a synthetic training set: controlnet data fill50k|scenes|world --out DIR --count N",
         description="Write COUNT samples of a synthetic task to a folder in the fill50k layout (prompt.json, "
         "source/, target/), which training reads. The same --seed always gives the same samples.",
     )
@@ -24,6 +24,9 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "<colour> background' (default size 512)",
         "scenes": "1 to 3 coloured shapes on a background, captioned from the content, Canny edges as "
         "the condition, shape metadata in prompt.json (default size 64)",
+        "world": "shaded 3-D scenes (spheres, cubes, cylinders, cones, flat shapes, posed figures) with exact "
+        "canny, depth, normal, seg, pose and scribble maps, each condition also its own dataset in "
+        "OUT/CONDITION, scene metadata in prompt.json (default size 128)",
     }
     for task, help_text in about.items():
         t = tasks.add_parser(task, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
@@ -35,9 +38,11 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
+    from ..datasets import world
     from ..datasets.synthetic import DEFAULT_SIZES, check_output, check_size, write_dataset
 
-    size = DEFAULT_SIZES[args.task] if args.size is None else args.size
+    default = world.DEFAULT_SIZE if args.task == "world" else DEFAULT_SIZES[args.task]
+    size = default if args.size is None else args.size
     try:
         check_size(size)
     except ValueError as error:
@@ -60,7 +65,10 @@ def cmd_data(args: argparse.Namespace) -> None:
             drawn = True
 
     try:
-        write_dataset(args.out, args.task, args.count, size=size, seed=args.seed, progress=progress)
+        if args.task == "world":
+            world.write_world(args.out, args.count, size=size, seed=args.seed, progress=progress)
+        else:
+            write_dataset(args.out, args.task, args.count, size=size, seed=args.seed, progress=progress)
     except OSError as error:
         raise CommandError(f"{args.out}: cannot write ({error.strerror or error})") from None
     finally:
