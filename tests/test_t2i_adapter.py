@@ -238,3 +238,39 @@ def test_bad_adapter_files_one_line(tmp_path):
     xl.mkdir()
     (xl / "config.json").write_text('{"_class_name": "T2IAdapter", "adapter_type": "full_adapter_xl"}')
     refused(xl, "SDXL adapter")
+
+
+@torch.no_grad()
+def test_adapter_and_controlnet_together_match_diffusers():
+    """An adapter and a ControlNet in one UNet call: the adapter's features enter the encoder, the
+    ControlNet's residuals the skips and the middle, as diffusers with both arguments."""
+    from controlnet.formats.diffusers_unet import controlnet_ldm_to_diffusers
+    from controlnet.formats.diffusers_unet_config import controlnet_config_to_diffusers
+    from controlnet.models.controlnet import ControlNet
+
+    unet, their_unet, adapter, their_adapter = _adapted_unets(SMALL_UNET, SMALL_FULL, seed=15)
+    control_config = SD15.replace(unet=SMALL_UNET).controlnet()
+    controlnet = random_module(lambda: ControlNet(control_config), seed=16)
+    with torch.device("meta"):
+        their_controlnet = diffusers.ControlNetModel.from_config(controlnet_config_to_diffusers(control_config))
+    their_controlnet.load_state_dict(
+        controlnet_ldm_to_diffusers(controlnet.state_dict(), control_config), strict=True, assign=True
+    )
+    generator = torch.Generator().manual_seed(17)
+    x, t = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([300])
+    context = torch.randn(1, 77, 64, generator=generator)
+    image = _image(SMALL_FULL, 64, seed=18, batch=1)
+    residuals = controlnet(x, controlnet.encode_hint(image), t, context)
+    ours = unet(x, t, context, control=residuals, adapter_features=adapter(image))
+    down, mid = their_controlnet.eval()(x, t, encoder_hidden_states=context, controlnet_cond=image, return_dict=False)
+    reference = their_unet(
+        x,
+        t,
+        encoder_hidden_states=context,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        down_intrablock_additional_residuals=their_adapter(image),
+    ).sample
+    error = relative_error(ours, reference)
+    print(f"adapter + ControlNet: UNet {error:.1e} (relative max abs error)")
+    assert error <= TOLERANCE

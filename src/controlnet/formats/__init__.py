@@ -8,6 +8,8 @@
   and config translations between our (original LDM) layout and diffusers', as explicit, tested
   tables: pure ``dict -> dict`` over tensors, no copies beyond the reshapes, splits and
   concatenations a layout needs, so a round trip is bit-identical;
+- ``t2i_adapter``: T2I-Adapter files (TencentARC's and diffusers' layouts, the key map between
+  them, configurations from shapes);
 - ``errors``: CheckpointError, the one-line error of all of them.
 
 Building models from these files is ``controlnet.loading``'s.

@@ -120,7 +120,8 @@ def read_adapter_folder(folder: Path) -> tuple[StateDict, T2IAdapterConfig]:
         raise CheckpointError(f"{folder}: holds a {kind}, not a T2I-Adapter (T2IAdapter)")
     config = t2i_adapter.config_from_diffusers(config_json, str(folder / "config.json"))
     weights = _read_weights(folder)
-    t2i_adapter.detect_adapter_layout(weights, str(folder))
+    if t2i_adapter.detect_adapter_layout(weights, str(folder)) != "diffusers":  # TencentARC keys in a folder
+        return t2i_adapter.strip_prefix(weights), config
     return t2i_adapter.adapter_diffusers_to_original(weights, config), config
 
 

@@ -4,5 +4,6 @@
 (faster CPU products behind nn.Linear / nn.Conv2d), ``unet``, ``controlnet`` (the trainable copy of
 the encoder, its hint encoder and zero convolutions), ``vae``, ``text`` and ``tokenizer`` (CLIP and
 OpenCLIP), ``stable_diffusion`` (the three together, as one LDM checkpoint holds them),
-``placement`` (low-memory placement of modules), ``tiny`` (seeded random small models for tests).
+``placement`` (low-memory placement of modules), ``tiny`` (seeded random small models for tests),
+``t2i_adapter`` (the T2I-Adapter's full and light networks, whose features the UNet adds to its encoder).
 """
