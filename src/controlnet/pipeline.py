@@ -7,6 +7,23 @@ Load once, call many times::
 
 The loop is written out in :meth:`Pipeline.generate`: encode the prompt, prepare each unit's hint
 (once), draw the initial latents (one generator per image: seed + i), sample, decode.
+
+T2I-Adapters are held beside the ControlNets and chosen per unit the same way::
+
+    pipe = Pipeline.from_files("v1-5.safetensors", adapters=["t2iadapter_canny_sd15v2.pth"])
+    result = pipe.generate("a cat", [ControlUnit(edges, adapter=0, strength=0.8, end=0.5)])
+
+An adapter unit is an ordinary `ControlUnit` whose ``adapter`` names a loaded adapter (its
+``controlnet`` is then unused): one unit type, so annotators, resize modes, strength, windows, the
+settings' checks and the PNG record are shared with ControlNet units, and an interface that offers
+units offers adapters by one more field. What differs is how a unit acts (`Pipeline.activate_adapter`):
+its features are computed once per generation from the control map, times the strength, and added
+to both sides of guidance at the steps inside the unit's window; several adapters sum their features.
+TencentARC's ``cond_tau`` (the adapter acts on the first ``cond_tau`` of the steps) is ``start=0,
+end=cond_tau``: step ``i`` of ``N`` acts when ``i < int(N * end)``, diffusers' rule for the SDXL
+adapter pipeline's ``adapter_conditioning_factor``; TencentARC's own code rounds the other way
+(``i < N - int(N * (1 - cond_tau))``), one step more when ``N * cond_tau`` is not a whole number.
+Adapters take no control mode but ``balanced`` and no per-residual ``scales``.
 """
 
 from __future__ import annotations
@@ -23,15 +40,18 @@ import torch
 
 from . import __version__
 from .annotators import Runtime, annotators_folder, get_annotator, run_annotator
+from .annotators.filters import rgb_to_grey
 from .formats.detect import check_compatible
+from .formats.t2i_adapter import check_adapter_compatible
 from .imaging.images import HWC3
 from .imaging.resize import fit_to, resize_image
-from .loading import load_base, load_controlnet
+from .loading import load_adapter, load_base, load_controlnet
 from .models.controlnet import ControlNet
 from .models.placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
 from .models.stable_diffusion import StableDiffusion
+from .models.t2i_adapter import T2IAdapter, scale_features
 from .runtime import check_finite, dtype_name, parse_dtype, prepare, use_channels_last
-from .sampling.guidance import ActiveControl, ControlMode, GuidedDenoiser
+from .sampling.guidance import ActiveAdapter, ActiveControl, ControlMode, GuidedDenoiser
 from .sampling.prompts import check_prompts, encode_prompts, full_prompt
 from .sampling.samplers import Plan, make_plan, sample
 from .settings import GENERATION, MAX_SEED, UNIT, check_generation, check_unit
@@ -47,7 +67,8 @@ RESOLUTION_RANGE = (int(GENERATION["resolution"].minimum), int(GENERATION["resol
 
 @dataclass
 class ControlUnit:
-    """One ControlNet acting on the generation (an AUTOMATIC1111-style control unit)."""
+    """One ControlNet, or one T2I-Adapter, acting on the generation (an AUTOMATIC1111-style
+    control unit)."""
 
     image: np.ndarray  # the input image, RGB uint8 [H, W, 3] (or a ready control map for annotator "none")
     # In Python the image is a ready control map unless an annotator is named (the command line and
@@ -62,6 +83,9 @@ class ControlUnit:
     mode: str = UNIT["mode"].default
     resize_mode: str = UNIT["resize_mode"].default
     scales: list[float] | None = None  # advanced: one multiplier per residual, replacing strength and mode's
+    # A T2I-Adapter unit: the index of a loaded adapter (Pipeline's ``adapters``); ``controlnet`` is
+    # then unused. None: a ControlNet unit.
+    adapter: int | None = None
 
 
 @dataclass
@@ -73,7 +97,7 @@ class GenerationResult:
 
 
 class Pipeline:
-    """A base model with its ControlNets, on one device and dtype."""
+    """A base model with its ControlNets and T2I-Adapters, on one device and dtype."""
 
     def __init__(
         self,
@@ -84,6 +108,7 @@ class Pipeline:
         low_memory: bool = False,
         channels_last: bool | None = None,
         annotators_dir: str | os.PathLike | None = None,
+        adapters: Sequence[T2IAdapter] = (),
     ) -> None:
         """``dtype``: None (or "auto") takes the device's fastest (runtime.default_dtype: bfloat16 on
         a CPU with native bf16, float16 on a GPU, else float32). ``channels_last``: None follows
@@ -91,9 +116,12 @@ class Pipeline:
         the models of the current stage and slice attention (see placement.py); slower, with a
         lower peak of memory. ``annotators_dir``: where network annotators read their weights
         (annotators/weights.py: default $CONTROLNET_ANNOTATORS, else ~/.cache/controlnet/annotators);
-        they run on this pipeline's device, in its dtype."""
+        they run on this pipeline's device, in its dtype. ``adapters``: T2I-Adapters, chosen by a
+        unit's ``adapter`` index (their widths must fit the base's UNet levels)."""
         for i, controlnet in enumerate(controlnets):
             check_compatible(controlnet.config, model.config, f"ControlNet {i}")
+        for i, adapter in enumerate(adapters):
+            check_adapter_compatible(adapter.config, model.config, f"T2I-Adapter {i}")
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.channels_last = use_channels_last(self.device, self.dtype) if channels_last is None else channels_last
@@ -101,6 +129,7 @@ class Pipeline:
         home = torch.device("cpu") if low_memory else self.device
         self.model = prepare(model, home, self.dtype, self.channels_last)
         self.controlnets = [prepare(c, home, self.dtype, self.channels_last) for c in controlnets]
+        self.adapters = [prepare(a, home, self.dtype, self.channels_last) for a in adapters]
         self.placement = Placement(self.device, low_memory, channels_last=self.channels_last)
         if low_memory:
             denoisers = (self.model.unet, *self.controlnets)
@@ -110,6 +139,8 @@ class Pipeline:
                     self.placement.stream(module)  # every step needs them: block by block
                 else:
                     self.placement.park(module)
+            for adapter in self.adapters:  # run once per generation
+                self.placement.park(adapter)
 
     @classmethod
     def from_files(
@@ -121,11 +152,14 @@ class Pipeline:
         prediction: str | None = None,
         low_memory: bool = False,
         annotators_dir: str | os.PathLike | None = None,
+        adapters: Sequence[str | os.PathLike] = (),
     ) -> Pipeline:
+        """``adapters``: T2I-Adapter files or folders (loading.load_adapter)."""
         dtype = parse_dtype(dtype, device)
         model = load_base(base, prediction=prediction, dtype=dtype)
         loaded = [load_controlnet(path, model.config, dtype=dtype) for path in controlnets]
-        return cls(model, loaded, device, dtype, low_memory, annotators_dir=annotators_dir)
+        loaded_adapters = [load_adapter(path, model.config, dtype=dtype) for path in adapters]
+        return cls(model, loaded, device, dtype, low_memory, annotators_dir=annotators_dir, adapters=loaded_adapters)
 
     @classmethod
     def default(
@@ -195,6 +229,21 @@ class Pipeline:
         else:
             hint = torch.from_numpy(control_map.astype(np.float32))
         return hint.permute(2, 0, 1)[None].to(self.device, self.dtype)
+
+    def adapter_input(self, control_map: np.ndarray, channels: int) -> torch.Tensor:
+        """[1, channels, H, W] in [0, 1]: the control map as a T2I-Adapter reads it. A 1-channel
+        adapter (sketch, canny) gets the map's BT.601 luma (cv2's ``RGB2GRAY``): on the grey maps
+        the annotators make, exactly what diffusers' examples feed it (a PIL ``convert("L")`` image)
+        and TencentARC's scripts (the first channel); on a coloured map PIL's luma differs by at most
+        one level on about 0.1% of colours."""
+        if channels == 1 and control_map.dtype == np.uint8:
+            control_map = rgb_to_grey(control_map)[:, :, None]
+        elif channels == 1:
+            control_map = control_map[:, :, :1]
+        hint = self.hint_tensor(control_map)
+        if hint.shape[1] != channels:
+            raise ValueError(f"this T2I-Adapter reads {channels}-channel images, the control map has {hint.shape[1]}")
+        return hint
 
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         """One generator per image, so image i depends only on seed + i, whatever the batch size."""
@@ -291,8 +340,16 @@ class Pipeline:
             plan = plan.from_strength(denoising_strength)
         noise = self.initial_noise(seeds, height, width) if latents is None else latents
         noise = noise.to(self.device, SAMPLING_DTYPE)
+        used = list(dict.fromkeys(self.adapters[u.adapter] for u in controls if u.adapter is not None))
+        with self.placement.use(*used):  # once per generation
+            adapters = [
+                self.activate_adapter(u, m)
+                for u, m in zip(controls, control_maps, strict=True)
+                if u.adapter is not None
+            ]
         with self.placement.use(self.model.unet, *self.controlnets):
-            active = [self.activate(unit, cmap) for unit, cmap in zip(controls, control_maps, strict=True)]
+            pairs = zip(controls, control_maps, strict=True)
+            active = [self.activate(unit, cmap) for unit, cmap in pairs if unit.adapter is None]
             denoiser = GuidedDenoiser(
                 self.model.unet,
                 cond=context[0:1].expand(num_images, -1, -1),
@@ -300,6 +357,7 @@ class Pipeline:
                 guidance_scale=guidance_scale,
                 controls=active,
                 timesteps=plan.timesteps,
+                adapters=adapters,
             )
             blend = None if mask is None else self.inpaint_blend(plan, mask, init_latents, noise)
             x = sample(
@@ -328,7 +386,7 @@ class Pipeline:
             "dtype": str(self.dtype).removeprefix("torch."),
             "img2img": denoising_strength is not None,
             "inpaint": mask is not None,
-            "controls": [{k: v for k, v in dataclasses.asdict(u).items() if k != "image"} for u in controls],
+            "controls": [_unit_record(u) for u in controls],
             "version": __version__,
         }
         if denoising_strength is not None:
@@ -350,6 +408,12 @@ class Pipeline:
             scales=unit.scales,
         )
 
+    def activate_adapter(self, unit: ControlUnit, control_map: np.ndarray) -> ActiveAdapter:
+        """The adapter unit ready for sampling: its features, computed once here, times its strength."""
+        adapter = self.adapters[unit.adapter]
+        features = adapter(self.adapter_input(control_map, adapter.config.in_channels))
+        return ActiveAdapter(scale_features(features, unit.strength), start=unit.start, end=unit.end)
+
     def inpaint_blend(
         self, plan: Plan, mask: np.ndarray, init_latents: torch.Tensor, noise: torch.Tensor
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
@@ -366,7 +430,7 @@ class Pipeline:
         self, job: dict, controls: Sequence[ControlUnit], output: str, denoising_strength: float, init_image, mask
     ) -> None:
         """The settings as settings.py defines them, then what it does not know: the output kind,
-        the units' ControlNet indices and scales, a mask without an init image."""
+        the units' ControlNet and adapter indices and scales, a mask without an init image."""
         check_prompts(job["prompt"], job["added_prompt"], job["negative_prompt"])
         check_generation(
             {name: job[name] for name in GENERATION if name in job} | {"denoising_strength": denoising_strength}
@@ -378,12 +442,34 @@ class Pipeline:
         for i, unit in enumerate(controls):
             values = {name: getattr(unit, name) for name in ("strength", "start", "end", "mode", "resize_mode")}
             check_unit(values | {"annotator": unit.annotator, "controlnet": unit.controlnet}, f"control unit {i}")
-            if unit.controlnet >= len(self.controlnets):
+            if unit.adapter is not None:
+                self._check_adapter_unit(unit, f"control unit {i}")
+            elif unit.controlnet >= len(self.controlnets):
                 raise ValueError(
                     f"control unit {i}: ControlNet {unit.controlnet} does not exist ({len(self.controlnets)} loaded)"
                 )
             if unit.scales is not None and not all(math.isfinite(scale) for scale in unit.scales):
                 raise ValueError(f"control unit {i}: scales must be finite numbers, got {unit.scales}")
+
+    def _check_adapter_unit(self, unit: ControlUnit, where: str) -> None:
+        index = unit.adapter
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"{where}: adapter must be a T2I-Adapter index from 0, got {index!r}")
+        if index >= len(self.adapters):
+            raise ValueError(f"{where}: T2I-Adapter {index} does not exist ({len(self.adapters)} loaded)")
+        if ControlMode.parse(unit.mode) is not ControlMode.BALANCED:
+            raise ValueError(f"{where}: a T2I-Adapter unit takes control mode 'balanced' only, got {unit.mode!r}")
+        if unit.scales is not None:
+            raise ValueError(f"{where}: a T2I-Adapter unit takes no per-residual scales (its strength scales it)")
+
+
+def _unit_record(unit: ControlUnit) -> dict:
+    """A unit's settings as the record keeps them: all but the image; ``adapter`` only for an
+    adapter unit (a ControlNet unit's record is as before adapters existed)."""
+    record = {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"}
+    if record["adapter"] is None:
+        del record["adapter"]
+    return record
 
 
 def _finish(images: np.ndarray, init: np.ndarray | None, mask: np.ndarray | None, output: str) -> np.ndarray:

@@ -12,6 +12,12 @@ A unit acts on step ``i`` of ``N`` when ``i / N >= start`` and ``(i + 1) / N <= 
 rule); outside that window its ControlNet is not run at all. Which units act at which step is
 decided once, from the plan's timesteps (``control_schedule``); the denoiser finds the step from the
 timestep it is called with, so it holds no step counter that someone else must keep up to date.
+
+T2I-Adapter units (`ActiveAdapter`) carry feature maps computed once per generation, already times
+their strength; the same window rule decides their steps, and at each step the features of the
+adapters inside their windows are summed (diffusers' ``MultiAdapter`` with ``adapter_weights``),
+once per distinct set of adapters, when the denoiser is built. Both halves of the guidance batch get
+them (diffusers' ``StableDiffusionAdapterPipeline``).
 """
 
 from __future__ import annotations
@@ -76,6 +82,33 @@ class ActiveControl:
         return scale_residuals(raw, self.scales, self.controlnet.config.global_average_pooling)
 
 
+@dataclass
+class ActiveAdapter:
+    """One T2I-Adapter unit, prepared for a generation: its feature maps (one per UNet level, [1, C,
+    h, w], broadcast over the batch) computed once and already scaled by the unit's strength."""
+
+    features: list[torch.Tensor]
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"adapter window must satisfy 0 <= start <= end <= 1, got {self.start}..{self.end}")
+
+    def active_at(self, step: int, total: int) -> bool:
+        return step / total >= self.start and (step + 1) / total <= self.end
+
+
+def sum_adapter_features(adapters: Sequence[ActiveAdapter]) -> list[torch.Tensor] | None:
+    """Several adapters at once: their (scaled) features add up, level by level, in unit order."""
+    if not adapters:
+        return None
+    total = list(adapters[0].features)
+    for adapter in adapters[1:]:
+        total = [a + b for a, b in zip(total, adapter.features, strict=True)]
+    return total
+
+
 def _sum_residuals(groups: Sequence[list[torch.Tensor]]) -> list[torch.Tensor] | None:
     """Several ControlNets at once: their residuals add up, level by level."""
     if not groups:
@@ -86,7 +119,9 @@ def _sum_residuals(groups: Sequence[list[torch.Tensor]]) -> list[torch.Tensor] |
     return total
 
 
-def control_schedule(controls: Sequence[ActiveControl], timesteps: Sequence[float] | torch.Tensor) -> dict:
+def control_schedule(
+    controls: Sequence[ActiveControl | ActiveAdapter], timesteps: Sequence[float] | torch.Tensor
+) -> dict:
     """For each timestep of a plan (its step ``i`` of ``N``), the units inside their window there,
     keyed by the timestep as the sampler passes it (float32)."""
     values = torch.as_tensor(timesteps).to(torch.float32).tolist()
@@ -95,10 +130,11 @@ def control_schedule(controls: Sequence[ActiveControl], timesteps: Sequence[floa
 
 
 class GuidedDenoiser:
-    """``denoise(x, t)`` with classifier-free guidance and ControlNet units.
+    """``denoise(x, t)`` with classifier-free guidance, ControlNet units and T2I-Adapter units.
 
     ``timesteps``: the plan's, to decide once which units act at which step (their windows); the
     step of a call is found from its ``t``. None: every unit acts at every call (one evaluation).
+    ``adapters``: their summed features for each step are made here, once.
     """
 
     def __init__(
@@ -110,6 +146,7 @@ class GuidedDenoiser:
         controls: Sequence[ActiveControl],
         timesteps: Sequence[float] | torch.Tensor | None = None,
         only_mid_control: bool = False,
+        adapters: Sequence[ActiveAdapter] = (),
     ) -> None:
         """The models run in ``cond``'s dtype; ``x`` comes in (and the result goes out) in the
         sampler's dtype, and guidance combines the two sides in it."""
@@ -123,34 +160,67 @@ class GuidedDenoiser:
         self.controls = list(controls)
         self.schedule = None if timesteps is None else control_schedule(self.controls, timesteps)
         self.only_mid_control = only_mid_control
+        self.adapters = list(adapters)
+        self.adapter_features = self._adapter_schedule(timesteps)
+
+    def _adapter_schedule(self, timesteps) -> dict | list[torch.Tensor] | None:
+        """The summed adapter features of each step (None where no adapter acts), each distinct
+        sum computed once; without timesteps, the sum of all of them."""
+        if timesteps is None:
+            return sum_adapter_features(self.adapters)
+        sums: dict[tuple[int, ...], list[torch.Tensor] | None] = {}
+        schedule = {}
+        for key, active in control_schedule(self.adapters, timesteps).items():
+            which = tuple(id(a) for a in active)
+            if which not in sums:
+                sums[which] = sum_adapter_features(active)
+            schedule[key] = sums[which]
+        return schedule
+
+    def _step_key(self, t: torch.Tensor, schedule: dict) -> float:
+        key = float(t.reshape(-1)[0])
+        if key not in schedule:
+            raise ValueError(f"the denoiser was called at timestep {key:g}, which is not a step of its plan")
+        return key
 
     def active(self, t: torch.Tensor) -> list[ActiveControl]:
         """The units that act at timestep ``t`` (one value for the whole batch)."""
         if self.schedule is None:
             return self.controls
-        key = float(t.reshape(-1)[0])
-        if key not in self.schedule:
-            raise ValueError(f"the denoiser was called at timestep {key:g}, which is not a step of its plan")
-        return self.schedule[key]
+        return self.schedule[self._step_key(t, self.schedule)]
 
-    def _eps(self, x, t, context, controls: Sequence[ActiveControl]) -> torch.Tensor:
+    def features(self, t: torch.Tensor) -> list[torch.Tensor] | None:
+        """The adapters' summed features at timestep ``t`` (None: no adapter acts there)."""
+        if not isinstance(self.adapter_features, dict):
+            return self.adapter_features
+        return self.adapter_features[self._step_key(t, self.adapter_features)]
+
+    def _eps(self, x, t, context, controls: Sequence[ActiveControl], features=None) -> torch.Tensor:
         groups = [c.residuals(x, t, context) for c in controls]
-        return self.unet(x, t, context, control=_sum_residuals(groups), only_mid_control=self.only_mid_control)
+        return self.unet(
+            x,
+            t,
+            context,
+            control=_sum_residuals(groups),
+            only_mid_control=self.only_mid_control,
+            adapter_features=features,
+        )
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sampling_dtype = x.dtype
         x = x.to(self.dtype)
-        active = self.active(t)
+        active, features = self.active(t), self.features(t)
         if self.uncond is None:
-            return self._eps(x, t, self.cond, active).to(sampling_dtype)
+            return self._eps(x, t, self.cond, active, features).to(sampling_dtype)
         if not any(c.conditional_only for c in active):
             # Both sides share the same control: one batched call, [uncond; cond].
-            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), self.both, active)
+            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), self.both, active, features)
             uncond_out, cond_out = both.chunk(2)
         else:
-            cond_out = self._eps(x, t, self.cond, active)
+            # The adapters act on both sides (diffusers' adapter pipelines).
+            cond_out = self._eps(x, t, self.cond, active, features)
             shared = [c for c in active if not c.conditional_only]
-            uncond_out = self._eps(x, t, self.uncond, shared)
+            uncond_out = self._eps(x, t, self.uncond, shared, features)
         uncond_out, cond_out = uncond_out.to(sampling_dtype), cond_out.to(sampling_dtype)
         return uncond_out + self.guidance_scale * (cond_out - uncond_out)
