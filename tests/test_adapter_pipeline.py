@@ -339,3 +339,19 @@ def test_batch_and_record_of_adapter_units(stacks):
     controls = result.settings["controls"]
     assert controls[0]["adapter"] == 1 and controls[0]["strength"] == 0.5 and controls[0]["end"] == 0.5
     assert "adapter" not in controls[1]
+
+
+@torch.no_grad()
+def test_from_files_loads_adapters(stacks, tmp_path):
+    """Pipeline.from_files(..., adapters=[paths]): the same image as the pipeline built in memory."""
+    from controlnet.formats.ldm import save_ldm
+
+    ours, _ = stacks
+    base = save_ldm(tmp_path / "base.safetensors", ours.model)
+    adapter = tmp_path / "t2iadapter_test_sd15v2.pth"
+    torch.save(ours.adapters[1].state_dict(), adapter)
+    loaded = Pipeline.from_files(base, dtype=torch.float32, adapters=[adapter])
+    image = _control_images()[0]
+    assert loaded.adapters[0].config == ADAPTERS["light"]
+    unit = ControlUnit(image, adapter=1, strength=0.7)
+    assert np.array_equal(_ours(loaded, [ControlUnit(image, adapter=0, strength=0.7)]), _ours(ours, [unit]))
