@@ -83,3 +83,34 @@ def serve_in_background(folder, *arguments: str, timeout: float = 180):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# The original's DDIM (docs/reference.md, "Sampling") in diffusers' terms: its schedule, "leading"
+# timesteps offset by 1, the last step to alpha_cumprod[0], no clipping.
+DIFFUSERS_ORIGINAL_DDIM = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
+
+
+def three_level_unet(num_res_blocks: int):
+    """A small UNet with SD 1.5's three kinds of down block: attention at the first two levels only,
+    so diffusers builds CrossAttnDownBlock2D, CrossAttnDownBlock2D and a DownBlock2D."""
+    from controlnet.config import UNetConfig
+
+    return UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=(1, 2),
+        num_heads=None,
+        num_head_channels=16,
+        context_dim=64,
+        use_linear_in_transformer=True,
+        norm_groups=8,
+    )

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from controlnet.annotators.filters import rgb_to_grey
-from controlnet.config import TINY, T2IAdapterConfig, UNetConfig
+from controlnet.config import TINY, T2IAdapterConfig
 from controlnet.formats.diffusers_text import text_config_to_diffusers, text_ldm_to_diffusers
 from controlnet.formats.diffusers_tokenizer import write_hf_tokenizer_files
 from controlnet.formats.diffusers_unet import unet_ldm_to_diffusers
@@ -30,7 +30,7 @@ from controlnet.models.t2i_adapter import build_adapter
 from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.sampling.guidance import ActiveAdapter, GuidedDenoiser
 
-from .helpers import random_module, randomize
+from .helpers import DIFFUSERS_ORIGINAL_DDIM, random_module, randomize, three_level_unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -45,17 +45,7 @@ NEGATIVE = "lowres, bad anatomy"
 # light adapter repeats the last width.
 BASE = TINY.replace(
     name="tiny-3-levels",
-    unet=UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attention_resolutions=(1, 2),
-        num_heads=None,
-        num_head_channels=16,
-        context_dim=64,
-        use_linear_in_transformer=True,
-        norm_groups=8,
-    ),
+    unet=three_level_unet(num_res_blocks=1),
 )
 ADAPTERS = {
     "full": T2IAdapterConfig(channels=(32, 64, 64), num_res_blocks=1),
@@ -99,15 +89,7 @@ def stacks(tmp_path_factory):
         theirs.load_state_dict(state, strict=True, assign=True)
         theirs_adapters[name] = theirs.eval()
     tokenizer_dir = write_hf_tokenizer_files(tmp_path_factory.mktemp("tokenizer"), pad_token_id=BASE.text.pad_token_id)
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-        set_alpha_to_one=False,
-        clip_sample=False,
-    )
+    scheduler = diffusers.DDIMScheduler(**DIFFUSERS_ORIGINAL_DDIM)
 
     def theirs(*names: str):
         chosen = [theirs_adapters[n] for n in names]

@@ -22,7 +22,7 @@ from controlnet.models.controlnet import ControlNet
 from controlnet.models.stable_diffusion import StableDiffusion
 from controlnet.pipeline import ControlUnit, Pipeline
 
-from .helpers import randomize
+from .helpers import DIFFUSERS_ORIGINAL_DDIM, randomize
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -70,15 +70,7 @@ def stacks(tmp_path_factory):
         theirs.load_state_dict(controlnet_ldm_to_diffusers(controlnet.state_dict(), controlnet.config), assign=True)
         their_controlnets.append(theirs.eval())
     tokenizer_dir = write_hf_tokenizer_files(tmp_path_factory.mktemp("tokenizer"), pad_token_id=SD15.text.pad_token_id)
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-        set_alpha_to_one=False,
-        clip_sample=False,
-    )
+    scheduler = diffusers.DDIMScheduler(**DIFFUSERS_ORIGINAL_DDIM)
 
     def theirs(count: int):
         controlnet = their_controlnets[0] if count == 1 else diffusers.MultiControlNetModel(their_controlnets)

@@ -20,7 +20,7 @@ from controlnet.loading import load_adapter
 from controlnet.models.t2i_adapter import build_adapter, scale_features
 from controlnet.models.unet import UNet, level_end_blocks
 
-from .helpers import random_module, relative_error
+from .helpers import random_module, relative_error, three_level_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,17 +28,7 @@ TOLERANCE = 1e-4
 
 # Three levels, attention on the first two only: diffusers builds CrossAttnDownBlock2D, CrossAttnDownBlock2D
 # and a DownBlock2D without downsampler, the block kinds of SD 1.5 (whose adapter input the last one is).
-SMALL_UNET = UNetConfig(
-    model_channels=32,
-    channel_mult=(1, 2, 2),
-    num_res_blocks=2,
-    attention_resolutions=(1, 2),
-    num_heads=None,
-    num_head_channels=16,
-    context_dim=64,
-    use_linear_in_transformer=True,
-    norm_groups=8,
-)
+SMALL_UNET = three_level_unet(num_res_blocks=2)
 SMALL_FULL = T2IAdapterConfig(channels=(32, 64, 64), num_res_blocks=2)
 SMALL_LIGHT = T2IAdapterConfig(kind="light", channels=(32, 64, 64), num_res_blocks=2)
 CONFIGS = {
