@@ -89,15 +89,22 @@ def read_pipeline_part(folder: Path, part: str, config: ModelConfig) -> StateDic
     return _to_ldm(_KEY_MAPS[part], _read_weights(path), sub_config, path, "diffusers")
 
 
+def _model_folder(folder: Path, subfolder: str, class_name: str, what: str) -> tuple[Path, dict]:
+    """The model's own folder (a pipeline's ``subfolder`` when given the pipeline) and its
+    config.json, refused in one line when the config names another model class."""
+    if (folder / subfolder).is_dir():
+        folder = folder / subfolder
+    config_json = _read_json(folder / "config.json")
+    kind = config_json.get("_class_name", class_name)
+    if kind != class_name:
+        raise CheckpointError(f"{folder}: holds a {kind}, not {what} ({class_name})")
+    return folder, config_json
+
+
 def read_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig]:
     """A diffusers ControlNet folder's weights (LDM layout, no prefix) and configuration; a
     pipeline folder's ``controlnet/`` when given the pipeline."""
-    if (folder / "controlnet").is_dir():
-        folder = folder / "controlnet"
-    config_json = _read_json(folder / "config.json")
-    kind = config_json.get("_class_name", "ControlNetModel")
-    if kind != "ControlNetModel":
-        raise CheckpointError(f"{folder}: holds a {kind}, not a ControlNet (ControlNetModel)")
+    folder, config_json = _model_folder(folder, "controlnet", "ControlNetModel", "a ControlNet")
     try:
         config = diffusers_unet_config.controlnet_config_from_diffusers(config_json)
     except (ValueError, KeyError, TypeError) as error:
@@ -112,12 +119,7 @@ def read_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig]:
 def read_adapter_folder(folder: Path) -> tuple[StateDict, T2IAdapterConfig]:
     """A diffusers ``T2IAdapter`` folder's weights (TencentARC layout) and configuration; a
     pipeline folder's ``adapter/`` when given the pipeline."""
-    if (folder / "adapter").is_dir():
-        folder = folder / "adapter"
-    config_json = _read_json(folder / "config.json")
-    kind = config_json.get("_class_name", "T2IAdapter")
-    if kind != "T2IAdapter":
-        raise CheckpointError(f"{folder}: holds a {kind}, not a T2I-Adapter (T2IAdapter)")
+    folder, config_json = _model_folder(folder, "adapter", "T2IAdapter", "a T2I-Adapter")
     config = t2i_adapter.config_from_diffusers(config_json, str(folder / "config.json"))
     weights = _read_weights(folder)
     if t2i_adapter.detect_adapter_layout(weights, str(folder)) != "diffusers":  # TencentARC keys in a folder
