@@ -113,8 +113,10 @@ def test_a_units_annotator_shows_its_parameters_and_missing_weights(server, brow
     number0 = page.locator("#unit0_number0")
     assert "low threshold" in number0.inner_text() and page.locator("#unit0_number1").is_visible()  # canny's
     pick(page, "unit0_annotator", "scribble")
-    page.wait_for_function("document.querySelector('#unit0_number0').innerText.includes('threshold')")
-    assert not page.locator("#unit0_number1").is_visible()  # scribble has one parameter
+    # scribble has one parameter: its label replaces canny's and the second slot hides
+    page.wait_for_function("!document.querySelector('#unit0_number0').innerText.includes('low threshold')")
+    page.locator("#unit0_number1").wait_for(state="hidden")
+    assert "threshold" in number0.inner_text()
     page.locator("#unit0_image input[type=file]").set_input_files(str(shipped.examples()[0].scene))
     page.locator("#unit0_preview").click()
     page.locator("#unit0_map img").wait_for()  # the scribble map
