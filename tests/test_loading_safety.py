@@ -366,8 +366,8 @@ def test_every_preset_is_detected_from_its_shapes(config):
 
 
 def test_presets_are_told_apart_by_what_detection_reads():
-    signatures = [(c.unet.model_channels, c.unet.context_dim) for c in _distinct_presets()]
-    assert len(set(signatures)) == len(signatures), "two presets look alike to _preset_from_shapes: extend it"
+    signatures = [(c.unet.model_channels, c.unet.context_dim, c.unet.in_channels) for c in _distinct_presets()]
+    assert len(set(signatures)) == len(signatures), "two presets look alike to preset_from_shapes: extend it"
 
 
 # --- 4. converting into an existing diffusers folder ------------------------------------------------

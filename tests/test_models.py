@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from controlnet.config import SD15, SD21, SD21_V, TINY, ControlNetConfig, UNetConfig, detect_preset, preset
+from controlnet.config import SD15, SD21, SD21_V, SHAPES, TINY, WORLD, ControlNetConfig, UNetConfig, preset
+from controlnet.formats.detect import preset_from_shapes
+from controlnet.formats.errors import CheckpointError
 from controlnet.models.controlnet import ControlNet, scale_residuals, soft_control_scales
 from controlnet.models.stable_diffusion import StableDiffusion
 from controlnet.models.unet import UNet
@@ -175,13 +177,12 @@ def test_presets_and_config_validation():
 
 
 def test_detect_preset_from_shapes():
-    for config in (SD15, SD21, TINY):
+    for config in (SD15, SD21, TINY, SHAPES, WORLD):  # shapes and world differ only in latent channels
         with torch.device("meta"):
             unet = UNet(config.unet)
-        assert detect_preset(unet.state_dict()).unet == config.unet
-        assert detect_preset({"x." + k: v for k, v in unet.state_dict().items()}, prefix="x.").unet == config.unet
-    with pytest.raises(ValueError, match=r"no input_blocks\.0\.0\.weight"):
-        detect_preset({})
+        assert preset_from_shapes(unet.state_dict(), "unet.safetensors").unet == config.unet
+    with pytest.raises(CheckpointError, match=r"unet.safetensors: .*no input_blocks\.0\.0\.weight"):
+        preset_from_shapes({}, "unet.safetensors")
 
 
 def test_schedule_is_the_original_linear_schedule():

@@ -8,7 +8,6 @@ what is allowed. The numbers of the real presets are those of the original ``cld
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -328,7 +327,21 @@ SHAPES = ModelConfig(
     native_resolution=128,
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_V, TINY, SHAPES)}
+# The shipped model of issue 19, trained on the synthetic world (``controlnet data world``): the
+# shapes UNet on an 8-channel latent (twice SD's 4: exact-pixel edges survive the 8x downsampling;
+# the LDM ddconfig's z_channels allows any count) with a wider VAE at its low-resolution levels, and
+# a 3-layer text encoder for the world's larger vocabulary and free phrasing. The UNet's 8 input
+# channels tell its files apart from ``shapes`` (same width and context).
+WORLD = ModelConfig(
+    name="world",
+    unet=dataclasses.replace(SHAPES.unet, in_channels=8, out_channels=8),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=8),
+    text=TextEncoderConfig(width=64, layers=3, heads=2, mlp_width=256),
+    control_hint_block_channels=(16, 32, 64, 64),
+    native_resolution=128,
+)
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_V, TINY, SHAPES, WORLD)}
 
 
 def preset(name: str) -> ModelConfig:
@@ -339,38 +352,11 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-def preset_for(model_channels: int, context_dim: int) -> ModelConfig | None:
-    """The preset whose UNet has this width and text context (SD 2.x: the eps model), if any."""
-    for candidate in PRESETS.values():  # sd21 before sd21-v: the same shapes, eps by default
-        if (candidate.unet.model_channels, candidate.unet.context_dim) == (model_channels, context_dim):
+def preset_for(model_channels: int, context_dim: int, in_channels: int = 4) -> ModelConfig | None:
+    """The preset whose UNet has this width, text context and latent channel count, if any (SD 2.x:
+    the eps model, listed before sd21-v which has the same shapes)."""
+    for candidate in PRESETS.values():
+        unet = candidate.unet
+        if (unet.model_channels, unet.context_dim, unet.in_channels) == (model_channels, context_dim, in_channels):
             return candidate
     return None
-
-
-def detect_preset(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> ModelConfig:
-    """Tell which preset a UNet or ControlNet state dict (LDM key layout) was made for.
-
-    ``prefix`` is what precedes ``input_blocks`` (e.g. ``model.diffusion_model.`` or
-    ``control_model.``). Shapes decide: the cross-attention key width gives the context (768: SD 1.x,
-    1024: SD 2.x) and the model width tells the tiny preset apart. SD 2.x eps and v models have
-    identical shapes, so this returns ``sd21``; the v variant must be named by the caller (or by a
-    diffusers scheduler config, or the ``parameterization`` of an LDM yaml beside the file).
-    """
-    conv_in = state_dict.get(prefix + "input_blocks.0.0.weight")
-    if conv_in is None:
-        raise ValueError(f"cannot detect the model: no {prefix}input_blocks.0.0.weight in the weights")
-    model_channels = conv_in.shape[0]
-    context_key = next(
-        (k for k in state_dict if k.startswith(prefix) and k.endswith("attn2.to_k.weight")),
-        None,
-    )
-    if context_key is None:
-        raise ValueError(f"cannot detect the model: no cross-attention weights under {prefix!r}")
-    context_dim = state_dict[context_key].shape[1]
-    found = preset_for(model_channels, context_dim)
-    if found is not None:
-        return found
-    raise ValueError(
-        f"unrecognised model: model_channels={model_channels}, context_dim={context_dim}; "
-        "known: " + ", ".join(f"{c.name} ({c.unet.model_channels}, {c.unet.context_dim})" for c in PRESETS.values())
-    )

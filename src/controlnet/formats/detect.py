@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS, SD21, SD21_V, ControlNetConfig, ModelConfig, UNetConfig
+from ..config import PRESETS, SD21, SD21_V, ControlNetConfig, ModelConfig, UNetConfig, preset_for
 from .errors import CheckpointError, first_line, short_list
 from .ldm import CONTROL_PREFIX, UNET_PREFIX
 from .tensors import StateDict, read_keys
@@ -70,15 +70,6 @@ def inspect_contents(path: str | os.PathLike) -> Contents:
 # Configurations read off the shapes, for files that do not store theirs
 
 
-def preset_for(model_channels: int, context_dim: int) -> ModelConfig | None:
-    """The preset whose UNet has this width and text context: any preset of ``config.PRESETS``
-    (SD 2.x gives sd21, the eps model, listed before sd21-v which has the same shapes)."""
-    for candidate in PRESETS.values():
-        if (candidate.unet.model_channels, candidate.unet.context_dim) == (model_channels, context_dim):
-            return candidate
-    return None
-
-
 def preset_from_shapes(unet: Mapping[str, torch.Tensor], source: str) -> ModelConfig:
     """The preset a UNet or ControlNet state dict (LDM keys, no prefix) was made for, from the
     width of its first convolution and of its cross-attention keys."""
@@ -87,11 +78,15 @@ def preset_from_shapes(unet: Mapping[str, torch.Tensor], source: str) -> ModelCo
     if context_key is None:
         raise CheckpointError(f"{source}: cannot tell the model: no cross-attention weights (attn2.to_k)")
     context_dim = _size(unet, context_key, 1, source)
-    found = preset_for(model_channels, context_dim)
+    in_channels = _size(unet, "input_blocks.0.0.weight", 1, source)
+    found = preset_for(model_channels, context_dim, in_channels)
     if found is None:
-        known = ", ".join(f"{c.name} ({c.unet.model_channels}, {c.unet.context_dim})" for c in PRESETS.values())
+        known = ", ".join(
+            f"{c.name} ({c.unet.model_channels}, {c.unet.context_dim}, {c.unet.in_channels})" for c in PRESETS.values()
+        )
         raise CheckpointError(
-            f"{source}: unrecognised model: model_channels={model_channels}, context_dim={context_dim}; known: {known}"
+            f"{source}: unrecognised model: model_channels={model_channels}, context_dim={context_dim}, "
+            f"latent channels={in_channels}; known: {known}"
         )
     return found
 
@@ -181,10 +176,12 @@ def diffusers_controlnet_config_from_shapes(
             f"(no {short_list(missing or ['attn2.to_k'])})"
         )
     model_channels, context_dim = _size(state_dict, names[0], 0, source), _size(state_dict, context_key, 1, source)
+    in_channels = _size(state_dict, names[0], 1, source)
+    shapes = (model_channels, context_dim, in_channels)
     found = (
         base
-        if base is not None and (base.unet.model_channels, base.unet.context_dim) == (model_channels, context_dim)
-        else preset_for(model_channels, context_dim)
+        if base is not None and (base.unet.model_channels, base.unet.context_dim, base.unet.in_channels) == shapes
+        else preset_for(*shapes)
     )
     if found is None:
         raise CheckpointError(

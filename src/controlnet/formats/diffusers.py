@@ -65,7 +65,7 @@ def read_pipeline_config(folder: Path, prediction: str | None = None) -> ModelCo
     schedule = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
     if prediction is not None:
         schedule = dataclasses.replace(schedule, prediction=prediction)
-    known = preset_for(unet_config.model_channels, unet_config.context_dim)
+    known = preset_for(unet_config.model_channels, unet_config.context_dim, unet_config.in_channels)
     if known is not None and known.unet != unet_config:
         known = None  # the same widths, another UNet: not that preset
     config = ModelConfig(
