@@ -167,3 +167,31 @@ def test_write_world_refuses_bad_arguments(tmp_path):
         write_world(tmp_path / "a", 0)
     with pytest.raises(ValueError, match="seed"):
         write_world(tmp_path / "a", 1, seed=-1)
+
+
+def _digest(folder, skip: str) -> str:
+    """SHA-256 of every file under `folder` but those in `skip`/: names, decoded pixels, other bytes."""
+    import hashlib
+
+    from PIL import Image
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.parent.name != skip):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(np.asarray(Image.open(path)).tobytes() if path.suffix == ".png" else path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_instance_maps_are_added_without_changing_any_other_output(tmp_path):
+    """instance/N.png came later (for the evaluation): every other file of a seed's dataset is as
+    it was before (the digest was taken with the writer before instance maps existed)."""
+    from PIL import Image
+
+    out = tmp_path / "world"
+    write_world(out, 3, size=64, seed=2)
+    assert _digest(out, skip="instance") == "1a2b6d91d01465b51ee07ed175485b7caf621d1b1a31468c056322c651462fe3"
+    for i, record in enumerate(read_records(out)):
+        instance = np.asarray(Image.open(out / "instance" / f"{i}.png"))
+        assert np.array_equal(instance, world_sample(i, size=64, seed=2).instance)
+        ids = {o["instance"] for o in record.extra["scene"]["objects"]}
+        assert set(np.unique(instance)) == {0, 1} | ids

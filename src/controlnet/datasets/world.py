@@ -127,7 +127,9 @@ def write_world(
     """Write samples 0..count-1 to `out`; return its prompt.json.
 
     Layout: ``image/{i}.png`` (the target), ``{condition}/{i}.png`` for each of `CONDITIONS`,
-    ``pose/{i}.json`` (OpenPose JSON), and the listings, each written last and atomically:
+    ``pose/{i}.json`` (OpenPose JSON), ``instance/{i}.png`` (the instance map as grey levels: 0 the
+    wall, 1 the floor, then each object's ``instance``; the evaluation reads an object's own pixels
+    from it), and the listings, each written last and atomically:
     ``prompt.json`` (the fill50k layout: source = the canny map, so `controlnet train --data OUT`
     trains canny) and ``{condition}/prompt.json`` for every condition (source ``{i}.png``, target
     ``../image/{i}.png``: `controlnet train --data OUT/depth` trains depth). Each line of
@@ -138,12 +140,13 @@ def write_world(
     _rng(seed, 0, 0)  # check the seed before anything is written
     out = Path(out)
     check_output(out)
-    for sub in ("image", *CONDITIONS):
+    for sub in ("image", "instance", *CONDITIONS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     lines, per_condition = [], {c: [] for c in CONDITIONS}
     for i in range(count):
         sample = world_sample(i, size=size, seed=seed)
         Image.fromarray(sample.image).save(out / "image" / f"{i}.png")
+        Image.fromarray(sample.instance.astype(np.uint8)).save(out / "instance" / f"{i}.png")
         paths = {}
         for name, array in sample.conditions.items():
             Image.fromarray(array).save(out / name / f"{i}.png")
