@@ -181,6 +181,69 @@ def test_the_run_exports_a_control_only_file_and_a_diffusers_folder_and_validate
     assert (tmp_path / "loss.png").exists() and (tmp_path / "validation.png").exists()
 
 
+def test_the_adapter_task_learns_and_exports_files_both_loaders_read(setup, tmp_path):
+    """A T2I-Adapter on the frozen base: only the adapter trains, the loss falls, and the export in
+    TencentARC's layout and the diffusers folder load to the trained weights (diffusers' own
+    T2IAdapter reads the folder to the same features)."""
+    from diffusers import T2IAdapter as DiffusersAdapter
+
+    from controlnet.loading import load_adapter
+
+    trainer = Trainer(config(setup, tmp_path, task="adapter", learning_rate=2e-3, max_steps=20), log=lambda m: None)
+    assert all(name.startswith("adapter.") for name in trainable(trainer))
+    probe = trainer.batch(range(1000, 1008))
+    with torch.no_grad():
+        before = trainer.objective.loss(probe).item()
+    paths = trainer.run()
+    with torch.no_grad():
+        after = trainer.objective.loss(probe).item()
+    assert after < before, (before, after)
+    assert sorted(p.name for p in paths) == ["adapter-diffusers", "adapter.safetensors"]
+    model, _ = random_tiny_models(seed=0)
+    trained = {n.removeprefix("adapter."): t for n, t in trainable(trainer).items()}
+    for path in paths:
+        loaded = load_adapter(path, model.config)
+        assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in trained.items())
+    hint = torch.rand(1, 3, 64, 64)
+    ours = load_adapter(paths[0], model.config)(hint)
+    theirs = DiffusersAdapter.from_pretrained(tmp_path / "adapter-diffusers")(hint)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_convert_and_info_take_adapters_in_both_layouts(tmp_path, capsys):
+    """`controlnet convert` writes an adapter in float16 in TencentARC's layout and as a diffusers
+    folder, each loading to the same rounded weights; `info` says what the file holds."""
+    from controlnet.cli import main
+    from controlnet.formats.t2i_adapter import save_adapter_file
+    from controlnet.loading import load_adapter
+    from controlnet.models.t2i_adapter import build_adapter
+    from controlnet.train.objectives import adapter_config_for
+
+    model, _ = random_tiny_models(seed=0)
+    torch.manual_seed(0)
+    adapter = build_adapter(adapter_config_for(model.config))
+    source = save_adapter_file(tmp_path / "adapter.safetensors", adapter.state_dict())
+    main(["convert", str(source), str(tmp_path / "half.safetensors"), "--to", "ldm", "--dtype", "fp16"])
+    main(["convert", str(tmp_path / "half.safetensors"), str(tmp_path / "half-diffusers"), "--to", "diffusers"])
+    expected = {k: v.half() for k, v in adapter.state_dict().items()}
+    for written in (tmp_path / "half.safetensors", tmp_path / "half-diffusers"):
+        loaded = load_adapter(written, model.config, dtype=torch.float16).state_dict()
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    capsys.readouterr()
+    main(["info", str(tmp_path / "half-diffusers")])
+    assert "T2I-Adapter: full, 3-channel images, feature widths [32, 64]" in capsys.readouterr().out
+
+
+def test_adapter_timesteps_follow_the_papers_cubic_schedule():
+    from controlnet.train.objectives import cubic_timesteps
+
+    uniform = torch.arange(1000)
+    cubic = cubic_timesteps(uniform, 1000)
+    assert cubic.min() >= 0 and cubic.max() == 999 and cubic[0] == 999
+    assert cubic.float().mean().item() == pytest.approx(750, abs=2)  # E[1 - u^3] = 3/4: the noisy end
+    assert (cubic >= 500).float().mean().item() == pytest.approx(0.5 ** (1 / 3), abs=0.01)  # P(u^3 <= 1/2)
+
+
 def test_mixed_precision_checkpointing_accumulation_and_unlocked_decoder_train(setup, tmp_path):
     trainer = Trainer(
         config(
@@ -249,6 +312,8 @@ def test_learning_rate_schedule():
         ({"control_init": "uniform"}, "--control-init must be one of zero, gaussian"),
         ({"control_init": "gaussian", "controlnet": "x.safetensors"}, "applies to a new ControlNet"),
         ({"gradient_loss_weight": -1.0}, "--gradient-loss-weight must be a finite number >= 0, got -1.0"),
+        ({"task": "adapter", "base": None}, "the adapter task needs --base"),
+        ({"task": "adapter", "unlock_decoder": True}, "apply to the controlnet task"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(setup, tmp_path, changes, message):

@@ -1,4 +1,5 @@
-"""The commands on model files: ``convert`` (between the LDM and diffusers layouts), ``info``,
+"""The commands on model files: ``convert`` (between the LDM and diffusers layouts; T2I-Adapters
+between TencentARC's and diffusers'), ``info``,
 ``transfer-control`` (a ControlNet onto a fine-tuned base) and ``add-control`` (a new ControlNet)."""
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ from ..formats.ldm import save_ldm
 from ..loading import load_base, load_controlnet, transfer_control
 from .common import UsageError, check_output, output_folder
 
+# ``convert --dtype``: the precision of the written weights.
+WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     convert = commands.add_parser(
-        "convert", help="convert a base model and/or ControlNet between the LDM and diffusers layouts"
+        "convert", help="convert a base model, ControlNet or T2I-Adapter between the LDM and diffusers layouts"
     )
     convert.add_argument("input", type=Path, help="LDM file (.safetensors/.ckpt/.pth) or diffusers folder/file")
     convert.add_argument("output", type=Path, help="LDM: a .safetensors file; diffusers: a folder (or .safetensors)")
     convert.add_argument("--to", choices=("ldm", "diffusers"), required=True, help="layout to write")
     convert.add_argument("--prediction", choices=("eps", "v"), help="name the prediction type of an SD 2.x model")
     convert.add_argument(
-        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="precision of the written weights"
+        "--dtype", choices=tuple(WEIGHT_DTYPES), default="fp32", help="precision of the written weights"
     )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -59,9 +63,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     check_output(args.output, args.overwrite, [args.input])
     output_folder(args.output.parent)
     contents = inspect_contents(args.input)
+    if contents.has_adapter:
+        _convert_adapter(args)
+        return
     model = load_base(args.input, prediction=args.prediction) if contents.has_base else None
     controlnet = load_controlnet(args.input, model.config if model else None) if contents.has_controlnet else None
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, WEIGHT_DTYPES[args.dtype])
     model = model.to(dtype) if model is not None else None
     controlnet = controlnet.to(dtype) if controlnet is not None else None
     if args.to == "ldm":
@@ -72,9 +79,34 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {held} to {args.output} ({args.to} layout, {args.dtype})")
 
 
+def _convert_adapter(args: argparse.Namespace) -> None:
+    """A T2I-Adapter: ``--to ldm`` writes TencentARC's layout (one safetensors file, as the original
+    apps read), ``--to diffusers`` a diffusers T2IAdapter folder."""
+    import torch
+
+    from ..formats.diffusers import save_adapter_folder
+    from ..formats.t2i_adapter import save_adapter_file
+    from ..loading import load_adapter
+
+    dtype = getattr(torch, WEIGHT_DTYPES[args.dtype])
+    adapter = load_adapter(args.input, dtype=dtype)
+    if args.to == "ldm":
+        save_adapter_file(args.output, adapter.state_dict())
+    else:
+        save_adapter_folder(args.output, adapter.state_dict(), adapter.config)
+    layout = "TencentARC" if args.to == "ldm" else "diffusers"
+    print(f"wrote T2I-Adapter ({adapter.config.kind}) to {args.output} ({layout} layout, {args.dtype})")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     contents = inspect_contents(args.input)
     print(f"{args.input}: {contents.format}")
+    if contents.has_adapter:
+        from ..loading import load_adapter
+
+        config = load_adapter(args.input).config
+        widths = list(config.channels)
+        print(f"  T2I-Adapter: {config.kind}, {config.in_channels}-channel images, feature widths {widths}")
     if contents.has_base:
         model = load_base(args.input)
         print(f"  base model: {model.config.name} ({model.config.schedule.prediction}-prediction)")

@@ -6,6 +6,7 @@ fits a base model (`check_compatible`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ import torch
 from ..config import PRESETS, SD21, SD21_V, ControlNetConfig, ModelConfig, UNetConfig, preset_for
 from .errors import CheckpointError, first_line, short_list
 from .ldm import CONTROL_PREFIX, UNET_PREFIX
+from .t2i_adapter import detect_adapter_layout
 from .tensors import StateDict, read_keys
 
 
@@ -46,9 +48,10 @@ def detect_format(state_dict: Mapping[str, torch.Tensor], source: str | os.PathL
 class Contents:
     """What a model file or folder holds."""
 
-    format: str  # as detect_format, or "diffusers-pipeline" / "diffusers-controlnet" for folders
+    format: str  # as detect_format, "diffusers-pipeline" / "diffusers-controlnet" for folders, or "*-adapter"
     has_base: bool  # a UNet, VAE and text encoder
     has_controlnet: bool
+    has_adapter: bool = False  # a T2I-Adapter (alone: a file holds no other model with it)
 
 
 def inspect_contents(path: str | os.PathLike) -> Contents:
@@ -58,12 +61,30 @@ def inspect_contents(path: str | os.PathLike) -> Contents:
         if (path / "unet").is_dir():
             return Contents("diffusers-pipeline", True, (path / "controlnet").is_dir())
         if (path / "config.json").is_file():
+            if _diffusers_class(path / "config.json") in ("T2IAdapter", "MultiAdapter"):
+                return Contents("diffusers-adapter", False, False, True)
             return Contents("diffusers-controlnet", False, True)
         raise CheckpointError(f"{path}: a folder that is neither a diffusers pipeline nor a diffusers ControlNet")
     keys = read_keys(path)
-    fmt = detect_format(dict.fromkeys(keys), path)
+    try:
+        fmt = detect_format(dict.fromkeys(keys), path)
+    except CheckpointError as not_a_controlnet:
+        try:
+            layout = detect_adapter_layout(dict.fromkeys(keys), str(path))
+        except CheckpointError:
+            raise not_a_controlnet from None
+        return Contents(f"{layout}-adapter", False, False, True)
     has_control = fmt != "ldm" or any(k.startswith(CONTROL_PREFIX) for k in keys)
     return Contents(fmt, fmt == "ldm", has_control)
+
+
+def _diffusers_class(config_json: Path) -> str | None:
+    """The ``_class_name`` a diffusers config.json names, if it can be read."""
+    try:
+        value = json.loads(config_json.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 # ---------------------------------------------------------------------------------------------

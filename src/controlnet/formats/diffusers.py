@@ -229,6 +229,18 @@ def save_diffusers(
     return path
 
 
+def save_adapter_folder(path: str | os.PathLike, weights: Mapping[str, torch.Tensor], config: T2IAdapterConfig) -> Path:
+    """A T2I-Adapter (ours: TencentARC's key names) as a diffusers ``T2IAdapter`` folder
+    (``config.json`` + ``diffusion_pytorch_model.safetensors``), written as `save_diffusers` writes
+    folders: beside ``path``, then in its place."""
+    path = Path(path)
+    config_json = {"_class_name": "T2IAdapter", **t2i_adapter.config_to_diffusers(config)}
+    _check_folder_output(path)
+    with atomic_folder(path) as folder:
+        _write_component(folder, t2i_adapter.adapter_original_to_diffusers(weights, config), config_json, "diffusion")
+    return path
+
+
 def _check_folder_output(path: Path) -> None:
     """Refuse to replace anything but an empty folder or a diffusers model's folder (never, say, a
     home folder named by mistake), and a file where a folder is to be written."""

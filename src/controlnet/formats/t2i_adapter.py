@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig, T2IAdapterConfig
 from .errors import CheckpointError, first_line, short_list
-from .tensors import StateDict
+from .tensors import StateDict, save_safetensors
 
 DIFFUSERS_PREFIX = "adapter."
 # Keys that mark what a file holds when it is not an adapter: a ControlNet or a base model.
@@ -251,3 +252,11 @@ def check_adapter_compatible(config: T2IAdapterConfig, base: ModelConfig, source
             f"{source}: this T2I-Adapter's feature widths {list(config.channels)} do not fit the base model "
             f"{base.name}'s UNet levels {list(levels)}; use an adapter made for this base"
         )
+
+
+def save_adapter_file(path: Path, weights: Mapping[str, torch.Tensor]) -> Path:
+    """An adapter's weights (ours: TencentARC's key names) as one safetensors file: what
+    ``loading.load_adapter`` and the AUTOMATIC1111 extension read from ``t2iadapter_*`` files (the
+    configuration is read back from the shapes)."""
+    save_safetensors(dict(weights), path, {})
+    return path

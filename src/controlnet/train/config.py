@@ -19,7 +19,7 @@ import torch
 from ..runtime import check_device
 from ..settings import GENERATION
 
-TASKS = ("controlnet", "base", "vae")
+TASKS = ("controlnet", "adapter", "base", "vae")
 CONTROL_INITS = ("zero", "gaussian")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -120,10 +120,11 @@ class TrainConfig:
 
     data: str = option(help="a fill50k-layout folder (prompt.json) or a diffusers one (metadata.jsonl)")
     out: str = option(help="the run's folder: checkpoints, logs, validation, exports")
-    base: str | None = option(None, "the base model (controlnet task); the trained VAE's file (base task)")
+    base: str | None = option(None, "the base model (controlnet, adapter tasks); the trained VAE's file (base task)")
     task: str = option(
         "controlnet",
-        "controlnet: a ControlNet on a frozen base; vae / base: a small VAE / UNet + text encoder from scratch",
+        "controlnet: a ControlNet on a frozen base; adapter: a T2I-Adapter on a frozen base; "
+        "vae / base: a small VAE / UNet + text encoder from scratch",
         choices=TASKS,
     )
     model_config: str | None = option(None, "base/vae tasks: the preset to build from scratch (e.g. tiny)")
@@ -240,8 +241,10 @@ class TrainConfig:
             raise TrainingError("--strategy fsdp shards the ControlNet: it is for the controlnet task")
         if self.strategy == "fsdp" and self.unlock_decoder:
             raise TrainingError("--strategy fsdp does not shard an unlocked decoder yet; use ddp with --unlock-decoder")
-        if self.task == "controlnet" and self.base is None:
-            raise TrainingError("the controlnet task needs --base (the frozen base model)")
+        if self.task in ("controlnet", "adapter") and self.base is None:
+            raise TrainingError(f"the {self.task} task needs --base (the frozen base model)")
+        if self.task == "adapter" and (self.unlock_decoder or self.only_mid_control or self.controlnet):
+            raise TrainingError("--unlock-decoder, --only-mid-control and --controlnet apply to the controlnet task")
         if self.task == "vae" and self.model_config is None:
             raise TrainingError("the vae task needs --model-config (the preset whose VAE to train)")
         if self.task == "base" and (self.base is None or self.model_config is None):

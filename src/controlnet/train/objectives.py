@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, preset
-from ..formats.diffusers import save_diffusers
+from ..config import ModelConfig, T2IAdapterConfig, preset
+from ..formats.diffusers import save_adapter_folder, save_diffusers
 from ..formats.ldm import save_ldm
+from ..formats.t2i_adapter import save_adapter_file
 from ..loading import load_base, load_controlnet
 from ..models.controlnet import ControlNet
 from ..models.stable_diffusion import StableDiffusion
+from ..models.t2i_adapter import T2IAdapter, build_adapter
 from ..sampling.parametrisation import noised, target
 from ..sampling.prompts import encode_prompts
 from .config import VALIDATION_ROWS, TrainConfig, TrainingError
@@ -137,6 +139,39 @@ class DiffusionObjective(Objective):
         )
 
 
+def control_batch(
+    model: StableDiffusion,
+    items: Sequence[dict],
+    generators: Sequence[torch.Generator],
+    proportion_empty_prompts: float,
+    cache: FrozenCache | None,
+) -> dict:
+    """The batch of the tasks that learn a control on a frozen base (ControlNet, T2I-Adapter): the
+    diffusion draws, the control images (``hint``) and the prompts' encodings (``context``)."""
+    batch = diffusion_batch(model, items, generators, proportion_empty_prompts, cache)
+    batch["hint"] = torch.stack([item["hint"] for item in items])
+    if cache is not None:
+        batch["context"] = torch.stack([cache.encoding(p) for p in batch["prompts"]])
+    else:
+        with torch.no_grad():
+            batch["context"] = encode_prompts(model.text_encoder, batch["prompts"]).float()
+    return batch
+
+
+def control_validation(pipe, validation: ValidationSet, adapter: bool) -> tuple[dict[str, float], object]:
+    """A control's validation (ControlNet 0 or adapter 0 of ``pipe``): images with the prompts and
+    with none; the edge F1 of each row against the control maps, and ``base_distance``: how far the
+    control moves the locked model's images (exactly 0 at step 0 with zero convolutions)."""
+    with_prompt = generate_row(pipe, validation, use_prompt=True, control=True, adapter=adapter)
+    without = generate_row(pipe, validation, use_prompt=False, control=True, adapter=adapter)
+    scores = {
+        "edge_f1": float(np.mean(edge_f1s(with_prompt, validation.hints))),
+        "edge_f1_no_prompt": float(np.mean(edge_f1s(without, validation.hints))),
+        "base_distance": mean_pixel_l1(with_prompt, base_images(pipe, validation)),
+    }
+    return scores, grid([validation.hints, validation.targets, with_prompt, without], VALIDATION_ROWS)
+
+
 class ControlNetObjective(DiffusionObjective):
     """The frozen base with its trainable ControlNet (the paper's section 3.3): the loss is the noise
     prediction of the locked UNet with the ControlNet's residuals added. With ``unlock_decoder``
@@ -173,15 +208,7 @@ class ControlNetObjective(DiffusionObjective):
         return groups
 
     def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
-        """The diffusion draws, the control images (``hint``) and the prompts' encodings (``context``)."""
-        batch = diffusion_batch(self.model, items, generators, self.proportion_empty_prompts, cache)
-        batch["hint"] = torch.stack([item["hint"] for item in items])
-        if cache is not None:
-            batch["context"] = torch.stack([cache.encoding(p) for p in batch["prompts"]])
-        else:
-            with torch.no_grad():
-                batch["context"] = encode_prompts(self.model.text_encoder, batch["prompts"]).float()
-        return batch
+        return control_batch(self.model, items, generators, self.proportion_empty_prompts, cache)
 
     def loss(self, batch: dict) -> torch.Tensor:
         context, hint = batch["context"], batch["hint"]
@@ -229,14 +256,7 @@ class ControlNetObjective(DiffusionObjective):
         maps, and ``base_distance``: how far the control moves the locked model's images (exactly 0
         at step 0 with zero convolutions)."""
         pipe = validation_pipeline(self.model, [self.plain_controlnet(trainable)], validation.device)
-        with_prompt = generate_row(pipe, validation, use_prompt=True, control=True)
-        without = generate_row(pipe, validation, use_prompt=False, control=True)
-        scores = {
-            "edge_f1": float(np.mean(edge_f1s(with_prompt, validation.hints))),
-            "edge_f1_no_prompt": float(np.mean(edge_f1s(without, validation.hints))),
-            "base_distance": mean_pixel_l1(with_prompt, base_images(pipe, validation)),
-        }
-        return scores, grid([validation.hints, validation.targets, with_prompt, without], VALIDATION_ROWS)
+        return control_validation(pipe, validation, adapter=False)
 
     def plain_controlnet(self, trainable: dict[str, torch.Tensor]) -> ControlNet:
         """A stand-alone float32 ControlNet holding the trained weights (not sharded, not wrapped)."""
@@ -257,6 +277,92 @@ class ControlNetObjective(DiffusionObjective):
             model.unet.load_state_dict(unet, assign=True)
             model.vae, model.text_encoder = self.model.vae, self.model.text_encoder
             paths.append(save_ldm(out / "base-unlocked.safetensors", model=model))
+        return paths
+
+
+def cubic_timesteps(uniform: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """T2I-Adapter's non-uniform timestep sampling (Mou et al. 2023, section 3.3): t = (1 - u^3) T
+    for u uniform in [0, 1), so most draws land on the early, noisy steps, where the layout of the
+    image is decided and where a condition can still steer it. ``uniform``: integer draws in
+    [0, T), as the other tasks use directly."""
+    u = uniform.double() / num_timesteps
+    return ((1 - u**3) * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+
+def adapter_config_for(base: ModelConfig, in_channels: int = 3) -> T2IAdapterConfig:
+    """A full T2I-Adapter that fits ``base``: one feature map per UNet level at its width, the
+    condition image pixel-unshuffled to the latent size (TencentARC's SD 1.x adapters at any size)."""
+    return T2IAdapterConfig(
+        in_channels=in_channels, channels=base.unet.level_channels, downscale_factor=base.vae.downsample_factor
+    )
+
+
+class AdapterObjective(DiffusionObjective):
+    """A T2I-Adapter (Mou et al. 2023) on the frozen base: the loss is the noise prediction of the
+    locked UNet with the adapter's features added to its encoder, the features of the control
+    image made once per sample (nothing else trains). Timesteps are drawn as the paper does
+    (`cubic_timesteps`); the rest (prompt drop, data, schedule) is the ControlNet task's, so the
+    two compare under the same budget and seed (docs/experiments.md)."""
+
+    def __init__(self, model: StableDiffusion, adapter: T2IAdapter, config: TrainConfig) -> None:
+        super().__init__(model.requires_grad_(False), config)
+        self.adapter = adapter.requires_grad_(True).train()
+
+    @classmethod
+    def build(cls, config: TrainConfig) -> AdapterObjective:
+        """The base from ``--base``; a new full adapter of its UNet's widths (reading RGB maps)."""
+        model = load_base(config.base)
+        adapter = build_adapter(adapter_config_for(model.config))
+        return cls(model.float(), adapter.float(), config)
+
+    def parameter_groups(self, config: TrainConfig) -> list[dict]:
+        return [{"params": list(self.adapter.parameters()), "lr": config.learning_rate}]
+
+    def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
+        """As the ControlNet task's batch, with the timesteps redrawn on the cubic schedule."""
+        batch = control_batch(self.model, items, generators, self.proportion_empty_prompts, cache)
+        batch["timesteps"] = cubic_timesteps(batch["timesteps"], self.model.config.schedule.num_timesteps)
+        return batch
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        context, features = batch["context"], self.adapter(batch["hint"])
+
+        def denoise(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model.unet(noisy, t, context, adapter_features=features)
+
+        return self.noise_loss(batch, denoise)
+
+    def cached_encoders(self) -> tuple[nn.Module, nn.Module | None]:
+        return self.model.vae, self.model.text_encoder
+
+    def cast_frozen(self, dtype: torch.dtype | None) -> None:
+        """The whole base is frozen: it lives in the autocast dtype (as the ControlNet task's)."""
+        if dtype is not None:
+            self.model.to(dtype)
+
+    def validation_images(
+        self, validation: ValidationSet, trainable: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], object]:
+        """As the ControlNet task's: with the prompts and with none, the edge F1 of each row and how
+        far the adapter moves the locked model's images."""
+        pipe = validation_pipeline(self.model, [], validation.device, adapters=[self.plain_adapter(trainable)])
+        return control_validation(pipe, validation, adapter=True)
+
+    def plain_adapter(self, trainable: dict[str, torch.Tensor]) -> T2IAdapter:
+        """A stand-alone float32 adapter holding the trained weights."""
+        adapter = build_adapter(self.adapter.config)
+        prefix = "adapter."
+        adapter.load_state_dict({k.removeprefix(prefix): v for k, v in trainable.items() if k.startswith(prefix)})
+        return adapter.float().eval()
+
+    def export(self, out: Path, trainable: dict[str, torch.Tensor]) -> list[Path]:
+        """The adapter in TencentARC's key layout (what ``load_adapter`` and the A1111 extension read
+        from ``t2iadapter_*.pth``), as safetensors, and as a diffusers ``T2IAdapter`` folder."""
+        adapter = self.plain_adapter(trainable)
+        paths = [
+            save_adapter_file(out / "adapter.safetensors", adapter.state_dict()),
+            save_adapter_folder(out / "adapter-diffusers", adapter.state_dict(), adapter.config),
+        ]
         return paths
 
 
@@ -412,7 +518,12 @@ class VAEObjective(Objective):
         return [save_ldm(out / "vae.safetensors", model=model)]
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"controlnet": ControlNetObjective, "base": BaseObjective, "vae": VAEObjective}
+OBJECTIVES: dict[str, type[Objective]] = {
+    "controlnet": ControlNetObjective,
+    "adapter": AdapterObjective,
+    "base": BaseObjective,
+    "vae": VAEObjective,
+}
 
 
 def build_objective(config: TrainConfig) -> Objective:

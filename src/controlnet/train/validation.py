@@ -69,23 +69,25 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return ((image.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy()
 
 
-def validation_pipeline(model, controlnets: Sequence, device: torch.device):
+def validation_pipeline(model, controlnets: Sequence, device: torch.device, adapters: Sequence = ()):
     """A float32 pipeline over the run's model (the frozen parts run in float32 for validation)."""
     from ..pipeline import Pipeline
 
-    return Pipeline(model, list(controlnets), device=device, dtype=torch.float32, channels_last=False)
+    return Pipeline(
+        model, list(controlnets), device=device, dtype=torch.float32, channels_last=False, adapters=list(adapters)
+    )
 
 
-def generate_row(pipe, validation: ValidationSet, *, use_prompt: bool, control: bool) -> list:
+def generate_row(pipe, validation: ValidationSet, *, use_prompt: bool, control: bool, adapter: bool = False) -> list:
     """One image per sample, seed = the sample's index: with its prompt (guided) or with none
-    (unguided), with its control image or without."""
+    (unguided), with its control image (through ControlNet 0, or adapter 0) or without."""
     from ..pipeline import ControlUnit
 
     row = []
     for i, (hint, prompt) in enumerate(zip(validation.hints, validation.prompts, strict=True)):
         result = pipe.generate(
             prompt if use_prompt else "",
-            [ControlUnit(hint)] if control else [],
+            [ControlUnit(hint, adapter=0 if adapter else None)] if control else [],
             seed=i,
             steps=validation.steps,
             guidance_scale=PROMPT_GUIDANCE if use_prompt else 1.0,
