@@ -4,7 +4,7 @@
 #   2. the VAE of the `world` preset from scratch (controlnet train --task vae);
 #   3. its UNet and text encoder from scratch on that VAE (--task base);
 #   4. one ControlNet per condition on the frozen base (the default task): canny, depth, seg, pose,
-#      scribble;
+#      scribble; and a T2I-Adapter for canny under the ControlNet's budget and seed (--task adapter);
 #   5. the package's float16 files (src/controlnet/weights/world*.safetensors).
 #
 # The whole recipe takes hours on 2 CPU cores, so every finished stage leaves a float16 file that is
@@ -18,7 +18,7 @@
 #
 #   nohup scripts/train_world_model.sh > ~/.cache/controlnet-world.log 2>&1 &
 #
-# ONLY="vae base canny" runs those stages alone. SMOKE=1 shrinks every stage to a few steps and
+# ONLY="vae base canny canny-adapter" runs those stages alone. SMOKE=1 shrinks every stage to a few steps and
 # writes every file into $WORK: a check that the chain runs (a few minutes).
 set -euo pipefail
 
@@ -27,12 +27,12 @@ CONTROLNET=${CONTROLNET:-.venv/bin/controlnet}
 WORK=${WORK:-$HOME/.cache/controlnet-world}
 CONDITIONS=(canny depth seg pose scribble)
 if [[ "${SMOKE:-0}" == "1" ]]; then
-    TRAIN_COUNT=48 HELD_OUT=8 VAE_STEPS=4 BASE_STEPS=4 CN_STEPS=4 EVERY=2 BATCH=4
+    TRAIN_COUNT=16 HELD_OUT=4 VAE_STEPS=2 BASE_STEPS=2 CN_STEPS=2 EVERY=2 BATCH=4 VALIDATION=(2 2)
     STAGES=$WORK/stages SHIP_TO=$WORK/ship
 else
     TRAIN_COUNT=${TRAIN_COUNT:-20000} HELD_OUT=${HELD_OUT:-300}
     VAE_STEPS=${VAE_STEPS:-2500} BASE_STEPS=${BASE_STEPS:-6000} CN_STEPS=${CN_STEPS:-2000}
-    EVERY=${EVERY:-250} BATCH=32
+    EVERY=${EVERY:-250} BATCH=32 VALIDATION=(8 20)  # validation images, sampling steps
     STAGES=${STAGES:-training/world} SHIP_TO=${SHIP_TO:-src/controlnet/weights}
 fi
 mkdir -p "$WORK" "$STAGES" "$SHIP_TO"
@@ -51,7 +51,7 @@ stage() {
     wanted "$name" || return 0
     log "$name: training"
     "$CONTROLNET" train --out "$run" --resume latest --checkpoint-every "$EVERY" --validate-every "$EVERY" \
-        --log-every 50 --seed 0 "$@"
+        --validation-count "${VALIDATION[0]}" --validation-steps "${VALIDATION[1]}" --log-every 50 --seed 0 "$@"
     "$CONTROLNET" convert "$run/$exported" "$result" --to ldm --dtype fp16 --overwrite
     log "$name: finished: $result (commit it)"
 }
@@ -73,11 +73,18 @@ stage base "$SHIP_TO/world.safetensors" "$WORK/base" base.safetensors --task bas
 
 # 4. A ControlNet per condition, each on its own dataset (canny: the data folder itself), with the
 # paper's 50% empty prompts and no EMA (it would lag the sudden convergence).
+CONTROL_SETTINGS=(--base "$SHIP_TO/world.safetensors" --max-steps "$CN_STEPS" --batch-size "$BATCH"
+    --learning-rate 1e-3 --lr-warmup-steps 100)
 for condition in "${CONDITIONS[@]}"; do
     data=$WORK/data/$condition
     [[ $condition == canny ]] && data=$WORK/data
     stage "$condition" "$SHIP_TO/world-$condition.safetensors" "$WORK/controlnet-$condition" controlnet.safetensors \
-        --base "$SHIP_TO/world.safetensors" --data "$data" --max-steps "$CN_STEPS" --batch-size "$BATCH" \
-        --learning-rate 1e-3 --lr-warmup-steps 100 --validation-count 8
+        "${CONTROL_SETTINGS[@]}" --data "$data"
+    # The T2I-Adapter beside the canny ControlNet: the same data, steps, batch, learning rate and seed
+    # (docs/experiments.md compares the two).
+    if [[ $condition == canny ]]; then
+        stage canny-adapter "$SHIP_TO/world-canny-adapter.safetensors" "$WORK/adapter-canny" adapter.safetensors \
+            --task adapter "${CONTROL_SETTINGS[@]}" --data "$data"
+    fi
 done
 log "world model: the stages asked for are done; files in $STAGES and $SHIP_TO"
