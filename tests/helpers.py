@@ -114,3 +114,15 @@ def three_level_unet(num_res_blocks: int):
         use_linear_in_transformer=True,
         norm_groups=8,
     )
+
+
+def write_tiny_adapter(path, seed: int = 0, channels: tuple[int, ...] | None = None):
+    """A full T2I-Adapter with seeded random weights, saved as TencentARC's ``.pth`` files are (a
+    state dict under their key names: ours are theirs). Its widths fit the tiny base unless
+    ``channels`` says otherwise (an adapter of another family)."""
+    from controlnet.config import TINY, T2IAdapterConfig
+    from controlnet.models.t2i_adapter import build_adapter
+
+    config = T2IAdapterConfig(channels=channels or TINY.unet.level_channels, num_res_blocks=1)
+    torch.save(random_module(lambda: build_adapter(config), seed).state_dict(), path)
+    return path

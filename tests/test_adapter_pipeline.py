@@ -289,9 +289,10 @@ def test_adapter_units_low_memory_equal(stacks):
     "unit, match",
     [
         (dict(adapter=3), r"control unit 0: T2I-Adapter 3 does not exist \(3 loaded\)"),
-        (dict(adapter=-1), "adapter must be a T2I-Adapter index from 0, got -1"),
-        (dict(adapter="0"), "adapter must be a T2I-Adapter index"),
+        (dict(adapter=-1), "T2I-Adapter index must be between 0 and 63, got -1"),
+        (dict(adapter="0"), "T2I-Adapter index must be a number, got '0'"),
         (dict(adapter=0, mode="control"), "takes control mode 'balanced' only"),
+        (dict(adapter=0, controlnet=1), "one ControlNet \\(controlnet\\) or one T2I-Adapter \\(adapter\\), not both"),
         (dict(adapter=0, scales=[1.0, 1.0]), "takes no per-residual scales"),
         (dict(adapter=0, start=0.8, end=0.2), "start"),
     ],
@@ -320,7 +321,8 @@ def test_batch_and_record_of_adapter_units(stacks):
     assert len(result.images) == 2 and not np.array_equal(result.images[0], result.images[1])
     controls = result.settings["controls"]
     assert controls[0]["adapter"] == 1 and controls[0]["strength"] == 0.5 and controls[0]["end"] == 0.5
-    assert "adapter" not in controls[1]
+    assert "controlnet" not in controls[0]  # an adapter unit names no ControlNet
+    assert "adapter" not in controls[1] and controls[1]["controlnet"] == 0
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from controlnet.imaging.images import load_image, read_png_text
 from controlnet.models.controlnet import ControlNet
 from controlnet.models.stable_diffusion import StableDiffusion
 
-from .helpers import randomize
+from .helpers import randomize, write_tiny_adapter
 
 FAST = ["--steps", "2", "--resolution", "64"]
 
@@ -49,6 +49,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "control2": save_ldm(folder / "control2.safetensors", controlnet=randomize(ControlNet(TINY.controlnet()), 4)),
         "foreign": save_ldm(folder / "foreign.safetensors", controlnet=ControlNet(other.controlnet())),
         "diffusers": save_diffusers(folder / "base-diffusers", model),
+        # T2I-Adapters in TencentARC's layout: one for the tiny base, one of another family.
+        "adapter": write_tiny_adapter(folder / "t2iadapter_tiny_sd15v2.pth", seed=5),
+        "wide_adapter": write_tiny_adapter(folder / "t2iadapter_wide.pth", seed=6, channels=(64, 128)),
     }
 
 
@@ -236,6 +239,40 @@ def test_model_files_are_named_with_their_sha256(models, tmp_path):
     assert record["controls"] == [] and record["models"]["controlnets"] == []
 
 
+def test_adapter_units_on_the_command_line(models, tmp_path):
+    """--adapter PATH loads a T2I-Adapter; with no --controlnet the --image unit uses adapter 0, and a
+    --control spec names one with adapter=N. The adapter changes the image, and the PNG names its file."""
+    square, strokes, out = _square(tmp_path / "square.png"), _strokes(tmp_path / "strokes.png"), tmp_path / "out"
+    base = ["generate", "--prompt", "a box", "--out", str(out), *FAST, "--base", str(models["base"])]
+    adapter = ["--adapter", str(models["adapter"])]
+    assert main([*base, *adapter, "--image", str(square), "--seed", "1"]) == 0
+    assert main([*base, *adapter, "--image", str(square), "--seed", "1", "--strength", "0"]) == 0
+    assert np.abs(load_image(out / "1.png").astype(int) - load_image(out / "1-1.png").astype(int)).max() > 8
+    record, parameters = _metadata(out / "1.png")
+    [control] = record["controls"]
+    assert control["adapter"] == 0 and "controlnet" not in control and control["mode"] == "balanced"
+    adapter_sha = file_sha256(models["adapter"])
+    assert record["models"]["adapters"] == [{"name": "t2iadapter_tiny_sd15v2.pth", "sha256": adapter_sha}]
+    assert record["models"]["controlnets"] == []
+    assert f'ControlNet 0: "Module: canny, Model: t2iadapter_tiny_sd15v2 [{adapter_sha[:10]}], Weight: 1,' in parameters
+
+    # Beside a ControlNet: --image uses ControlNet 0, the spec adapter 0; guess mode puts the
+    # ControlNet unit in control mode and leaves the adapter unit acting on both sides (balanced).
+    both = ["--controlnet", str(models["control"]), *adapter, "--image", str(square), "--guess-mode"]
+    spec = f"image={strokes},annotator=scribble,adapter=0,strength=0.5,end=0.5"
+    assert main([*base, *both, "--seed", "2", "--control", spec]) == 0
+    assert main([*base, *both, "--seed", "2", "--control", spec.replace("strength=0.5", "strength=0")]) == 0
+    assert not np.array_equal(load_image(out / "2.png"), load_image(out / "2-1.png"))
+    record, parameters = _metadata(out / "2.png")
+    first, second = record["controls"]
+    assert (first["controlnet"], first["mode"]) == (0, "control") and "adapter" not in first
+    assert (second["adapter"], second["mode"], second["strength"], second["end"]) == (0, "balanced", 0.5, 0.5)
+    control_sha = file_sha256(models["control"])
+    assert f'ControlNet 0: "Module: canny, Model: control [{control_sha[:10]}],' in parameters
+    assert f'ControlNet 1: "Module: scribble, Model: t2iadapter_tiny_sd15v2 [{adapter_sha[:10]}],' in parameters
+    assert "Control Mode: control" in parameters and "Control Mode: balanced" in parameters
+
+
 # -- generate: user mistakes ---------------------------------------------------------------------
 
 
@@ -293,6 +330,47 @@ def test_model_files_are_named_with_their_sha256(models, tmp_path):
             "made for a model with context 32",
         ),
         (["--image", "{image}", "--base", "{control}"], 1, "holds a ControlNet only"),
+        # T2I-Adapter units
+        (["--image", "{image}", "--adapter", "{adapter}"], 2, "--adapter needs --base"),
+        (["--control", "image={image},adapter=0"], 2, "adapter=0, but only 0 T2I-Adapter(s) are loaded"),
+        (
+            ["--base", "{base}", "--adapter", "{adapter}", "--control", "image={image},adapter=1"],
+            2,
+            "adapter=1, but only 1 T2I-Adapter(s) are loaded",
+        ),
+        (["--control", "image={image},adapter=-1"], 2, "T2I-Adapter index must be between 0 and 63, got -1"),
+        (["--control", "image={image},adapter=x"], 2, "--control adapter='x': not an integer"),
+        (
+            ["--control", "image={image},controlnet=0,adapter=0"],
+            2,
+            "a unit uses one ControlNet (controlnet) or one T2I-Adapter (adapter), not both",
+        ),
+        (
+            ["--base", "{base}", "--adapter", "{adapter}", "--control", "image={image},mode=control"],
+            2,
+            "a T2I-Adapter unit takes control mode 'balanced' only",
+        ),
+        (
+            ["--base", "{base}", "--adapter", "{adapter}", "--image", "{image}", "--guess-mode"],
+            2,
+            "guess mode puts ControlNet units in control mode, and every unit here uses a T2I-Adapter",
+        ),
+        (
+            ["--base", "{base}", "--adapter", "{adapter}", "--image", "{image}", "--control-mode", "prompt"],
+            2,
+            "--control-mode prompt sets the mode of ControlNet units",
+        ),
+        (["--base", "{base}", "--adapter", "{missing}", "--image", "{image}"], 1, "absent.png: no such file"),
+        (
+            ["--base", "{base}", "--adapter", "{control}", "--image", "{image}"],
+            1,
+            "a ControlNet or base model, not a T2I-Adapter",
+        ),
+        (
+            ["--base", "{base}", "--adapter", "{wide_adapter}", "--image", "{image}"],
+            1,
+            "t2iadapter_wide.pth: this T2I-Adapter's feature widths [64, 128] do not fit",
+        ),
         (["--image", "{image}", "--out", "{under_file}"], 1, "cannot write there"),
         (["--image", "{image}", "--out", "{file}"], 1, "cannot write there"),
     ],

@@ -270,3 +270,14 @@ def test_bad_openpose_json_units_are_400s(unit, message):
     with pytest.raises(RequestError) as refused:
         request_from_json({"prompt": "x", "units": [unit]}, Limits(max_pixels=1024 * 1024))
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_model_without_adapters_refuses_an_adapter_unit(client):
+    unit = {"image": _edges(), "annotator": "none", "adapter": 0}
+    response = client.post("/api/generate", json={"prompt": "x", "steps": 1, "units": [unit]})
+    assert response.status_code == 400
+    assert response.json()["error"] == "control unit 0: T2I-Adapter 0 does not exist (the model has 0)"
+    assert client.get("/api/models").json()["control_models"][SHIPPED] == {
+        "controlnets": ["shapes-canny.safetensors"],
+        "adapters": [],
+    }

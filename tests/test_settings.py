@@ -18,13 +18,15 @@ from controlnet.annotators import ANNOTATORS, Runtime
 from controlnet.cli import main
 from controlnet.models.tiny import circle_edges, random_tiny_models
 from controlnet.pipeline import ControlUnit, Pipeline
-from controlnet.settings import GENERATION, MAX_SEED, UNIT, Setting, SettingError
+from controlnet.settings import GENERATION, MAX_SEED, UNIT, UNIT_MODELS, Setting, SettingError
 
 pytest.importorskip("gradio")
 from fastapi.testclient import TestClient
 
 from controlnet.serve.app import build_app
 from controlnet.serve.service import Limits, ModelRegistry, Service, discover_models
+
+from .helpers import write_tiny_adapter
 
 ACCEPTED = "accepted"
 EDGES = shipped.examples()[0].control
@@ -84,16 +86,25 @@ def _outcome(run) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def pipe() -> Pipeline:
+def pipe(tmp_path_factory) -> Pipeline:
+    from controlnet.loading import load_adapter
+
     model, controlnet = random_tiny_models(seed=0)
-    return Pipeline(model, [controlnet], dtype="float32")
+    adapter = load_adapter(write_tiny_adapter(tmp_path_factory.mktemp("adapter") / "adapter.pth"))
+    return Pipeline(model, [controlnet], dtype="float32", adapters=[adapter])
+
+
+def loaded_models_limit(name: str, value) -> bool:
+    """A ControlNet or adapter index the setting allows but that the one loaded (index 0) lacks:
+    the model's limit, not the setting's."""
+    return name in UNIT_MODELS and value not in (0, -1) and setting_allows(UNIT[name], value)
 
 
 def through_pipeline(pipe: Pipeline, monkeypatch, kind: str, name: str, value) -> str | None:
     if name in ("guess_mode", "pixel_perfect", "annotator_resolution"):
         return None  # not arguments of the Python API (guess mode is a unit's mode there)
-    if name == "controlnet" and value not in (0, -1) and setting_allows(UNIT[name], value):
-        return None  # allowed, but this pipeline has one ControlNet: the model's limit, not the setting's
+    if loaded_models_limit(name, value):
+        return None
     monkeypatch.setattr(Pipeline, "output_size", _stop)  # the first step after the checks
     unit = {name: value} if kind == "unit" else {}
     settings = {name: value} if kind == "generation" else {}
@@ -129,8 +140,12 @@ def through_command_line(tmp_path: Path, capsys, monkeypatch, kind: str, name: s
         return None  # not options of the command line (a flag is on or off)
     if setting.type is int and isinstance(value, float):
         return None  # argparse refuses what is not an integer, before any setting is checked
+    if loaded_models_limit(name, value):
+        return None  # checked against the one ControlNet and adapter given, before loading
     monkeypatch.setattr(Pipeline, "from_files", _stop)  # loading the model comes after the checks
     argv = ["generate", "--prompt", "a circle", "--out", str(tmp_path)]
+    if name == "adapter":  # an adapter file to name (never read: loading is stopped)
+        argv += ["--base", str(EDGES), "--adapter", str(EDGES)]
     if kind == "generation":
         argv += [setting.option] if setting.type is bool else [setting.option, str(value)]
         argv += ["--image", str(EDGES), "--annotator", "none"]
@@ -223,3 +238,34 @@ def test_a_missing_weight_file_is_named_by_every_interface(pipe, client, tmp_pat
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and weight.name in err and str(tmp_path / "empty") in err
+
+
+def test_a_unit_names_one_controlnet_or_one_adapter():
+    """settings.py's rule for the model of a unit, which every interface follows: an adapter when
+    named, else the named ControlNet, else ControlNet 0 (adapter 0 with no ControlNet loaded); both
+    named, or an adapter unit in a control mode, refused in one line."""
+    from controlnet.settings import check_guess_mode, check_unit, unit_mode, unit_model
+
+    assert unit_model(None, None, controlnets=2, adapters=1) == ("controlnet", 0)
+    assert unit_model(None, None, controlnets=0, adapters=1) == ("adapter", 0)
+    assert unit_model(None, None, controlnets=0, adapters=0) == ("controlnet", 0)  # "does not exist"
+    assert unit_model(1, None, controlnets=2, adapters=0) == ("controlnet", 1)
+    assert unit_model(None, 1, controlnets=2, adapters=2) == ("adapter", 1)
+    check_unit({"controlnet": None, "adapter": 3, "mode": "balanced"})  # None: not named
+    refusals = [
+        ({"controlnet": 0, "adapter": 0}, "control unit: a unit uses one ControlNet (controlnet) or one T2I-Adapter"),
+        ({"adapter": 0, "mode": "control"}, "a T2I-Adapter unit takes control mode 'balanced' only"),
+        ({"adapter": 64}, "T2I-Adapter index must be between 0 and 63, got 64"),
+    ]
+    for values, message in refusals:
+        with pytest.raises(SettingError) as refused:
+            check_unit(values)
+        assert message in str(refused.value) and "\n" not in str(refused.value)
+    # Guess mode: ControlNet units in control mode, adapter units as they are; refused where it
+    # would change nothing (every unit an adapter unit).
+    assert unit_mode("balanced", True, adapter=False) == "control"
+    assert unit_mode("balanced", True, adapter=True) == "balanced"
+    check_guess_mode(True, [True, False])
+    check_guess_mode(True, [])
+    with pytest.raises(SettingError, match="every unit here uses a T2I-Adapter"):
+        check_guess_mode(True, [True, True])

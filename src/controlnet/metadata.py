@@ -14,8 +14,9 @@ import numpy as np
 from . import __version__
 
 
-def model_records(base: Path, controlnets: Sequence[Path]) -> dict:
-    """Name and full SHA-256 of each model file or diffusers folder (cached: see hashing.py)."""
+def model_records(base: Path, controlnets: Sequence[Path], adapters: Sequence[Path] = ()) -> dict:
+    """Name and full SHA-256 of each model file or diffusers folder (cached: see hashing.py); the
+    T2I-Adapters' under "adapters", when there are any (a record without is as before adapters)."""
     from .hashing import model_sha256
 
     def record(path: Path) -> dict[str, str]:
@@ -26,7 +27,10 @@ def model_records(base: Path, controlnets: Sequence[Path]) -> dict:
             print(f"warning: cannot hash {path}: {reason}", file=sys.stderr)
             return {"name": path.name}
 
-    return {"base": record(base), "controlnets": [record(path) for path in controlnets]}
+    records = {"base": record(base), "controlnets": [record(path) for path in controlnets]}
+    if adapters:
+        records["adapters"] = [record(path) for path in adapters]
+    return records
 
 
 def to_json(value: Any) -> str:
@@ -83,7 +87,12 @@ def parameters_text(record: dict, models: dict) -> str:
     if "denoising_strength" in record:
         fields["Denoising strength"] = record["denoising_strength"]
     for i, control in enumerate(record["controls"]):
-        net_name, net_hash = _model_label(models["controlnets"][control["controlnet"]])
+        # An adapter unit names its adapter file where a ControlNet unit names its ControlNet, as the
+        # AUTOMATIC1111 extension writes both kinds of unit ("ControlNet i", "Model: name [hash]").
+        if control.get("adapter") is not None:
+            net_name, net_hash = _model_label(models["adapters"][control["adapter"]])
+        else:
+            net_name, net_hash = _model_label(models["controlnets"][control["controlnet"]])
         unit = {
             "Module": control["annotator"],
             "Model": f"{net_name} [{net_hash}]" if net_hash else net_name,

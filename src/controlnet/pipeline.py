@@ -441,7 +441,12 @@ class Pipeline:
             raise ValueError("a mask needs an init image to inpaint")
         for i, unit in enumerate(controls):
             values = {name: getattr(unit, name) for name in ("strength", "start", "end", "mode", "resize_mode")}
-            check_unit(values | {"annotator": unit.annotator, "controlnet": unit.controlnet}, f"control unit {i}")
+            # The model it names, as settings.check_unit reads it: an adapter unit whose controlnet
+            # is not the default names both, which is refused.
+            named = {"controlnet": unit.controlnet, "adapter": unit.adapter}
+            if unit.adapter is not None and unit.controlnet == UNIT["controlnet"].default:
+                del named["controlnet"]
+            check_unit(values | named | {"annotator": unit.annotator}, f"control unit {i}")
             if unit.adapter is not None:
                 self._check_adapter_unit(unit, f"control unit {i}")
             elif unit.controlnet >= len(self.controlnets):
@@ -452,23 +457,18 @@ class Pipeline:
                 raise ValueError(f"control unit {i}: scales must be finite numbers, got {unit.scales}")
 
     def _check_adapter_unit(self, unit: ControlUnit, where: str) -> None:
-        index = unit.adapter
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"{where}: adapter must be a T2I-Adapter index from 0, got {index!r}")
-        if index >= len(self.adapters):
-            raise ValueError(f"{where}: T2I-Adapter {index} does not exist ({len(self.adapters)} loaded)")
-        if ControlMode.parse(unit.mode) is not ControlMode.BALANCED:
-            raise ValueError(f"{where}: a T2I-Adapter unit takes control mode 'balanced' only, got {unit.mode!r}")
+        """What settings.check_unit cannot know: the adapter is loaded, and no per-residual scales."""
+        if unit.adapter >= len(self.adapters):
+            raise ValueError(f"{where}: T2I-Adapter {unit.adapter} does not exist ({len(self.adapters)} loaded)")
         if unit.scales is not None:
             raise ValueError(f"{where}: a T2I-Adapter unit takes no per-residual scales (its strength scales it)")
 
 
 def _unit_record(unit: ControlUnit) -> dict:
-    """A unit's settings as the record keeps them: all but the image; ``adapter`` only for an
-    adapter unit (a ControlNet unit's record is as before adapters existed)."""
+    """A unit's settings as the record keeps them: all but the image; an adapter unit's names its
+    ``adapter`` and no ControlNet, a ControlNet unit's as before adapters existed."""
     record = {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"}
-    if record["adapter"] is None:
-        del record["adapter"]
+    del record["adapter" if record["adapter"] is None else "controlnet"]
     return record
 
 

@@ -14,7 +14,7 @@ slider, its upload sizes) is its own (serve/service.Limits).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,11 @@ GENERATION: dict[str, Setting] = {
             kind=int,
         ),
         Setting("denoising_strength", 0.75, "img2img: how far the init image is noised (1: entirely)", 0.01, 1.0),
-        Setting("guess_mode", False, "every unit in control mode (the original apps' guess mode)"),
+        Setting(
+            "guess_mode",
+            False,
+            "every ControlNet unit in control mode (the original apps' guess mode); T2I-Adapter units keep theirs",
+        ),
     )
 }
 
@@ -160,7 +164,8 @@ UNIT: dict[str, Setting] = {
         Setting(
             "mode",
             "balanced",
-            "balanced, prompt (my prompt is more important) or control (the ControlNet is)",
+            "balanced, prompt (my prompt is more important) or control (the ControlNet is); "
+            "a T2I-Adapter unit: balanced only",
             choices=CONTROL_MODES,
             flag="--control-mode",
             label="control mode",
@@ -176,9 +181,26 @@ UNIT: dict[str, Setting] = {
         Setting(
             "annotator_resolution", 512, "the annotator's short side when not pixel perfect", 64, 2048, multiple_of=64
         ),
+        # A unit uses one model: a ControlNet or a T2I-Adapter (UNIT_MODELS; unit_model says which).
         Setting("controlnet", 0, "which loaded ControlNet the unit uses (from 0)", 0, 63, label="ControlNet index"),
+        Setting(
+            "adapter",
+            None,
+            "which loaded T2I-Adapter the unit uses instead of a ControlNet (from 0; none: a ControlNet unit)",
+            0,
+            63,
+            kind=int,
+            label="T2I-Adapter index",
+        ),
     )
 }
+# The settings that name a unit's model: a unit uses one ControlNet or one T2I-Adapter.
+UNIT_MODELS = ("controlnet", "adapter")
+# A T2I-Adapter unit has no control mode here: it acts on both sides of guidance, as in TencentARC's
+# code and diffusers' adapter pipelines ("balanced"). The AUTOMATIC1111 extension also applies its
+# prompt and control modes to adapters (soft per-level scales, the conditional side only); that is
+# not implemented, so those modes are refused rather than ignored.
+ADAPTER_MODE = "balanced"
 
 
 def check_generation(values: Mapping[str, Any]) -> None:
@@ -191,10 +213,52 @@ def check_generation(values: Mapping[str, Any]) -> None:
 
 
 def check_unit(values: Mapping[str, Any], where: str = "control unit") -> None:
-    """Check every unit setting in ``values``, and that its window is not reversed."""
+    """Check every unit setting in ``values``, that its window is not reversed, and that it names at
+    most one model: a ControlNet (``controlnet``) or a T2I-Adapter (``adapter``; its mode can only
+    be balanced). None for either is "not named" (`unit_model` says what a unit then uses)."""
     for name, value in values.items():
-        if name in UNIT:
+        if name in UNIT and not (value is None and name in UNIT_MODELS):
             UNIT[name].check(value, where)
     start, end = values.get("start", 0.0), values.get("end", 1.0)
     if start > end:
         raise SettingError(f"{where}: start ({start:g}) must not be after end ({end:g})")
+    adapter = values.get("adapter")
+    if adapter is not None and values.get("controlnet") is not None:
+        raise SettingError(
+            f"{where}: a unit uses one ControlNet (controlnet) or one T2I-Adapter (adapter), not both; "
+            f"got controlnet {values['controlnet']} and adapter {adapter}"
+        )
+    if adapter is not None and values.get("mode", ADAPTER_MODE) != ADAPTER_MODE:
+        raise SettingError(
+            f"{where}: a T2I-Adapter unit takes control mode {ADAPTER_MODE!r} only (it acts on both sides of "
+            f"guidance), got {values['mode']!r}"
+        )
+
+
+def unit_model(controlnet: int | None, adapter: int | None, controlnets: int, adapters: int) -> tuple[str, int]:
+    """Which loaded model a unit uses, ("controlnet", i) or ("adapter", i), from what the unit names
+    (None: not named) and how many ControlNets and T2I-Adapters are loaded. A unit naming a model
+    uses it; one naming neither uses ControlNet 0, or T2I-Adapter 0 where adapters but no
+    ControlNet are loaded (a base run or served with adapters only). Naming both is refused by
+    `check_unit`."""
+    if adapter is not None:
+        return "adapter", adapter
+    if controlnet is not None:
+        return "controlnet", controlnet
+    return ("adapter", 0) if controlnets == 0 and adapters > 0 else ("controlnet", 0)
+
+
+def unit_mode(mode: str, guess_mode: bool, adapter: bool) -> str:
+    """The mode a unit runs in: guess mode puts every ControlNet unit in control mode (the original
+    app's guess mode); a T2I-Adapter unit keeps its own (balanced: adapters have no control mode)."""
+    return "control" if guess_mode and not adapter else mode
+
+
+def check_guess_mode(guess_mode: bool, adapters: Sequence[bool]) -> None:
+    """Refuse guess mode where it would change nothing: units given, and every one a T2I-Adapter
+    unit (``adapters``: whether each unit uses an adapter)."""
+    if guess_mode and adapters and all(adapters):
+        raise SettingError(
+            "guess mode puts ControlNet units in control mode, and every unit here uses a T2I-Adapter "
+            "(adapters have no control mode: they act on both sides of guidance)"
+        )

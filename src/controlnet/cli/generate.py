@@ -16,7 +16,16 @@ from ..annotators import annotators_folder, get_annotator
 from ..metadata import image_text, map_text, model_records
 from ..runtime import NonFiniteError
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
-from ..settings import GENERATION, UNIT, check_generation, check_unit
+from ..settings import (
+    ADAPTER_MODE,
+    GENERATION,
+    UNIT,
+    check_generation,
+    check_guess_mode,
+    check_unit,
+    unit_mode,
+    unit_model,
+)
 from .common import (
     CommandError,
     ProgressBar,
@@ -32,7 +41,7 @@ from .common import (
     shipped_model,
 )
 
-_UNIT_FIELDS = ("image", "annotator", "strength", "start", "end", "mode", "controlnet", "resize")
+_UNIT_FIELDS = ("image", "annotator", "strength", "start", "end", "mode", "controlnet", "adapter", "resize")
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -42,7 +51,9 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         help="generate images that follow a prompt and control images",
         description="Without --base the shipped default model is used. One unit comes from --image "
         "(with --annotator, --strength, --start, --end, --control-mode); more with repeated --control "
-        "'image=PATH,annotator=canny,strength=1,start=0,end=1,mode=balanced,controlnet=0,resize=crop_and_resize'. "
+        "'image=PATH,annotator=canny,strength=1,start=0,end=1,mode=balanced,controlnet=0,resize=crop_and_resize'; "
+        "a unit with adapter=N uses the T2I-Adapter N of --adapter instead of a ControlNet. A unit naming "
+        "neither uses ControlNet 0, or T2I-Adapter 0 when no ControlNet is given (--base with --adapter only). "
         "Each image is written as SEED.png with its settings, seed and model hashes in the PNG metadata "
         "('parameters' in AUTOMATIC1111's format, 'controlnet' as JSON); existing files are never overwritten.",
     )
@@ -51,15 +62,28 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     g.add_argument("--control", action="append", default=[], metavar="SPEC", help="another control unit (repeatable)")
     g.add_argument("--base", type=Path, help="base model: LDM file or diffusers folder")
     g.add_argument("--controlnet", type=Path, action="append", default=[], help="ControlNet file (repeatable)")
+    g.add_argument(
+        "--adapter",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="T2I-Adapter file or diffusers folder (repeatable; needs --base): used by a unit naming adapter=N",
+    )
     g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     for name in ("seed", "steps", "resolution", "num_images", "guidance_scale", "eta", "sampler", "guess_mode"):
         add_setting(g, GENERATION[name])
-    # The first unit's settings (--image); a --control spec names its own, and takes --control-mode
-    # as its mode unless it names one.
+    # The first unit's settings (--image); a --control spec names its own, and a ControlNet spec
+    # takes --control-mode as its mode unless it names one.
     add_setting(g, UNIT["annotator"], "annotator for --image")
     for name in ("strength", "start", "end", "resize_mode"):
         add_setting(g, UNIT[name])
-    add_setting(g, UNIT["mode"], "mode of --image and of every --control spec that names no mode=")
+    add_setting(
+        g,
+        UNIT["mode"],
+        "mode of the ControlNet units: --image's and every --control spec's that names no mode= "
+        "(a T2I-Adapter unit's is balanced: adapters have no control mode here)",
+    )
     g.add_argument(
         "--added-prompt",
         help=f"appended to the prompt (default: '{ORIGINAL_ADDED_PROMPT}'; none for the shipped model)",
@@ -136,13 +160,13 @@ def _spec_number(spec: dict, key: str, default: float, kind: type) -> Any:
         raise UsageError(f"--control {key}={raw!r}: not {'an integer' if kind is int else 'a number'}") from None
 
 
-def _units(args: argparse.Namespace) -> list[_Unit]:
+def _units(args: argparse.Namespace, controlnets: int) -> list[_Unit]:
     """The control units of --image and every --control, checked and with their images loaded.
+    ``controlnets``: how many ControlNets the model will have (the adapters are --adapter's).
 
     Everything is checked here, before a model is loaded: a typo costs no waiting."""
     from ..pipeline import ControlUnit
 
-    default_mode = "control" if args.guess_mode else args.mode
     specs: list[dict] = []
     if args.image is not None:
         first = {"image": str(args.image), "annotator": args.annotator, "resize": args.resize_mode}
@@ -153,16 +177,22 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
     units = []
     for spec in specs:
         where = f"control unit {spec['image']}"
+        # The model it names (None: not named), then the one it uses (settings.unit_model).
+        named = {key: _spec_number(spec, key, None, int) if key in spec else None for key in ("controlnet", "adapter")}
+        kind, index = unit_model(named["controlnet"], named["adapter"], controlnets, len(args.adapter))
         values = {
             "annotator": spec.get("annotator", "none"),
             "strength": _spec_number(spec, "strength", UNIT["strength"].default, float),
             "start": _spec_number(spec, "start", UNIT["start"].default, float),
             "end": _spec_number(spec, "end", UNIT["end"].default, float),
-            "mode": spec.get("mode", default_mode),
+            "mode": spec.get("mode", ADAPTER_MODE if kind == "adapter" else args.mode),
             "resize_mode": spec.get("resize", UNIT["resize_mode"].default),
-            "controlnet": _spec_number(spec, "controlnet", UNIT["controlnet"].default, int),
         }
-        checked(check_unit, values, where)
+        checked(check_unit, values | named | {kind: index}, where)
+        if controlnets or args.adapter:  # no model at all: said once the base loads (it may be no base)
+            _check_loaded(where, kind, index, controlnets, len(args.adapter))
+        values["mode"] = unit_mode(values["mode"], args.guess_mode, kind == "adapter")
+        values[kind] = index
         first_unit = spec is specs[0] and args.image is not None
         if Path(spec["image"]).suffix.lower() == ".json":  # a pose, drawn into the unit's map
             image = _pose_map(spec, values["annotator"], args, first_unit)
@@ -181,7 +211,32 @@ def _units(args: argparse.Namespace) -> list[_Unit]:
         image = _load_checked_image(spec["image"], f"control image {spec['image']}")
         unit = ControlUnit(image=image, annotator_params=params, **values)
         units.append(_Unit(unit, Path(spec["image"]), _sha256(spec["image"])))
+    _check_modes(args, [item.unit.adapter is not None for item in units])
     return units
+
+
+def _check_loaded(where: str, kind: str, index: int, controlnets: int, adapters: int) -> None:
+    """The unit's ControlNet or T2I-Adapter is among those given (indices from 0)."""
+    if kind == "controlnet" and index >= controlnets:
+        raise UsageError(
+            f"{where}: controlnet={index}, but only {controlnets} ControlNet(s) are loaded (indices from 0)"
+        )
+    if kind == "adapter" and index >= adapters:
+        raise UsageError(
+            f"{where}: adapter={index}, but only {adapters} T2I-Adapter(s) are loaded "
+            "(each --adapter PATH is one, indices from 0)"
+        )
+
+
+def _check_modes(args: argparse.Namespace, adapters: list[bool]) -> None:
+    """--guess-mode and --control-mode set the ControlNet units' mode: refused where every unit
+    uses a T2I-Adapter, since they would change nothing."""
+    checked(check_guess_mode, args.guess_mode, adapters)
+    if args.mode != UNIT["mode"].default and adapters and all(adapters):
+        raise UsageError(
+            f"--control-mode {args.mode} sets the mode of ControlNet units, and every unit here uses a "
+            "T2I-Adapter (adapters have no control mode: they act on both sides of guidance)"
+        )
 
 
 def _sha256(path: str) -> str:
@@ -273,6 +328,11 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--guess-mode means --control-mode control; it contradicts --control-mode {args.mode}")
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
+    if args.adapter and args.base is None:
+        raise UsageError("--adapter needs --base (the base model it was trained for)")
+    for path in [args.base, *args.controlnet, *args.adapter]:  # a typo in a path costs no waiting either
+        if path is not None and not path.exists():
+            raise CommandError(f"{path}: no such file or folder")
     original = args.base is not None  # the original app's prompt defaults; the shipped model knows none of those words
     if args.added_prompt is None:
         args.added_prompt = ORIGINAL_ADDED_PROMPT if original else ""
@@ -290,26 +350,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ..runtime import parse_dtype
 
     _check_generate_options(args)
-    units = _units(args)
-    out = output_folder(args.out)
-    dtype = parse_dtype(args.dtype, args.device)
-    base, controlnets = args.base, args.controlnet
+    base, controlnets, adapters = args.base, args.controlnet, args.adapter
     if base is None:
         base, controlnets = shipped_model()
+    units = _units(args, len(controlnets))
+    out = output_folder(args.out)
+    dtype = parse_dtype(args.dtype, args.device)
     init_image = None if args.init_image is None else _load_checked_image(args.init_image, "--init-image")
     mask = None if args.mask is None else load_image(args.mask)
-    pipe = Pipeline.from_files(base, controlnets, device=args.device, dtype=dtype, annotators_dir=args.annotators_dir)
-    models = model_records(base, controlnets)
+    pipe = Pipeline.from_files(
+        base, controlnets, device=args.device, dtype=dtype, annotators_dir=args.annotators_dir, adapters=adapters
+    )
+    models = model_records(base, controlnets, adapters)
     if args.compile:
         pipe.compile()
-    if units and not pipe.controlnets:
-        raise UsageError("control images were given but no ControlNet: pass --controlnet PATH")
-    for item in units:
-        if item.unit.controlnet >= len(pipe.controlnets):
-            raise UsageError(
-                f"control unit {item.path}: controlnet={item.unit.controlnet}, but only "
-                f"{len(pipe.controlnets)} ControlNet(s) are loaded (indices from 0)"
-            )
+    if units and not pipe.controlnets and not pipe.adapters:
+        raise UsageError("control images were given but no ControlNet: pass --controlnet PATH (or --adapter PATH)")
     progress = ProgressBar()
     try:
         result = pipe.generate(

@@ -15,14 +15,24 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "serve",
         help="the web UI and a JSON API (Gradio), on 127.0.0.1:7860 by default",
         description="Serve the web UI and the JSON API (POST /api/generate). The shipped model by default; "
-        "--models DIR offers the base models and ControlNets found in DIR (and nothing outside it).",
+        "--models DIR offers the base models, ControlNets and T2I-Adapters found in DIR (and nothing outside it).",
     )
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--listen", action="store_true", help="bind 0.0.0.0: reachable from other machines")
     s.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
     s.add_argument("--models", type=Path, help="a folder of model files to offer in the model picker")
-    s.add_argument("--base", type=Path, help="serve this base model (with --controlnet) instead of the shipped one")
+    s.add_argument(
+        "--base", type=Path, help="serve this base model (with --controlnet, --adapter) instead of the shipped one"
+    )
     s.add_argument("--controlnet", type=Path, action="append", default=[], help="ControlNet file (repeatable)")
+    s.add_argument(
+        "--adapter",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="T2I-Adapter file or diffusers folder for --base (repeatable); a unit picks it as adapter N",
+    )
     s.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded image (default 10 MB)")
@@ -64,7 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--models {args.models}: no such folder")
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
-    for path in [args.base, *args.controlnet]:
+    if args.adapter and args.base is None:
+        raise UsageError("--adapter needs --base (the base model it was trained for)")
+    for path in [args.base, *args.controlnet, *args.adapter]:
         if path is not None and not path.exists():
             raise UsageError(f"{path}: no such file or folder")
     host = "0.0.0.0" if args.listen else "127.0.0.1"
@@ -92,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             args.controlnet,
             retention,
             args.annotators_dir,
+            args.adapter,
         )
     except ModelUnavailable as error:  # the first model is loaded before serving
         raise CommandError(error.detail) from None

@@ -1,5 +1,6 @@
 """The JSON API: ``POST /api/generate`` takes JSON (images as base64 PNG/JPEG) and answers JSON with
-the PNGs in base64, keeping nothing on disk; ``GET /api/models`` lists the models and the queue.
+the PNGs in base64, keeping nothing on disk; ``GET /api/models`` lists the models, each one's
+ControlNets and T2I-Adapters (what a unit's ``controlnet`` and ``adapter`` index), and the queue.
 
 Errors are one line of JSON, ``{"error": ...}``, with status 400 (a bad request: the message names
 the field and what is allowed), 401 (no or wrong password), 503 (queue full, or a model that will
@@ -45,7 +46,13 @@ def add_json_api(app, service: Service, auth: tuple[str, str] | None) -> None:
     def list_models(request: Request):
         if not authorised(request.headers.get("authorization", ""), auth):
             return error(401, "this server needs a user name and password (HTTP basic auth)")
-        return {"models": service.registry.names, "queue": service.queue.length, "max_queue": service.queue.max_length}
+        registry = service.registry
+        return {
+            "models": registry.names,
+            "control_models": {name: registry.control_models(name) for name in registry.names},
+            "queue": service.queue.length,
+            "max_queue": service.queue.max_length,
+        }
 
     @app.post("/api/generate")
     async def generate(request: Request):

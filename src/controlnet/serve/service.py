@@ -29,7 +29,16 @@ from ..imaging.resize import check_aspect_ratio
 from ..metadata import image_text, map_text, model_records
 from ..pipeline import ControlUnit, Pipeline, viewable_map
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompts
-from ..settings import GENERATION, UNIT, SettingError, check_generation, check_unit
+from ..settings import (
+    GENERATION,
+    UNIT,
+    SettingError,
+    check_generation,
+    check_guess_mode,
+    check_unit,
+    unit_mode,
+    unit_model,
+)
 
 SHIPPED = "shipped"  # the name of the shipped model in the model picker
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pth")
@@ -83,7 +92,10 @@ class UnitRequest:
     resize_mode: str = UNIT["resize_mode"].default
     pixel_perfect: bool = UNIT["pixel_perfect"].default  # the annotator runs at the output size
     annotator_resolution: int = UNIT["annotator_resolution"].default  # ... or at this short side
-    controlnet: int = UNIT["controlnet"].default
+    # The model it uses: one ControlNet or one T2I-Adapter of the served model, by index (None: not
+    # named; naming neither means ControlNet 0, or T2I-Adapter 0 for a model without ControlNets).
+    controlnet: int | None = None
+    adapter: int | None = None
 
 
 @dataclass
@@ -135,13 +147,11 @@ def default_prompts(model: str) -> tuple[str, str]:
     return ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 
 
-def check_request(
-    request: GenerateRequest, limits: Limits, controlnets: int | None = None, annotators: Path | None = None
-) -> None:
+def check_request(request: GenerateRequest, limits: Limits, annotators: Path | None = None) -> None:
     """Refuse a request outside the ranges (settings.py, and this server's ``limits``) with one
-    RequestError naming the field and what is allowed. ``controlnets``: how many the model has,
-    once it is loaded (None: not checked yet). ``annotators``: the folder of annotator weights
-    (annotators/weights.py; None: its default)."""
+    RequestError naming the field and what is allowed. ``annotators``: the folder of annotator
+    weights (annotators/weights.py; None: its default). What depends on the model (its ControlNets
+    and T2I-Adapters) is checked once it is loaded (`unit_models`)."""
     try:  # None: the model's default, short (the pipeline checks the texts it encodes again)
         check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
     except ValueError as error:
@@ -156,19 +166,31 @@ def check_request(
             raise SettingError("inpainting needs an init image as well as the mask")
         for i, unit in enumerate(request.units):
             _check_unit(unit, f"control unit {i}", annotators)
-        if controlnets is not None:
-            _check_controlnets(request.units, controlnets)
     except SettingError as error:
         raise RequestError(str(error)) from None
 
 
-def _check_controlnets(units: Sequence[UnitRequest], controlnets: int) -> None:
-    if len(units) > max(controlnets, 0) * 4 or (units and controlnets == 0):
-        raise SettingError(f"{len(units)} control units, but the model has {controlnets} ControlNet(s)")
-    for i, unit in enumerate(units):
-        if unit.controlnet >= controlnets:
-            missing = f"ControlNet {unit.controlnet} does not exist (the model has {controlnets})"
-            raise SettingError(f"control unit {i}: {missing}")
+def unit_models(request: GenerateRequest, controlnets: int, adapters: int) -> list[tuple[str, int]]:
+    """The model each unit uses, ("controlnet", i) or ("adapter", i) (settings.unit_model), once
+    the served model's ``controlnets`` and ``adapters`` are counted; RequestError for a unit whose
+    model the served one lacks, an adapter unit in a control mode, guess mode with adapters only."""
+    units = request.units
+    models = [unit_model(unit.controlnet, unit.adapter, controlnets, adapters) for unit in units]
+    try:
+        if len(units) > (controlnets + adapters) * 4:  # a bound on the work, and none with no model
+            raise SettingError(
+                f"{len(units)} control units, but the model has {controlnets} ControlNet(s) "
+                f"and {adapters} T2I-Adapter(s)"
+            )
+        for i, (unit, (kind, index)) in enumerate(zip(units, models, strict=True)):
+            count, name = (controlnets, "ControlNet") if kind == "controlnet" else (adapters, "T2I-Adapter")
+            if index >= count:
+                raise SettingError(f"control unit {i}: {name} {index} does not exist (the model has {count})")
+            check_unit({kind: index, "mode": unit.mode}, f"control unit {i}")  # an adapter's mode
+        check_guess_mode(request.guess_mode, [kind == "adapter" for kind, _ in models])
+    except SettingError as error:
+        raise RequestError(str(error)) from None
+    return models
 
 
 def _check_unit(unit: UnitRequest, where: str, annotators: Path | None) -> None:
@@ -258,7 +280,7 @@ def read_upload(source: ImageSource, limits: Limits, what: str = "image") -> np.
 
 @dataclass
 class ModelEntry:
-    """A base model and the ControlNets served with it."""
+    """A base model and the ControlNets and T2I-Adapters served with it."""
 
     name: str
     base: Path
@@ -266,6 +288,8 @@ class ModelEntry:
     # The models folder the files were found in: they must still lie inside it when they are loaded
     # (a file replaced by a link that leads out after the server started is refused).
     folder: Path | None = None
+    # Named by the operator (--adapter): each must load. Found in a models folder: those that fit.
+    adapters: list[Path] = field(default_factory=list)
 
 
 def inside_folder(path: Path, folder: Path) -> bool:
@@ -289,16 +313,16 @@ def inside_folder(path: Path, folder: Path) -> bool:
 
 def discover_models(folder: Path | None, include_shipped: bool = True) -> list[ModelEntry]:
     """The shipped model, then every base model in ``folder`` (files with a base, or diffusers
-    pipeline folders), each with the ControlNet files of the folder that fit it (checked by shape
-    family when it is loaded). Only files inside ``folder`` are ever offered: a symlink that
-    leads out of it is skipped with a warning."""
+    pipeline folders), each with the ControlNets and T2I-Adapters of the folder that fit it (checked
+    when it is loaded). Only files inside ``folder`` are ever offered: a symlink that leads out of
+    it is skipped with a warning."""
     from ..formats.detect import inspect_contents
     from ..formats.errors import CheckpointError
 
     entries = [ModelEntry(SHIPPED, shipped.base_path(), [shipped.canny_path()])] if include_shipped else []
     if folder is None:
         return entries
-    bases, controls = [], []
+    bases, controls, adapters = [], [], []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not (path.suffix in MODEL_SUFFIXES or path.is_dir()):
             continue
@@ -313,8 +337,10 @@ def discover_models(folder: Path | None, include_shipped: bool = True) -> list[M
             bases.append((path, contents.has_controlnet))
         elif contents.has_controlnet:
             controls.append(path)
+        elif contents.has_adapter:
+            adapters.append(path)
     for path, has_own in bases:
-        entries.append(ModelEntry(path.name, path, [path] if has_own else list(controls), folder))
+        entries.append(ModelEntry(path.name, path, [path] if has_own else list(controls), folder, list(adapters)))
     return entries
 
 
@@ -363,11 +389,16 @@ class ModelRegistry:
                     self._loaded.pop(next(iter(self._loaded)))
                 try:
                     self._check_inside(entry)
-                    controlnets = self._fitting_controlnets(entry)
+                    controlnets, adapters = self._fitting(entry)
                     pipe = Pipeline.from_files(
-                        entry.base, controlnets, self.device, self.dtype, annotators_dir=self.annotators_dir
+                        entry.base,
+                        controlnets,
+                        self.device,
+                        self.dtype,
+                        annotators_dir=self.annotators_dir,
+                        adapters=adapters,
                     )
-                    records = model_records(entry.base, controlnets)
+                    records = model_records(entry.base, controlnets, adapters)
                 except (CheckpointError, OSError, ValueError) as error:
                     raise ModelUnavailable(name, " ".join(str(error).split())) from None
                 self._loaded[name] = (pipe, records)
@@ -377,26 +408,49 @@ class ModelRegistry:
     def _check_inside(entry: ModelEntry) -> None:
         if entry.folder is None:
             return
-        for path in {entry.base, *entry.controlnets}:
+        for path in {entry.base, *entry.controlnets, *entry.adapters}:
             if not inside_folder(path, entry.folder):
                 raise ValueError(f"{path} now leads out of the models folder {entry.folder}")
 
     @staticmethod
-    def _fitting_controlnets(entry: ModelEntry) -> list[Path]:
-        from ..formats.errors import CheckpointError
-        from ..loading import load_base, load_controlnet
+    def _fitting(entry: ModelEntry) -> tuple[list[Path], list[Path]]:
+        """The entry's ControlNets that fit its base (one of another family is left out), and its
+        T2I-Adapters: a models folder's that fit, or all that the operator named (--adapter: one
+        that does not fit makes the model unavailable, with the reason in the server's log)."""
+        from ..loading import load_adapter, load_base, load_controlnet
 
-        if len(entry.controlnets) <= 1 and entry.controlnets == [entry.base]:
-            return entry.controlnets
+        own = entry.controlnets == [entry.base]  # a base file holding its own ControlNet
+        named_adapters = entry.folder is None
+        if own and (named_adapters or not entry.adapters):
+            return entry.controlnets, list(entry.adapters)
         config = load_base(entry.base).config
-        fitting = []
-        for path in entry.controlnets:
-            try:
-                load_controlnet(path, config)
-            except (CheckpointError, ValueError):
-                continue  # a ControlNet of another family
-            fitting.append(path)
-        return fitting
+        controlnets = entry.controlnets if own else _loadable(entry.controlnets, lambda p: load_controlnet(p, config))
+        adapters = entry.adapters if named_adapters else _loadable(entry.adapters, lambda p: load_adapter(p, config))
+        return list(controlnets), list(adapters)
+
+    def control_models(self, name: str) -> dict[str, list[str]]:
+        """The file names of the model's ControlNets and T2I-Adapters, in the order a unit's
+        ``controlnet`` and ``adapter`` index them: those loaded when the model is loaded; else those
+        found for it (one that turns out not to fit its base is left out when it loads)."""
+        entry = self.entry(name)
+        if name in self._loaded:
+            records = self._loaded[name][1]
+            return {kind: [r["name"] for r in records.get(kind, [])] for kind in ("controlnets", "adapters")}
+        return {"controlnets": [p.name for p in entry.controlnets], "adapters": [p.name for p in entry.adapters]}
+
+
+def _loadable(paths: Sequence[Path], load: Callable[[Path], object]) -> list[Path]:
+    """The paths whose model ``load`` accepts: those of another family are left out."""
+    from ..formats.errors import CheckpointError
+
+    fitting = []
+    for path in paths:
+        try:
+            load(path)
+        except (CheckpointError, ValueError):
+            continue
+        fitting.append(path)
+    return fitting
 
 
 class JobQueue:
@@ -446,7 +500,7 @@ class Service:
         from ..annotators import run_annotator
         from ..imaging.resize import resize_image
 
-        check_request(GenerateRequest("preview", [unit]), self.limits, controlnets=1, annotators=self.annotators.folder)
+        check_request(GenerateRequest("preview", [unit]), self.limits, annotators=self.annotators.folder)
         try:
             image = resize_image(unit.image, resolution if unit.pixel_perfect else unit.annotator_resolution)
             hint = run_annotator(unit.annotator, image, None, runtime=self.annotators, **unit.annotator_params)
@@ -465,14 +519,11 @@ class Service:
         check_request(request, self.limits, annotators=self.annotators.folder)
         with self.queue.slot(), self.registry.lock(request.model):
             pipe, models = self.registry.pipeline(request.model)
-            try:
-                _check_controlnets(request.units, len(pipe.controlnets))
-            except SettingError as error:
-                raise RequestError(str(error)) from None
+            chosen = unit_models(request, len(pipe.controlnets), len(pipe.adapters))
             added, negative = default_prompts(request.model)
             added = added if request.added_prompt is None else request.added_prompt
             negative = negative if request.negative_prompt is None else request.negative_prompt
-            units = [self._control_unit(unit, request) for unit in request.units]
+            units = [self._control_unit(u, request, m) for u, m in zip(request.units, chosen, strict=True)]
 
             def step(done: int, total: int) -> None:
                 if cancelled is not None and cancelled():
@@ -501,9 +552,9 @@ class Service:
                 )
             except (ValueError, ImageError) as error:  # the core refused a value: the user's to fix
                 raise RequestError(" ".join(str(error).split())) from None
-        return self._response(request, result, models)
+        return self._response(request, result, models, chosen)
 
-    def _control_unit(self, unit: UnitRequest, request: GenerateRequest) -> ControlUnit:
+    def _control_unit(self, unit: UnitRequest, request: GenerateRequest, model: tuple[str, int]) -> ControlUnit:
         image, annotator, params = unit.image, unit.annotator, dict(unit.annotator_params)
         if not unit.pixel_perfect:  # annotate at the chosen resolution; the pipeline fits the map
             from ..annotators import run_annotator
@@ -515,27 +566,28 @@ class Service:
             except ValueError as error:
                 raise RequestError(" ".join(str(error).split())) from None
             annotator, params = "none", {}
+        kind, index = model
         return ControlUnit(
             image=image,
             annotator=annotator,
             annotator_params=params,
-            controlnet=unit.controlnet,
             strength=unit.strength,
             start=unit.start,
             end=unit.end,
-            mode="control" if request.guess_mode else unit.mode,
+            mode=unit_mode(unit.mode, request.guess_mode, kind == "adapter"),
             resize_mode=unit.resize_mode,
+            **{kind: index},
         )
 
     @staticmethod
-    def _response(request: GenerateRequest, result, models: dict) -> GenerateResponse:
-        """The pipeline's record, with the request's units as it gave them (pixel perfect included),
-        the served model's name and the files' hashes."""
+    def _response(request: GenerateRequest, result, models: dict, chosen: list[tuple[str, int]]) -> GenerateResponse:
+        """The pipeline's record, with the request's units as it gave them (pixel perfect included)
+        and the model each used (``chosen``), the served model's name and the files' hashes."""
         controls = []
-        for unit in request.units:
-            control = {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"}
-            control["mode"] = "control" if request.guess_mode else unit.mode
-            controls.append(control)
+        for unit, (kind, index) in zip(request.units, chosen, strict=True):
+            control = {k: v for k, v in dataclasses.asdict(unit).items() if k not in ("image", "controlnet", "adapter")}
+            control["mode"] = unit_mode(unit.mode, request.guess_mode, kind == "adapter")
+            controls.append(control | {kind: index})
         record = {**result.settings, "controls": controls, "models": models, "model": request.model}
         return GenerateResponse(
             images=list(result.images),
