@@ -1,7 +1,7 @@
 """T2I-Adapter units in `controlnet serve`: the JSON API (a unit's ``adapter`` index, the models
-listing), one-line 400s, adapters found in a models folder, and ``serve --adapter``. (A module of
-its own: one web UI per process, and test_server.py keeps its shipped-model page open for the whole
-module.)"""
+listing), one-line 400s, adapters found in a models folder, the page's per-unit model menu, and
+``serve --adapter``. (A module of its own: one web UI per process, and test_server.py keeps its
+shipped-model page open for the whole module.)"""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from controlnet import shipped
 from controlnet.formats.ldm import save_ldm
 from controlnet.hashing import file_sha256
 from controlnet.models.tiny import random_tiny_models
-from controlnet.serve.service import Limits, ModelEntry, ModelRegistry, Service, discover_models
+from controlnet.serve.service import Limits, ModelEntry, ModelRegistry, RequestError, Service, discover_models
 
 from .helpers import write_tiny_adapter
 
@@ -123,6 +123,28 @@ def test_a_models_folder_offers_the_adapters_that_fit(adapter_files, tmp_path):
     pipe, records = registry.pipeline("tiny.safetensors")
     assert len(pipe.adapters) == 1 and [r["name"] for r in records["adapters"]] == ["t2iadapter_tiny.pth"]
     assert registry.control_models("tiny.safetensors")["adapters"] == ["t2iadapter_tiny.pth"]
+
+
+def test_the_page_offers_adapters_in_each_units_model_menu(adapter_client, tmp_path):
+    from controlnet.serve import ui
+
+    menus = [c["props"] for c in adapter_client.get("/config").json()["components"]
+             if str(c["props"].get("elem_id", "")).endswith("_model")]  # fmt: skip
+    assert len(menus) == ui.UNITS
+    expected = [
+        ["ControlNet: tiny-control.safetensors", "controlnet:0"],
+        ["T2I-Adapter: t2iadapter_tiny.pth", "adapter:0"],
+    ]
+    assert all(menu["choices"] == expected and menu["value"] == "controlnet:0" for menu in menus)
+    # The menu's value becomes the unit's model.
+    path = tmp_path / "edges.png"
+    path.write_bytes(EDGES.read_bytes())
+    values = dict.fromkeys(ui._slot_names(), False) | {"number0": 100.0, "number1": 200.0}
+    unit = ui._unit(path, "canny", values, True, 512, Limits(), **ui.chosen_model("adapter:0"))
+    assert (unit.adapter, unit.controlnet) == (0, None)
+    assert ui.chosen_model(None) == {}
+    with pytest.raises(RequestError, match="unknown unit model 'lora:0'"):
+        ui.chosen_model("lora:0")
 
 
 def test_serve_takes_adapters_for_its_base(adapter_files, capsys):

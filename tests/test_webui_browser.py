@@ -1,8 +1,8 @@
 """The web UI in a real browser: Playwright drives Debian's headless Chromium against `controlnet serve`
 on the shipped model. Load the page, upload a control image, preview its map, generate, and find the
 detected map and the requested number of images in the gallery (a screenshot is saved); reuse the
-last seed; cancel a long generation; paint an inpainting mask; log in with --auth and pick a model
-from a --models folder."""
+last seed; cancel a long generation; paint an inpainting mask; log in with --auth, pick a model
+from a --models folder and a T2I-Adapter in a unit's model menu."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from PIL import Image
 
 from controlnet import shipped
 
-from .helpers import serve_in_background
+from .helpers import serve_in_background, write_tiny_adapter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytest.importorskip("gradio")
@@ -235,10 +235,14 @@ def test_inpaint_repaints_only_the_painted_area(server, browser):
 
 @pytest.fixture(scope="module")
 def guarded_server(tmp_path_factory):
-    """`--auth` and a `--models` folder holding a copy of the shipped model and a file that is not one."""
+    """`--auth` and a `--models` folder holding a copy of the shipped model, a T2I-Adapter for it
+    (random weights) and a file that is not a model."""
+    from controlnet.config import SHAPES
+
     models = tmp_path_factory.mktemp("models")
     shutil.copy(shipped.base_path(), models / "copy.safetensors")
     shutil.copy(shipped.canny_path(), models / "copy-canny.safetensors")
+    write_tiny_adapter(models / "t2iadapter_shapes.pth", seed=1, channels=SHAPES.unet.level_channels)
     (models / "broken.safetensors").write_bytes(b"not a model")
     folder = tmp_path_factory.mktemp("guarded")
     with serve_in_background(folder, "--auth", "alice:secret", "--models", str(models)) as (url, _):
@@ -264,4 +268,19 @@ def test_login_then_pick_a_model_from_the_folder(guarded_server, browser):
     page.get_by_role("option", name="copy.safetensors").click()
     page.locator("#prompt textarea").fill("a yellow triangle on a purple background")
     run(page, 1, info_contains="model copy.safetensors")
+
+    # The folder's model offers its ControlNet and the adapter in each unit's model menu.
+    page.locator("#unit0_model input").click()
+    options = page.get_by_role("option")
+    options.first.wait_for()
+    names = [options.nth(i).inner_text().split("\n")[-1] for i in range(options.count())]
+    assert names == ["ControlNet: copy-canny.safetensors", "T2I-Adapter: t2iadapter_shapes.pth"]
+    page.get_by_role("option", name="T2I-Adapter: t2iadapter_shapes.pth").click()
+    page.locator("#unit0_image input[type=file]").set_input_files(str(shipped.examples()[0].control))
+    page.locator("#unit0_annotator input").click()
+    page.get_by_role("option", name="none", exact=True).click()
+    run(page, 2, info_contains="model copy.safetensors")
+    image = page.request.get(page.locator("#gallery img").nth(1).get_attribute("src"))
+    parameters = Image.open(io.BytesIO(image.body())).text["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: t2iadapter_shapes [' in parameters
     page.close()

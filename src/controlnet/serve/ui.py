@@ -1,6 +1,7 @@
 """The web page: the original canny app's options with its defaults and ranges, and what the
-AUTOMATIC1111 extension adds: several control units (tabs) each with its own image, annotator (with
-a preview), strength, start/end, control mode, resize mode and pixel perfect; a sampler; img2img and
+AUTOMATIC1111 extension adds: several control units (tabs) each with its own image, model (one of
+the served model's ControlNets or T2I-Adapters), annotator (with a preview), strength, start/end,
+control mode, resize mode and pixel perfect; a sampler; img2img and
 inpainting (paint the mask on the image); the seed with "reuse last seed"; a progress bar and a
 cancel button that stops between steps; a gallery of the detected maps and the images, whose PNGs
 download with their settings embedded. What it uploads and shows lives in the server's own folder
@@ -69,6 +70,26 @@ def _slot_names() -> list[str]:
     return [f"{kind}{i}" for kind, count in PARAM_SLOTS.items() for i in range(count)]
 
 
+def unit_model_choices(models: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """A unit's model menu, (label, value) pairs: the served model's ControlNets, then its
+    T2I-Adapters (``models`` as ModelRegistry.control_models gives them), in index order; the
+    first is what a unit naming no model uses (settings.unit_model)."""
+    controlnets = [(f"ControlNet: {name}", f"controlnet:{i}") for i, name in enumerate(models["controlnets"])]
+    adapters = [(f"T2I-Adapter: {name}", f"adapter:{i}") for i, name in enumerate(models["adapters"])]
+    return controlnets + adapters
+
+
+def chosen_model(value: str | None) -> dict[str, int]:
+    """A unit's model menu value as the unit's field: {"controlnet": i} or {"adapter": i}; {} when
+    the menu is empty (a model without ControlNets or adapters: the service says so)."""
+    if not value:
+        return {}
+    kind, _, index = str(value).partition(":")
+    if kind not in ("controlnet", "adapter") or not index.isdigit():
+        raise RequestError(f"unknown unit model {value!r}; pick one in the unit's ControlNet / T2I-Adapter menu")
+    return {kind: int(index)}
+
+
 def store_response(response: GenerateResponse, files: ServerFiles) -> tuple[list[Path], list[Path]]:
     """The page's copy of a result: (detected maps, images) as PNG files in the server's folder,
     where Gradio serves them from, after pruning the folder to its bounds."""
@@ -134,7 +155,8 @@ def build_ui(service: Service, files: ServerFiles, document_api: bool = True):
             with gr.Column(scale=1):
                 inputs = _top(gr, service.registry.names, first)
                 with gr.Tabs():
-                    units = [_unit_tab(gr, i, service, files, native) for i in range(UNITS)]
+                    choices = unit_model_choices(service.registry.control_models(first))
+                    units = [_unit_tab(gr, i, service, files, native, choices) for i in range(UNITS)]
                 inputs |= _options(gr, service, first, native)
                 inputs |= _img2img(gr, files, service.limits)
             with gr.Column(scale=1):
@@ -262,14 +284,17 @@ def _wire(gr, inputs: dict, units: list[dict], outputs: dict, service: Service, 
         added, negative = default_prompts(name)
         try:
             size = service.native_resolution(name)
+            choices = unit_model_choices(service.registry.control_models(name))
         except ModelUnavailable as error:  # say so (no path), keep serving
             print(f"controlnet serve: {error.detail}", file=sys.stderr)
             raise gr.Error(str(error), print_exception=False) from None
         except RequestError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        return gr.update(value=size), added, negative
+        menu = gr.update(choices=choices, value=choices[0][1] if choices else None)
+        return gr.update(value=size), added, negative, *([menu] * len(units))
 
     changed = [inputs["resolution"], inputs["added_prompt"], inputs["negative_prompt"]]
+    changed += [unit["model"] for unit in units]
     inputs["model"].change(model_changed, inputs=inputs["model"], outputs=changed, api_name=False)
 
 
@@ -285,10 +310,11 @@ def _shown(job: GenerateRequest, response: GenerateResponse, map_files: list[Pat
     return gallery, [str(p) for p in (*map_files, *image_files)], text, response.seeds[0]
 
 
-def _unit_tab(gr, index: int, service: Service, files: ServerFiles, native: int) -> dict:
-    """One control unit's tab: image, annotator with preview, and its settings (settings.UNIT)."""
+def _unit_tab(gr, index: int, service: Service, files: ServerFiles, native: int, models: list) -> dict:
+    """One control unit's tab: image, model (``models``: the menu's choices), annotator with
+    preview, and its settings (settings.UNIT)."""
     with gr.Tab(f"ControlNet unit {index}"):
-        controls = _unit_controls(gr, index, service, files)
+        controls = _unit_controls(gr, index, service, files, models)
     preview_button = controls.pop("preview_button")
     preview = controls.pop("preview")
 
@@ -317,7 +343,7 @@ def _unit_tab(gr, index: int, service: Service, files: ServerFiles, native: int)
     return controls
 
 
-def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict:
+def _unit_controls(gr, index: int, service: Service, files: ServerFiles, models: list) -> dict:
     from .security import guard_file, guard_image
 
     folder = service.annotators.folder
@@ -334,6 +360,13 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict
         elem_id=f"unit{index}_pose",
     )
     guard_file(pose, files)
+    model = gr.Dropdown(
+        models,
+        value=models[0][1] if models else None,
+        label="ControlNet / T2I-Adapter",
+        info="T2I-Adapters have no control mode: leave it balanced",
+        elem_id=f"unit{index}_model",
+    )
     default = UNIT["annotator"].default
     choices = [_menu_entry(name, folder) for name in annotator_choices()]
     annotator = gr.Dropdown(choices, value=default, label="Annotator", elem_id=f"unit{index}_annotator")
@@ -363,6 +396,7 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles) -> dict
         "enabled": enabled,
         "image": image,
         "pose": pose,
+        "model": model,
         "annotator": annotator,
         "weights": weights,
         **slots,
@@ -483,6 +517,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
                 service.limits,
                 data[controls["pose"]],
                 **{name: data[controls[name]] for name in ("strength", "start", "end", "mode", "resize_mode")},
+                **chosen_model(data[controls["model"]]),
             )
         )
     init_image, mask = _init_and_mask(value["init_image"], value["inpaint"])
