@@ -34,6 +34,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -131,6 +132,9 @@ class Pipeline:
         self.controlnets = [prepare(c, home, self.dtype, self.channels_last) for c in controlnets]
         self.adapters = [prepare(a, home, self.dtype, self.channels_last) for a in adapters]
         self.placement = Placement(self.device, low_memory, channels_last=self.channels_last)
+        # The files the ControlNets and adapters came from, in index order (from_files sets them):
+        # how `controlnet_index` finds a shipped model by name. Empty for models built in memory.
+        self.files: dict[str, list[Path]] = {"controlnet": [], "adapter": []}
         if low_memory:
             denoisers = (self.model.unet, *self.controlnets)
             for module in (*denoisers, self.model.vae, self.model.text_encoder):
@@ -159,20 +163,48 @@ class Pipeline:
         model = load_base(base, prediction=prediction, dtype=dtype)
         loaded = [load_controlnet(path, model.config, dtype=dtype) for path in controlnets]
         loaded_adapters = [load_adapter(path, model.config, dtype=dtype) for path in adapters]
-        return cls(model, loaded, device, dtype, low_memory, annotators_dir=annotators_dir, adapters=loaded_adapters)
+        pipe = cls(model, loaded, device, dtype, low_memory, annotators_dir=annotators_dir, adapters=loaded_adapters)
+        pipe.files = {"controlnet": [Path(p) for p in controlnets], "adapter": [Path(p) for p in adapters]}
+        return pipe
 
     @classmethod
     def default(
         cls, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, low_memory: bool = False
     ) -> Pipeline:
-        """The model used when no files are named: the shipped ``shapes`` model with its Canny
-        ControlNet (shipped.py, docs/model-card.md)."""
+        """The model used when no files are named: the shipped base model with every shipped
+        ControlNet and T2I-Adapter, in the registry's order (shipped.py, docs/model-card.md). A unit
+        picks one by index, or by name with `controlnet_index` / `adapter_index`::
+
+            pipe = Pipeline.default()
+            unit = ControlUnit(edges, controlnet=pipe.controlnet_index("canny"))
+        """
         from . import shipped
 
         absent = shipped.missing()
         if absent:
             raise FileNotFoundError(f"the shipped model file {absent[0]} is missing: reinstall the package")
-        return cls.from_files(shipped.base_path(), [shipped.canny_path()], device, dtype, low_memory=low_memory)
+        controlnets, adapters = shipped.paths("controlnet"), shipped.paths("adapter")
+        return cls.from_files(shipped.base_path(), controlnets, device, dtype, low_memory=low_memory, adapters=adapters)
+
+    def controlnet_index(self, name: str) -> int:
+        """The index of the shipped ControlNet called ``name`` (shipped.names(): "canny", ...)
+        among this pipeline's, for a unit's ``controlnet``. ValueError, one line, for a name that
+        is not shipped or a ControlNet this pipeline did not load."""
+        return self._shipped_index(name, "controlnet")
+
+    def adapter_index(self, name: str) -> int:
+        """The index of the shipped T2I-Adapter called ``name`` among this pipeline's, for a unit's
+        ``adapter``; ValueError as `controlnet_index`."""
+        return self._shipped_index(name, "adapter")
+
+    def _shipped_index(self, name: str, kind: str) -> int:
+        from . import shipped
+
+        index = shipped.find(name, kind, self.files[kind])
+        if index is None:
+            held = ", ".join(p.name for p in self.files[kind]) or "none from files"
+            raise ValueError(f"this pipeline did not load the shipped {shipped.KINDS[kind]} {name!r} (it holds {held})")
+        return index
 
     def compile(self) -> None:
         """``torch.compile`` the UNet and the ControlNets, for many generations at one size.
