@@ -312,7 +312,11 @@ def test_adapter_units_on_the_command_line(models, tmp_path):
         (["--annotator-param", "low_threshold=3"], 2, "--annotator-param is for the unit of --image"),
         (["--control", "annotator=canny"], 2, "needs image=PATH"),
         (["--control", "image={image},strength=high"], 2, "--control strength='high': not a number"),
-        (["--control", "image={image},controlnet=x"], 2, "--control controlnet='x': not an integer"),
+        (
+            ["--control", "image={image},controlnet=x"],
+            2,
+            "--control controlnet='x': not an index, and no shipped ControlNet is called 'x' (the shipped",
+        ),
         (
             ["--control", "image={image},mode=loud"],
             2,
@@ -321,7 +325,11 @@ def test_adapter_units_on_the_command_line(models, tmp_path):
         (["--control", "image={image},resize=stretch"], 2, "resize mode must be one of just_resize"),
         (["--control", "image={missing}"], 1, "cannot read"),
         (["--control", "image={image},controlnet=1"], 2, "controlnet=1, but only 1 ControlNet(s) are loaded"),
-        (["--image", "{image}", "--controlnet", "{control}"], 2, "--controlnet needs --base"),
+        (
+            ["--image", "{image}", "--controlnet", "{control}"],
+            2,
+            "control.safetensors: a file of your own needs --base",
+        ),
         (["--image", "{image}", "--base", "{missing}"], 1, "no such file"),
         (["--image", "{image}", "--base", "{base}"], 2, "no ControlNet: pass --controlnet PATH"),
         (
@@ -331,7 +339,11 @@ def test_adapter_units_on_the_command_line(models, tmp_path):
         ),
         (["--image", "{image}", "--base", "{control}"], 1, "holds a ControlNet only"),
         # T2I-Adapter units
-        (["--image", "{image}", "--adapter", "{adapter}"], 2, "--adapter needs --base"),
+        (
+            ["--image", "{image}", "--adapter", "{adapter}"],
+            2,
+            "t2iadapter_tiny_sd15v2.pth: a file of your own needs --base",
+        ),
         (["--control", "image={image},adapter=0"], 2, "adapter=0, but only 0 T2I-Adapter(s) are loaded"),
         (
             ["--base", "{base}", "--adapter", "{adapter}", "--control", "image={image},adapter=1"],
@@ -339,7 +351,11 @@ def test_adapter_units_on_the_command_line(models, tmp_path):
             "adapter=1, but only 1 T2I-Adapter(s) are loaded",
         ),
         (["--control", "image={image},adapter=-1"], 2, "T2I-Adapter index must be between 0 and 63, got -1"),
-        (["--control", "image={image},adapter=x"], 2, "--control adapter='x': not an integer"),
+        (
+            ["--control", "image={image},adapter=x"],
+            2,
+            "--control adapter='x': not an index, and no shipped T2I-Adapter",
+        ),
         (
             ["--control", "image={image},controlnet=0,adapter=0"],
             2,
@@ -360,7 +376,11 @@ def test_adapter_units_on_the_command_line(models, tmp_path):
             2,
             "--control-mode prompt sets the mode of ControlNet units",
         ),
-        (["--base", "{base}", "--adapter", "{missing}", "--image", "{image}"], 1, "absent.png: no such file"),
+        (
+            ["--base", "{base}", "--adapter", "{missing}", "--image", "{image}"],
+            2,
+            "absent.png: no such file or folder, nor a shipped T2I-Adapter name",
+        ),
         (
             ["--base", "{base}", "--adapter", "{control}", "--image", "{image}"],
             1,

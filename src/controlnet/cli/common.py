@@ -55,14 +55,55 @@ def check_device(name: str) -> None:
 
 
 def shipped_model() -> tuple[Path, list[Path]]:
-    """The shipped base model and its Canny ControlNet, used when no --base is given."""
+    """The shipped base model and every shipped ControlNet (registry order: a unit's index means
+    what it means in Pipeline.default() and the server), used when no --base is given."""
     from .. import shipped
 
     absent = shipped.missing()
     if absent:
         raise UsageError(f"no --base given and the shipped model file {absent[0]} is missing: reinstall the package")
     print(f"no --base given: using {shipped.NAME}")
-    return shipped.base_path(), [shipped.canny_path()]
+    return shipped.base_path(), shipped.paths("controlnet")
+
+
+def control_files(values: Sequence[str | Path], kind: str) -> list[Path]:
+    """Each value of --controlnet (``kind`` "controlnet") or --adapter ("adapter") as a file: one
+    that exists, else a shipped model's name (shipped.resolve); UsageError, one line, otherwise."""
+    from .. import shipped
+
+    option = "--controlnet" if kind == "controlnet" else "--adapter"
+    try:
+        return [shipped.resolve(value, kind) for value in values]
+    except ValueError as error:
+        raise UsageError(f"{option} {error}") from None
+
+
+def model_files(
+    base: Path | None, controlnets: Sequence[str | Path], adapters: Sequence[str | Path] = ()
+) -> tuple[Path, list[Path], list[Path]]:
+    """The files a command loads from its --base, --controlnet and --adapter values (files, or
+    shipped names). Without --base: the shipped base, with the shipped models named (a file of
+    one's own was trained for some base, which --base must name), or with every shipped ControlNet
+    and T2I-Adapter when none is named."""
+    from .. import shipped
+
+    controlnet_files, adapter_files = control_files(controlnets, "controlnet"), control_files(adapters, "adapter")
+    if base is not None:
+        return base, controlnet_files, adapter_files
+    for option, kind, values, files in (
+        ("--controlnet", "controlnet", controlnets, controlnet_files),
+        ("--adapter", "adapter", adapters, adapter_files),
+    ):
+        for value, file in zip(values, files, strict=True):
+            if not shipped.is_shipped(file, kind):
+                raise UsageError(
+                    f"{option} {value}: a file of your own needs --base (the base model it was trained for); "
+                    f"without --base, name a shipped one ({', '.join(shipped.names(kind)) or 'none ships'})"
+                )
+    shipped_base, every_controlnet = shipped_model()
+    if not controlnet_files and not adapter_files:
+        return shipped_base, every_controlnet, shipped.paths("adapter")
+    return shipped_base, controlnet_files, adapter_files
 
 
 def output_folder(path: Path) -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import shipped
 from ..annotators import annotators_folder, get_annotator
 from ..metadata import image_text, map_text, model_records
 from ..runtime import NonFiniteError
@@ -20,6 +21,7 @@ from ..settings import (
     ADAPTER_MODE,
     GENERATION,
     UNIT,
+    UNIT_MODELS,
     check_generation,
     check_guess_mode,
     check_unit,
@@ -36,9 +38,9 @@ from .common import (
     check_device,
     check_prompts,
     checked,
+    model_files,
     one_line,
     output_folder,
-    shipped_model,
 )
 
 _UNIT_FIELDS = ("image", "annotator", "strength", "start", "end", "mode", "controlnet", "adapter", "resize")
@@ -49,11 +51,14 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     g = commands.add_parser(
         "generate",
         help="generate images that follow a prompt and control images",
-        description="Without --base the shipped default model is used. One unit comes from --image "
+        description="Without --base the shipped default model is used, with the shipped ControlNets named by "
+        "--controlnet (and --adapter), or all of them. One unit comes from --image "
         "(with --annotator, --strength, --start, --end, --control-mode); more with repeated --control "
         "'image=PATH,annotator=canny,strength=1,start=0,end=1,mode=balanced,controlnet=0,resize=crop_and_resize'; "
         "a unit with adapter=N uses the T2I-Adapter N of --adapter instead of a ControlNet. A unit naming "
         "neither uses ControlNet 0, or T2I-Adapter 0 when no ControlNet is given (--base with --adapter only). "
+        "A unit's controlnet= (adapter=) is an index into the --controlnet (--adapter) list, or a shipped "
+        "model's name: one already in the list is used, any other is loaded after the list's. "
         "Each image is written as SEED.png with its settings, seed and model hashes in the PNG metadata "
         "('parameters' in AUTOMATIC1111's format, 'controlnet' as JSON); existing files are never overwritten.",
     )
@@ -61,14 +66,20 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     g.add_argument("--image", type=Path, help="control image of the first unit")
     g.add_argument("--control", action="append", default=[], metavar="SPEC", help="another control unit (repeatable)")
     g.add_argument("--base", type=Path, help="base model: LDM file or diffusers folder")
-    g.add_argument("--controlnet", type=Path, action="append", default=[], help="ControlNet file (repeatable)")
     g.add_argument(
-        "--adapter",
-        type=Path,
+        "--controlnet",
         action="append",
         default=[],
-        metavar="PATH",
-        help="T2I-Adapter file or diffusers folder (repeatable; needs --base): used by a unit naming adapter=N",
+        metavar="PATH|NAME",
+        help=f"ControlNet file (with --base), or a shipped one's name ({_shipped('controlnet')}); repeatable",
+    )
+    g.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="PATH|NAME",
+        help="T2I-Adapter file or diffusers folder (with --base), or a shipped one's name "
+        f"({_shipped('adapter')}); repeatable: used by a unit naming adapter=N",
     )
     g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     for name in ("seed", "steps", "resolution", "num_images", "guidance_scale", "eta", "sampler", "guess_mode"):
@@ -125,6 +136,12 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     return {"generate": cmd_generate}
 
 
+def _shipped(kind: str) -> str:
+    """The shipped models of ``kind`` for --help: 'canny: Canny edges, white on black, ...'."""
+    listed = [f"{c.name}: {c.description}" for c in shipped.controls(kind)]
+    return "; ".join(listed) or "none ships"
+
+
 @dataclasses.dataclass
 class _Unit:
     """A control unit as the command line gave it: the core's ControlUnit and the file it came from."""
@@ -160,9 +177,30 @@ def _spec_number(spec: dict, key: str, default: float, kind: type) -> Any:
         raise UsageError(f"--control {key}={raw!r}: not {'an integer' if kind is int else 'a number'}") from None
 
 
-def _units(args: argparse.Namespace, controlnets: int) -> list[_Unit]:
+def _spec_model(spec: dict, kind: str, files: list[Path]) -> int | None:
+    """A --control spec's ``controlnet=`` or ``adapter=`` (``kind``), None when not named: an index
+    into ``files`` (--controlnet's or --adapter's), or a shipped model's name: its index in
+    ``files``, where it is appended when absent (loaded once, however many units name it)."""
+    raw = spec.get(kind)
+    if raw is None:
+        return None
+    if _is_index(raw):
+        return int(raw)
+    try:
+        index = shipped.find(raw, kind, files)
+    except ValueError as error:
+        raise UsageError(f"--control {kind}={raw!r}: not an index, and {error}") from None
+    if index is None:
+        files.append(shipped.path(raw, kind))
+        index = len(files) - 1
+    return index
+
+
+def _units(args: argparse.Namespace, controlnets: list[Path], adapters: list[Path]) -> list[_Unit]:
     """The control units of --image and every --control, checked and with their images loaded.
-    ``controlnets``: how many ControlNets the model will have (the adapters are --adapter's).
+    ``controlnets`` and ``adapters``: the files the model will load (--controlnet's and --adapter's,
+    or the shipped ones); a unit naming a shipped model that is not among them appends it, after
+    them, so that the indices units give keep meaning those lists.
 
     Everything is checked here, before a model is loaded: a typo costs no waiting."""
     from ..pipeline import ControlUnit
@@ -174,12 +212,15 @@ def _units(args: argparse.Namespace, controlnets: int) -> list[_Unit]:
     elif args.annotator_param:
         raise UsageError("--annotator-param is for the unit of --image, and no --image was given")
     specs += [_parse_unit(s) for s in args.control]
+    files = {"controlnet": controlnets, "adapter": adapters}
+    given = {kind: len(files[kind]) for kind in UNIT_MODELS}  # what indices refer to: names come after
+    naming = any(_names_model(spec) for spec in specs)
     units = []
     for spec in specs:
         where = f"control unit {spec['image']}"
         # The model it names (None: not named), then the one it uses (settings.unit_model).
-        named = {key: _spec_number(spec, key, None, int) if key in spec else None for key in ("controlnet", "adapter")}
-        kind, index = unit_model(named["controlnet"], named["adapter"], controlnets, len(args.adapter))
+        named = {kind: _spec_model(spec, kind, files[kind]) for kind in UNIT_MODELS}
+        kind, index = unit_model(named["controlnet"], named["adapter"], given["controlnet"], given["adapter"])
         values = {
             "annotator": spec.get("annotator", "none"),
             "strength": _spec_number(spec, "strength", UNIT["strength"].default, float),
@@ -189,8 +230,12 @@ def _units(args: argparse.Namespace, controlnets: int) -> list[_Unit]:
             "resize_mode": spec.get("resize", UNIT["resize_mode"].default),
         }
         checked(check_unit, values | named | {kind: index}, where)
-        if controlnets or args.adapter:  # no model at all: said once the base loads (it may be no base)
-            _check_loaded(where, kind, index, controlnets, len(args.adapter))
+        # No model at all: said once the base loads (it may be no base). A unit using its model by
+        # index (or by default) uses one of the lists given, never one that a name appended.
+        if (any(given.values()) or naming) and not _names_model(spec):
+            if not any(given.values()):
+                raise UsageError(f"{where}: names no model by name, and no --controlnet (or --adapter) is given")
+            _check_loaded(where, kind, index, given["controlnet"], given["adapter"])
         values["mode"] = unit_mode(values["mode"], args.guess_mode, kind == "adapter")
         values[kind] = index
         first_unit = spec is specs[0] and args.image is not None
@@ -213,6 +258,20 @@ def _units(args: argparse.Namespace, controlnets: int) -> list[_Unit]:
         units.append(_Unit(unit, Path(spec["image"]), _sha256(spec["image"])))
     _check_modes(args, [item.unit.adapter is not None for item in units])
     return units
+
+
+def _names_model(spec: dict) -> bool:
+    """Whether a spec names its model by a shipped model's name."""
+    return any(kind in spec and not _is_index(spec[kind]) for kind in UNIT_MODELS)
+
+
+def _is_index(value: str) -> bool:
+    """Whether a spec's controlnet= or adapter= is an index (else a shipped model's name)."""
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_loaded(where: str, kind: str, index: int, controlnets: int, adapters: int) -> None:
@@ -326,13 +385,8 @@ def _check_generate_options(args: argparse.Namespace) -> None:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
     if args.guess_mode and args.mode not in ("balanced", "control"):
         raise UsageError(f"--guess-mode means --control-mode control; it contradicts --control-mode {args.mode}")
-    if args.controlnet and args.base is None:
-        raise UsageError("--controlnet needs --base (the base model it was trained for)")
-    if args.adapter and args.base is None:
-        raise UsageError("--adapter needs --base (the base model it was trained for)")
-    for path in [args.base, *args.controlnet, *args.adapter]:  # a typo in a path costs no waiting either
-        if path is not None and not path.exists():
-            raise CommandError(f"{path}: no such file or folder")
+    if args.base is not None and not args.base.exists():  # a typo in a path costs no waiting either
+        raise CommandError(f"{args.base}: no such file or folder")
     original = args.base is not None  # the original app's prompt defaults; the shipped model knows none of those words
     if args.added_prompt is None:
         args.added_prompt = ORIGINAL_ADDED_PROMPT if original else ""
@@ -350,10 +404,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ..runtime import parse_dtype
 
     _check_generate_options(args)
-    base, controlnets, adapters = args.base, args.controlnet, args.adapter
-    if base is None:
-        base, controlnets = shipped_model()
-    units = _units(args, len(controlnets))
+    base, controlnets, adapters = model_files(args.base, args.controlnet, args.adapter)
+    units = _units(args, controlnets, adapters)  # adds the shipped models units name
     out = output_folder(args.out)
     dtype = parse_dtype(args.dtype, args.device)
     init_image = None if args.init_image is None else _load_checked_image(args.init_image, "--init-image")
@@ -365,7 +417,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.compile:
         pipe.compile()
     if units and not pipe.controlnets and not pipe.adapters:
-        raise UsageError("control images were given but no ControlNet: pass --controlnet PATH (or --adapter PATH)")
+        raise UsageError(
+            "control images were given but no ControlNet: pass --controlnet PATH or NAME (or --adapter PATH or NAME)"
+        )
     progress = ProgressBar()
     try:
         result = pipe.generate(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..train.config import TrainConfig, option_name
-from .common import UsageError
+from .common import UsageError, control_files
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -65,13 +65,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     from ..train import TrainingError, train
 
-    config = config_from_args(args)
+    config = _shipped_start(config_from_args(args))
     try:
         config.check()  # every option, before a model or the data is read
     except TrainingError as error:
         raise UsageError(str(error)) from None
     for name in ("data", "base", "controlnet"):
-        value = getattr(args, name)
+        value = getattr(config, name)
         if value is not None and not Path(value).exists():
             raise UsageError(f"--{name} {value}: no such file or folder")
     train(config, log=lambda message: print(message, flush=True))
+
+
+def _shipped_start(config: TrainConfig) -> TrainConfig:
+    """--controlnet as a file: one that exists, or a shipped ControlNet's name (shipped.resolve),
+    which implies the shipped base when no --base is given, as everywhere a ControlNet is named."""
+    from .. import shipped
+
+    if config.controlnet is None:
+        return config
+    [start] = control_files([config.controlnet], "controlnet")
+    base = config.base
+    if base is None and shipped.is_shipped(start):
+        base = str(shipped.base_path())
+    return dataclasses.replace(config, controlnet=str(start), base=base)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import shipped
 from ..runtime import check_device
 from ..settings import GENERATION
 
@@ -128,7 +129,11 @@ class TrainConfig:
         choices=TASKS,
     )
     model_config: str | None = option(None, "base/vae tasks: the preset to build from scratch (e.g. tiny)")
-    controlnet: str | None = option(None, "controlnet task: start from this ControlNet, not the base's encoder")
+    controlnet: str | None = option(
+        None,
+        "controlnet task: start from this ControlNet, not the base's encoder (the command line also takes a "
+        f"shipped one's name, {', '.join(shipped.names())}, which implies the shipped base without --base)",
+    )
     control_init: str = option(
         "zero",
         "a new ControlNet's zero convolutions: zero (the paper) or gaussian (its ablation)",
