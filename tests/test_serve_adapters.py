@@ -70,7 +70,14 @@ def _generate(client: TestClient, *units: dict, **fields) -> dict:
 
 def test_the_api_runs_adapter_units_and_names_their_file(adapter_client, adapter_files):
     models = adapter_client.get("/api/models").json()["control_models"]
-    assert models == {"tiny": {"controlnets": ["tiny-control.safetensors"], "adapters": ["t2iadapter_tiny.pth"]}}
+    assert models == {
+        "tiny": {
+            "controlnets": ["tiny-control.safetensors"],
+            "adapters": ["t2iadapter_tiny.pth"],
+            "controlnet_names": [None],  # not shipped files: chosen by index only
+            "adapter_names": [None],
+        }
+    }
     result = _generate(adapter_client, _tiny_unit(adapter=0))
     off = _generate(adapter_client, _tiny_unit(adapter=0, strength=0))
 
@@ -98,7 +105,8 @@ def test_the_api_runs_adapter_units_and_names_their_file(adapter_client, adapter
         ([{"adapter": 1}], {}, "control unit 0: T2I-Adapter 1 does not exist (the model has 1)"),
         ([{"adapter": 0, "controlnet": 0}], {}, "one ControlNet (controlnet) or one T2I-Adapter (adapter), not both"),
         ([{"adapter": 0, "mode": "control"}], {}, "a T2I-Adapter unit takes control mode 'balanced' only"),
-        ([{"adapter": "first"}], {}, "control unit 0: T2I-Adapter index must be a number, got 'first'"),
+        ([{"adapter": 1.5}], {}, "control unit 0: T2I-Adapter index must be a whole number, got 1.5"),
+        ([{"adapter": "first"}], {}, "control unit 0: adapter: no shipped T2I-Adapter is called 'first'"),
         ([{"adapter": -1}], {}, "T2I-Adapter index must be between 0 and 63, got -1"),
         ([{"adapter": 0}, {"adapter": 0}], {"guess_mode": True}, "every unit here uses a T2I-Adapter"),
     ],

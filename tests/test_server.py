@@ -280,4 +280,6 @@ def test_a_model_without_adapters_refuses_an_adapter_unit(client):
     assert client.get("/api/models").json()["control_models"][SHIPPED] == {
         "controlnets": ["shapes-canny.safetensors"],
         "adapters": [],
+        "controlnet_names": ["canny"],  # a unit may say "controlnet": "canny"
+        "adapter_names": [],
     }

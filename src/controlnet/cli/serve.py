@@ -7,14 +7,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import CommandError, UsageError, add_annotators_dir, check_device, check_range
+from .. import shipped
+from .common import CommandError, UsageError, add_annotators_dir, check_device, check_range, control_files
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     s = commands.add_parser(
         "serve",
         help="the web UI and a JSON API (Gradio), on 127.0.0.1:7860 by default",
-        description="Serve the web UI and the JSON API (POST /api/generate). The shipped model by default; "
+        description="Serve the web UI and the JSON API (POST /api/generate). The shipped model by default, with "
+        "every shipped ControlNet and T2I-Adapter, which a unit may name (controlnet: 'canny'); "
         "--models DIR offers the base models, ControlNets and T2I-Adapters found in DIR (and nothing outside it).",
     )
     s.add_argument("--port", type=int, default=7860)
@@ -24,14 +26,21 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     s.add_argument(
         "--base", type=Path, help="serve this base model (with --controlnet, --adapter) instead of the shipped one"
     )
-    s.add_argument("--controlnet", type=Path, action="append", default=[], help="ControlNet file (repeatable)")
     s.add_argument(
-        "--adapter",
-        type=Path,
+        "--controlnet",
         action="append",
         default=[],
-        metavar="PATH",
-        help="T2I-Adapter file or diffusers folder for --base (repeatable); a unit picks it as adapter N",
+        metavar="PATH|NAME",
+        help=f"ControlNet file for --base, or a shipped one's name ({', '.join(shipped.names()) or 'none'}); "
+        "repeatable",
+    )
+    s.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="PATH|NAME",
+        help="T2I-Adapter file or diffusers folder for --base, or a shipped one's name "
+        f"({', '.join(shipped.names('adapter')) or 'none'}); repeatable: a unit picks it as adapter N",
     )
     s.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -72,13 +81,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         auth = (user, password)
     if args.models is not None and not args.models.is_dir():
         raise UsageError(f"--models {args.models}: no such folder")
+    # Without --base the shipped model is served with every shipped ControlNet and adapter already.
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
     if args.adapter and args.base is None:
         raise UsageError("--adapter needs --base (the base model it was trained for)")
-    for path in [args.base, *args.controlnet, *args.adapter]:
-        if path is not None and not path.exists():
-            raise UsageError(f"{path}: no such file or folder")
+    if args.base is not None and not args.base.exists():
+        raise UsageError(f"{args.base}: no such file or folder")
+    controlnets, adapters = control_files(args.controlnet, "controlnet"), control_files(args.adapter, "adapter")
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     if args.listen:
         where = "with --auth" if auth else "WITHOUT a password (add --auth USER:PASS)"
@@ -101,10 +111,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             device,
             args.dtype,
             args.base,
-            args.controlnet,
+            controlnets,
             retention,
             args.annotators_dir,
-            args.adapter,
+            adapters,
         )
     except ModelUnavailable as error:  # the first model is loaded before serving
         raise CommandError(error.detail) from None

@@ -1,6 +1,7 @@
 """The JSON API: ``POST /api/generate`` takes JSON (images as base64 PNG/JPEG) and answers JSON with
 the PNGs in base64, keeping nothing on disk; ``GET /api/models`` lists the models, each one's
-ControlNets and T2I-Adapters (what a unit's ``controlnet`` and ``adapter`` index), and the queue.
+ControlNets and T2I-Adapters (what a unit's ``controlnet`` and ``adapter`` index) with the shipped
+ones' names (which a unit may give instead of the index), and the queue.
 
 Errors are one line of JSON, ``{"error": ...}``, with status 400 (a bad request: the message names
 the field and what is allowed), 401 (no or wrong password), 503 (queue full, or a model that will

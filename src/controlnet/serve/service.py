@@ -32,6 +32,7 @@ from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, 
 from ..settings import (
     GENERATION,
     UNIT,
+    UNIT_MODELS,
     SettingError,
     check_generation,
     check_guess_mode,
@@ -92,10 +93,11 @@ class UnitRequest:
     resize_mode: str = UNIT["resize_mode"].default
     pixel_perfect: bool = UNIT["pixel_perfect"].default  # the annotator runs at the output size
     annotator_resolution: int = UNIT["annotator_resolution"].default  # ... or at this short side
-    # The model it uses: one ControlNet or one T2I-Adapter of the served model, by index (None: not
-    # named; naming neither means ControlNet 0, or T2I-Adapter 0 for a model without ControlNets).
-    controlnet: int | None = None
-    adapter: int | None = None
+    # The model it uses: one ControlNet or one T2I-Adapter of the served model, by index or by a
+    # shipped model's name (shipped.py; found among the served model's once it loads). None: not
+    # named; naming neither means ControlNet 0, or T2I-Adapter 0 for a model without ControlNets.
+    controlnet: int | str | None = None
+    adapter: int | str | None = None
 
 
 @dataclass
@@ -170,12 +172,21 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
         raise RequestError(str(error)) from None
 
 
-def unit_models(request: GenerateRequest, controlnets: int, adapters: int) -> list[tuple[str, int]]:
+def unit_models(request: GenerateRequest, pipe: Pipeline) -> list[tuple[str, int]]:
     """The model each unit uses, ("controlnet", i) or ("adapter", i) (settings.unit_model), once
-    the served model's ``controlnets`` and ``adapters`` are counted; RequestError for a unit whose
-    model the served one lacks, an adapter unit in a control mode, guess mode with adapters only."""
+    the served model is loaded (``pipe``: its ControlNets and T2I-Adapters, and the files they came
+    from, where a shipped model's name is found); RequestError for a unit whose model the served one
+    lacks, an adapter unit in a control mode, guess mode with adapters only."""
     units = request.units
-    models = [unit_model(unit.controlnet, unit.adapter, controlnets, adapters) for unit in units]
+    controlnets, adapters = len(pipe.controlnets), len(pipe.adapters)
+    models = []
+    for i, unit in enumerate(units):
+        named = {kind: _index(getattr(unit, kind), kind, pipe, request.model, i) for kind in UNIT_MODELS}
+        models.append(unit_model(named["controlnet"], named["adapter"], controlnets, adapters))
+        try:  # one model per unit: naming both is refused, by index or by name
+            check_unit(named, f"control unit {i}")
+        except SettingError as error:
+            raise RequestError(str(error)) from None
     try:
         if len(units) > (controlnets + adapters) * 4:  # a bound on the work, and none with no model
             raise SettingError(
@@ -193,10 +204,32 @@ def unit_models(request: GenerateRequest, controlnets: int, adapters: int) -> li
     return models
 
 
+def _index(value: int | str | None, kind: str, pipe: Pipeline, model: str, unit: int) -> int | None:
+    """A unit's ``controlnet`` or ``adapter`` (``kind``) as an index of the served model's: a
+    shipped model's name is looked up among the files it loaded."""
+    if not isinstance(value, str):
+        return value
+    index = shipped.find(value, kind, pipe.files[kind])  # the name was checked by check_request
+    if index is None:
+        held = ", ".join(path.name for path in pipe.files[kind]) or "none"
+        raise RequestError(
+            f"control unit {unit}: model {model!r} has no shipped {shipped.KINDS[kind]} {value!r} (its "
+            f"{shipped.KINDS[kind]}s: {held})"
+        )
+    return index
+
+
 def _check_unit(unit: UnitRequest, where: str, annotators: Path | None) -> None:
     from ..annotators import ANNOTATORS
 
-    check_unit({name: getattr(unit, name) for name in UNIT}, where)
+    values = {name: getattr(unit, name) for name in UNIT}
+    for kind in UNIT_MODELS:  # a shipped model's name: known here, its index once the model loads
+        if isinstance(values[kind], str):
+            try:
+                shipped.control(values.pop(kind), kind)
+            except ValueError as error:
+                raise SettingError(f"{where}: {kind}: {error}") from None
+    check_unit(values, where)
     missing = ANNOTATORS[unit.annotator].missing(annotators)
     if missing:  # the server's folder is not the client's business: the file's name says enough
         raise SettingError(
@@ -319,7 +352,11 @@ def discover_models(folder: Path | None, include_shipped: bool = True) -> list[M
     from ..formats.detect import inspect_contents
     from ..formats.errors import CheckpointError
 
-    entries = [ModelEntry(SHIPPED, shipped.base_path(), [shipped.canny_path()])] if include_shipped else []
+    entries = []
+    if include_shipped:  # every shipped ControlNet and T2I-Adapter, in registry order
+        entries.append(
+            ModelEntry(SHIPPED, shipped.base_path(), shipped.paths("controlnet"), None, shipped.paths("adapter"))
+        )
     if folder is None:
         return entries
     bases, controls, adapters = [], [], []
@@ -428,15 +465,23 @@ class ModelRegistry:
         adapters = entry.adapters if named_adapters else _loadable(entry.adapters, lambda p: load_adapter(p, config))
         return list(controlnets), list(adapters)
 
-    def control_models(self, name: str) -> dict[str, list[str]]:
+    def control_models(self, name: str) -> dict[str, list[str | None]]:
         """The file names of the model's ControlNets and T2I-Adapters, in the order a unit's
-        ``controlnet`` and ``adapter`` index them: those loaded when the model is loaded; else those
-        found for it (one that turns out not to fit its base is left out when it loads)."""
+        ``controlnet`` and ``adapter`` index them, and beside them (``controlnet_names``,
+        ``adapter_names``) the shipped name of each, which a unit may give instead (None: not a
+        shipped file). Those loaded when the model is loaded; else those found for it (one that
+        turns out not to fit its base is left out when it loads)."""
         entry = self.entry(name)
         if name in self._loaded:
-            records = self._loaded[name][1]
-            return {kind: [r["name"] for r in records.get(kind, [])] for kind in ("controlnets", "adapters")}
-        return {"controlnets": [p.name for p in entry.controlnets], "adapters": [p.name for p in entry.adapters]}
+            files = self._loaded[name][0].files
+        else:
+            files = {"controlnet": entry.controlnets, "adapter": entry.adapters}
+        return {
+            "controlnets": [path.name for path in files["controlnet"]],
+            "adapters": [path.name for path in files["adapter"]],
+            "controlnet_names": [shipped.shipped_name(path, "controlnet") for path in files["controlnet"]],
+            "adapter_names": [shipped.shipped_name(path, "adapter") for path in files["adapter"]],
+        }
 
 
 def _loadable(paths: Sequence[Path], load: Callable[[Path], object]) -> list[Path]:
@@ -519,7 +564,7 @@ class Service:
         check_request(request, self.limits, annotators=self.annotators.folder)
         with self.queue.slot(), self.registry.lock(request.model):
             pipe, models = self.registry.pipeline(request.model)
-            chosen = unit_models(request, len(pipe.controlnets), len(pipe.adapters))
+            chosen = unit_models(request, pipe)
             added, negative = default_prompts(request.model)
             added = added if request.added_prompt is None else request.added_prompt
             negative = negative if request.negative_prompt is None else request.negative_prompt

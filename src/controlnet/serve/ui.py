@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import shipped
 from ..sampling.prompts import MAX_PROMPT_CHARACTERS
 from ..settings import GENERATION, UNIT, Setting
 from .files import ServerFiles
@@ -70,13 +71,18 @@ def _slot_names() -> list[str]:
     return [f"{kind}{i}" for kind, count in PARAM_SLOTS.items() for i in range(count)]
 
 
-def unit_model_choices(models: dict[str, list[str]]) -> list[tuple[str, str]]:
+def unit_model_choices(models: dict[str, list]) -> list[tuple[str, str]]:
     """A unit's model menu, (label, value) pairs: the served model's ControlNets, then its
     T2I-Adapters (``models`` as ModelRegistry.control_models gives them), in index order; the
-    first is what a unit naming no model uses (settings.unit_model)."""
-    controlnets = [(f"ControlNet: {name}", f"controlnet:{i}") for i, name in enumerate(models["controlnets"])]
-    adapters = [(f"T2I-Adapter: {name}", f"adapter:{i}") for i, name in enumerate(models["adapters"])]
-    return controlnets + adapters
+    first is what a unit naming no model uses (settings.unit_model). A shipped model is labelled
+    by its name and the maps it reads, any other by its file name."""
+    choices = []
+    for kind, label in (("controlnet", "ControlNet"), ("adapter", "T2I-Adapter")):
+        files, names = models[f"{kind}s"], models[f"{kind}_names"]
+        for i, (file, name) in enumerate(zip(files, names, strict=True)):
+            shown = file if name is None else f"{name} ({shipped.control(name, kind).description})"
+            choices.append((f"{label}: {shown}", f"{kind}:{i}"))
+    return choices
 
 
 def chosen_model(value: str | None) -> dict[str, int]:
