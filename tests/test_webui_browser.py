@@ -260,6 +260,16 @@ def test_login_then_pick_a_model_from_the_folder(guarded_server, browser):
     page.get_by_label("password").fill("secret")
     page.get_by_role("button", name="Login").click()
 
+    # The shipped model's unit menu: each shipped ControlNet and adapter by name and the maps it reads.
+    page.locator("#unit0_model input").click()
+    options = page.get_by_role("option")
+    options.first.wait_for()
+    names = [options.nth(i).inner_text().split("\n")[-1] for i in range(options.count())]
+    labels = {"controlnet": "ControlNet", "adapter": "T2I-Adapter"}
+    shipped_models = [*shipped.controls("controlnet"), *shipped.controls("adapter")]
+    assert names == [f"{labels[c.kind]}: {c.name} ({c.description})" for c in shipped_models]
+    page.keyboard.press("Escape")
+
     page.locator("#model input").click()
     options = page.get_by_role("option")
     options.first.wait_for()
