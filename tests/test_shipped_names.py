@@ -99,6 +99,15 @@ def test_the_installed_registry_has_canny_and_every_file_it_names():
     assert shipped.missing() == []
 
 
+def test_the_readme_lists_the_shipped_names():
+    """The README's table of shipped names is the registry's (it changes with the registry)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("**Shipped ControlNets by name.**")[1].split("\n\n")[1]
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    kinds = {"controlnet": "ControlNet", "adapter": "T2I-Adapter"}
+    assert rows == [[c.name, kinds[c.kind], c.description, c.annotator or "(none fits)"] for c in shipped.MODEL.controls]
+
+
 def test_a_path_beats_a_name_and_a_name_gives_the_shipped_file(tmp_path, monkeypatch):
     assert shipped.resolve("canny") == shipped.canny_path()
     monkeypatch.chdir(tmp_path)
