@@ -219,6 +219,14 @@ CASES = [
     ([*EVAL, "--base", "{base}", "--controlnet", "{missing}"], 2, "no such file or folder"),
     (["eval", "--data", "{file}", "--out", "{out}", *EVAL_MODELS], 1, "not a folder"),
     (["eval", "--data", "{folder}", "--out", "{out}", *EVAL_MODELS], 1, "no training data found"),
+    ([*EVAL, "--ground-truth", "--no-control"], 2, "--ground-truth scores the data's own images"),
+    # train-estimator
+    (["train-estimator", "--task", "depth", "--data", "{missing}", "--out", "{out}"], 2, "no such folder"),
+    (["train-estimator", "--task", "depth", "--data", "{folder}", "--out", "{out}"], 1, "no training data found"),
+    (["train-estimator", "--task", "depth", "--data", "{data}", "--out", "{out}"], 1, "not a 'controlnet data world'"),
+    (["train-estimator", "--task", "depth", "--data", "{data}", "--out", "{under_file}"], 1, "is a file, not a"),
+    (["train-estimator", "--task", "depth", "--data", "{data}", "--out", "{out}", "--steps", "-1"], 2, "--steps must"),
+    (["train-estimator", "--task", "normal", "--data", "{data}", "--out", "{out}"], 2, "invalid choice: 'normal'"),
     # serve: only the checks that fail before serving
     (["serve", "--port", "0"], 2, "--port must be between 1 and 65535"),
     (["serve", "--max-upload-mb", "nan"], 2, "--max-upload-mb must be between"),

@@ -9,6 +9,8 @@ compared with the condition the image was made from:
 - Depth: RMSE between the two depth maps (grey levels in [0, 1]), besides SSIM.
 
 `Reextraction` names the annotator (``controlnet eval --annotator``, default canny) and its settings.
+Data of the synthetic world (``controlnet data world``) is scored by `world_evaluation` instead:
+depth, segmentation and pose through estimators trained on the world, and prompt adherence.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .annotators import Runtime, annotate, get_annotator
 from .annotators.canny import canny
 from .files import atomic_file
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -115,11 +121,21 @@ OBJECT_SHARE = 0.2
 BACKGROUND_SHARE = 0.5
 
 
-def palette_labels(image: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> tuple[np.ndarray, list[str]]:
-    """Each pixel's nearest palette colour (RGB distance): an index map [H, W] and the names."""
+def palette_labels(
+    image: np.ndarray, palette: dict[str, tuple[int, int, int]], darkest: float = 1.0
+) -> tuple[np.ndarray, list[str]]:
+    """Each pixel's nearest palette colour (RGB distance): an index map [H, W] and the names.
+
+    With ``darkest`` < 1 a colour also stands for itself in shade, down to ``darkest`` times its
+    value (the synthetic world's objects are lit Lambert + ambient): a pixel's distance to a colour
+    c is its distance to the nearest point s * c with ``darkest`` <= s <= 1. Where two colours
+    reach a pixel exactly (grey is white in shade), the one that needs less shade wins."""
     names = list(palette)
-    colours = np.array([palette[n] for n in names], np.float32)
-    distances = ((image[:, :, None, :].astype(np.float32) - colours[None, None]) ** 2).sum(axis=-1)
+    colours = np.array([palette[n] for n in names], np.float32)  # (K, 3)
+    pixels = image[:, :, None, :].astype(np.float32)  # (H, W, 1, 3)
+    # The shade that brings each colour nearest each pixel (the projection onto the ray through c).
+    shade = ((pixels * colours).sum(axis=-1) / (colours * colours).sum(axis=-1)).clip(darkest, 1.0)
+    distances = ((pixels - shade[..., None] * colours) ** 2).sum(axis=-1) + (1.0 - shade)
     return distances.argmin(axis=-1), names
 
 
@@ -242,7 +258,7 @@ def check_scores(results: dict) -> None:
 
 
 def evaluate(
-    pipe,
+    pipe: Pipeline | None,
     data: str | os.PathLike,
     out: str | os.PathLike,
     *,
@@ -262,12 +278,17 @@ def evaluate(
     (``seed + k`` for the k-th image of every condition) and score the images against their
     condition after re-extracting it with ``reextraction``'s annotator (default: Canny edge F1 and
     SSIM of the edge maps; see `Reextraction.scores`), and, where the data carries scene metadata
-    (``controlnet data scenes``), ``scene_adherence``. ``use_control=False`` generates from the
-    prompts alone: the base model's scores, to compare with. Writes ``results.json`` and
-    ``grid.png`` (a row per condition: the condition, then its images) to ``out``; returns the
-    results."""
+    (``controlnet data scenes``), ``scene_adherence``. World data (``controlnet data world``: the
+    world's folder or one of its condition folders) is scored as `world_evaluation` says: canny by
+    re-extraction, depth, seg and pose by the world estimators, and every condition by prompt
+    adherence. ``use_control=False`` generates from the prompts alone: the base model's scores, to
+    compare with. ``pipe=None`` scores the data's own images instead of generated ones (one per
+    condition): the ceiling of every score. Writes ``results.json`` and ``grid.png`` (a row per
+    condition: the condition, then its images) to ``out``; returns the results."""
     from .datasets.folders import read_records
     from .imaging.charts import image_grid
+    from .imaging.images import load_image
+    from .world_evaluation import find_world
 
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -286,6 +307,12 @@ def evaluate(
     records = read_records(data)[:count]
     if not records:
         raise ValueError(f"{data}: no samples to evaluate")
+    world = find_world(data)
+    if world is not None:
+        world.check(records)
+    if pipe is None:  # the data's own images, one per condition, at their own size unless told
+        resolution = resolution or load_image(records[0].target).shape[0]
+        images_per_condition = 1
     resolution = resolution or pipe.model.config.native_resolution
     generation = {
         "num_images": images_per_condition,
@@ -297,13 +324,13 @@ def evaluate(
     }
     rows, per_sample = [], []
     for i, record in enumerate(records):
-        condition, images, entry = _score_one(pipe, record, generation, use_control, reextraction)
+        condition, images, entry = _score_one(pipe, record, generation, use_control, reextraction, world)
         per_sample.append(entry)
         if len(rows) < 8:
             rows.append([condition, *images])
         if progress is not None:
             progress(i + 1, len(records))
-    results = _results(pipe, data, per_sample, generation, use_control, reextraction)
+    results = _results(pipe, data, per_sample, generation, use_control, reextraction, world)
     check_scores(results)
     # Whole files or none: a disk that fills up leaves the previous results.json as it was.
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
@@ -315,10 +342,11 @@ def evaluate(
 
 
 def _results(
-    pipe, data, per_sample: list[dict], generation: dict, use_control: bool, reextraction: Reextraction
+    pipe, data, per_sample: list[dict], generation: dict, use_control: bool, reextraction: Reextraction, world
 ) -> dict:
-    """What results.json holds: the mean of every score, the settings, and each sample's scores."""
-    metrics = [k for k in per_sample[0] if k not in ("source", "prompt")]
+    """What results.json holds: the mean of every score (over the samples that have it: pose
+    scores only where a figure is drawn), the settings, and each sample's scores."""
+    metrics = list(dict.fromkeys(k for e in per_sample for k in e if k not in ("source", "prompt")))
     summary = {k: float(np.mean([e[k] for e in per_sample if k in e])) for k in metrics}
     settings = {
         "data": str(data),
@@ -328,23 +356,33 @@ def _results(
         "control": use_control,
         "annotator": reextraction.annotator,
         "annotator_params": reextraction.resolved(),
-        "model": pipe.model.config.name,
+        "model": "ground truth (the data's own images)" if pipe is None else pipe.model.config.name,
     }
+    if world is not None:
+        settings["world_condition"] = world.condition
+        settings["estimators"] = {task: str(world.estimator(task).path) for task in world.estimators()}
     return {"summary": summary, "settings": settings, "samples": per_sample}
 
 
-def _score_one(pipe, record, generation: dict, use_control: bool, reextraction: Reextraction):
+def _score_one(pipe, record, generation: dict, use_control: bool, reextraction: Reextraction, world):
     """(the condition at the output size, the generated images, their scores) for one record."""
     from .imaging.images import load_image
     from .pipeline import ControlUnit
 
     original = load_image(record.source)
     condition = _fit(original, generation["resolution"])
-    units = [ControlUnit(condition)] if use_control else []
-    images = pipe.generate(record.prompt, units, **generation).images
-    entry = {"source": str(record.source), "prompt": record.prompt, **reextraction.scores(images, condition)}
+    if pipe is None:
+        images = [_fit(load_image(record.target), generation["resolution"], smooth=True)]
+    else:
+        units = [ControlUnit(condition)] if use_control else []
+        images = pipe.generate(record.prompt, units, **generation).images
+    entry = {"source": str(record.source), "prompt": record.prompt}
+    if world is None or world.condition == "canny":
+        entry |= reextraction.scores(images, condition)
     scene = record.extra.get("scene")
-    if scene is not None:
+    if world is not None:
+        entry |= world.scores(record, images, condition)
+    elif scene is not None:
         scaled = _scaled_scene(scene, original.shape[1], generation["resolution"])
         adherence = [scene_adherence(image, scaled) for image in images]
         entry["scene_score"] = float(np.mean([a.score for a in adherence]))
@@ -360,14 +398,15 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _fit(image: np.ndarray, resolution: int) -> np.ndarray:
+def _fit(image: np.ndarray, resolution: int, smooth: bool = False) -> np.ndarray:
     """The condition at the evaluation size: a square of ``resolution`` (nearest neighbour keeps
-    a binary edge map binary)."""
+    a binary edge map binary; ``smooth``: a picture, resampled with Lanczos)."""
     if image.shape[:2] == (resolution, resolution):
         return image
     from PIL import Image
 
-    return np.asarray(Image.fromarray(image).resize((resolution, resolution), Image.Resampling.NEAREST))
+    kernel = Image.Resampling.LANCZOS if smooth else Image.Resampling.NEAREST
+    return np.asarray(Image.fromarray(image).resize((resolution, resolution), kernel))
 
 
 def _scaled_scene(scene: dict, size: int, resolution: int) -> dict:

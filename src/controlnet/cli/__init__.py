@@ -16,14 +16,14 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from .. import __version__, runtime
-from . import annotate, data, demo, evaluate, generate, models, serve, train
+from . import annotate, data, demo, estimator, evaluate, generate, models, serve, train
 from .common import CommandError, UsageError, one_line, os_error
 
 __all__ = ["CommandError", "UsageError", "main"]
 
 Handler = Callable[[argparse.Namespace], None]
 # In the order `controlnet --help` lists them.
-_MODULES = (demo, generate, serve, annotate, models, data, train, evaluate)
+_MODULES = (demo, generate, serve, annotate, models, data, train, evaluate, estimator)
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
@@ -41,7 +41,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 # Commands whose process runs one job of many model steps: malloc keeps freed memory for the next
 # step instead of page-faulting it back from the kernel (runtime.keep_freed_memory). Not ``serve``,
 # whose memory between requests goes back to the system.
-_MODEL_JOBS = {"demo", "generate", "train", "eval"}
+_MODEL_JOBS = {"demo", "generate", "train", "eval", "train-estimator"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "the condition, shape metadata in prompt.json (default size 64)",
         "world": "shaded 3-D scenes (spheres, cubes, cylinders, cones, flat shapes, posed figures) with exact "
         "canny, depth, normal, seg, pose and scribble maps, each condition also its own dataset in "
-        "OUT/CONDITION, scene metadata in prompt.json (default size 128)",
+        "OUT/CONDITION, scene metadata in prompt.json, instance maps in OUT/instance (default size 128)",
     }
     for task, help_text in about.items():
         t = tasks.add_parser(task, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")

@@ -28,6 +28,9 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "from each image with --annotator (the one that made the data's conditions; default canny) and compared "
         "with the one it was made from: Canny edge F1 and SSIM of the edge maps, SSIM of any other map, RMSE of "
         "depth maps; for 'controlnet data scenes' data, also whether the named colours are where the shapes are. "
+        "Data of 'controlnet data world' is scored by its condition: WORLD (canny) by edge F1, WORLD/depth by the "
+        "depth RMSE and WORLD/seg by the mIoU of the world estimators, WORLD/pose by how the segmented figures "
+        "follow the skeletons, and each by prompt adherence (the named colours on their objects, wall and floor). "
         "Writes results.json and grid.png to --out.",
     )
     e.add_argument("--data", type=Path, required=True, help="a dataset folder (prompt.json or metadata.jsonl)")
@@ -35,6 +38,11 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     e.add_argument("--base", type=Path, help="base model (default: the default model)")
     e.add_argument("--controlnet", type=Path, help="ControlNet (with --base)")
     e.add_argument("--no-control", action="store_true", help="the base model alone, from the prompts")
+    e.add_argument(
+        "--ground-truth",
+        action="store_true",
+        help="score the data's own images instead of generating (the ceiling of every score; no model is loaded)",
+    )
     e.add_argument("--count", type=int, default=50, help="conditions to evaluate (default 50)")
     e.add_argument("--images-per-condition", type=int, default=4, help="default 4 (the ControlNet++ protocol)")
     e.add_argument("--steps", type=int, default=20)
@@ -101,10 +109,31 @@ def _check_eval_options(args: argparse.Namespace):
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
     if args.controlnet and args.no_control:
         raise UsageError("--no-control evaluates the base alone; it contradicts --controlnet")
+    if args.ground_truth and (args.base or args.controlnet or args.no_control):
+        raise UsageError(
+            "--ground-truth scores the data's own images; it takes no --base, --controlnet or --no-control"
+        )
     for path in (args.base, args.controlnet):
         if path is not None and not path.exists():
             raise UsageError(f"{path}: no such file or folder")
     return reextraction
+
+
+def _check_world(args: argparse.Namespace) -> None:
+    """World data, before a model loads: other conditions than canny are scored by the world's own
+    measures (an --annotator would be ignored); the instance maps and the estimators must be there."""
+    from ..datasets.folders import read_records
+    from ..world_evaluation import find_world
+
+    world = find_world(args.data)
+    if world is None:
+        return
+    if world.condition != "canny" and (args.annotator != "canny" or args.annotator_param):
+        raise UsageError(
+            f"--annotator: {args.data} holds the world's {world.condition} maps, scored by the world's own "
+            "measures (controlnet eval --help), not by re-extraction"
+        )
+    world.check(read_records(args.data)[: args.count])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -114,14 +143,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     reextraction = _check_eval_options(args)
     read_records(args.data)  # DatasetError (one line) for a folder without a readable listing
+    _check_world(args)
     output_folder(args.out)
-    base, controlnets = args.base, [args.controlnet] if args.controlnet else []
-    if base is None:
-        base, controlnets = shipped_model()
-    pipe = Pipeline.from_files(base, controlnets, dtype=args.dtype)
-    use_control = not args.no_control
-    if use_control and not pipe.controlnets:
-        raise UsageError("no ControlNet to evaluate: pass --controlnet PATH, or --no-control for the base alone")
+    pipe, use_control = None, not args.no_control
+    if not args.ground_truth:
+        base, controlnets = args.base, [args.controlnet] if args.controlnet else []
+        if base is None:
+            base, controlnets = shipped_model()
+        pipe = Pipeline.from_files(base, controlnets, dtype=args.dtype)
+        if use_control and not pipe.controlnets:
+            raise UsageError("no ControlNet to evaluate: pass --controlnet PATH, or --no-control for the base alone")
     progress = ProgressBar("conditions")
     try:
         results = evaluate(

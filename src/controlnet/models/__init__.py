@@ -5,5 +5,6 @@
 the encoder, its hint encoder and zero convolutions), ``vae``, ``text`` and ``tokenizer`` (CLIP and
 OpenCLIP), ``stable_diffusion`` (the three together, as one LDM checkpoint holds them),
 ``placement`` (low-memory placement of modules), ``tiny`` (seeded random small models for tests),
-``t2i_adapter`` (the T2I-Adapter's full and light networks, whose features the UNet adds to its encoder).
+``t2i_adapter`` (the T2I-Adapter's full and light networks, whose features the UNet adds to its encoder),
+``estimator`` (the small encoder-decoder that reads depth or segmentation off world images for eval).
 """
