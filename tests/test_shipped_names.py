@@ -105,7 +105,8 @@ def test_the_readme_lists_the_shipped_names():
     table = readme.split("**Shipped ControlNets by name.**")[1].split("\n\n")[1]
     rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     kinds = {"controlnet": "ControlNet", "adapter": "T2I-Adapter"}
-    assert rows == [[c.name, kinds[c.kind], c.description, c.annotator or "(none fits)"] for c in shipped.MODEL.controls]
+    expected = [[c.name, kinds[c.kind], c.description, c.annotator or "(none fits)"] for c in shipped.MODEL.controls]
+    assert rows == expected
 
 
 def test_a_path_beats_a_name_and_a_name_gives_the_shipped_file(tmp_path, monkeypatch):
@@ -385,3 +386,37 @@ def test_the_pages_unit_menu_shows_shipped_names(tiny_registry):
         ("ControlNet: mine.safetensors", "controlnet:1"),
         ("T2I-Adapter: t2iadapter.pth", "adapter:0"),
     ]
+
+
+# -- eval ----------------------------------------------------------------------------------------
+
+
+class _Loaded(Exception):
+    """Raised in place of loading models: what eval would load is all these tests need."""
+
+
+@pytest.mark.parametrize(
+    ("folder", "named", "expected"),
+    [
+        ("depth", [], ["tiny-depth.safetensors"]),  # the world's depth maps: the shipped depth ControlNet
+        ("", [], ["tiny-canny.safetensors"]),  # the world's canny maps (its root folder): the canny one
+        ("depth", ["--controlnet", "canny"], ["tiny-canny.safetensors"]),  # a name given is that one
+    ],
+)
+def test_eval_takes_shipped_names_and_defaults_to_the_datas_condition(
+    tiny_registry, tmp_path, monkeypatch, folder, named, expected
+):
+    from controlnet.datasets.world import write_world
+    from controlnet.pipeline import Pipeline
+
+    write_world(tmp_path / "world", count=2, size=64, seed=1)
+    loaded = []
+
+    def record(base, controlnets, *args, **kwargs):
+        loaded.append((Path(base).name, [Path(c).name for c in controlnets]))
+        raise _Loaded
+
+    monkeypatch.setattr(Pipeline, "from_files", record)
+    with pytest.raises(_Loaded):
+        main(["eval", "--data", str(tmp_path / "world" / folder), "--out", str(tmp_path / "out"), *named])
+    assert loaded == [("tiny.safetensors", expected)]

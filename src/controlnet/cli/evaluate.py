@@ -13,9 +13,9 @@ from .common import (
     UsageError,
     add_annotators_dir,
     annotator_params,
+    model_files,
     one_line,
     output_folder,
-    shipped_model,
 )
 
 
@@ -36,7 +36,11 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     e.add_argument("--data", type=Path, required=True, help="a dataset folder (prompt.json or metadata.jsonl)")
     e.add_argument("--out", type=Path, required=True, help="folder for results.json and grid.png")
     e.add_argument("--base", type=Path, help="base model (default: the default model)")
-    e.add_argument("--controlnet", type=Path, help="ControlNet (with --base)")
+    e.add_argument(
+        "--controlnet",
+        help="ControlNet: a file (with --base) or a shipped name (default: the shipped one for the data's "
+        "condition, e.g. depth for WORLD/depth; else the first shipped)",
+    )
     e.add_argument("--no-control", action="store_true", help="the base model alone, from the prompts")
     e.add_argument(
         "--ground-truth",
@@ -105,17 +109,14 @@ def _check_eval_options(args: argparse.Namespace):
         raise UsageError(str(error)) from None
     if not args.data.exists():
         raise UsageError(f"--data {args.data}: no such folder")
-    if args.controlnet and args.base is None:
-        raise UsageError("--controlnet needs --base (the base model it was trained for)")
     if args.controlnet and args.no_control:
         raise UsageError("--no-control evaluates the base alone; it contradicts --controlnet")
     if args.ground_truth and (args.base or args.controlnet or args.no_control):
         raise UsageError(
             "--ground-truth scores the data's own images; it takes no --base, --controlnet or --no-control"
         )
-    for path in (args.base, args.controlnet):
-        if path is not None and not path.exists():
-            raise UsageError(f"{path}: no such file or folder")
+    if args.base is not None and not args.base.exists():
+        raise UsageError(f"{args.base}: no such file or folder")
     return reextraction
 
 
@@ -136,6 +137,17 @@ def _check_world(args: argparse.Namespace) -> None:
     world.check(read_records(args.data)[: args.count])
 
 
+def _shipped_for(args: argparse.Namespace) -> list[str]:
+    """Without --base and --controlnet: the shipped ControlNet made for the data's world condition
+    (WORLD/depth: depth), where one ships; else none named (every shipped one loads, the first
+    scored)."""
+    from .. import shipped
+    from ..world_evaluation import find_world
+
+    world = None if args.base is not None else find_world(args.data)
+    return [world.condition] if world is not None and world.condition in shipped.names("controlnet") else []
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from ..datasets.folders import read_records
     from ..evaluation import evaluate, format_summary
@@ -147,10 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     output_folder(args.out)
     pipe, use_control = None, not args.no_control
     if not args.ground_truth:
-        base, controlnets = args.base, [args.controlnet] if args.controlnet else []
-        if base is None:
-            base, controlnets = shipped_model()
-        pipe = Pipeline.from_files(base, controlnets, dtype=args.dtype)
+        base, controlnets, _ = model_files(args.base, [args.controlnet] if args.controlnet else _shipped_for(args))
+        pipe = Pipeline.from_files(base, [] if args.no_control else controlnets, dtype=args.dtype)
         if use_control and not pipe.controlnets:
             raise UsageError("no ControlNet to evaluate: pass --controlnet PATH, or --no-control for the base alone")
     progress = ProgressBar("conditions")
