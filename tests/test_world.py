@@ -15,7 +15,7 @@ from controlnet.annotators.pose.jsonformat import read_pose_json
 from controlnet.cli import main
 from controlnet.datasets.folders import ControlDataset, read_records
 from controlnet.datasets.synthetic import SCENE_COLORS
-from controlnet.datasets.world import AMBIENT, CLASSES, CONDITIONS, world_sample, write_world
+from controlnet.datasets.world import AMBIENT, CLASSES, CONDITIONS, _bae_normal_map, world_sample, write_world
 from controlnet.datasets.world_captions import NOUNS, phrasing_count
 from controlnet.datasets.world_render import Camera, render
 
@@ -99,6 +99,12 @@ def test_normals_face_the_viewer_and_a_sphere_points_outward():
     normal = s.conditions["normal"].astype(int)
     assert (normal[0] == normal[0, 0]).all() and normal[0, 0, 2] >= 250  # the wall faces the viewer: blue
     assert abs(normal[0, 0, 0] - 127) <= 1 and normal[-1, 0, 1] > 200  # the floor faces up: green
+    # normal_bae's convention: red grows toward the image's left (a sphere's left rim is red)
+    camera_normals = camera.to_camera(buffers.normal[hit])
+    encoded = _bae_normal_map(camera_normals[None])[0].astype(int)
+    facing_right, facing_left = camera_normals[:, 0] > 0.5, camera_normals[:, 0] < -0.5
+    assert facing_right.any() and facing_left.any()
+    assert (encoded[facing_right, 0] <= 63).all() and (encoded[facing_left, 0] >= 191).all()
 
 
 def test_pose_keypoints_land_on_the_figures_and_the_map_is_draw_poses(samples):
@@ -184,12 +190,13 @@ def _digest(folder, skip: str) -> str:
 
 def test_instance_maps_are_added_without_changing_any_other_output(tmp_path):
     """instance/N.png came later (for the evaluation): every other file of a seed's dataset is as
-    it was before (the digest was taken with the writer before instance maps existed)."""
+    it was before (the digest was taken before instance maps existed, and again when the normal
+    maps took normal_bae's x direction, their one deliberate change since)."""
     from PIL import Image
 
     out = tmp_path / "world"
     write_world(out, 3, size=64, seed=2)
-    assert _digest(out, skip="instance") == "1a2b6d91d01465b51ee07ed175485b7caf621d1b1a31468c056322c651462fe3"
+    assert _digest(out, skip="instance") == "8993ffefdd025cd6b09f82ff7b135dcdd9b9bb286a01a5ffee586d1d584c414e"
     for i, record in enumerate(read_records(out)):
         instance = np.asarray(Image.open(out / "instance" / f"{i}.png"))
         assert np.array_equal(instance, world_sample(i, size=64, seed=2).instance)

@@ -10,9 +10,10 @@ shaded Lambert + ambient under one directional light. From the same z-buffer com
 - ``canny``: the canny annotator (100/200) on the image, as the ``scenes`` task's source;
 - ``depth``: inverse camera depth stretched to 0-255, grey RGB, near bright (as MiDaS and
   `maps.depth_map` give it);
-- ``normal``: camera-frame unit normals (x image right, y image up, z toward the viewer) as
-  ``(n + 1) / 2 * 255`` truncated, the encoding of the ``normal_bae`` annotator: a surface facing
-  the viewer is (127, 127, 255), the floor seen from above is green;
+- ``normal``: camera-frame unit normals in the convention of ControlNet 1.1's ``normal_bae`` maps
+  (red toward the image's left, green up, blue toward the viewer), as ``(n + 1) / 2 * 255``
+  truncated, that annotator's encoding: a surface facing the viewer is (127, 127, 255), the floor
+  seen from above is green, a surface turned to the right has little red;
 - ``seg``: ADE20k class colours (`CLASSES`: wall, floor, person, one class per kind);
 - ``pose``: the figures' 18 COCO keypoints, projected exactly, drawn by `draw_poses` (black when
   there is no figure); ``pose/{i}.json`` holds them as OpenPose JSON (`poses_to_json`);
@@ -107,13 +108,21 @@ def world_sample(index: int, *, size: int = DEFAULT_SIZE, seed: int = 0, camera:
     conditions = {
         "canny": run_annotator("canny", image, low_threshold=low, high_threshold=high),
         "depth": depth_map(frame["disparity"]),
-        "normal": (((frame["normal"] + 1) * 0.5).clip(0, 1) * 255.0).astype(np.uint8),
+        "normal": _bae_normal_map(frame["normal"]),
         "seg": ADE20K_PALETTE[frame["labels"]],
         "pose": draw_poses(poses),
         "scribble": _scribble(frame["instance"], _rng(seed, index, 2)),
     }
     scene = _metadata(things, wall, floor, light, frame, camera)
     return WorldSample(image, caption(scene, _rng(seed, index, 1)), conditions, poses, scene, frame["instance"])
+
+
+def _bae_normal_map(normals: np.ndarray) -> np.ndarray:
+    """(H, W, 3) camera-frame normals (x right, y up, z toward the viewer) as a normal_bae map: x
+    flipped, as BAE's normals (Bae et al. 2021, ScanNet) point red to the left, then each axis
+    from [-1, 1] to 0-255 as the annotator writes them."""
+    bae = normals * np.array([-1.0, 1.0, 1.0])
+    return (((bae + 1) * 0.5).clip(0, 1) * 255.0).astype(np.uint8)
 
 
 def write_world(
