@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from controlnet.checkpoints import load_controlnet, save_ldm
 from controlnet.datasets.synthetic import write_dataset
@@ -459,6 +460,40 @@ def test_small_base_models_train_from_scratch(setup, tmp_path, task):
     assert model.config.unet == trainer.model.config.unet
     if task == "base":  # the VAE came from --base, untouched
         assert torch.equal(model.vae.encoder.conv_in.weight, load_base(base).vae.encoder.conv_in.weight)
+
+
+def test_the_adversarial_term_trains_each_player_on_its_own_loss_in_one_step(setup, tmp_path):
+    """--adversarial-weight: one backward pass gives the discriminator the gradient of its hinge
+    loss alone (the generator's term reaches it through detached weights) and the reconstruction
+    the gradient of the balanced generator term alone (the discriminator's sees it detached)."""
+    settings = dict(task="vae", model_config="tiny", adversarial_weight=0.5, max_steps=2, batch_size=2)
+    trainer = Trainer(config(setup, tmp_path, **settings), log=lambda m: None)
+    objective = trainer.objective
+    discriminator = list(objective.discriminator.parameters())
+    assert {id(p) for p in discriminator} <= {id(p) for p in trainer.trainable}  # one optimiser, both players
+    real = trainer.batch(range(2))["image"]
+    fake = objective.model.vae(real).float()
+    rec = (fake - real).abs().mean()
+    total = objective.adversarial_loss(rec, fake, real)
+    to_discriminator = torch.autograd.grad(total, discriminator, retain_graph=True)
+    hinge = 0.5 * (
+        F.relu(1 - objective.discriminator(real)).mean() + F.relu(1 + objective.discriminator(fake.detach())).mean()
+    )
+    expected = torch.autograd.grad(hinge, discriminator)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(to_discriminator, expected, strict=True))
+    (to_fake,) = torch.autograd.grad(total, fake, retain_graph=True)
+    last = objective.vae.decoder.conv_out.weight
+    generator = -objective.discriminator(fake).mean()
+    balance = torch.autograd.grad(rec, last, retain_graph=True)[0].norm() / (
+        torch.autograd.grad(generator, last, retain_graph=True)[0].norm() + 1e-4
+    )
+    (expected_fake,) = torch.autograd.grad(0.5 * balance.detach() * generator, fake)
+    assert to_fake.abs().sum() > 0 and torch.allclose(to_fake, expected_fake, atol=1e-6)
+    before = [p.detach().clone() for p in discriminator]
+    trainer.train_step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, discriminator, strict=True))
+    with pytest.raises(TrainingError, match="--adversarial-weight applies to the vae task"):
+        Trainer(config(setup, tmp_path / "other", adversarial_weight=0.5), log=lambda m: None)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup, tmp_path):

@@ -191,6 +191,12 @@ class TrainConfig:
         0.05, "stop when more than this share of the samples read so far is unreadable", range=FRACTION
     )
     kl_weight: float = option(1e-6, "vae task: weight of the KL term", range=POSITIVE)
+    adversarial_weight: float = option(
+        0.0,
+        "vae task: weight of a PatchGAN adversarial term (hinge loss, balanced against the reconstruction "
+        "as SD's VAE was); 0: none",
+        range=POSITIVE,
+    )
     gradient_loss_weight: float = option(
         1.0, "vae task: weight of the image-gradient L1 term (against blurred edges)", range=POSITIVE
     )
@@ -248,6 +254,8 @@ class TrainConfig:
             raise TrainingError("--strategy fsdp does not shard an unlocked decoder yet; use ddp with --unlock-decoder")
         if self.task in ("controlnet", "adapter") and self.base is None:
             raise TrainingError(f"the {self.task} task needs --base (the frozen base model)")
+        if self.adversarial_weight and self.task != "vae":
+            raise TrainingError("--adversarial-weight applies to the vae task")
         if self.task == "adapter" and (self.unlock_decoder or self.only_mid_control or self.controlnet):
             raise TrainingError("--unlock-decoder, --only-mid-control and --controlnet apply to the controlnet task")
         if self.task == "vae" and self.model_config is None:

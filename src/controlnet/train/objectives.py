@@ -433,14 +433,36 @@ def image_gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
+class PatchDiscriminator(nn.Module):
+    """A PatchGAN discriminator (Isola et al. 2017), the one SD's VAE was trained against (taming
+    transformers' ``NLayerDiscriminator``: 4x4 convolutions, three halvings, one logit per 70x70
+    pixel patch), narrower, with GroupNorm for its BatchNorm (no running statistics to keep in
+    step between the real and the generated batch)."""
+
+    def __init__(self, channels: int = 32, layers: int = 3) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers + 1):
+            wider = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            blocks += [nn.Conv2d(width, wider, 4, stride, 1), nn.GroupNorm(8, wider), nn.LeakyReLU(0.2)]
+            width = wider
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.layers = nn.Sequential(*blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
 class VAEObjective(Objective):
     """The autoencoder: reconstruction (L1 + L2) through a posterior sample, plus
     ``gradient_loss_weight`` x L1 between the horizontal and vertical differences of the images,
-    plus ``kl_weight`` x KL.
+    plus ``kl_weight`` x KL, and with ``adversarial_weight`` a PatchGAN term.
 
     SD's VAE gets sharp edges from a perceptual and an adversarial loss (Rombach et al. 2022); a
     pixel loss alone blurs them, and blurred edges cost a Canny ControlNet its edge F1. The gradient
-    term is a cheap stand-in that penalises exactly that.
+    term is a cheap stand-in that penalises exactly that; the adversarial term is the original's.
     """
 
     def __init__(self, model: StableDiffusion, config: TrainConfig) -> None:
@@ -449,6 +471,8 @@ class VAEObjective(Objective):
         self.vae = model.vae.requires_grad_(True).train()
         self.kl_weight = config.kl_weight
         self.gradient_loss_weight = config.gradient_loss_weight
+        self.adversarial_weight = config.adversarial_weight
+        self.discriminator = PatchDiscriminator() if config.adversarial_weight else None
 
     @classmethod
     def build(cls, config: TrainConfig) -> VAEObjective:
@@ -456,7 +480,10 @@ class VAEObjective(Objective):
         return cls(StableDiffusion(_preset(config)), config)
 
     def parameter_groups(self, config: TrainConfig) -> list[dict]:
-        return [{"params": list(self.vae.parameters()), "lr": config.learning_rate}]
+        groups = [{"params": list(self.vae.parameters()), "lr": config.learning_rate}]
+        if self.discriminator is not None:
+            groups.append({"params": list(self.discriminator.parameters()), "lr": config.learning_rate})
+        return groups
 
     def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
         """The images and the noise of their posterior samples."""
@@ -475,7 +502,27 @@ class VAEObjective(Objective):
         if self.gradient_loss_weight:
             rec = rec + self.gradient_loss_weight * image_gradient_l1(reconstruction, images)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
-        return rec + self.kl_weight * kl
+        loss = rec + self.kl_weight * kl
+        if self.discriminator is not None:
+            loss = loss + self.adversarial_loss(rec, reconstruction, images)
+        return loss
+
+    def adversarial_loss(self, rec: torch.Tensor, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Both players' hinge losses in one term, so that one optimiser step updates both (the loop
+        has one optimiser): the generator's term sees the discriminator through detached weights (its
+        gradient reaches the VAE only), the discriminator's sees the reconstruction detached (its
+        gradient reaches the discriminator only). The generator's term is weighted as in SD's VAE
+        training (Esser et al. 2021, eq. 7): the ratio of the gradient norms of the reconstruction
+        and adversarial losses at the decoder's last layer, times ``adversarial_weight``."""
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        generator = -torch.func.functional_call(self.discriminator, frozen, (fake,)).float().mean()
+        last = self.vae.decoder.conv_out.weight
+        (rec_grad,) = torch.autograd.grad(rec, last, retain_graph=True)
+        (adv_grad,) = torch.autograd.grad(generator, last, retain_graph=True)
+        balance = (rec_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        on_real, on_fake = self.discriminator(real).float(), self.discriminator(fake.detach()).float()
+        discriminator = F.relu(1.0 - on_real).mean() + F.relu(1.0 + on_fake).mean()
+        return self.adversarial_weight * balance * generator + 0.5 * discriminator
 
     def validation_images(
         self, validation: ValidationSet, trainable: dict[str, torch.Tensor]
