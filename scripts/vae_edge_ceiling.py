@@ -3,6 +3,12 @@
 decoder draws, so this is the ceiling to read `controlnet eval`'s edge F1 against (docs/model-card.md).
 
     .venv/bin/python scripts/vae_edge_ceiling.py --data ~/.cache/controlnet-shipped/held-out --count 100
+
+A VAE still training is scored from its checkpoint (the VAE's weights in the run's state.pt) and the
+preset it is a VAE of:
+
+    .venv/bin/python scripts/vae_edge_ceiling.py --data ~/.cache/controlnet-world/held-out \
+        --checkpoint ~/.cache/controlnet-world/vae/checkpoints/step-00001000 --preset world --count 40
 """
 
 from __future__ import annotations
@@ -14,19 +20,32 @@ import numpy as np
 import torch
 
 from controlnet import shipped
+from controlnet.config import preset
 from controlnet.datasets.folders import read_records
 from controlnet.evaluation import edge_f1
 from controlnet.imaging.images import load_image
 from controlnet.loading import load_base
+from controlnet.models.stable_diffusion import StableDiffusion
+from controlnet.train.config import STATE_FILE
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a dataset folder (prompt.json)")
     parser.add_argument("--base", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a vae task's checkpoint folder (step-N)")
+    parser.add_argument("--preset", default=None, help="with --checkpoint: the preset it trains the VAE of")
     parser.add_argument("--count", type=int, default=100)
     args = parser.parse_args()
-    model = load_base(args.base or shipped.base_path()).float().eval()
+    if args.checkpoint is not None:
+        model = StableDiffusion(preset(args.preset))
+        state = torch.load(args.checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        prefix = "model.vae."  # the vae objective's name for the VAE's parameters
+        vae = {k.removeprefix(prefix): v for k, v in state["trainable"].items() if k.startswith(prefix)}
+        model.vae.load_state_dict(vae)
+        model = model.eval()
+    else:
+        model = load_base(args.base or shipped.base_path()).float().eval()
     scores = []
     with torch.no_grad():
         for record in read_records(args.data)[: args.count]:

@@ -269,6 +269,7 @@ def test_login_then_pick_a_model_from_the_folder(guarded_server, browser):
     shipped_models = [*shipped.controls("controlnet"), *shipped.controls("adapter")]
     assert names == [f"{labels[c.kind]}: {c.name} ({c.description})" for c in shipped_models]
     page.keyboard.press("Escape")
+    page.get_by_role("option").first.wait_for(state="detached")  # closed, or the next menu's list would hold both
 
     page.locator("#model input").click()
     options = page.get_by_role("option")
