@@ -100,7 +100,7 @@ def authorised(header: str, auth: tuple[str, str] | None) -> bool:
     return secrets.compare_digest(user, expected_user) & secrets.compare_digest(password, expected_password)
 
 
-def _decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
+def decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
     """A base64 image from a JSON request, through the same checks as an upload, in memory."""
     if not isinstance(data, str):
         raise RequestError(f"{what} must be a base64-encoded PNG or JPEG string")
@@ -156,11 +156,11 @@ def request_from_json(body: Any, limits: Limits) -> GenerateRequest:
             )
             values |= {"annotator": "none", "annotator_params": {}}
         else:
-            image = _decode_image(item["image"], f"units[{i}].image", limits)
+            image = decode_image(item["image"], f"units[{i}].image", limits)
         units.append(UnitRequest(image, **values))
     for key in ("init_image", "mask"):
         if body.get(key) is not None:
-            fields[key] = _decode_image(body[key], key, limits)
+            fields[key] = decode_image(body[key], key, limits)
     return GenerateRequest(units=units, **fields)
 
 

@@ -1,11 +1,13 @@
-"""The server of ``controlnet serve``: the page (ui.py) and the JSON API (api.py) in one ASGI app
-behind security.RequestGuard, with its own folder (files.py), run by uvicorn.
+"""The server of ``controlnet serve``: the page (ui.py), the JSON API (api.py) and the
+AUTOMATIC1111 API (a1111_routes.py) in one ASGI app behind security.RequestGuard, with its own
+folder (files.py), run by uvicorn.
 """
 
 import contextlib
 import warnings
 from pathlib import Path
 
+from .a1111_routes import add_a1111_api
 from .api import add_json_api
 from .files import Retention, ServerFiles
 from .service import Limits, ModelRegistry, Service
@@ -13,7 +15,8 @@ from .ui import build_ui
 
 
 def build_app(service: Service, auth: tuple[str, str] | None = None, retention: Retention | None = None):
-    """The ASGI app: the JSON API at /api, the page at /, behind security.RequestGuard.
+    """The ASGI app: the JSON API at /api, the AUTOMATIC1111 API at /sdapi/v1 and /controlnet, the
+    page at /, behind security.RequestGuard.
 
     It owns a new private folder (files.ServerFiles, ``app.files``) for what the page uploads
     and shows, bounded by ``retention``; the folder goes when the app shuts down (its lifespan), or
@@ -43,6 +46,7 @@ def _build_app(service: Service, auth: tuple[str, str] | None, files: ServerFile
     app = FastAPI(title="controlnet", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     add_json_api(app, service, auth)
+    add_a1111_api(app, service, auth)
     page = build_ui(service, files, document_api=auth is None)
     page.queue(max_size=service.limits.max_queue, default_concurrency_limit=None)
     mb = f"{service.limits.max_upload_bytes / 2**20:g}mb"

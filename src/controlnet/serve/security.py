@@ -9,7 +9,7 @@ that hole, each enough on its own for paths, the first and the last for URLs too
 
 1. :class:`RequestGuard`, in front of the whole app, refuses (400) a request to run an event that
    names a file outside the server's folder (files.py), or a URL, before Gradio sees it.
-   It also answers only the routes the page and the JSON API use, serves files only from the
+   It also answers only the routes the page and the HTTP APIs use, serves files only from the
    server's folder, and counts request bodies while they stream, refusing one past the limit
    (413) before it is buffered.
 2. :func:`confine_page` marks the page launched, so Gradio's own check runs for every input ...
@@ -201,12 +201,15 @@ def _check_image(source: str | bytes, what: str, limits: Limits) -> None:
 
 # -- in front of the app ---------------------------------------------------------------------------
 
-# The routes the page (with its login) and the JSON API use; every other route Gradio has (its
-# URL proxy, file streaming, run history, recordings, monitoring, ...) answers 404 here.
+# The routes the page (with its login), the JSON API and the AUTOMATIC1111 API use; every other
+# route Gradio has (its URL proxy, file streaming, run history, recordings, monitoring, ...)
+# answers 404 here.
 _ROUTES = re.compile(
     r"^/(|config/?|theme\.css|robots\.txt|favicon\.ico|manifest\.json|pwa_icon(/\d+)?|login/?|logout"
     r"|(assets|static|svelte)/.+"
     r"|api/(generate|models)"
+    r"|sdapi/v1/(txt2img|img2img|sd-models|samplers|schedulers|options|progress|interrupt|scripts)"
+    r"|controlnet/(version|model_list|module_list|settings|detect)"
     r"|gradio_api/(info/?|app_id/?|heartbeat/[^/]+|queue/(join|data|status)|cancel|reset/?|upload|upload_progress"
     r"|component_server/?|startup-events|run/[^/]+/?|call/[^/]+(/[^/]+)?|file=.+))$"
 )

@@ -465,17 +465,21 @@ class ModelRegistry:
         adapters = entry.adapters if named_adapters else _loadable(entry.adapters, lambda p: load_adapter(p, config))
         return list(controlnets), list(adapters)
 
+    def control_files(self, name: str) -> dict[str, list[Path]]:
+        """The model's ControlNet and T2I-Adapter files by kind, in index order: those loaded when
+        the model is loaded, else those found for it (`control_models`)."""
+        entry = self.entry(name)
+        if name in self._loaded:
+            return self._loaded[name][0].files
+        return {"controlnet": list(entry.controlnets), "adapter": list(entry.adapters)}
+
     def control_models(self, name: str) -> dict[str, list[str | None]]:
         """The file names of the model's ControlNets and T2I-Adapters, in the order a unit's
         ``controlnet`` and ``adapter`` index them, and beside them (``controlnet_names``,
         ``adapter_names``) the shipped name of each, which a unit may give instead (None: not a
         shipped file). Those loaded when the model is loaded; else those found for it (one that
         turns out not to fit its base is left out when it loads)."""
-        entry = self.entry(name)
-        if name in self._loaded:
-            files = self._loaded[name][0].files
-        else:
-            files = {"controlnet": entry.controlnets, "adapter": entry.adapters}
+        files = self.control_files(name)
         return {
             "controlnets": [path.name for path in files["controlnet"]],
             "adapters": [path.name for path in files["adapter"]],

@@ -1,0 +1,683 @@
+"""The AUTOMATIC1111 web UI's HTTP API, with the ControlNet extension's units, translated onto the
+service's own requests (service.GenerateRequest, UnitRequest): one generation path, one set of
+checks and limits for the page, the JSON API and this API.
+
+Here is only the translation: A1111 JSON in, our request out; our response in, A1111 JSON out; and
+the lists A1111 clients read (models, samplers, modules). The routes are in a1111_routes.py.
+Field names, defaults and enum spellings are the web UI's (``modules/api/models.py``) and the
+extension's (sd-webui-controlnet v1.1.455, ``internal_controlnet/args.py``, ``scripts/api.py``);
+docs/webui.md lists them and where this server differs. Every image comes inline as base64: a
+string is never taken for a path on the server, and nothing a request carries is unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__, shipped
+from ..hashing import model_sha256, short_hash
+from ..imaging.resize import MAX_ASPECT_RATIO, fit_to
+from ..settings import GENERATION, UNIT, Setting, SettingError
+from .api import decode_image
+from .service import GenerateRequest, GenerateResponse, Limits, RequestError, UnitRequest
+from .ui import UNITS
+
+API_VERSION = 3  # the extension's get_api_version() since v1.1.4xx
+UNIT_COUNT = UNITS  # control_net_unit_count: the extension's default (3), and the page's unit tabs
+
+# -- samplers --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler as the web UI names it, and ours for each scheduler it takes here."""
+
+    name: str
+    aliases: tuple[str, ...]
+    schedulers: dict[str, str]  # the web UI's scheduler name -> our sampler ("automatic": its default)
+
+
+# Since web UI v1.9 the noise schedule is a separate "scheduler"; "automatic" is each sampler's own
+# default (Karras for DPM++ 2M, the model's uniform sigmas for Euler: sd_samplers_kdiffusion.py).
+SAMPLERS = (
+    Sampler("DPM++ 2M", ("k_dpmpp_2m",),
+            {"automatic": "dpmpp_2m_karras", "karras": "dpmpp_2m_karras", "uniform": "dpmpp_2m"}),
+    Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), {"automatic": "euler_a", "uniform": "euler_a"}),
+    Sampler("Euler", ("k_euler",), {"automatic": "euler", "uniform": "euler"}),
+    Sampler("DDIM", ("ddim",), {"automatic": "ddim"}),
+    Sampler("UniPC", ("unipc",), {"automatic": "unipc"}),
+)  # fmt: skip
+# Before v1.9 the schedule was part of the name, and clients still send those names.
+COMBINED = {"dpm++ 2m karras": ("DPM++ 2M", "karras"), "k_dpmpp_2m_ka": ("DPM++ 2M", "karras")}
+DEFAULT_SAMPLER = "Euler"  # the API's sampler_index default (its StableDiffusionProcessingAPI)
+SCHEDULERS = ("automatic", "uniform", "karras")
+
+
+def sampler(name: Any, scheduler: Any = None) -> tuple[str, str]:
+    """(our sampler, the web UI's name for it) from ``sampler_name`` and ``scheduler``; our own
+    names (``dpmpp_2m_karras``) are taken too. RequestError names the known ones."""
+    name = DEFAULT_SAMPLER if name in (None, "") else name
+    if not isinstance(name, str):
+        raise RequestError(f"sampler_name must be text, got {name!r}")
+    key = name.strip().lower()
+    if key in COMBINED:
+        key, implied = COMBINED[key]
+        key, scheduler = key.lower(), implied if scheduler in (None, "", "automatic", "Automatic") else scheduler
+    found = next((s for s in SAMPLERS if key == s.name.lower() or key in s.aliases), None)
+    if found is None:
+        if key in GENERATION["sampler"].allowed():
+            return key, key
+        known = ", ".join(repr(s.name) for s in SAMPLERS)
+        raise RequestError(f"unknown sampler {name!r}; this server has {known} (and 'DPM++ 2M Karras')")
+    chosen = "automatic" if scheduler in (None, "") else scheduler
+    if not isinstance(chosen, str) or chosen.strip().lower() not in found.schedulers:
+        raise RequestError(
+            f"sampler {found.name!r} takes scheduler {', '.join(found.schedulers)} here, got {scheduler!r}"
+        )
+    return found.schedulers[chosen.strip().lower()], found.name
+
+
+# -- unit enums ------------------------------------------------------------------------------------
+
+# The extension's spellings (scripts/enums.py) -> ours; before v1.1.448 it also took the integers,
+# the index into ``*_ORDER``, which older clients still send.
+CONTROL_MODES = {
+    "Balanced": "balanced",
+    "My prompt is more important": "prompt",
+    "ControlNet is more important": "control",
+}
+CONTROL_MODE_ORDER = ("balanced", "prompt", "control")
+RESIZE_MODES_A1111 = {
+    "Just Resize": "just_resize",
+    "Crop and Resize": "crop_and_resize",
+    "Resize and Fill": "resize_and_fill",
+    # the old names, still accepted by the extension's validator
+    "Inner Fit (Scale to Fit)": "crop_and_resize",
+    "Scale to Fit (Inner Fit)": "crop_and_resize",
+    "Outer Fit (Shrink to Fit)": "resize_and_fill",
+    "Envelope (Outer Fit)": "resize_and_fill",
+}
+RESIZE_MODE_ORDER = ("just_resize", "crop_and_resize", "resize_and_fill", "just_resize")  # 3: latent upscale
+# img2img's own resize_mode (the web UI's, integers only): 0 just resize, 1 crop, 2 fill, 3 latent.
+IMG2IMG_RESIZE_ORDER = RESIZE_MODE_ORDER
+
+
+def enum_value(value: Any, names: dict[str, str], order: tuple[str, ...], what: str) -> str:
+    """A unit's control_mode or resize_mode as ours, from the extension's name (any case) or the old
+    integer. webuiapi 0.9.9 sent a one-element list (a stray comma): it is unwrapped."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(order):
+        return order[value]
+    if isinstance(value, str):
+        lowered = {name.lower(): ours for name, ours in names.items()}
+        if value.strip().lower() in lowered:
+            return lowered[value.strip().lower()]
+        if value in order:  # our own spelling
+            return value
+    allowed = ", ".join(repr(name) for name in list(names)[:3])
+    raise RequestError(f"{what} must be one of {allowed} (or 0..{len(order) - 1}), got {value!r}")
+
+
+# -- modules (annotators) --------------------------------------------------------------------------
+
+# The extension lists its preprocessors by internal name (module_list) or by menu label
+# (alias_names=true); ours are mostly its labels. Where they differ: its name or label -> ours.
+MODULE_NAMES = {
+    "depth": "depth_midas",
+    "normal_map": "normal_midas",
+    "lineart": "lineart_realistic",
+    "hed": "softedge_hed",
+    "hed_safe": "softedge_hedsafe",
+    "pidinet": "softedge_pidinet",
+    "pidinet_safe": "softedge_pidisafe",
+    "pidinet_scribble": "scribble_pidinet",
+    "tile_resample": "tile",
+}
+MODULE_LABELS = {
+    "inpaint_global_harmonious": "inpaint",
+    "invert (from white bg & black line)": "invert",
+    "lineart_standard (from white bg & black line)": "lineart_standard",
+    "tile_resample": "tile",
+}
+# The annotator parameters a unit's threshold_a and threshold_b set: the extension's slider_1 and
+# slider_2 where it has the module (preprocessor_compiled.py: canny's low and high thresholds, ...),
+# our stand-ins' first parameters otherwise. Other parameters keep their defaults here.
+SLIDERS = {
+    "canny": ("low_threshold", "high_threshold"),
+    "mlsd": ("thr_v", "thr_d"),
+    "mlsd_lsd": ("thr_d",),
+    "normal_midas": ("bg_th",),
+    "recolor_luminance": ("gamma_correction",),
+    "threshold": ("threshold",),
+    "tile": ("down_sampling_rate",),
+    "scribble": ("threshold",),
+}
+PROCESSOR_RES = UNIT["annotator_resolution"]
+
+
+def module(value: Any, where: str) -> str:
+    """Our annotator for a unit's ``module``: ours, or the extension's name or label."""
+    if value in (None, ""):
+        return "none"
+    if isinstance(value, str):
+        for table in ({name: name for name in module_names()}, MODULE_NAMES, MODULE_LABELS):
+            if value in table:
+                return table[value]
+    raise RequestError(f"{where}: unknown module {value!r}; GET /controlnet/module_list lists them")
+
+
+def module_names() -> list[str]:
+    """The annotators a unit may use, "none" first as the extension lists them; openpose_json reads a
+    file, which this API takes as a unit's image instead of running it."""
+    from ..annotators import ANNOTATORS
+
+    return ["none", *(name for name, a in ANNOTATORS.items() if name != "none" and a.from_file is None)]
+
+
+def module_list(alias_names: bool = False) -> dict[str, Any]:
+    """``GET /controlnet/module_list``: the names (the extension's internal names, or with
+    ``alias_names`` its labels, where they differ from ours) and each one's sliders."""
+    table = MODULE_LABELS if alias_names else MODULE_NAMES
+    shown = {ours: theirs for theirs, ours in table.items()}
+    names = {shown.get(name, name): name for name in module_names()}
+    return {"module_list": list(names), "module_detail": {label: module_detail(name) for label, name in names.items()}}
+
+
+def module_detail(name: str) -> dict[str, Any]:
+    """A module's sliders as the extension describes them (name, value, min, max, step): the
+    resolution (processor_res), then what threshold_a and threshold_b set (SLIDERS)."""
+    from ..annotators import get_annotator
+
+    params = {p.name: p for p in get_annotator(name).params}
+    sliders = []
+    if name != "none":  # a ready map is not processed
+        res = PROCESSOR_RES
+        sliders.append({"name": "Resolution", "value": res.default, "min": res.minimum, "max": res.maximum,
+                        "step": res.multiple_of})  # fmt: skip
+    for pname in SLIDERS.get(name, ()):
+        p = params[pname]
+        step = 1 if p.kind == "int" else 0.01
+        sliders.append({"name": pname, "value": p.default, "min": p.minimum, "max": p.maximum, "step": step})
+    return {"model_free": False, "sliders": sliders}
+
+
+def slider_params(annotator: str, values: tuple[Any, Any], where: str) -> dict[str, Any]:
+    """The annotator parameters threshold_a and threshold_b set. As the extension's
+    bound_check_params: -1, or a value outside the slider's range, means the default."""
+    from ..annotators import get_annotator
+
+    params = {p.name: p for p in get_annotator(annotator).params}
+    chosen = {}
+    for field, value, pname in zip(("threshold_a", "threshold_b"), values, SLIDERS.get(annotator, ()), strict=False):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"{where}: {field} must be a number, got {value!r}")
+        p = params[pname]
+        if p.minimum <= value <= p.maximum:
+            chosen[pname] = int(value) if p.kind == "int" else float(value)
+    return chosen
+
+
+def processor_res(value: Any, where: str) -> int:
+    """The annotator's resolution: -1 or out of 64..2048 is 512 (the extension's
+    bound_check_params); else the nearest multiple of 64, which our annotators take."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{where}: processor_res must be a number, got {value!r}")
+    if not PROCESSOR_RES.minimum <= value <= PROCESSOR_RES.maximum:
+        return PROCESSOR_RES.default
+    return max(64, round(value / 64) * 64)
+
+
+# -- ControlNet models -----------------------------------------------------------------------------
+
+
+def old_model_hash(path: Path) -> str | None:
+    """The web UI's old 8-digit model hash (sd_models.model_hash: SHA-256 of the 64 KiB at 1 MiB),
+    which the extension's model_list shows; None for a diffusers folder."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(0x100000)
+        return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+
+
+def model_title(path: Path) -> str:
+    """A ControlNet or T2I-Adapter as the extension's model_list names it: "stem [hash]"."""
+    digest = old_model_hash(path)
+    return f"{path.stem} [{digest}]" if digest else path.stem
+
+
+def control_model(value: Any, files: dict[str, list[Path]], where: str) -> dict[str, int]:
+    """The unit's model among the served model's ``files`` (by kind, in index order), as the
+    extension finds it: "name [hash]" exactly, the name without the hash, the stem (any case), a
+    shipped model's name, then the shortest stem that contains it. {"controlnet": i} or
+    {"adapter": i}."""
+    if value in (None, "", "None", "none"):
+        raise RequestError(f"{where}: no ControlNet model selected; GET /controlnet/model_list lists them")
+    if not isinstance(value, str):
+        raise RequestError(f"{where}: model must be text, got {value!r}")
+    wanted = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", value).strip().lower()
+    candidates = [(kind, i, path) for kind in ("controlnet", "adapter") for i, path in enumerate(files[kind])]
+
+    def exact(kind: str, path: Path) -> bool:
+        names = {model_title(path).lower(), path.name.lower(), path.stem.lower()}
+        return value.lower() in names or wanted in names or wanted == shipped.shipped_name(path, kind)
+
+    found = [(kind, i) for kind, i, path in candidates if exact(kind, path)]
+    if not found:
+        containing = sorted((len(p.stem), kind, i) for kind, i, p in candidates if wanted and wanted in p.stem.lower())
+        found = [(kind, i) for _, kind, i in containing]
+    if not found:
+        held = ", ".join(model_title(path) for _, _, path in candidates) or "none"
+        raise RequestError(f"{where}: model {value!r} is not one of this model's ControlNets ({held})")
+    kind, index = found[0]
+    return {kind: index}
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+
+def checked(setting: Setting, value: Any, field: str, where: str = "") -> Any:
+    """``value`` checked against our setting, the message naming the A1111 ``field``."""
+    try:
+        return setting.check(value)
+    except SettingError as error:
+        prefix = f"{where}: " if where else ""
+        raise RequestError(f"{prefix}{field}{str(error)[len(setting.title) :]}") from None
+
+
+def _flag(values: dict, field: str, default: bool, where: str) -> bool:
+    value = values.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"{where}: {field} must be true or false, got {value!r}")
+    return value
+
+
+# Unit fields this server does not implement: refused when set, never silently ignored (the
+# extension would torch.load ipadapter_input: it is never unpickled here).
+UNSUPPORTED_UNIT_FIELDS = ("advanced_weighting", "effective_region_mask", "ipadapter_input", "batch_images")
+# The extension's older spellings (ControlNetUnit.legacy_field_alias, mask_alias).
+UNIT_ALIASES = {"guidance": "guidance_end", "lowvram": "low_vram", "input_image": "image", "mask_image": "mask"}
+
+
+def _aliased(raw: dict, where: str) -> dict:
+    values = dict(raw)
+    for alias, field in UNIT_ALIASES.items():
+        if alias in values:
+            if field in values and values[field] is not None:
+                raise RequestError(f"{where}: give {field} or its old name {alias}, not both")
+            values[field] = values.pop(alias)
+    return values
+
+
+@dataclass
+class UnitImages:
+    """What a unit's image comes from when it has none of its own, and the request's mask."""
+
+    init_image: np.ndarray | None
+    mask: np.ndarray | None
+
+
+def unit_image(values: dict, where: str, limits: Limits, fallback: UnitImages) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image, mask) of a unit: base64 (with or without a data: prefix), {image, mask} or
+    [image, mask]; none (null or "") in img2img means the init image, as in the extension."""
+    image, mask = values.get("image"), values.get("mask")
+    if isinstance(image, dict):
+        image, mask = image.get("image"), image.get("mask", mask)
+    elif isinstance(image, list) and len(image) == 2 and all(isinstance(x, (str, type(None))) for x in image):
+        image, mask = image
+    mask = None if mask in (None, "") else decode_image(mask, f"{where}: mask", limits)
+    if image not in (None, ""):
+        return decode_image(image, f"{where}: image", limits), mask
+    if fallback.init_image is None:
+        raise RequestError(f"{where} is enabled but has no image (in txt2img each enabled unit needs one)")
+    return fallback.init_image, mask
+
+
+def _unit_mask(annotator: str, mask: np.ndarray | None, fallback: UnitImages, where: str) -> dict[str, Any]:
+    """The inpaint module's mask parameter: the unit's mask, else the img2img mask. Another module
+    reads no mask: one given is refused rather than ignored."""
+    if annotator != "inpaint":
+        if mask is not None:
+            raise RequestError(f"{where}: a unit's mask is read by the inpaint module only, not by {annotator!r}")
+        return {}
+    mask = mask if mask is not None else fallback.mask
+    if mask is None:
+        raise RequestError(f"{where}: the inpaint module needs a mask (the unit's, or the img2img mask)")
+    return {"mask": mask}
+
+
+def _enabled(values: dict, where: str) -> bool:
+    # The extension's default since v1.1.448: a unit without "enabled": true is not used.
+    return _flag(values, "enabled", False, where)
+
+
+def control_unit(
+    raw: Any, where: str, files: dict[str, list[Path]], limits: Limits, fallback: UnitImages
+) -> tuple[UnitRequest, bool] | None:
+    """One ``alwayson_scripts.controlnet.args`` entry as our UnitRequest, and whether its detected
+    map is returned (save_detected_map); None for a unit that is not enabled."""
+    if not isinstance(raw, dict):
+        raise RequestError(f"{where} must be an object (a ControlNet unit), got {type(raw).__name__}")
+    values = _aliased(raw, where)
+    if not _enabled(values, where):
+        return None
+    for field in UNSUPPORTED_UNIT_FIELDS:
+        if values.get(field) not in (None, [], ""):
+            raise RequestError(f"{where}: {field} is not supported by this server")
+    annotator = module(values.get("module"), where)
+    image, mask = unit_image(values, where, limits, fallback)
+    params = slider_params(annotator, (values.get("threshold_a", -1), values.get("threshold_b", -1)), where)
+    params |= _unit_mask(annotator, mask, fallback, where)
+    # The inpaint hint is made at the output size (the extension gives it no resolution slider).
+    pixel_perfect = _flag(values, "pixel_perfect", False, where) or annotator == "inpaint"
+    start = checked(UNIT["start"], values.get("guidance_start", 0.0), "guidance_start", where)
+    end = checked(UNIT["end"], values.get("guidance_end", 1.0), "guidance_end", where)
+    if start > end:  # the extension's guidance_check
+        raise RequestError(f"{where}: guidance_start ({start:g}) must not be after guidance_end ({end:g})")
+    _flag(values, "low_vram", False, where)  # a memory hint of the extension's: models here load once
+    unit = UnitRequest(
+        image,
+        annotator=annotator,
+        annotator_params=params,
+        strength=checked(UNIT["strength"], values.get("weight", 1.0), "weight", where),
+        start=start,
+        end=end,
+        mode=enum_value(values.get("control_mode", "Balanced"), CONTROL_MODES, CONTROL_MODE_ORDER,
+                        f"{where}: control_mode"),
+        resize_mode=enum_value(values.get("resize_mode", "Crop and Resize"), RESIZE_MODES_A1111, RESIZE_MODE_ORDER,
+                               f"{where}: resize_mode"),
+        pixel_perfect=pixel_perfect,
+        annotator_resolution=processor_res(values.get("processor_res", -1), where),
+        **control_model(values.get("model"), files, where),
+    )  # fmt: skip
+    return unit, _flag(values, "save_detected_map", True, where)
+
+
+def script_args(body: dict) -> list:
+    """The ControlNet units of ``alwayson_scripts``: its "controlnet" entry, the key matched in any
+    case as the web UI matches script titles. Other scripts are not run (docs/webui.md)."""
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise RequestError('alwayson_scripts must be an object: {"controlnet": {"args": [units]}}')
+    entry = next((v for k, v in scripts.items() if isinstance(k, str) and k.lower() == "controlnet"), None)
+    if entry is None:
+        return []
+    args = entry.get("args") if isinstance(entry, dict) else entry
+    if not isinstance(args, list):
+        raise RequestError("alwayson_scripts.controlnet.args must be a list of ControlNet units")
+    if len(args) > UNIT_COUNT:
+        raise RequestError(f"{len(args)} ControlNet units; at most {UNIT_COUNT} here (control_net_unit_count)")
+    return args
+
+
+# The web UI's features that this server does not have: a request that asks for one is refused,
+# not answered with something else. (field, what it is)
+UNSUPPORTED = {
+    "enable_hr": "hires fix",
+    "restore_faces": "face restoration",
+    "tiling": "tiling",
+    "script_name": "scripts",
+    "styles": "saved styles",
+    "subseed_strength": "variation seeds",
+    "refiner_checkpoint": "a refiner",
+}
+
+
+@dataclass
+class Translated:
+    """An A1111 request as ours, and what the answer needs besides."""
+
+    request: GenerateRequest
+    sampler_name: str  # the web UI's name, for info
+    save_maps: list[bool]  # per unit: whether its detected map is returned
+
+
+def generation(
+    body: Any, img2img: bool, model: str, files: dict[str, list[Path]], native: int, limits: Limits
+) -> Translated:
+    """A txt2img or img2img body as a GenerateRequest for the served ``model`` (its control
+    ``files``, its ``native`` size: the default width and height)."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for field, what in UNSUPPORTED.items():
+        if body.get(field) not in (None, False, 0, "", [], "None"):
+            raise RequestError(f"{field}: {what} is not supported by this server")
+    width, height = size(body, native, limits)
+    init_image, mask = init_images(body, width, height, limits) if img2img else (None, None)
+    fallback = UnitImages(init_image, mask)
+    units, save_maps = [], []
+    for i, raw in enumerate(script_args(body)):
+        made = control_unit(raw, f"ControlNet unit {i}", files, limits, fallback)
+        if made is not None:
+            units.append(made[0])
+            save_maps.append(made[1])
+    if init_image is None and units:  # the output takes the first unit's size: fit it, as the extension does
+        units[0].image = _fitted(units[0], width, height)
+    elif init_image is None and width != height:
+        raise RequestError(f"{width}x{height}: without a control image or init image this server makes square images")
+    ours, name = sampler(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler"))
+    request = GenerateRequest(
+        prompt=_text(body, "prompt"),
+        units=units,
+        model=model,
+        negative_prompt=_text(body, "negative_prompt"),
+        added_prompt="",  # the web UI has no added prompt: the prompt is used as given
+        num_images=_count(body),
+        steps=checked(GENERATION["steps"], body.get("steps", 50), "steps"),  # the API's default: 50
+        guidance_scale=checked(GENERATION["guidance_scale"], body.get("cfg_scale", 7.0), "cfg_scale"),
+        eta=_eta(body, ours),
+        seed=_seed(body),
+        sampler=ours,
+        resolution=min(width, height),
+        init_image=init_image,
+        mask=mask,
+        denoising_strength=checked(GENERATION["denoising_strength"], body.get("denoising_strength", 0.75),
+                                   "denoising_strength") if img2img else GENERATION["denoising_strength"].default,
+    )  # fmt: skip
+    return Translated(request, name, save_maps)
+
+
+def _text(body: dict, field: str) -> str:
+    value = body.get(field) or ""
+    if not isinstance(value, str):
+        raise RequestError(f"{field} must be text, got {type(value).__name__}")
+    return value
+
+
+def _integer(body: dict, field: str, default: int) -> int:
+    value = body.get(field, default)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise RequestError(f"{field} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _count(body: dict) -> int:
+    """batch_size x n_iter images (the web UI's batches of one prompt are our one batch)."""
+    batch, iterations = _integer(body, "batch_size", 1), _integer(body, "n_iter", 1)
+    most = GENERATION["num_images"].maximum
+    if not (batch >= 1 and iterations >= 1 and batch * iterations <= most):
+        raise RequestError(f"batch_size x n_iter must be between 1 and {most:g} images, got {batch} x {iterations}")
+    return batch * iterations
+
+
+def _seed(body: dict) -> int:
+    seed = _integer(body, "seed", -1)
+    return -1 if seed < 0 else checked(GENERATION["seed"], seed, "seed")  # the web UI: any negative is random
+
+
+def _eta(body: dict, ours: str) -> float:
+    """DDIM's eta; the other samplers here take none (the web UI applies eta to its ancestral
+    samplers, whose noise ours always adds in full, as its default eta 1 does)."""
+    eta = body.get("eta")
+    if ours != "ddim" or eta is None:
+        return 0.0
+    return checked(GENERATION["eta"], eta, "eta")
+
+
+def size(body: dict, native: int, limits: Limits) -> tuple[int, int]:
+    """(width, height): the model's native size by default; multiples of 64 (the models' latent
+    grid here; the web UI allows 8), the short side at most the server's resolution limit."""
+    width, height = _integer(body, "width", native), _integer(body, "height", native)
+    for field, value in (("width", width), ("height", height)):
+        if value < 64 or value % 64:
+            raise RequestError(f"{field} must be a multiple of 64 (at least 64), got {value}")
+    if min(width, height) > limits.max_resolution:
+        raise RequestError(f"{width}x{height}: the short side must be at most {limits.max_resolution} on this server")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise RequestError(f"{width}x{height}: the long side may be at most {MAX_ASPECT_RATIO} times the short side")
+    return width, height
+
+
+def init_images(body: dict, width: int, height: int, limits: Limits) -> tuple[np.ndarray, np.ndarray | None]:
+    """img2img's init image and mask (white: repaint), fitted to width x height with the request's
+    resize_mode as the web UI does; inpainting_mask_invert=1 repaints the black area instead."""
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise RequestError("init_images must be a list with one base64 image")
+    if len(images) > 1:
+        raise RequestError(f"init_images has {len(images)} images; this server takes one")
+    mode = enum_value(body.get("resize_mode", 0), {}, IMG2IMG_RESIZE_ORDER, "resize_mode")
+    init = fit_to(decode_image(images[0], "init_images[0]", limits), width, height, mode)
+    if body.get("mask") in (None, ""):
+        return init, None
+    mask = decode_image(body["mask"], "mask", limits)
+    invert = _integer(body, "inpainting_mask_invert", 0)
+    if invert not in (0, 1):
+        raise RequestError(f"inpainting_mask_invert must be 0 or 1, got {invert}")
+    mask = 255 - mask if invert else mask
+    return init, fit_to(mask, width, height, mode, "nearest")
+
+
+def _fitted(unit: UnitRequest, width: int, height: int) -> np.ndarray:
+    from ..annotators import get_annotator
+
+    return fit_to(unit.image, width, height, unit.resize_mode, get_annotator(unit.annotator).resize)
+
+
+def detect_units(body: Any, limits: Limits) -> list[UnitRequest]:
+    """``POST /controlnet/detect`` as one unit per image, run at ``controlnet_processor_res``.
+    The images come as ``controlnet_input_images`` (the extension's name) or ``controlnet_images``
+    (what webuiapi 0.9.11 and later send)."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    annotator = module(body.get("controlnet_module", "none"), "controlnet_module")
+    images = body.get("controlnet_input_images") or body.get("controlnet_images")
+    if not isinstance(images, list) or not images:
+        raise RequestError("no image selected: give controlnet_input_images, a list of base64 images")
+    most = int(GENERATION["num_images"].maximum)
+    if len(images) > most:
+        raise RequestError(f"{len(images)} images to detect; at most {most} a request")
+    masks = body.get("controlnet_masks") or []
+    if not isinstance(masks, list):
+        raise RequestError("controlnet_masks must be a list of base64 images")
+    values = (body.get("controlnet_threshold_a", -1), body.get("controlnet_threshold_b", -1))
+    params = slider_params(annotator, values, "detect")
+    resolution = processor_res(body.get("controlnet_processor_res", -1), "detect")
+    units = []
+    for i, image in enumerate(images):
+        unit_params = dict(params)
+        mask = masks[i] if i < len(masks) else None
+        if annotator == "inpaint" and mask in (None, ""):
+            raise RequestError(f"the inpaint module needs controlnet_masks[{i}]")
+        if mask not in (None, ""):
+            if annotator != "inpaint":
+                raise RequestError(f"controlnet_masks: only the inpaint module reads a mask, not {annotator!r}")
+            unit_params["mask"] = decode_image(mask, f"controlnet_masks[{i}]", limits)
+        decoded = decode_image(image, f"controlnet_input_images[{i}]", limits)
+        units.append(UnitRequest(decoded, annotator, unit_params, pixel_perfect=False, annotator_resolution=resolution))
+    return units
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+def checkpoint_title(name: str, base: Path) -> dict[str, Any]:
+    """A served model as ``/sdapi/v1/sd-models`` lists it: the title "name [short hash]" that
+    clients send back as sd_model_checkpoint. The file's name only: never a server path."""
+    sha256 = model_sha256(base)
+    return {
+        "title": f"{name} [{short_hash(sha256)}]",
+        "model_name": Path(name).stem,
+        "hash": short_hash(sha256),
+        "sha256": sha256,
+        "filename": base.name,
+        "config": None,
+    }
+
+
+def find_checkpoint(value: Any, models: list[dict[str, Any]], names: list[str]) -> str:
+    """The served model's name (``names``, beside their ``models`` listing) for an
+    sd_model_checkpoint: its title, name, name without extension or hash, any case."""
+    if isinstance(value, str):
+        wanted = value.strip().lower()
+        bare = re.sub(r"\s*\[[0-9a-f]+\]$", "", wanted)
+        for name, listing in zip(names, models, strict=True):
+            keys = {listing["title"].lower(), name.lower(), listing["model_name"].lower()}
+            keys |= {listing["hash"], listing["sha256"]}
+            if wanted in keys or bare in keys:
+                return name
+    titles = ", ".join(listing["title"] for listing in models)
+    raise RequestError(f"sd_model_checkpoint {value!r} is not a served model; choose one of {titles}")
+
+
+def generation_response(body: dict, translated: Translated, response: GenerateResponse, detect_maps: bool) -> dict:
+    """The web UI's answer: ``images`` (raw base64 PNGs carrying their parameters: the generated
+    images, then each unit's detected map as the extension appends them unless ``detect_maps`` is
+    off or the unit said save_detected_map false), ``parameters`` (the request, as the web UI
+    echoes it) and ``info``, a JSON string."""
+    images = response.image_pngs()
+    if detect_maps:
+        images += [png for png, keep in zip(response.map_pngs(), translated.save_maps, strict=True) if keep]
+    parameters = dict(body)
+    if "init_images" in parameters and not parameters.get("include_init_images"):
+        parameters.update(init_images=None, mask=None)  # the web UI leaves them out unless asked
+    return {
+        "images": [base64.b64encode(png).decode("ascii") for png in images],
+        "parameters": parameters,
+        "info": json.dumps(info(translated, response)),
+    }
+
+
+def info(translated: Translated, response: GenerateResponse) -> dict[str, Any]:
+    """The web UI's ``Processed.js()`` fields that clients read; ``infotexts`` are the text our
+    PNGs carry."""
+    request, settings, seeds = translated.request, response.settings, response.seeds
+    base = settings["models"]["base"]
+    return {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * len(seeds),
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * len(seeds),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": settings["width"],
+        "height": settings["height"],
+        "sampler_name": translated.sampler_name,
+        "cfg_scale": request.guidance_scale,
+        "steps": request.steps,
+        "batch_size": len(seeds),
+        "sd_model_name": Path(request.model).stem,
+        "sd_model_hash": short_hash(base["sha256"]) if "sha256" in base else None,
+        "denoising_strength": settings.get("denoising_strength"),
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [text["parameters"] for text in response.image_texts],
+        "styles": [],
+        "clip_skip": 1,
+        "version": f"controlnet {__version__}",
+    }

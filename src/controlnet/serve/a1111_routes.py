@@ -1,0 +1,293 @@
+"""The AUTOMATIC1111 API's routes: the web UI's ``/sdapi/v1/*`` and the ControlNet extension's
+``/controlnet/*``, translated by a1111.py onto the service, on the same app, password
+(``--auth``: HTTP basic), limits (security.RequestGuard) and queue as the JSON API.
+
+Errors are one line of JSON, ``{"detail": "..."}``: 422 for a request this server does not take
+(the status the web UI and FastAPI give a bad field), 401 without the password, 409 for a job
+stopped by ``POST /sdapi/v1/interrupt``, 503 when the queue is full or a model will not load, 507
+when the server's disk is full (RequestGuard adds 404 and 413).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run time.
+import base64
+import errno
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..imaging.images import encode_png
+from . import a1111
+from .api import authorised
+from .service import Cancelled, ModelUnavailable, QueueFull, RequestError, Service
+
+
+@dataclass
+class Job:
+    """A generation this API runs: where its sampling is, and its interrupt flag."""
+
+    kind: str  # "txt2img" or "img2img", as the web UI's state.job
+    started: float = 0.0  # when it began sampling (0: still waiting for its model)
+    step: int = 0
+    steps: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def advance(self, done: int, total: int) -> None:
+        """The service's progress callback: called once holding the model, then after each step."""
+        self.started = self.started or time.time()
+        self.step, self.steps = done, total
+
+
+class Progress:
+    """The web UI's shared job state, for ``/progress`` and ``/interrupt``: the jobs this API has
+    queued or running (the page's and the JSON API's have their own progress and cancel)."""
+
+    def __init__(self) -> None:
+        self._jobs: list[Job] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def track(self, kind: str) -> Iterator[Job]:
+        job = Job(kind)
+        with self._lock:
+            self._jobs.append(job)
+        try:
+            yield job
+        finally:
+            with self._lock:
+                self._jobs.remove(job)
+
+    def interrupt(self) -> None:
+        """As the web UI's interrupt: the jobs sampling now stop (here between two steps); those
+        still waiting run as usual."""
+        with self._lock:
+            for job in self._jobs:
+                if job.started:
+                    job.cancel.set()
+
+    def state(self) -> dict[str, Any]:
+        """``GET /sdapi/v1/progress``: idle is progress 0 and job_count 0 (what clients wait for)."""
+        with self._lock:
+            jobs = list(self._jobs)
+        job = next((j for j in jobs if j.started), jobs[0] if jobs else None)
+        fraction = job.step / job.steps if job is not None and job.steps else 0.0
+        elapsed = time.time() - job.started if job is not None and job.started else 0.0
+        return {
+            "progress": fraction,
+            "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,  # the web UI's estimate
+            "state": {
+                "skipped": False,
+                "interrupted": bool(job and job.cancel.is_set()),
+                "stopping_generation": False,
+                "job": job.kind if job else "",
+                "job_count": len(jobs),
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started if job else 0)),
+                "job_no": 0,
+                "sampling_step": job.step if job else 0,
+                "sampling_steps": job.steps if job else 0,
+            },
+            "current_image": None,
+            "textinfo": None,
+        }
+
+
+@dataclass
+class Options:
+    """The web UI options this server has: the model A1111 requests use, and whether detected maps
+    are appended to the images (the extension's control_net_no_detectmap)."""
+
+    model: str
+    detect_maps: bool = True
+
+
+def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
+    """The A1111 routes on the FastAPI ``app``; with ``auth``, HTTP basic auth in front."""
+    from fastapi import Request
+
+    progress, options = Progress(), Options(service.registry.names[0])
+    listings: dict[str, dict] = {}  # each served model's sd-models entry (its hash, computed once)
+
+    def checkpoints() -> list[dict]:
+        for name in service.registry.names:
+            if name not in listings:
+                listings[name] = a1111.checkpoint_title(name, service.registry.entry(name).base)
+        return [listings[name] for name in service.registry.names]
+
+    def answer(request: Request, work: Callable[[Any], Any], with_body: bool = False):
+        return _answer(request, work, with_body, auth)
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models(request: Request):
+        return await answer(request, lambda _: checkpoints())
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers(request: Request):
+        return await answer(request, lambda _: [
+            {"name": s.name, "aliases": list(s.aliases),
+             "options": {"scheduler": "karras"} if s.schedulers["automatic"].endswith("karras") else {}}
+            for s in a1111.SAMPLERS
+        ])  # fmt: skip
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers(request: Request):
+        return await answer(request, lambda _: [
+            {"name": name, "label": name.title(), "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
+             "need_inner_model": False}
+            for name in a1111.SCHEDULERS
+        ])  # fmt: skip
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts(request: Request):
+        # "controlnet m2m" is the extension's script that clients look for (webuiapi's
+        # has_controlnet); without it webuiapi would re-send one call's units with the next.
+        names = ["controlnet", "controlnet m2m"]
+        return await answer(request, lambda _: {"txt2img": names, "img2img": names})
+
+    @app.get("/sdapi/v1/options")
+    async def get_options(request: Request):
+        def current(_):
+            listing = checkpoints()[service.registry.names.index(options.model)]
+            return {
+                "sd_model_checkpoint": listing["title"],
+                "sd_checkpoint_hash": listing["sha256"],
+                "samples_format": "png",
+                "control_net_unit_count": a1111.UNIT_COUNT,
+                "control_net_no_detectmap": not options.detect_maps,
+            }
+
+        return await answer(request, current)
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        def change(body):
+            if not isinstance(body, dict):
+                raise RequestError("the request body must be a JSON object of options")
+            if "control_net_no_detectmap" in body:
+                if not isinstance(body["control_net_no_detectmap"], bool):
+                    raise RequestError("control_net_no_detectmap must be true or false")
+                options.detect_maps = not body["control_net_no_detectmap"]
+            if body.get("sd_model_checkpoint") is not None:  # the web UI loads it now, and so do we
+                name = a1111.find_checkpoint(body["sd_model_checkpoint"], checkpoints(), service.registry.names)
+                service.registry.pipeline(name)
+                options.model = name
+            # Any other option is taken and changes nothing: this server has no such setting.
+
+        return await answer(request, change, with_body=True)
+
+    @app.get("/sdapi/v1/progress")
+    async def get_progress(request: Request):
+        return await answer(request, lambda _: progress.state())
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt(request: Request):
+        def stop(_):
+            progress.interrupt()
+            return {}
+
+        return await answer(request, stop)
+
+    def generate(body: Any, img2img: bool) -> dict:
+        model = _model(body, options.model, checkpoints(), service.registry.names)
+        native = service.native_resolution(model)  # loads it, as the web UI does
+        files = service.registry.control_files(model)
+        translated = a1111.generation(body, img2img, model, files, native, service.limits)
+        with progress.track("img2img" if img2img else "txt2img") as job:
+            response = service.generate(translated.request, progress=job.advance, cancelled=job.cancel.is_set)
+        return a1111.generation_response(body, translated, response, options.detect_maps)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request):
+        return await answer(request, lambda body: generate(body, img2img=False), with_body=True)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Request):
+        return await answer(request, lambda body: generate(body, img2img=True), with_body=True)
+
+    add_controlnet_routes(app, service, answer)
+
+
+def _model(body: Any, current: str, listings: list[dict], names: list[str]) -> str:
+    """The model a request uses: its override_settings' sd_model_checkpoint, else the current one."""
+    overrides = body.get("override_settings") if isinstance(body, dict) else None
+    if overrides in (None, {}):
+        return current
+    if not isinstance(overrides, dict):
+        raise RequestError("override_settings must be an object of options")
+    wanted = overrides.get("sd_model_checkpoint")
+    return current if wanted is None else a1111.find_checkpoint(wanted, listings, names)
+
+
+def add_controlnet_routes(app, service: Service, answer: Callable) -> None:
+    """The extension's own routes (its scripts/api.py)."""
+    from fastapi import Request
+
+    @app.get("/controlnet/version")
+    async def version(request: Request):
+        return await answer(request, lambda _: {"version": a1111.API_VERSION})
+
+    @app.get("/controlnet/settings")
+    async def settings(request: Request):
+        return await answer(request, lambda _: {"control_net_unit_count": a1111.UNIT_COUNT})
+
+    @app.get("/controlnet/model_list")
+    async def model_list(request: Request, update: bool = True):
+        def listed(_):
+            titles = {}  # every served model's ControlNets and T2I-Adapters, each once
+            for name in service.registry.names:
+                for paths in service.registry.control_files(name).values():
+                    titles.update({path.name: a1111.model_title(path) for path in paths if path.name not in titles})
+            return {"model_list": list(titles.values())}
+
+        return await answer(request, listed)
+
+    @app.get("/controlnet/module_list")
+    async def module_list(request: Request, alias_names: bool = False):
+        return await answer(request, lambda _: a1111.module_list(alias_names))
+
+    @app.post("/controlnet/detect")
+    async def detect(request: Request):
+        def run(body):
+            units = a1111.detect_units(body, service.limits)
+            with service.queue.slot():  # annotators can be heavy: they wait their turn like a job
+                maps = [service.annotate(unit, unit.annotator_resolution) for unit in units]
+            return {"info": "Success", "images": [base64.b64encode(encode_png(m)).decode("ascii") for m in maps]}
+
+        return await answer(request, run, with_body=True)
+
+
+async def _answer(request, work: Callable[[Any], Any], with_body: bool, auth: tuple[str, str] | None):
+    """Run ``work`` (on the JSON body, with ``with_body``) in a worker thread, so that progress and
+    interrupt are answered while a job runs; its errors as one-line JSON ``detail``s."""
+    import anyio
+    from fastapi.responses import JSONResponse
+
+    def fail(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    if not authorised(request.headers.get("authorization", ""), auth):
+        return fail(401, "this server needs a user name and password (HTTP basic auth)", {"WWW-Authenticate": "Basic"})
+    try:
+        body = json.loads(await request.body()) if with_body else None  # RequestGuard has bounded it
+        return await anyio.to_thread.run_sync(work, body)
+    except UnicodeDecodeError:
+        return fail(422, "the body is not UTF-8 text (JSON must be UTF-8)")
+    except json.JSONDecodeError as bad:
+        return fail(422, f"the body is not JSON: {bad.msg} at character {bad.pos}")
+    except RecursionError:
+        return fail(422, "the body is nested too deeply")
+    except ValueError as bad:  # RequestError, or a value the core refused: the client's to fix
+        return fail(422, " ".join(str(bad).split()))
+    except Cancelled as stopped:
+        return fail(409, f"interrupted: {stopped}")
+    except QueueFull as busy:
+        return fail(503, str(busy))
+    except ModelUnavailable as broken:
+        print(f"controlnet serve: {broken.detail}", file=sys.stderr)
+        return fail(503, str(broken))
+    except OSError as failed:  # nothing is written: the machine itself is failing (memory, disk)
+        status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+        return fail(status, f"the server could not run the job ({failed.strerror or 'system error'})")

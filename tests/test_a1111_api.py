@@ -1,0 +1,362 @@
+"""The AUTOMATIC1111 API of `controlnet serve` (serve/a1111.py, a1111_routes.py), driven by the real
+client people use, webuiapi, against a server started here with a password, a models folder and
+small limits: the listings, txt2img with two ControlNet units, img2img inpainting, detect, the
+options' model switch, progress and interrupt, the older spellings, and the refusals. And Gradio's
+own client against the page's API on the same server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from controlnet import shipped
+from controlnet.formats.ldm import save_ldm
+from controlnet.models.tiny import random_tiny_models
+from controlnet.serve import a1111
+from controlnet.serve.service import RequestError
+
+from .helpers import serve_in_background
+
+pytest.importorskip("gradio")
+webuiapi = pytest.importorskip("webuiapi")
+requests = pytest.importorskip("requests")
+
+AUTH = ("ada", "secret")
+EXAMPLE = shipped.examples()[0]
+MAX_PIXELS = 256 * 256
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory) -> Iterator[str]:
+    """A server with the shipped model and a tiny one from a models folder, a password, and a
+    pixel limit small enough to test."""
+    folder = tmp_path_factory.mktemp("a1111")
+    models = folder / "models"
+    models.mkdir()
+    model, controlnet = random_tiny_models(seed=1)
+    save_ldm(models / "tiny.safetensors", model)
+    save_ldm(models / "tiny-control.safetensors", controlnet=controlnet)
+    arguments = ["--auth", ":".join(AUTH), "--models", str(models), "--max-pixels", str(MAX_PIXELS)]
+    with serve_in_background(folder, *arguments, "--max-upload-mb", "1") as (address, _process):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def api(url) -> webuiapi.WebUIApi:
+    host, port = url.removeprefix("http://").split(":")
+    return webuiapi.WebUIApi(host=host, port=int(port), username=AUTH[0], password=AUTH[1])
+
+
+@pytest.fixture(scope="module")
+def session() -> requests.Session:
+    session = requests.Session()
+    session.auth = AUTH
+    return session
+
+
+def _scene() -> Image.Image:
+    """A picture of coloured shapes, as the shipped model was trained on (for canny to find edges)."""
+    image = Image.new("RGB", (128, 128), (40, 60, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((14, 20, 64, 70), fill=(220, 30, 30))
+    draw.rectangle((70, 60, 116, 106), fill=(240, 220, 40))
+    return image
+
+
+def _b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def _edges_b64() -> str:
+    return base64.b64encode(EXAMPLE.control.read_bytes()).decode()
+
+
+def test_the_client_finds_the_extension_and_the_listings(api, session, url):
+    assert api.has_controlnet  # webuiapi looks for the extension's "controlnet m2m" script
+    assert [title.split(" [")[0] for title in api.util_get_model_names()] == ["shipped", "tiny.safetensors"]
+    assert set(api.util_get_sampler_names()) == {"DPM++ 2M", "Euler a", "Euler", "DDIM", "UniPC"}
+    assert api.controlnet_version() == 3
+    models = api.controlnet_model_list()
+    assert models[0].startswith("shapes-canny [") and models[1].startswith("tiny-control [")
+    modules = api.controlnet_module_list()
+    assert modules[0] == "none" and {"canny", "depth", "hed", "tile_resample"} <= set(modules)  # its names
+    aliased = session.get(f"{url}/controlnet/module_list", params={"alias_names": "true"}).json()
+    assert {"depth_midas", "softedge_hed"} <= set(aliased["module_list"])  # its labels, which are ours
+    assert aliased["module_detail"]["canny"]["sliders"] == [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 64},
+        {"name": "low_threshold", "value": 100, "min": 1, "max": 255, "step": 1},
+        {"name": "high_threshold", "value": 200, "min": 1, "max": 255, "step": 1},
+    ]
+    assert session.get(f"{url}/controlnet/settings").json() == {"control_net_unit_count": 3}
+    options = api.get_options()
+    assert options["sd_model_checkpoint"] == api.util_get_model_names()[0] and options["samples_format"] == "png"
+
+
+def test_txt2img_with_two_controlnet_units(api):
+    """A canny unit on a picture and an invert unit on a black-on-white drawing, both on the shipped
+    Canny ControlNet: the images, then the two detected maps; info as clients read it."""
+    drawing = Image.fromarray(255 - _array(Image.open(EXAMPLE.control)))
+    units = [
+        webuiapi.ControlNetUnit(
+            image=_scene(), module="canny", model="canny", threshold_a=100, threshold_b=200, pixel_perfect=True
+        ),
+        webuiapi.ControlNetUnit(
+            image=drawing, module="invert", model="shapes-canny", weight=0.6, control_mode=1, pixel_perfect=True
+        ),
+    ]
+    common = {"prompt": EXAMPLE.prompt, "seed": 21, "steps": 6, "width": 128, "height": 128, "batch_size": 2,
+              "sampler_name": "DPM++ 2M"}  # fmt: skip
+    result = api.txt2img(**common, controlnet_units=units)
+    generated, maps = result.images[:2], result.images[2:]
+    assert len(maps) == 2 and all(image.size == (128, 128) for image in result.images)
+    info = result.info
+    assert info["seed"] == 21 and info["all_seeds"] == [21, 22] and (info["width"], info["height"]) == (128, 128)
+    assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("DPM++ 2M", 6, 7.0)
+    assert info["infotexts"] == [image.info["parameters"] for image in generated]  # our PNGs' text
+    assert "Seed: 22" in info["infotexts"][1] and 'ControlNet 1: "Module: invert' in info["infotexts"][0]
+    assert "Control Mode: prompt" in info["infotexts"][0]
+    canny = _array(maps[0])
+    assert set(np.unique(canny)) == {0, 255}  # the picture's edges
+    assert np.array_equal(_array(maps[1]), _array(Image.open(EXAMPLE.control)))  # the drawing inverted back
+    plain = api.txt2img(**common)  # webuiapi now sends no units
+    assert len(plain.images) == 2 and plain.info["all_seeds"] == [21, 22]
+    assert not np.array_equal(_array(plain.images[0]), _array(generated[0]))  # the units changed the image
+
+
+def test_img2img_inpaints_the_masked_area_only(api):
+    """A unit without an image uses the init image (the extension's rule); outside the mask the
+    picture is kept pixel for pixel."""
+    init = _scene()
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((32, 32, 95, 95), fill=255)
+    unit = webuiapi.ControlNetUnit(module="canny", model="canny", threshold_a=100, threshold_b=200)
+    result = api.img2img(images=[init], mask_image=mask, prompt="a red circle on a blue background", seed=4,
+                         steps=8, denoising_strength=0.9, width=128, height=128, controlnet_units=[unit])  # fmt: skip
+    assert len(result.images) == 2 and result.info["denoising_strength"] == 0.9
+    out, before, painted = _array(result.images[0]), _array(init), np.asarray(mask) > 0
+    assert out.shape == (128, 128, 3)
+    assert np.array_equal(out[~painted], before[~painted]) and not np.array_equal(out[painted], before[painted])
+    assert "Denoising strength: 0.9" in result.info["infotexts"][0]
+
+
+def test_detect_takes_both_names_of_its_images(api, session, url):
+    from controlnet.annotators import run_annotator
+
+    found = api.controlnet_detect([_scene()], module="canny", threshold_a=100, threshold_b=200)  # controlnet_images
+    assert found.info == "Success" and found.images[0].size == (512, 512)  # processor_res 512
+    body = {"controlnet_module": "canny", "controlnet_input_images": [_b64(_scene())],
+            "controlnet_processor_res": 128, "controlnet_threshold_a": 100, "controlnet_threshold_b": 200}  # fmt: skip
+    response = session.post(f"{url}/controlnet/detect", json=body)
+    assert response.status_code == 200, response.text
+    detected = _array(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+    expected = run_annotator("canny", _array(_scene()), None, low_threshold=100, high_threshold=200)
+    assert np.array_equal(detected, expected)
+
+
+def test_options_switch_the_model_among_those_served(api, session, url):
+    try:
+        api.util_set_model("tiny.safetensors")
+        assert api.util_get_current_model().startswith("tiny.safetensors [")
+        result = api.txt2img(prompt="a red circle", seed=2, steps=2, width=64, height=64)
+        assert result.info["sd_model_name"] == "tiny" and result.images[0].size == (64, 64)
+        refused = session.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "sd_xl_base_1.0"})
+        assert refused.status_code == 422 and "not a served model; choose one of shipped [" in refused.json()["detail"]
+        assert api.util_get_current_model().startswith("tiny.safetensors [")
+    finally:
+        api.set_options({"sd_model_checkpoint": "shipped"})
+    assert api.util_get_current_model().startswith("shipped [")
+    once = api.txt2img(prompt="a red circle", seed=2, steps=2, width=64, height=64,
+                       override_settings={"sd_model_checkpoint": "tiny.safetensors"})  # fmt: skip
+    assert once.info["sd_model_name"] == "tiny" and api.util_get_current_model().startswith("shipped [")
+
+
+def test_progress_during_a_generation_and_interrupt(api):
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = api.txt2img(prompt="a blue square", seed=1, steps=100, width=128, height=128,
+                                            sampler_name="DDIM")  # fmt: skip
+        except RuntimeError as error:
+            outcome["error"] = error.args
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline, seen = time.monotonic() + 180, None
+    while time.monotonic() < deadline and thread.is_alive():
+        state = api.get_progress()
+        if state["state"]["sampling_step"] >= 2:
+            seen = state
+            break
+        time.sleep(0.05)
+    assert seen is not None, outcome
+    assert 0 < seen["progress"] < 1 and seen["state"]["job_count"] == 1 and seen["state"]["sampling_steps"] == 100
+    assert api.interrupt() == {}
+    thread.join(timeout=180)
+    status, text = outcome["error"]
+    assert status == 409 and json.loads(text)["detail"].startswith("interrupted: stopped after ")
+    idle = api.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    assert len(api.txt2img(prompt="a blue square", seed=1, steps=2, width=128, height=128).images) == 1
+
+
+def test_older_spellings_and_a_unit_without_enabled(session, url):
+    """Integers for the modes, the old field names, a data: prefix, the script key in lower case;
+    a unit that does not say "enabled": true is not used (the extension's default since v1.1.448)."""
+    units = [
+        {"enabled": True, "input_image": "data:image/png;base64," + _edges_b64(), "module": "none",
+         "model": "shapes-canny [00000000]", "resize_mode": 0, "control_mode": [2], "guidance": 0.5,
+         "lowvram": True, "threshold_a": -1, "processor_res": -1},
+        {"image": _edges_b64(), "module": "canny", "model": "canny"},
+    ]  # fmt: skip
+    body = {"prompt": EXAMPLE.prompt, "steps": 2, "seed": 3, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": units}, "Refiner": {"args": [False]}}}  # fmt: skip
+    response = session.post(f"{url}/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert len(answer["images"]) == 2 and not answer["images"][0].startswith("data:")  # raw base64, 1 map
+    text = json.loads(answer["info"])["infotexts"][0]
+    assert "Resize Mode: just_resize" in text and "Control Mode: control" in text and "Guidance End: 0.5" in text
+    assert "ControlNet 1" not in text and answer["parameters"]["prompt"] == EXAMPLE.prompt
+
+
+def _unit(**fields) -> dict:
+    return {"enabled": True, "image": _edges_b64(), "module": "none", "model": "canny"} | fields
+
+
+def _pickle(marker: Path) -> str:
+    class Opens:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return base64.b64encode(pickle.dumps(Opens())).decode()
+
+
+TXT = "/sdapi/v1/txt2img"
+REFUSALS = [
+    (TXT, {"sampler_name": "Magic"}, "unknown sampler 'Magic'; this server has 'DPM++ 2M', 'Euler a'"),
+    (TXT, {"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}, "takes scheduler automatic, karras, uniform"),
+    (TXT, {"width": 100}, "width must be a multiple of 64"),
+    (TXT, {"steps": 0}, "steps must be between 1 and 100, got 0"),
+    (TXT, {"cfg_scale": 31}, "cfg_scale must be between 0.1 and 30"),
+    (TXT, {"batch_size": 8, "n_iter": 2}, "batch_size x n_iter must be between 1 and 12 images"),
+    (TXT, {"enable_hr": True}, "enable_hr: hires fix is not supported"),
+    (TXT, {"override_settings": {"sd_model_checkpoint": "nope"}}, "'nope' is not a served model"),
+    (TXT, {"units": [_unit(image="/etc/passwd")]}, "ControlNet unit 0: image is not valid base64"),
+    (TXT, {"units": [_unit(module="magic")]}, "ControlNet unit 0: unknown module 'magic'"),
+    (TXT, {"units": [_unit(model="sd15_depth")]}, "model 'sd15_depth' is not one of this model's ControlNets"),
+    (TXT, {"units": [_unit(model="None")]}, "ControlNet unit 0: no ControlNet model selected"),
+    (TXT, {"units": [_unit(weight=3)]}, "ControlNet unit 0: weight must be between 0 and 2, got 3"),
+    (TXT, {"units": [_unit(guidance_start=0.8, guidance_end=0.2)]}, "guidance_start (0.8) must not be after"),
+    (TXT, {"units": [_unit(control_mode="Loud")]}, "control_mode must be one of 'Balanced'"),
+    (TXT, {"units": [_unit(image="")]}, "ControlNet unit 0 is enabled but has no image"),
+    (
+        TXT,
+        {"units": [_unit(image={"image": _edges_b64(), "mask": _edges_b64()})]},
+        "mask is read by the inpaint module only",
+    ),
+    (TXT, {"units": [_unit()] * 4}, "4 ControlNet units; at most 3 here"),
+    (TXT, {"units": [_unit(image=_b64(Image.new("RGB", (300, 300))))]}, "is 300x300 pixels, over the limit of 65536"),
+    ("/sdapi/v1/img2img", {}, "init_images must be a list with one base64 image"),
+    ("/controlnet/detect", {"controlnet_module": "canny"}, "no image selected"),
+    ("/controlnet/detect", {"controlnet_module": "magic", "controlnet_images": ["x"]}, "unknown module 'magic'"),
+]
+
+
+@pytest.mark.parametrize(("path", "fields", "message"), REFUSALS)
+def test_bad_requests_get_one_line_422s_and_the_server_goes_on(session, url, path, fields, message):
+    fields = dict(fields)
+    body = {"prompt": "x", "steps": 1, "width": 128, "height": 128} if path != "/controlnet/detect" else {}
+    if "units" in fields:
+        body["alwayson_scripts"] = {"ControlNet": {"args": fields.pop("units")}}
+    response = session.post(f"{url}{path}", json=body | fields)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert message in detail and "\n" not in detail and "Traceback" not in detail
+    assert session.get(f"{url}/controlnet/version").json() == {"version": 3}
+
+
+def test_nothing_a_request_carries_is_unpickled_and_the_other_refusals(session, url, tmp_path):
+    marker = tmp_path / "unpickled"
+    body = {
+        "prompt": "x",
+        "steps": 1,
+        "alwayson_scripts": {"controlnet": {"args": [_unit(ipadapter_input=[_pickle(marker)])]}},
+    }
+    response = session.post(f"{url}{TXT}", json=body)
+    assert response.status_code == 422 and "ipadapter_input is not supported" in response.json()["detail"]
+    assert not marker.exists()
+    assert requests.get(f"{url}/sdapi/v1/sd-models").status_code == 401  # the password guards this API too
+    assert requests.post(f"{url}{TXT}", json={"prompt": "x"}, auth=("ada", "wrong")).status_code == 401
+    not_json = session.post(f"{url}{TXT}", data=b"{nope", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422 and "the body is not JSON" in not_json.json()["detail"]
+    assert session.get(f"{url}/sdapi/v1/cmd-flags").status_code == 404  # what the server does not have
+    huge = session.post(f"{url}{TXT}", data=b"x" * (8 * 2**20 + 1), headers={"content-type": "application/json"})
+    assert huge.status_code == 413  # 8 x --max-upload-mb, as for the JSON API
+
+
+def test_gradio_client_runs_the_page_generate_endpoint(url, tmp_path):
+    """Gradio's own client against the page's API, logged in: with a password the endpoint is left
+    out of the API description (docs/webui.md), so its inputs are taken from the page's config."""
+    from gradio_client import Client, handle_file
+
+    client = Client(f"{url}/", auth=AUTH, verbose=False, download_files=str(tmp_path))
+    components = {c["id"]: c["props"] for c in client.config["components"]}
+    [endpoint] = [d for d in client.config["dependencies"] if d.get("api_name") == "generate"]
+    given = {"prompt": EXAMPLE.prompt, "unit0_image": handle_file(str(EXAMPLE.control)), "unit0_annotator": "none",
+             "steps": 2, "seed": 5}  # fmt: skip
+    inputs = [given.get(components[i].get("elem_id"), components[i].get("value")) for i in endpoint["inputs"]]
+    gallery, files, info = client.predict(*inputs, api_name="/generate")  # (the page's seed state stays there)
+    assert [item["caption"] for item in gallery] == ["detected map 0", "seed 5"] and len(files) == 2
+    image = Image.open(gallery[1]["image"])
+    assert image.size == (128, 128) and "Seed: 5" in image.text["parameters"]
+    assert info.startswith("seeds 5 · 128x128 · 2 steps")
+
+
+@pytest.mark.parametrize(
+    ("name", "scheduler", "ours"),
+    [
+        ("DPM++ 2M", "automatic", "dpmpp_2m_karras"),  # the web UI's default schedule for it
+        ("DPM++ 2M", "Uniform", "dpmpp_2m"),
+        ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),  # the name before v1.9
+        ("Euler a", "automatic", "euler_a"),
+        ("k_euler", None, "euler"),
+        ("DDIM", None, "ddim"),
+        ("UniPC", "", "unipc"),
+        (None, None, "euler"),  # the API's sampler_index default
+        ("dpmpp_2m_karras", None, "dpmpp_2m_karras"),  # our own names
+    ],
+)
+def test_sampler_names_map_to_ours(name, scheduler, ours):
+    assert a1111.sampler(name, scheduler)[0] == ours
+
+
+def test_a_units_model_is_found_as_the_extension_finds_it(tmp_path):
+    files = {"controlnet": [tmp_path / "control_v11p_sd15_canny.pth", tmp_path / "control_v11f1p_sd15_depth.pth"],
+             "adapter": [tmp_path / "t2iadapter_depth_sd15v2.pth"]}  # fmt: skip
+    for path in (*files["controlnet"], *files["adapter"]):
+        path.write_bytes(b"\0" * 100)
+    found = [
+        a1111.control_model(value, files, "unit")
+        for value in ("control_v11p_sd15_canny [12345678]", "CONTROL_V11F1P_SD15_DEPTH", "v11f1p", "depth")
+    ]
+    # "depth": the shortest name that holds it, as the extension's find_closest_lora_model_name
+    assert found == [{"controlnet": 0}, {"controlnet": 1}, {"controlnet": 1}, {"adapter": 0}]
+    with pytest.raises(RequestError, match="'openpose' is not one of this model's ControlNets"):
+        a1111.control_model("openpose", files, "unit")
