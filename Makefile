@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
 #   make demo   install, then run the main job on the shipped model
 #   make test   install (with the dev extra), then lint and run the test suite
+# and `make serve` installs the UI's extra, then serves the shipped model (docs/webui.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,8 +9,9 @@ BIN := $(VENV)/bin
 # that satisfies the project's range is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+SERVE_ARGS ?=
 
-.PHONY: demo test lint format install install-dev browser clean bench bench-train bench-annotators
+.PHONY: demo serve test lint format install install-dev install-ui browser clean bench bench-train bench-annotators
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,11 @@ $(VENV)/.installed-torch: | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.installed-torch
 	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# The web UI's extra (Gradio), for controlnet serve.
+$(VENV)/.installed-ui: pyproject.toml $(VENV)/.installed-torch
+	$(BIN)/python -m pip install --quiet -e ".[ui]"
 	touch $@
 
 # controlnet_aux (the annotators' oracle) without its dependencies: it requires torchvision, which
@@ -38,9 +45,15 @@ browser:
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-ui: $(VENV)/.installed-ui
 
 demo: install
 	$(BIN)/controlnet demo
+
+# The page, the JSON API and the AUTOMATIC1111 API on the shipped model, at http://127.0.0.1:7860
+# until Ctrl-C; options go in SERVE_ARGS (make serve SERVE_ARGS="--port 8000 --auth ada:secret").
+serve: install-ui
+	$(BIN)/controlnet serve $(SERVE_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import pickle
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -311,22 +312,37 @@ def test_nothing_a_request_carries_is_unpickled_and_the_other_refusals(session, 
     assert huge.status_code == 413  # 8 x --max-upload-mb, as for the JSON API
 
 
-def test_gradio_client_runs_the_page_generate_endpoint(url, tmp_path):
-    """Gradio's own client against the page's API, logged in: with a password the endpoint is left
-    out of the API description (docs/webui.md), so its inputs are taken from the page's config."""
-    from gradio_client import Client, handle_file
+def _docs_example(needle: str) -> str:
+    """The Python block of docs/webui.md that holds ``needle``."""
+    text = (Path(__file__).parents[1] / "docs" / "webui.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if needle in b]
+    return block
 
-    client = Client(f"{url}/", auth=AUTH, verbose=False, download_files=str(tmp_path))
-    components = {c["id"]: c["props"] for c in client.config["components"]}
-    [endpoint] = [d for d in client.config["dependencies"] if d.get("api_name") == "generate"]
-    given = {"prompt": EXAMPLE.prompt, "unit0_image": handle_file(str(EXAMPLE.control)), "unit0_annotator": "none",
-             "steps": 2, "seed": 5}  # fmt: skip
-    inputs = [given.get(components[i].get("elem_id"), components[i].get("value")) for i in endpoint["inputs"]]
-    gallery, files, info = client.predict(*inputs, api_name="/generate")  # (the page's seed state stays there)
-    assert [item["caption"] for item in gallery] == ["detected map 0", "seed 5"] and len(files) == 2
+
+def test_the_docs_webuiapi_example_runs(url, tmp_path, monkeypatch, capsys):
+    port = url.rsplit(":", 1)[1]
+    code = _docs_example("webuiapi.WebUIApi(")
+    code = code.replace("port=7860)", f"port={port}, username={AUTH[0]!r}, password={AUTH[1]!r})")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/webui.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "'shipped [" in printed and "'shapes-canny [" in printed and "[1, 2]\nTrue\n" in printed
+    assert sorted(p.name for p in tmp_path.glob("a1111-*.png")) == ["a1111-1.png", "a1111-2.png", "a1111-edges.png"]
+    assert "Seed: 2" in Image.open(tmp_path / "a1111-2.png").text["parameters"]
+
+
+def test_gradio_client_runs_the_page_generate_endpoint(url, tmp_path):
+    """Gradio's own client against the page's API, logged in: the docs' example. With a password
+    the endpoint is left out of the API description, so its inputs come from the page's config."""
+    code = _docs_example("gradio_client").replace("http://127.0.0.1:7860/", f"{url}/")
+    code = code.replace('auth=("ada", "secret"))', f'auth=("ada", "secret"), download_files={str(tmp_path)!r})')
+    names: dict = {}
+    exec(compile(code, "docs/webui.md", "exec"), names)
+    gallery, files, info = names["gallery"], names["files"], names["info"]
+    assert [item["caption"] for item in gallery] == ["detected map 0", "seed 1"] and len(files) == 2
     image = Image.open(gallery[1]["image"])
-    assert image.size == (128, 128) and "Seed: 5" in image.text["parameters"]
-    assert info.startswith("seeds 5 · 128x128 · 2 steps")
+    assert image.size == (128, 128) and "Seed: 1" in image.text["parameters"]
+    assert info.startswith("seeds 1 · 128x128 · 20 steps · model shipped")
 
 
 @pytest.mark.parametrize(

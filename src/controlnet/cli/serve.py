@@ -1,4 +1,5 @@
-"""``controlnet serve``: the web UI and the JSON API (serve/), with its limits checked first."""
+"""``controlnet serve``: the web UI, the JSON API and the AUTOMATIC1111 API (serve/), with its
+limits checked first."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from .common import CommandError, UsageError, add_annotators_dir, check_device, 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     s = commands.add_parser(
         "serve",
-        help="the web UI and a JSON API (Gradio), on 127.0.0.1:7860 by default",
-        description="Serve the web UI and the JSON API (POST /api/generate). The shipped model by default, with "
+        help="the web UI, a JSON API and the AUTOMATIC1111 API (Gradio), on 127.0.0.1:7860 by default",
+        description="Serve the web UI, the JSON API (POST /api/generate) and the AUTOMATIC1111 web UI's API with "
+        "the ControlNet extension's units (/sdapi/v1/txt2img, /controlnet/detect, ...; docs/webui.md), all behind "
+        "--auth and the same limits. The shipped model by default, with "
         "every shipped ControlNet and T2I-Adapter, which a unit may name (controlnet: 'canny'); "
         "--models DIR offers the base models, ControlNets and T2I-Adapters found in DIR (and nothing outside it).",
     )
