@@ -39,8 +39,8 @@ MAX_PIXELS = 256 * 256
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory) -> Iterator[str]:
-    """A server with the shipped model and a tiny one from a models folder, a password, and a
-    pixel limit small enough to test."""
+    """A server with the shipped model and a tiny one from a models folder, a password, and limits
+    small enough to test."""
     folder = tmp_path_factory.mktemp("a1111")
     models = folder / "models"
     models.mkdir()
@@ -48,7 +48,8 @@ def url(tmp_path_factory) -> Iterator[str]:
     save_ldm(models / "tiny.safetensors", model)
     save_ldm(models / "tiny-control.safetensors", controlnet=controlnet)
     arguments = ["--auth", ":".join(AUTH), "--models", str(models), "--max-pixels", str(MAX_PIXELS)]
-    with serve_in_background(folder, *arguments, "--max-upload-mb", "1") as (address, _process):
+    limits = ["--max-upload-mb", "1", "--max-queue", "1"]  # one job at a time: a second is refused
+    with serve_in_background(folder, *arguments, *limits) as (address, _process):
         yield address
 
 
@@ -187,7 +188,7 @@ def test_options_switch_the_model_among_those_served(api, session, url):
     assert once.info["sd_model_name"] == "tiny" and api.util_get_current_model().startswith("shipped [")
 
 
-def test_progress_during_a_generation_and_interrupt(api):
+def test_progress_during_a_generation_and_interrupt(api, session, url):
     outcome: dict = {}
 
     def run() -> None:
@@ -208,6 +209,8 @@ def test_progress_during_a_generation_and_interrupt(api):
         time.sleep(0.05)
     assert seen is not None, outcome
     assert 0 < seen["progress"] < 1 and seen["state"]["job_count"] == 1 and seen["state"]["sampling_steps"] == 100
+    busy = session.post(f"{url}{TXT}", json={"prompt": "x", "steps": 1, "width": 128, "height": 128})
+    assert busy.status_code == 503 and "the server is busy" in busy.json()["detail"]  # the same queue (--max-queue 1)
     assert api.interrupt() == {}
     thread.join(timeout=180)
     status, text = outcome["error"]

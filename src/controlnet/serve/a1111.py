@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,9 @@ def enum_value(value: Any, names: dict[str, str], order: tuple[str, ...], what: 
             return lowered[value.strip().lower()]
         if value in order:  # our own spelling
             return value
-    allowed = ", ".join(repr(name) for name in list(names)[:3])
-    raise RequestError(f"{what} must be one of {allowed} (or 0..{len(order) - 1}), got {value!r}")
+    numbers = f"0..{len(order) - 1}"
+    allowed = f"one of {', '.join(repr(name) for name in list(names)[:3])} (or {numbers})" if names else numbers
+    raise RequestError(f"{what} must be {allowed}, got {value!r}")
 
 
 # -- modules (annotators) --------------------------------------------------------------------------
@@ -489,7 +491,7 @@ def generation(
 
 
 def _text(body: dict, field: str) -> str:
-    value = body.get(field) or ""
+    value = "" if body.get(field) is None else body[field]
     if not isinstance(value, str):
         raise RequestError(f"{field} must be text, got {type(value).__name__}")
     return value
@@ -498,7 +500,7 @@ def _text(body: dict, field: str) -> str:
 def _integer(body: dict, field: str, default: int) -> int:
     value = body.get(field, default)
     value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value % 1:
         raise RequestError(f"{field} must be a whole number, got {value!r}")
     return int(value)
 

@@ -109,13 +109,15 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
     from fastapi import Request
 
     progress, options = Progress(), Options(service.registry.names[0])
-    listings: dict[str, dict] = {}  # each served model's sd-models entry (its hash, computed once)
+    listings: dict[str, dict] = {}  # each served model's sd-models entry: hashed once, when first asked
+
+    def listing(name: str) -> dict:
+        if name not in listings:
+            listings[name] = a1111.checkpoint_title(name, service.registry.entry(name).base)
+        return listings[name]
 
     def checkpoints() -> list[dict]:
-        for name in service.registry.names:
-            if name not in listings:
-                listings[name] = a1111.checkpoint_title(name, service.registry.entry(name).base)
-        return [listings[name] for name in service.registry.names]
+        return [listing(name) for name in service.registry.names]
 
     def answer(request: Request, work: Callable[[Any], Any], with_body: bool = False):
         return _answer(request, work, with_body, auth)
@@ -150,10 +152,10 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
     @app.get("/sdapi/v1/options")
     async def get_options(request: Request):
         def current(_):
-            listing = checkpoints()[service.registry.names.index(options.model)]
+            current = listing(options.model)
             return {
-                "sd_model_checkpoint": listing["title"],
-                "sd_checkpoint_hash": listing["sha256"],
+                "sd_model_checkpoint": current["title"],
+                "sd_checkpoint_hash": current["sha256"],
                 "samples_format": "png",
                 "control_net_unit_count": a1111.UNIT_COUNT,
                 "control_net_no_detectmap": not options.detect_maps,
@@ -191,7 +193,7 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
         return await answer(request, stop)
 
     def generate(body: Any, img2img: bool) -> dict:
-        model = _model(body, options.model, checkpoints(), service.registry.names)
+        model = _model(body, options.model, checkpoints, service.registry.names)
         native = service.native_resolution(model)  # loads it, as the web UI does
         files = service.registry.control_files(model)
         translated = a1111.generation(body, img2img, model, files, native, service.limits)
@@ -210,15 +212,16 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
     add_controlnet_routes(app, service, answer)
 
 
-def _model(body: Any, current: str, listings: list[dict], names: list[str]) -> str:
-    """The model a request uses: its override_settings' sd_model_checkpoint, else the current one."""
+def _model(body: Any, current: str, listings: Callable[[], list[dict]], names: list[str]) -> str:
+    """The model a request uses: its override_settings' sd_model_checkpoint, else the current one
+    (``listings``: the served models' sd-models entries, hashed only when a request names one)."""
     overrides = body.get("override_settings") if isinstance(body, dict) else None
     if overrides in (None, {}):
         return current
     if not isinstance(overrides, dict):
         raise RequestError("override_settings must be an object of options")
     wanted = overrides.get("sd_model_checkpoint")
-    return current if wanted is None else a1111.find_checkpoint(wanted, listings, names)
+    return current if wanted is None else a1111.find_checkpoint(wanted, listings(), names)
 
 
 def add_controlnet_routes(app, service: Service, answer: Callable) -> None:
