@@ -69,9 +69,9 @@ def sampler(name: Any, scheduler: Any = None) -> tuple[str, str]:
     if not isinstance(name, str):
         raise RequestError(f"sampler_name must be text, got {name!r}")
     key = name.strip().lower()
-    if key in COMBINED:
-        key, implied = COMBINED[key]
-        key, scheduler = key.lower(), implied if scheduler in (None, "", "automatic", "Automatic") else scheduler
+    if key in COMBINED:  # "DPM++ 2M Karras": the sampler, and its schedule unless one is named
+        key, implied = COMBINED[key][0].lower(), COMBINED[key][1]
+        scheduler = implied if scheduler in (None, "") or str(scheduler).lower() == "automatic" else scheduler
     found = next((s for s in SAMPLERS if key == s.name.lower() or key in s.aliases), None)
     if found is None:
         if key in GENERATION["sampler"].allowed():
