@@ -3,6 +3,7 @@ safety, and errors users can act on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from controlnet.config import SD15, SD21, TINY, ModelConfig
+from controlnet.config import SD15, SD21, TINY, WORLD, ModelConfig
 from controlnet.formats.detect import base_config_from_shapes, detect_format, inspect_contents
 from controlnet.formats.diffusers import save_diffusers
 from controlnet.formats.diffusers_text import text_ldm_to_diffusers
@@ -335,6 +336,29 @@ def test_sd2_controlnet_with_sd1_base_is_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in shapes.items()}, str(path))
     with pytest.raises(CheckpointError, match=r"made for SD 2.x but the base model is SD 1.x \(sd15\)"):
         load_controlnet(path, SD15)
+
+
+def test_a_three_stage_hint_encoder_loads_from_every_layout_and_only_onto_its_vae(tmp_path):
+    """The world model's 4x VAE takes a ControlNet whose hint encoder has three stages: its files
+    say so by their shapes alone, in both layouts, and a base whose VAE downsamples 8x refuses it."""
+    controlnet = randomize(ControlNet(WORLD.controlnet()), seed=7).eval()
+    ldm = tmp_path / "world-depth.safetensors"
+    save_file({"control_model." + k: v.contiguous() for k, v in controlnet.state_dict().items()}, str(ldm))
+    diffusers_file = tmp_path / "world-depth-diffusers.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in controlnet_ldm_to_diffusers(controlnet.state_dict(), controlnet.config).items()},
+        str(diffusers_file),
+    )
+    for path in (ldm, diffusers_file):
+        loaded = load_controlnet(path)
+        assert loaded.config.hint_block_channels == (16, 32, 64)
+        _assert_same_weights(loaded, controlnet)
+        _assert_same_weights(load_controlnet(path, WORLD), controlnet)
+    eightfold = WORLD.replace(
+        vae=dataclasses.replace(WORLD.vae, ch_mult=(1, 2, 4, 4)), control_hint_block_channels=(16, 32, 64, 64)
+    )
+    with pytest.raises(CheckpointError, match="hint encoder shrinks images 4x but the base model's VAE 8x"):
+        load_controlnet(ldm, eightfold)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders import single_file_utils
 
-from controlnet.config import SD15, SD21, SD21_V, TINY, ControlNetConfig, ModelConfig, UNetConfig
+from controlnet.config import SD15, SD21, SD21_V, TINY, WORLD, ControlNetConfig, ModelConfig, UNetConfig
 from controlnet.formats import diffusers_unet as du
 from controlnet.formats import diffusers_unet_config as duc
 from controlnet.formats.ldm import CONTROL_PREFIX, UNET_PREFIX
@@ -362,8 +362,24 @@ def test_unsupported_diffusers_configs_are_refused(change):
 def test_unsupported_controlnet_configs_are_refused():
     with pytest.raises(ValueError, match="conditioning_channel_order"):
         duc.controlnet_config_from_diffusers({**SD15_HUB_CONTROLNET, "controlnet_conditioning_channel_order": "bgr"})
-    with pytest.raises(ValueError, match="4 stages"):
-        duc.controlnet_config_from_diffusers({**SD15_HUB_CONTROLNET, "conditioning_embedding_out_channels": [16, 32]})
+    with pytest.raises(ValueError, match="at least 1 stage"):
+        duc.controlnet_config_from_diffusers({**SD15_HUB_CONTROLNET, "conditioning_embedding_out_channels": []})
+
+
+def test_a_three_stage_hint_encoder_maps_like_diffusers():
+    """The world model's VAE downsamples 4x, so its hint encoder has three stages (two stride-2
+    convs): six convs at input_hint_block.0..10, which diffusers builds from a three-width
+    conditioning_embedding_out_channels."""
+    cn = WORLD.controlnet()
+    assert cn.hint_block_channels == (16, 32, 64) and cn.hint_downsample_factor == 4 == WORLD.vae.downsample_factor
+    with torch.device("meta"):
+        control = ControlNetModel.from_config(duc.controlnet_config_to_diffusers(cn))
+    pairs = dict(du.controlnet_key_pairs(cn))
+    assert set(pairs.values()) == set(control.state_dict())
+    assert pairs["input_hint_block.10.weight"] == "controlnet_cond_embedding.conv_out.weight"
+    assert pairs["input_hint_block.8.weight"] == "controlnet_cond_embedding.blocks.3.weight"
+    back = duc.controlnet_config_from_diffusers(duc.controlnet_config_to_diffusers(cn), out_channels=8)
+    assert back == dataclasses.replace(cn, unet=_canonical(cn.unet))
 
 
 # ---- strictness and the projection reshape -------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controlnet.config import SD15, SD21, ModelConfig
+from controlnet.config import SD15, SD21, WORLD, ModelConfig
 from controlnet.formats.diffusers_unet import controlnet_ldm_to_diffusers, unet_ldm_to_diffusers
 from controlnet.formats.diffusers_unet_config import controlnet_config_to_diffusers, unet_config_to_diffusers
 from controlnet.models.controlnet import ControlNet, scale_residuals
@@ -39,21 +39,24 @@ def _twins(config: ModelConfig, seed: int):
 
 def _inputs(config: ModelConfig, seed: int):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 16, 16, generator=generator)
+    latent = 128 // config.vae.downsample_factor
+    x = torch.randn(2, config.unet.in_channels, latent, latent, generator=generator)
     t = torch.tensor([981, 41])
     context = torch.randn(2, 77, config.unet.context_dim, generator=generator)
     hint = torch.rand(2, 3, 128, 128, generator=generator)
     return x, t, context, hint
 
 
-@pytest.mark.parametrize("config", [SD15, SD21], ids=["sd15", "sd21"])
+# world: 8 latent channels and a three-stage hint encoder for its 4x VAE
+@pytest.mark.parametrize("config", [SD15, SD21, WORLD], ids=["sd15", "sd21", "world"])
 @torch.no_grad()
 def test_controlnet_and_controlled_unet_match_diffusers(config):
     unet, controlnet, their_unet, their_controlnet = _twins(config, seed=10)
     x, t, context, hint = _inputs(config, seed=11)
     strength = 0.7
 
-    residuals = scale_residuals(controlnet(x, controlnet.encode_hint(hint), t, context), [strength] * 13)
+    raw = controlnet(x, controlnet.encode_hint(hint), t, context)
+    residuals = scale_residuals(raw, [strength] * len(raw))
     down, mid = their_controlnet(
         x, t, encoder_hidden_states=context, controlnet_cond=hint, conditioning_scale=strength, return_dict=False
     )

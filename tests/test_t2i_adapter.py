@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from controlnet.config import SD15, T2IAdapterConfig, UNetConfig
+from controlnet.config import SD15, SHAPES, WORLD, T2IAdapterConfig, UNetConfig
 from controlnet.formats.diffusers_unet import unet_ldm_to_diffusers
 from controlnet.formats.diffusers_unet_config import unet_config_to_diffusers
 from controlnet.formats.errors import CheckpointError
@@ -19,6 +19,7 @@ from controlnet.formats.tensors import save_safetensors
 from controlnet.loading import load_adapter
 from controlnet.models.t2i_adapter import build_adapter, scale_features
 from controlnet.models.unet import UNet, level_end_blocks
+from controlnet.train.objectives import adapter_config_for
 
 from .helpers import random_module, relative_error, three_level_unet
 
@@ -185,6 +186,24 @@ def test_diffusers_folder_and_file(tmp_path, config):
     single = tmp_path / "adapter.safetensors"
     save_safetensors(theirs.state_dict(), single, {})
     _assert_same_adapter(load_adapter(single), adapter, config)
+
+
+def test_a_4x_adapter_is_read_for_a_4x_base_and_refused_by_an_8x_one(tmp_path):
+    """The file does not record its pixel unshuffle: its shapes suggest one (8 where the first conv
+    reads 64 per image channel, else 4) and a base decides it (its VAE's downsampling)."""
+    world = adapter_config_for(WORLD)
+    assert world.downscale_factor == 4 and world.channels == WORLD.unet.level_channels
+    adapter = random_module(lambda: build_adapter(world), seed=15)
+    path = tmp_path / "world-canny-adapter.safetensors"
+    save_safetensors(adapter.state_dict(), path, {})
+    _assert_same_adapter(load_adapter(path), adapter, world)
+    _assert_same_adapter(load_adapter(path, base=WORLD), adapter, world)
+    with pytest.raises(CheckpointError, match="shrinks images 4x but the base model shapes's VAE 8x"):
+        load_adapter(path, base=SHAPES.replace(unet=WORLD.unet))
+    gray = T2IAdapterConfig(in_channels=1, channels=(32, 64, 64), num_res_blocks=2, downscale_factor=4)
+    one_channel = tmp_path / "gray.pth"
+    torch.save(random_module(lambda: build_adapter(gray), seed=16).state_dict(), one_channel)
+    assert load_adapter(one_channel).config == gray  # 16 = 1 channel x 4 x 4: not an 8x file
 
 
 def test_bad_adapter_files_one_line(tmp_path):

@@ -96,16 +96,23 @@ class ControlNetConfig:
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     hint_channels: int = 3  # channels of the condition image (RGB in [0, 1])
-    # Widths of the hint encoder's four stages; three stride-2 convs bring the image to 1/8 size.
-    hint_block_channels: tuple[int, int, int, int] = (16, 32, 96, 256)
+    # Widths of the hint encoder's stages; a stride-2 conv between stages: SD's four stages bring the
+    # image to 1/8 size, three to 1/4 for a VAE that downsamples 4x (diffusers' rule for
+    # ``conditioning_embedding_out_channels``, of any length).
+    hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_average_pooling: bool = False  # 1.1 shuffle model: average each residual over H and W
 
     def __post_init__(self) -> None:
         _require(self.hint_channels > 0, f"hint_channels must be positive, got {self.hint_channels}")
         _require(
-            len(self.hint_block_channels) == 4,
-            f"hint_block_channels needs 4 widths, got {self.hint_block_channels}",
+            len(self.hint_block_channels) >= 1 and all(c > 0 for c in self.hint_block_channels),
+            f"hint_block_channels needs positive widths, got {self.hint_block_channels}",
         )
+
+    @property
+    def hint_downsample_factor(self) -> int:
+        """How much the hint encoder shrinks the condition image: the VAE's factor for a working pair."""
+        return 2 ** (len(self.hint_block_channels) - 1)
 
 
 AdapterKind = Literal["full", "light"]
@@ -245,8 +252,16 @@ class ModelConfig:
     vae: VAEConfig
     text: TextEncoderConfig
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    control_hint_block_channels: tuple[int, int, int, int] = (16, 32, 96, 256)
+    control_hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
     native_resolution: int = 512  # the image size the model was trained at
+
+    def __post_init__(self) -> None:
+        hint_factor = 2 ** (len(self.control_hint_block_channels) - 1)
+        _require(
+            hint_factor == self.vae.downsample_factor,
+            f"{self.name}: the ControlNet hint encoder shrinks images {hint_factor}x but the VAE "
+            f"{self.vae.downsample_factor}x; give control_hint_block_channels one width per VAE level",
+        )
 
     def controlnet(self, global_average_pooling: bool = False) -> ControlNetConfig:
         return ControlNetConfig(
@@ -327,17 +342,19 @@ SHAPES = ModelConfig(
     native_resolution=128,
 )
 
-# The shipped model of issue 19, trained on the synthetic world (``controlnet data world``): the
-# shapes UNet on an 8-channel latent (twice SD's 4: exact-pixel edges survive the 8x downsampling;
-# the LDM ddconfig's z_channels allows any count) with a wider VAE at its low-resolution levels, and
-# a 3-layer text encoder for the world's larger vocabulary and free phrasing. The UNet's 8 input
-# channels tell its files apart from ``shapes`` (same width and context).
+# The shipped model of issue 19, trained on the synthetic world (``controlnet data world``): a VAE
+# that downsamples 4x, not SD's 8x (LDM's kl-f4 first stage; ch_mult has one level fewer), into 8
+# latent channels, so that edges come back at their exact pixels (issue 19 point 2: with 8x, 16x16
+# latents for 128 px images, the reconstructions' edge F1 levelled off far below the goal); the shapes
+# UNet on those 32x32x8 latents; a three-stage ControlNet hint encoder to match (two stride-2 convs,
+# as diffusers builds from three conditioning widths); a 3-layer text encoder for the world's larger
+# vocabulary and free phrasing. The UNet's 8 input channels tell its files apart from ``shapes``.
 WORLD = ModelConfig(
     name="world",
     unet=dataclasses.replace(SHAPES.unet, in_channels=8, out_channels=8),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=8),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=8),
     text=TextEncoderConfig(width=64, layers=3, heads=2, mlp_width=256),
-    control_hint_block_channels=(16, 32, 64, 64),
+    control_hint_block_channels=(16, 32, 64),
     native_resolution=128,
 )
 

@@ -156,12 +156,13 @@ def load_adapter(
         state_dict, _ = read_state_dict(path)
         fmt = f"{t2i_adapter.detect_adapter_layout(state_dict, str(path))}-adapter"
         check_finite(state_dict, path)
+        factor = None if base is None else base.vae.downsample_factor  # the file does not say
         if fmt == "diffusers-adapter":
-            config = t2i_adapter.config_from_diffusers_shapes(state_dict, str(path))
+            config = t2i_adapter.config_from_diffusers_shapes(state_dict, str(path), factor=factor)
             weights = t2i_adapter.adapter_diffusers_to_original(state_dict, config)
         else:
             weights = t2i_adapter.strip_prefix(state_dict)
-            config = t2i_adapter.config_from_original(weights, str(path))
+            config = t2i_adapter.config_from_original(weights, str(path), factor=factor)
     if base is not None:
         t2i_adapter.check_adapter_compatible(config, base, path.name)
     model = build_empty(lambda: build_adapter(config))

@@ -163,7 +163,9 @@ def controlnet_config_from_shapes(control: Mapping[str, torch.Tensor], source: s
     """The configuration of an LDM-layout ControlNet (keys without prefix)."""
     base = preset_from_shapes(control, source)
     hint_channels = _size(control, "input_hint_block.0.weight", 1, source)
-    widths = tuple(_size(control, f"input_hint_block.{i}.weight", 0, source) for i in (0, 4, 8, 12))
+    # Stage 0's width is conv 0's output; each later stage's, that of its stride-2 conv (4, 8, ...).
+    convs = sum(1 for key in control if re.fullmatch(r"input_hint_block\.\d+\.weight", key))
+    widths = tuple(_size(control, f"input_hint_block.{4 * stage}.weight", 0, source) for stage in range(convs // 2))
     # The 1.1 shuffle model pools its residuals; nothing in its shapes says so, only its name
     # (the original ships a separate yaml; the AUTOMATIC1111 extension also goes by the name).
     pooling = "shuffle" in Path(source).name.lower()
@@ -186,8 +188,10 @@ def diffusers_controlnet_config_from_shapes(
 ) -> ControlNetConfig:
     """The configuration of a single diffusers-layout ControlNet file, which has no config.json:
     ``base``'s UNet when the widths match it, else that of the preset with those widths."""
-    names = ["conv_in.weight"] + [
-        f"controlnet_cond_embedding.{n}.weight" for n in ("conv_in", "blocks.1", "blocks.3", "blocks.5")
+    # The hint encoder's widths: conv_in's, then each stride-2 block's (1, 3, 5, ...).
+    blocks = sum(1 for key in state_dict if re.fullmatch(r"controlnet_cond_embedding\.blocks\.\d+\.weight", key))
+    names = ["conv_in.weight", "controlnet_cond_embedding.conv_in.weight"] + [
+        f"controlnet_cond_embedding.blocks.{2 * stage - 1}.weight" for stage in range(1, blocks // 2 + 1)
     ]
     missing = [n for n in names if n not in state_dict]
     context_key = next((k for k in state_dict if k.endswith("attn2.to_k.weight")), None)
@@ -222,8 +226,14 @@ def diffusers_controlnet_config_from_shapes(
 
 
 def check_compatible(control: ControlNetConfig, base: ModelConfig, source: str) -> None:
-    """Refuse a ControlNet whose encoder copy does not match the base UNet (another SD family)."""
+    """Refuse a ControlNet whose encoder copy does not match the base UNet (another SD family), or
+    whose hint encoder does not bring the condition image to the base's latent size."""
     if control.unet == base.unet:
+        if control.hint_downsample_factor != base.vae.downsample_factor:
+            raise CheckpointError(
+                f"{source}: this ControlNet's hint encoder shrinks images {control.hint_downsample_factor}x "
+                f"but the base model's VAE {base.vae.downsample_factor}x; use a ControlNet trained for this base"
+            )
         return
     family = {768: "SD 1.x", 1024: "SD 2.x"}
     made_for = family.get(control.unet.context_dim, f"a model with context {control.unet.context_dim}")

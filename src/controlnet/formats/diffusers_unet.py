@@ -94,13 +94,15 @@ def upsample_pairs(ldm: str, diffusers: str) -> Iterator[Pair]:
     yield from _leaf_pairs(f"{ldm}.conv", f"{diffusers}.conv")
 
 
-def hint_encoder_pairs() -> Iterator[Pair]:
-    """The ControlNet's condition encoder: eight convs at ``input_hint_block.{0,2,...,14}`` (the odd
-    indices are SiLUs) <-> ``controlnet_cond_embedding.conv_in``, ``blocks.0..5``, ``conv_out``."""
+def hint_encoder_pairs(stages: int = 4) -> Iterator[Pair]:
+    """The ControlNet's condition encoder: ``2 * stages`` convs at ``input_hint_block.{0,2,...}`` (the
+    odd indices are SiLUs; SD's four stages: 0..14) <-> ``controlnet_cond_embedding.conv_in``,
+    ``blocks.0..2 * stages - 3``, ``conv_out``."""
     yield from _leaf_pairs("input_hint_block.0", "controlnet_cond_embedding.conv_in")
-    for block in range(6):
+    blocks = 2 * (stages - 1)
+    for block in range(blocks):
         yield from _leaf_pairs(f"input_hint_block.{2 * block + 2}", f"controlnet_cond_embedding.blocks.{block}")
-    yield from _leaf_pairs("input_hint_block.14", "controlnet_cond_embedding.conv_out")
+    yield from _leaf_pairs(f"input_hint_block.{2 * blocks + 2}", "controlnet_cond_embedding.conv_out")
 
 
 def zero_conv_pairs(count: int) -> Iterator[Pair]:
@@ -180,7 +182,7 @@ def controlnet_key_pairs(cfg: ControlNetConfig) -> Iterator[Pair]:
     """Every ControlNet parameter as ``(ldm_name, diffusers_name)``, LDM names relative to
     ``control_model.``, in LDM module order."""
     yield from time_embedding_pairs()
-    yield from hint_encoder_pairs()
+    yield from hint_encoder_pairs(len(cfg.hint_block_channels))
     yield from _encoder_pairs(cfg.unet)
     yield from zero_conv_pairs(len(cfg.unet.encoder_block_channels()))
 

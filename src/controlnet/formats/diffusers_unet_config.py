@@ -273,10 +273,8 @@ def controlnet_config_from_diffusers(d: Mapping[str, Any], out_channels: int = 4
     """
     unet = _unet_config_from(d, "ControlNetModel", out_channels)
     hint_block = tuple(int(c) for c in _get(d, "conditioning_embedding_out_channels"))
-    if len(hint_block) != 4:
-        raise ValueError(
-            f"conditioning_embedding_out_channels={list(hint_block)}: the LDM hint encoder has exactly 4 stages"
-        )
+    if not hint_block:
+        raise ValueError("conditioning_embedding_out_channels is empty: the hint encoder needs at least 1 stage")
     return ControlNetConfig(
         unet=unet,
         hint_channels=int(_get(d, "conditioning_channels")),

@@ -104,13 +104,19 @@ def adapter_original_to_diffusers(state_dict: Mapping[str, torch.Tensor], config
 
 
 def config_from_original(
-    state_dict: Mapping[str, torch.Tensor], source: str, num_res_blocks: int | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    num_res_blocks: int | None = None,
+    factor: int | None = None,
 ) -> T2IAdapterConfig:
     """The configuration of a TencentARC-layout adapter (keys without prefix), from its shapes.
 
     Full: the widths are those of each block's ``block1``; a level ends where the width next changes
     (the released files: 320, 640, 1280, 1280 with 2 blocks each), so ``num_res_blocks`` is the index
     of the first block of another width, or of the first ``down_opt`` convolution, unless given.
+    ``factor``: the pixel unshuffle's as the base wants it (its VAE's downsampling; the file does not
+    say), taken where the first conv's input fits it; otherwise, or without it, SD's 8 where that
+    input is 1 to 4 image channels' worth, else 4 (a base that wants another then refuses the file).
     """
     if "conv_in.weight" in state_dict:
         widths = _indexed(state_dict, r"body\.(\d+)\.block1\.weight", source)
@@ -122,10 +128,10 @@ def config_from_original(
         return _config(
             source,
             kind="full",
-            in_channels=_in_channels(state_dict, "conv_in.weight", 8, source),
+            in_channels=_in_channels(state_dict, "conv_in.weight", factor, source),
             channels=tuple(widths[::n]),
             num_res_blocks=n,
-            factor=8,
+            factor=_unshuffle_factor(state_dict, "conv_in.weight", factor, source),
             kernel_size=_shape(state_dict, "body.0.block2.weight", source)[-1],
             shortcut_conv="body.0.skep.weight" in state_dict,
             conv_downsample=bool(conv_down),
@@ -135,9 +141,10 @@ def config_from_original(
     return _config(
         source,
         kind="light",
-        in_channels=_in_channels(state_dict, "body.0.in_conv.weight", 8, source),
+        in_channels=_in_channels(state_dict, "body.0.in_conv.weight", factor, source),
         channels=tuple(widths),
         num_res_blocks=len(blocks),
+        factor=_unshuffle_factor(state_dict, "body.0.in_conv.weight", factor, source),
     )
 
 
@@ -162,8 +169,11 @@ def config_from_diffusers(config: Mapping[str, object], source: str) -> T2IAdapt
     return _config(source, "full", in_channels, channels, num_res_blocks, factor)
 
 
-def config_from_diffusers_shapes(state_dict: Mapping[str, torch.Tensor], source: str) -> T2IAdapterConfig:
-    """The configuration of a diffusers-layout adapter file without its config.json (downscale factor 8)."""
+def config_from_diffusers_shapes(
+    state_dict: Mapping[str, torch.Tensor], source: str, factor: int | None = None
+) -> T2IAdapterConfig:
+    """The configuration of a diffusers-layout adapter file without its config.json (``factor``: as
+    for :func:`config_from_original`)."""
     bare = strip_prefix(state_dict)
     kind = "full" if "conv_in.weight" in bare else "light"
     blocks = {m[1] for k in bare if (m := re.fullmatch(r"body\.0\.resnets\.(\d+)\.block1\.weight", k))}
@@ -171,7 +181,7 @@ def config_from_diffusers_shapes(state_dict: Mapping[str, torch.Tensor], source:
         raise CheckpointError(f"{source}: not a T2I-Adapter in diffusers layout (no body.0.resnets.*)")
     n = len(blocks)
     probe = T2IAdapterConfig(kind=kind, channels=(4,), num_res_blocks=n)  # the key map needs kind and n only
-    return config_from_original(adapter_diffusers_to_original(state_dict, probe), source, n)
+    return config_from_original(adapter_diffusers_to_original(state_dict, probe), source, n, factor)
 
 
 def config_to_diffusers(config: T2IAdapterConfig) -> dict:
@@ -229,7 +239,18 @@ def _indexed(state_dict: Mapping[str, torch.Tensor], pattern: str, source: str) 
     return [_shape(state_dict, found[i], source)[0] for i in range(len(found))]
 
 
-def _in_channels(state_dict: Mapping[str, torch.Tensor], key: str, factor: int, source: str) -> int:
+def _unshuffle_factor(state_dict: Mapping[str, torch.Tensor], key: str, wanted: int | None, source: str) -> int:
+    """The pixel unshuffle factor of an adapter whose first conv is ``key``: ``wanted`` where that
+    conv's input divides by its square, else 8 (SD's VAE) where it is 1 to 4 image channels' worth
+    (64 each), else 4 (a 4x VAE's, 16 each)."""
+    unshuffled = _shape(state_dict, key, source)[1]
+    if wanted and unshuffled % wanted**2 == 0:
+        return wanted
+    return 8 if unshuffled % 64 == 0 and unshuffled // 64 <= 4 else 4
+
+
+def _in_channels(state_dict: Mapping[str, torch.Tensor], key: str, wanted: int | None, source: str) -> int:
+    factor = _unshuffle_factor(state_dict, key, wanted, source)
     unshuffled = _shape(state_dict, key, source)[1]
     if unshuffled % factor**2:
         raise CheckpointError(
@@ -245,7 +266,13 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def check_adapter_compatible(config: T2IAdapterConfig, base: ModelConfig, source: str) -> None:
-    """Refuse an adapter whose feature maps do not fit the base UNet's levels (their widths)."""
+    """Refuse an adapter whose feature maps do not fit the base UNet's levels (their widths) or
+    whose pixel unshuffle does not bring images to the base's latent size."""
+    if config.downscale_factor != base.vae.downsample_factor:
+        raise CheckpointError(
+            f"{source}: this T2I-Adapter shrinks images {config.downscale_factor}x but the base model "
+            f"{base.name}'s VAE {base.vae.downsample_factor}x; use an adapter made for this base"
+        )
     levels = base.unet.level_channels
     if config.channels != levels:
         raise CheckpointError(

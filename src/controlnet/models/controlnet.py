@@ -7,6 +7,7 @@ Layout and names as the original ``cldm.ControlNet``: ``time_embed``, ``input_hi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -33,25 +34,20 @@ def zero_conv(channels: int) -> TimestepEmbedSequential:
 
 
 def build_hint_encoder(config: ControlNetConfig) -> TimestepEmbedSequential:
-    """``input_hint_block``: condition image [B, 3, H, W] in [0, 1] -> [B, model_channels, H/8, W/8].
+    """``input_hint_block``: condition image [B, 3, H, W] in [0, 1] -> [B, model_channels, H/f, W/f].
 
-    Eight 3x3 convolutions with SiLU between (state-dict indices 0, 2, ..., 14); the three stride-2
-    ones bring the image to the latent size; the last one starts at zero.
+    3x3 convolutions with SiLU between: one into the first stage's width, then per later stage a conv
+    at the width and a stride-2 conv into the next (SD's four stages: eight convs at state-dict
+    indices 0, 2, ..., 14, f = 8); the last conv, into the UNet's width, starts at zero.
     """
-    c1, c2, c3, c4 = config.hint_block_channels
-    plan = [  # (in, out, stride)
-        (config.hint_channels, c1, 1),
-        (c1, c1, 1),
-        (c1, c2, 2),
-        (c2, c2, 1),
-        (c2, c3, 2),
-        (c3, c3, 1),
-        (c3, c4, 2),
-    ]
+    widths = config.hint_block_channels
+    plan = [(config.hint_channels, widths[0], 1)]  # (in, out, stride)
+    for width, wider in itertools.pairwise(widths):
+        plan += [(width, width, 1), (width, wider, 2)]
     layers: list[nn.Module] = []
     for channels_in, channels_out, stride in plan:
         layers += [Conv2d(channels_in, channels_out, 3, stride=stride, padding=1), nn.SiLU()]
-    layers.append(zero_module(Conv2d(c4, config.unet.model_channels, 3, padding=1)))
+    layers.append(zero_module(Conv2d(widths[-1], config.unet.model_channels, 3, padding=1)))
     return TimestepEmbedSequential(*layers)
 
 
