@@ -315,6 +315,10 @@ def test_learning_rate_schedule():
         ({"gradient_loss_weight": -1.0}, "--gradient-loss-weight must be a finite number >= 0, got -1.0"),
         ({"task": "adapter", "base": None}, "the adapter task needs --base"),
         ({"task": "adapter", "unlock_decoder": True}, "apply to the controlnet task"),
+        ({"crop_size": 32}, "--crop-size applies to the vae task"),
+        ({"task": "vae", "model_config": "tiny", "crop_size": 36}, "--crop-size must be a multiple of 8"),
+        ({"task": "vae", "model_config": "tiny", "crop_size": 72}, "at most the training resolution 64, got 72"),
+        ({"task": "vae", "model_config": "tiny", "crop_size": 4}, "--crop-size must be at least 8"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(setup, tmp_path, changes, message):
@@ -494,6 +498,29 @@ def test_the_adversarial_term_trains_each_player_on_its_own_loss_in_one_step(set
     assert all(not torch.equal(a, b) for a, b in zip(before, discriminator, strict=True))
     with pytest.raises(TrainingError, match="--adversarial-weight applies to the vae task"):
         Trainer(config(setup, tmp_path / "other", adversarial_weight=0.5), log=lambda m: None)
+
+
+def test_the_vae_task_trains_on_random_crops_drawn_from_each_sample(setup, tmp_path):
+    """--crop-size: each image of a batch is a crop of its sample at an offset of the sample's own
+    draws (the same batch again is the same crops), with posterior noise of the crop's latent size."""
+    settings = dict(task="vae", model_config="tiny", crop_size=32, max_steps=2, batch_size=3)
+    trainer = Trainer(config(setup, tmp_path, **settings), log=lambda m: None)
+    batch = trainer.batch(range(3))
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["posterior_noise"].shape == (3, 4, 4, 4)
+    assert torch.equal(trainer.batch(range(3))["image"], batch["image"])
+    corners = []
+    for position, crop in enumerate(batch["image"]):
+        whole = trainer.dataset[trainer.stream.index(position)]["image"]
+        offsets = {
+            (top, left)
+            for top in range(33)
+            for left in range(33)
+            if torch.equal(whole[:, top : top + 32, left : left + 32], crop)
+        }
+        assert offsets, f"sample {position}'s crop is not a window of its image"
+        corners.append((0, 0) in offsets)
+    assert not all(corners)  # the offsets are drawn, not always the corner
+    trainer.train_step()
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup, tmp_path):

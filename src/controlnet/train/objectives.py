@@ -472,6 +472,7 @@ class VAEObjective(Objective):
         self.kl_weight = config.kl_weight
         self.gradient_loss_weight = config.gradient_loss_weight
         self.adversarial_weight = config.adversarial_weight
+        self.crop_size = config.crop_size
         self.discriminator = PatchDiscriminator() if config.adversarial_weight else None
 
     @classmethod
@@ -486,10 +487,14 @@ class VAEObjective(Objective):
         return groups
 
     def batch(self, items: Sequence[dict], generators: Sequence[torch.Generator], cache: FrozenCache | None) -> dict:
-        """The images and the noise of their posterior samples."""
-        shape = latent_shape(self.model, items)
+        """The images (or a random crop of each, ``--crop-size``) and the noise of their posterior
+        samples, both drawn from each sample's own generator."""
+        images = [item["image"] for item in items]
+        if self.crop_size is not None:
+            images = [random_crop(image, self.crop_size, g) for image, g in zip(images, generators, strict=True)]
+        shape = latent_shape(self.model, [{"image": images[0]}])
         return {
-            "image": torch.stack([item["image"] for item in items]),
+            "image": torch.stack(images),
             "posterior_noise": torch.stack([torch.randn(shape, generator=g) for g in generators]),
         }
 
@@ -576,6 +581,14 @@ OBJECTIVES: dict[str, type[Objective]] = {
 def build_objective(config: TrainConfig) -> Objective:
     """The objective of ``config.task`` (one of ``config.TASKS``), built from ``config``."""
     return OBJECTIVES[config.task].build(config)
+
+
+def random_crop(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A ``size`` x ``size`` crop of ``image`` [C, H, W] at an offset drawn from ``generator``."""
+    height, width = image.shape[-2:]
+    top = int(torch.randint(0, height - size + 1, (), generator=generator))
+    left = int(torch.randint(0, width - size + 1, (), generator=generator))
+    return image[..., top : top + size, left : left + size]
 
 
 def _preset(config: TrainConfig) -> ModelConfig:
