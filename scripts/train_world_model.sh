@@ -31,7 +31,7 @@ if [[ "${SMOKE:-0}" == "1" ]]; then
     STAGES=$WORK/stages SHIP_TO=$WORK/ship
 else
     TRAIN_COUNT=${TRAIN_COUNT:-20000} HELD_OUT=${HELD_OUT:-300}
-    VAE_STEPS=${VAE_STEPS:-2500} BASE_STEPS=${BASE_STEPS:-6000} CN_STEPS=${CN_STEPS:-2000}
+    VAE_STEPS=${VAE_STEPS:-10000} BASE_STEPS=${BASE_STEPS:-6000} CN_STEPS=${CN_STEPS:-2000}
     EVERY=${EVERY:-250} BATCH=32 VALIDATION=(8 20)  # validation images, sampling steps
     STAGES=${STAGES:-training/world} SHIP_TO=${SHIP_TO:-src/controlnet/weights}
 fi
@@ -60,10 +60,13 @@ stage() {
 [[ -e "$WORK/held-out/prompt.json" ]] || "$CONTROLNET" data world --out "$WORK/held-out" --count "$HELD_OUT" --seed 1
 [[ -e "$WORK/data/prompt.json" ]] || "$CONTROLNET" data world --out "$WORK/data" --count "$TRAIN_COUNT" --seed 0
 
-# 2. The VAE: 8 latent channels; the gradient term keeps edges exact (docs/model-card.md).
+# 2. The VAE: 4x downsampling into 8 latent channels; the gradient term keeps edges exact
+# (docs/model-card.md); 64 px crops give 4.5x the samples per second of whole scenes, and it learns
+# edges locally (edge F1 of its reconstructions 0.70 after 2000 steps, against 0.36 for whole scenes
+# after the same 12 minutes).
 stage vae "$STAGES/vae.safetensors" "$WORK/vae" vae.safetensors --task vae --model-config world \
-    --data "$WORK/data" --max-steps "$VAE_STEPS" --batch-size $((BATCH / 2)) --learning-rate 1e-3 \
-    --lr-schedule cosine --lr-warmup-steps 100 --mixed-precision bf16 --gradient-loss-weight 1.0
+    --data "$WORK/data" --max-steps "$VAE_STEPS" --batch-size $((BATCH / 2)) --crop-size 64 \
+    --learning-rate 1e-3 --lr-schedule cosine --lr-warmup-steps 100 --mixed-precision bf16 --gradient-loss-weight 1.0
 
 # 3. The base: UNet + text encoder on the frozen VAE's latents, 10% empty prompts for guidance.
 stage base "$SHIP_TO/world.safetensors" "$WORK/base" base.safetensors --task base --model-config world \
