@@ -5,7 +5,8 @@
 #   3. its UNet and text encoder from scratch on that VAE (--task base);
 #   4. one ControlNet per condition on the frozen base (the default task): canny, depth, seg, pose,
 #      scribble; and a T2I-Adapter for canny under the ControlNet's budget and seed (--task adapter);
-#   5. the package's float16 files (src/controlnet/weights/world*.safetensors).
+#   5. the zero-convolution ablation: the canny ControlNet again from Gaussian-initialised layers;
+#   6. the package's float16 files (src/controlnet/weights/world*.safetensors).
 #
 # The whole recipe takes hours on 2 CPU cores, so every finished stage leaves a float16 file that is
 # committed to the repository (the VAE in training/world/, the rest in the package), and a stage
@@ -18,7 +19,7 @@
 #
 #   nohup scripts/train_world_model.sh > ~/.cache/controlnet-world.log 2>&1 &
 #
-# ONLY="vae base canny canny-adapter" runs those stages alone. SMOKE=1 shrinks every stage to a few steps and
+# ONLY="vae base canny canny-adapter canny-gaussian" runs those stages alone. SMOKE=1 shrinks every stage to a few steps and
 # writes every file into $WORK: a check that the chain runs (a few minutes).
 set -euo pipefail
 
@@ -35,7 +36,7 @@ else
     EVERY=${EVERY:-250} BATCH=32 VALIDATION=(8 20)  # validation images, sampling steps
     STAGES=${STAGES:-training/world} SHIP_TO=${SHIP_TO:-src/controlnet/weights}
 fi
-mkdir -p "$WORK" "$STAGES" "$SHIP_TO"
+mkdir -p "$WORK" "$WORK/experiment" "$STAGES" "$SHIP_TO"
 log() { echo "$(date -u +%FT%TZ) $*"; }
 wanted() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 
@@ -78,16 +79,25 @@ stage base "$SHIP_TO/world.safetensors" "$WORK/base" base.safetensors --task bas
 # paper's 50% empty prompts and no EMA (it would lag the sudden convergence).
 CONTROL_SETTINGS=(--base "$SHIP_TO/world.safetensors" --max-steps "$CN_STEPS" --batch-size "$BATCH"
     --learning-rate 1e-3 --lr-warmup-steps 100)
+# The canny runs keep every checkpoint: the experiments (docs/experiments.md) score them along the way.
+KEEP_ALL=(--keep-checkpoints 100)
 for condition in "${CONDITIONS[@]}"; do
     data=$WORK/data/$condition
     [[ $condition == canny ]] && data=$WORK/data
+    keep=()
+    [[ $condition == canny ]] && keep=("${KEEP_ALL[@]}")
     stage "$condition" "$SHIP_TO/world-$condition.safetensors" "$WORK/controlnet-$condition" controlnet.safetensors \
-        "${CONTROL_SETTINGS[@]}" --data "$data"
+        "${CONTROL_SETTINGS[@]}" --data "$data" "${keep[@]}"
     # The T2I-Adapter beside the canny ControlNet: the same data, steps, batch, learning rate and seed
     # (docs/experiments.md compares the two).
     if [[ $condition == canny ]]; then
         stage canny-adapter "$SHIP_TO/world-canny-adapter.safetensors" "$WORK/adapter-canny" adapter.safetensors \
-            --task adapter "${CONTROL_SETTINGS[@]}" --data "$data"
+            --task adapter "${CONTROL_SETTINGS[@]}" --data "$data" "${keep[@]}"
     fi
 done
+
+# 5. The paper's ablation (docs/experiments.md): the canny ControlNet again, its zero convolutions
+# drawn from a Gaussian instead; not shipped, its file stays in $WORK.
+stage canny-gaussian "$WORK/experiment/world-canny-gaussian.safetensors" "$WORK/controlnet-canny-gaussian" \
+    controlnet.safetensors "${CONTROL_SETTINGS[@]}" --data "$WORK/data" --control-init gaussian "${KEEP_ALL[@]}"
 log "world model: the stages asked for are done; files in $STAGES and $SHIP_TO"

@@ -4,6 +4,7 @@ loadable, and a second run skipping every finished stage."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,5 +36,9 @@ def test_the_world_recipe_runs_every_stage_and_skips_the_finished_ones(tmp_path)
         load_controlnet(ship / f"world-{condition}.safetensors", base.config)
     load_adapter(ship / "world-canny-adapter.safetensors", base.config)
     assert (tmp_path / "held-out" / "seg" / "prompt.json").exists()
+    load_controlnet(tmp_path / "experiment" / "world-canny-gaussian.safetensors", base.config)
+    settings = json.loads((tmp_path / "controlnet-canny-gaussian" / "config.json").read_text())
+    assert settings["control_init"] == "gaussian" and settings["keep_checkpoints"] == 100  # the ablation's run
+    assert len(list((tmp_path / "controlnet-canny" / "checkpoints").glob("step-*"))) >= 1
     again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("done already") == 2 + len(CONDITIONS) + 1
+    assert again.returncode == 0 and again.stdout.count("done already") == 2 + len(CONDITIONS) + 2
