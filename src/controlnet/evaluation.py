@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,9 +27,11 @@ import numpy as np
 from .annotators import Runtime, annotate, get_annotator
 from .annotators.canny import canny
 from .files import atomic_file
+from .settings import UNIT
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
+    from .world_evaluation import WorldData
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,38 @@ def check_scores(results: dict) -> None:
                 raise NonFiniteError(f"the {name} score of {where} is {value}: results.json not written")
 
 
+@dataclass(frozen=True)
+class EvalUnit:
+    """One control unit of an evaluation: which of the pipeline's models reads which maps, with
+    its strength and window (settings.UNIT defines them, their ranges and meaning). ``condition``
+    None reads the evaluated folder's own maps; a condition of the synthetic world (``controlnet
+    data world``: depth, seg, pose, ...) reads the same scene's map of that condition from the
+    world's folder of it, composed with the evaluated folder's (``controlnet eval --also``)."""
+
+    condition: str | None = None
+    model: str = "controlnet"  # or "adapter" (settings.UNIT_MODELS): a T2I-Adapter unit
+    index: int = 0  # which of the pipeline's ControlNets (or T2I-Adapters)
+    strength: float = UNIT["strength"].default
+    start: float = UNIT["start"].default
+    end: float = UNIT["end"].default
+
+    def mode(self, guess_mode: bool) -> str:
+        """The control mode it runs in: in ``guess_mode`` a ControlNet unit's is control (the
+        original apps' guess mode), else balanced; an adapter unit's is balanced (it has none)."""
+        from .settings import unit_mode
+
+        return unit_mode(UNIT["mode"].default, guess_mode, self.model == "adapter")
+
+    def control_unit(self, control: np.ndarray, guess_mode: bool):
+        """The pipeline's unit on the ready map ``control``, in its `mode`."""
+        from .pipeline import ControlUnit
+
+        window = {"strength": self.strength, "start": self.start, "end": self.end, "mode": self.mode(guess_mode)}
+        if self.model == "adapter":
+            return ControlUnit(control, adapter=self.index, **window)
+        return ControlUnit(control, controlnet=self.index, **window)
+
+
 def evaluate(
     pipe: Pipeline | None,
     data: str | os.PathLike,
@@ -271,6 +305,8 @@ def evaluate(
     resolution: int | None = None,
     sampler: str = "ddim",
     reextraction: Reextraction | None = None,
+    units: Sequence[EvalUnit] | None = None,
+    empty_prompt: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Generate from the first ``count`` (condition, prompt) pairs of a dataset folder (either
@@ -283,8 +319,15 @@ def evaluate(
     re-extraction, depth, seg and pose by the world estimators, and every condition by prompt
     adherence. ``use_control=False`` generates from the prompts alone: the base model's scores, to
     compare with. ``pipe=None`` scores the data's own images instead of generated ones (one per
-    condition): the ceiling of every score. Writes ``results.json`` and ``grid.png`` (a row per
-    condition: the condition, then its images) to ``out``; returns the results."""
+    condition): the ceiling of every score.
+
+    ``units`` (default: ControlNet 0 on the data's maps at full strength, all steps) steer the
+    images: one reads the data's own maps; on world data others may read the same scenes' maps of
+    other conditions, and each of those conditions is then scored by its own measure on the same
+    images (canny by Canny edge F1). ``empty_prompt``: every image from the empty prompt, the
+    ControlNet units in guess mode (control mode); prompt adherence then means nothing and is not
+    reported. Writes ``results.json`` and ``grid.png`` (a row per condition: the condition, the
+    maps composed with it, then its images) to ``out``; returns the results."""
     from .datasets.folders import read_records
     from .imaging.charts import image_grid
     from .imaging.images import load_image
@@ -292,6 +335,10 @@ def evaluate(
 
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    if pipe is None and (units is not None or empty_prompt):
+        raise ValueError("pipe=None scores the data's own images: it takes no units and no empty_prompt")
+    if units is not None and not use_control:
+        raise ValueError("use_control=False generates from the prompts alone: it takes no units")
     reextraction = reextraction or Reextraction()
     check_settings(
         images_per_condition=images_per_condition,
@@ -302,14 +349,21 @@ def evaluate(
         sampler=sampler,
         reextraction=reextraction,
     )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     records = read_records(data)[:count]
     if not records:
         raise ValueError(f"{data}: no samples to evaluate")
     world = find_world(data)
+    own = world.condition if world is not None else reextraction.annotator
+    if units is None:
+        units = [EvalUnit()] if use_control and pipe is not None else []
+    elif not units:
+        raise ValueError("units is empty: name at least one, or use_control=False for the base alone")
+    steering = check_units(units, pipe, world, own, data)
+    others = {name: world.condition_maps(name, records) for name in list(steering)[1:]}
     if world is not None:
-        world.check(records)
+        world.check(records, list(others))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     if pipe is None:  # the data's own images, one per condition, at their own size unless told
         resolution = resolution or load_image(records[0].target).shape[0]
         images_per_condition = 1
@@ -322,15 +376,18 @@ def evaluate(
         "resolution": resolution,
         "sampler": sampler,
     }
-    rows, per_sample = [], []
+    run = _Run(pipe, generation, steering, empty_prompt, reextraction, world, own)
+    rows, per_sample, metrics = [], [], {name: {} for name in (own, *others)}
     for i, record in enumerate(records):
-        condition, images, entry = _score_one(pipe, record, generation, use_control, reextraction, world)
+        maps, images, entry, scored = _score_one(run, record, {name: paths[i] for name, paths in others.items()})
         per_sample.append(entry)
+        for name, keys in scored.items():
+            metrics[name].update(dict.fromkeys(keys))
         if len(rows) < 8:
-            rows.append([condition, *images])
+            rows.append([*maps, *images])
         if progress is not None:
             progress(i + 1, len(records))
-    results = _results(pipe, data, per_sample, generation, use_control, reextraction, world)
+    results = _results(run, data, per_sample, use_control, metrics)
     check_scores(results)
     # Whole files or none: a disk that fills up leaves the previous results.json as it was.
     text = json.dumps(results, indent=2, allow_nan=False) + "\n"
@@ -341,54 +398,156 @@ def evaluate(
     return results
 
 
-def _results(
-    pipe, data, per_sample: list[dict], generation: dict, use_control: bool, reextraction: Reextraction, world
-) -> dict:
+def check_units(units: Sequence[EvalUnit], pipe, world, own: str, data) -> dict[str, EvalUnit]:
+    """The units by the condition whose maps each reads, the data's own (``own``) first; ValueError
+    (one line) before any image is generated for a unit whose settings settings.py refuses, a
+    model the pipeline has not loaded, a condition read twice, another condition than the data's
+    own without world data (or one the world does not have: `WorldData.condition_folder`), and
+    units none of which reads the data's own maps (its scores would score what did not steer)."""
+    from .settings import UNIT_MODELS, check_unit
+
+    steering: dict[str, EvalUnit] = {}
+    for unit in units:
+        name = own if unit.condition in (None, own) else unit.condition
+        where = f"the {name} unit"
+        if unit.model not in UNIT_MODELS:
+            raise ValueError(f"{where}: model must be one of {', '.join(UNIT_MODELS)}, got {unit.model!r}")
+        check_unit({"strength": unit.strength, "start": unit.start, "end": unit.end, unit.model: unit.index}, where)
+        loaded = getattr(pipe, f"{unit.model}s", None)
+        if loaded is not None and unit.index >= len(loaded):
+            kind = "T2I-Adapter" if unit.model == "adapter" else "ControlNet"
+            raise ValueError(f"{where}: {kind} {unit.index} does not exist ({len(loaded)} loaded)")
+        if name != own:
+            if world is None:
+                raise ValueError(
+                    f"{where}: {data} is not world data ('controlnet data world'): no other condition of its scenes"
+                )
+            try:
+                world.condition_folder(name)
+            except ValueError as error:  # DatasetError too: the same kind, named by its unit
+                raise type(error)(f"{where}: {error}") from None
+        if name in steering:
+            raise ValueError(f"two units read the {name} maps")
+        steering[name] = unit
+    if steering and own not in steering:
+        raise ValueError(f"no unit reads the evaluated folder's own ({own}) maps")
+    return {own: steering.pop(own), **steering} if steering else {}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every sample of an evaluation is generated and scored with."""
+
+    pipe: Pipeline | None
+    generation: dict  # Pipeline.generate's settings
+    units: dict[str, EvalUnit]  # by the condition they read, the data's own first (check_units)
+    empty_prompt: bool
+    reextraction: Reextraction
+    world: WorldData | None
+    own: str  # the data's condition: the world's, or the annotator that made the maps
+
+    @property
+    def guess_mode(self) -> bool:
+        """Whether ControlNet units ran in guess mode (the empty prompt's mode; adapters have none)."""
+        return self.empty_prompt and any(unit.model == "controlnet" for unit in self.units.values())
+
+
+def _results(run: _Run, data, per_sample: list[dict], use_control: bool, metrics: dict[str, dict]) -> dict:
     """What results.json holds: the mean of every score (over the samples that have it: pose
-    scores only where a figure is drawn), the settings, and each sample's scores."""
-    metrics = list(dict.fromkeys(k for e in per_sample for k in e if k not in ("source", "prompt")))
-    summary = {k: float(np.mean([e[k] for e in per_sample if k in e])) for k in metrics}
+    scores only where a figure is drawn), the settings, each condition's scores (the summary's,
+    by the condition they measure), and each sample's scores."""
+    generation, pipe, world = run.generation, run.pipe, run.world
+    names = list(dict.fromkeys(k for e in per_sample for k in e if k not in ("source", "prompt")))
+    summary = {k: float(np.mean([e[k] for e in per_sample if k in e])) for k in names}
     settings = {
         "data": str(data),
         "count": len(per_sample),
         "images_per_condition": generation["num_images"],
         **{k: generation[k] for k in ("steps", "guidance_scale", "seed", "sampler", "resolution")},
         "control": use_control,
-        "annotator": reextraction.annotator,
-        "annotator_params": reextraction.resolved(),
+        "annotator": run.reextraction.annotator,
+        "annotator_params": run.reextraction.resolved(),
         "model": "ground truth (the data's own images)" if pipe is None else pipe.model.config.name,
     }
     if world is not None:
         settings["world_condition"] = world.condition
-        settings["estimators"] = {task: str(world.estimator(task).path) for task in world.estimators()}
-    return {"summary": summary, "settings": settings, "samples": per_sample}
+        others = list(run.units)[1:]
+        settings["estimators"] = {task: str(world.estimator(task).path) for task in world.estimators(others)}
+    settings |= {"empty_prompt": run.empty_prompt, "guess_mode": run.guess_mode, "units": _unit_records(run)}
+    conditions = {name: {k: summary[k] for k in keys if k in summary} for name, keys in metrics.items()}
+    return {"summary": summary, "settings": settings, "conditions": conditions, "samples": per_sample}
 
 
-def _score_one(pipe, record, generation: dict, use_control: bool, reextraction: Reextraction, world):
-    """(the condition at the output size, the generated images, their scores) for one record."""
+def _unit_records(run: _Run) -> list[dict]:
+    """Each unit as results.json records it: the maps it read, its model (with the file it was
+    loaded from, where the pipeline knows it), strength, window and the mode it ran in."""
+    records = []
+    for name, unit in run.units.items():
+        record = {"condition": name, "model": unit.model, "index": unit.index}
+        files = getattr(run.pipe, "files", {}).get(unit.model, [])
+        if unit.index < len(files):
+            record["file"] = str(files[unit.index])
+        window = {"strength": unit.strength, "start": unit.start, "end": unit.end}
+        records.append(record | window | {"mode": unit.mode(run.guess_mode)})
+    return records
+
+
+def _score_one(run: _Run, record, other_maps: Mapping[str, Path]):
+    """(the maps at the output size: the record's condition, then ``other_maps``, the other
+    conditions' of its scene; the generated images; their scores; the score names by the
+    condition they measure) for one record."""
     from .imaging.images import load_image
-    from .pipeline import ControlUnit
 
+    resolution, world = run.generation["resolution"], run.world
     original = load_image(record.source)
-    condition = _fit(original, generation["resolution"])
-    if pipe is None:
-        images = [_fit(load_image(record.target), generation["resolution"], smooth=True)]
+    condition = _fit(original, resolution)
+    maps = {run.own: condition} | {name: _fit(load_image(path), resolution) for name, path in other_maps.items()}
+    prompt = "" if run.empty_prompt else record.prompt
+    if run.pipe is None:
+        images = [_fit(load_image(record.target), resolution, smooth=True)]
     else:
-        units = [ControlUnit(condition)] if use_control else []
-        images = pipe.generate(record.prompt, units, **generation).images
-    entry = {"source": str(record.source), "prompt": record.prompt}
-    if world is None or world.condition == "canny":
-        entry |= reextraction.scores(images, condition)
-    scene = record.extra.get("scene")
+        controls = [unit.control_unit(maps[name], run.guess_mode) for name, unit in run.units.items()]
+        images = run.pipe.generate(prompt, controls, **run.generation).images
+    entry = {"source": str(record.source), "prompt": prompt}
+    instance = None if world is None else world.instance(record, resolution)
+    scored = {}
+    for name, control in maps.items():
+        if name == run.own and (world is None or world.condition == "canny"):
+            scored[name] = run.reextraction.scores(images, control)
+        elif name == "canny":  # composed with the data's condition: edge F1 as the canny data gets it
+            edges = run.reextraction if run.reextraction.annotator == "canny" else Reextraction()
+            scored[name] = edges.scores(images, control)
+        else:
+            scored[name] = world.condition_scores(name, record, images, control, instance)
+    # In the order results.json has always had: re-extraction's scores, prompt adherence, the rest.
+    parts = list(scored.items())
+    first = [parts.pop(0)] if world is None or world.condition == "canny" else []
+    # Without a prompt, adherence to it means nothing: not reported (not a number of any kind).
+    adherence = {} if run.empty_prompt else _adherence(world, record, images, instance, original, resolution)
+    for name, scores in [*first, ("prompt", adherence), *parts]:
+        clash = sorted(entry.keys() & scores.keys())
+        if clash:
+            raise ValueError(f"the {name} scores {', '.join(clash)} are named as other scores of this evaluation")
+        entry |= scores
+    return list(maps.values()), images, entry, {name: list(scores) for name, scores in scored.items()}
+
+
+def _adherence(world, record, images: list[np.ndarray], instance, original: np.ndarray, resolution: int) -> dict:
+    """Prompt adherence: the world's (`WorldData.adherence_scores`, on the scene's ``instance`` map),
+    or the shapes' scene score where the data carries a scene (``controlnet data scenes``, its boxes
+    in pixels of the ``original`` condition); none for other data."""
     if world is not None:
-        entry |= world.scores(record, images, condition)
-    elif scene is not None:
-        scaled = _scaled_scene(scene, original.shape[1], generation["resolution"])
-        adherence = [scene_adherence(image, scaled) for image in images]
-        entry["scene_score"] = float(np.mean([a.score for a in adherence]))
-        entry["objects_found"] = float(np.mean([a.objects_found for a in adherence]))
-        entry["background_found"] = float(np.mean([a.background_found for a in adherence]))
-    return condition, images, entry
+        return world.adherence_scores(record, images, instance)
+    scene = record.extra.get("scene")
+    if scene is None:
+        return {}
+    scaled = _scaled_scene(scene, original.shape[1], resolution)
+    adherence = [scene_adherence(image, scaled) for image in images]
+    return {
+        "scene_score": float(np.mean([a.score for a in adherence])),
+        "objects_found": float(np.mean([a.objects_found for a in adherence])),
+        "background_found": float(np.mean([a.background_found for a in adherence])),
+    }
 
 
 def format_summary(results: dict) -> str:

@@ -15,6 +15,9 @@ generated image gets, besides the scores of its condition:
 - **pose**: how well the figures the segmentation estimator finds follow the drawn skeletons
   (`pose_agreement`).
 
+With several conditions at once (``controlnet eval --also``: the same scenes' maps of another
+condition, `WorldData.condition_maps`), each condition's own score is computed on the same images.
+
 This is ControlNet++'s protocol (Li et al. 2024, section 4.1: the condition estimated back from the
 generated image by a pretrained network and compared with the input condition), with estimators
 trained on the world's exact ground truth (`controlnet train-estimator`, `train/estimator.py`)
@@ -292,10 +295,11 @@ class WorldData:
     def instance_path(self, record: Record) -> Path:
         return self.root / "instance" / f"{record.target.stem}.png"
 
-    def check(self, records: Sequence[Record]) -> None:
+    def check(self, records: Sequence[Record], others: Sequence[str] = ()) -> None:
         """DatasetError (one line) for a record the scores cannot read (no instance map: data
-        written before instance maps existed), before any image is generated; the estimators this
-        condition needs are loaded, so that a missing or bad file is refused now too."""
+        written before instance maps existed; no pose file where pose is scored), before any image
+        is generated; the estimators this condition and `others` (conditions composed with it)
+        need are loaded, so that a missing or bad file is refused now too."""
         for record in records:
             world = self.world_record(record)
             path = self.instance_path(world)
@@ -304,49 +308,91 @@ class WorldData:
                     f"{path}: no instance map (needed for prompt adherence); write the data again with "
                     "'controlnet data world' (the same --seed gives the same samples, now with instance/)"
                 )
-            if self.condition == "pose" and not (self.root / world.extra.get("pose_json", "")).is_file():
+            if "pose" in (self.condition, *others) and not (self.root / world.extra.get("pose_json", "")).is_file():
                 raise DatasetError(f"{self.root / world.extra.get('pose_json', 'pose/?.json')}: no pose file")
-        for task in self.estimators():
+        for task in self.estimators(others):
             self.estimator(task)
 
-    def estimators(self) -> list[str]:
-        """The estimators this condition's scores use."""
-        return {"depth": ["depth"], "seg": ["seg"], "pose": ["seg"]}.get(self.condition, [])
+    def estimators(self, others: Sequence[str] = ()) -> list[str]:
+        """The estimators the scores of this condition and of `others` use."""
+        needs = {"depth": ["depth"], "seg": ["seg"], "pose": ["seg"]}
+        return list(dict.fromkeys(task for c in (self.condition, *others) for task in needs.get(c, [])))
 
     def estimator(self, task: str) -> WorldEstimator:
         """The shipped estimator for `task`, loaded once."""
         return _shipped(task)
 
-    def scores(self, record: Record, images: list[np.ndarray], condition: np.ndarray) -> dict[str, float]:
-        """The mean scores of `images` (generated for `record`, at the size of `condition`, the
-        control map they were made from): prompt adherence, and this condition's own score."""
-        from .annotators.pose.jsonformat import read_pose_json
+    # -- compositions: the same scenes' maps of another condition --------------------------------
+
+    def condition_folder(self, condition: str) -> Path:
+        """The dataset folder of the world's `condition` maps, to compose with the evaluated
+        folder's (the world's folder itself for canny, as `find_world` reads it); ValueError (one
+        line) for a name that is not a world condition, the evaluated folder's own condition, or a
+        condition folder that is not there."""
+        if condition not in CONDITIONS:
+            raise ValueError(f"{condition!r} is not a condition of the world; choose among {', '.join(CONDITIONS)}")
+        if condition == self.condition:
+            raise ValueError(f"{condition} is the evaluated folder's own condition; name another to compose with it")
+        folder = self.root if condition == "canny" else self.root / condition
+        if not (folder / "prompt.json").is_file():
+            raise DatasetError(f"{folder}: no such condition folder (no prompt.json) in the world {self.root}")
+        return folder
+
+    def condition_maps(self, condition: str, records: Sequence[Record]) -> list[Path]:
+        """The `condition` map of each record's scene (`condition_folder`'s record with the same
+        image: the same scene, whatever the order); DatasetError (one line) for a scene it lacks."""
+        folder = self.condition_folder(condition)
+        by_image = {r.target.resolve(): r.source for r in read_records(folder)}
+        maps = []
+        for record in records:
+            found = by_image.get(record.target.resolve())
+            if found is None:
+                raise DatasetError(f"{folder}: no {condition} map of the scene of {record.target}")
+            maps.append(found)
+        return maps
+
+    # -- the scores -----------------------------------------------------------------------------------
+
+    def instance(self, record: Record, size: int) -> np.ndarray:
+        """The instance map of `record`'s scene at `size` x `size` ([H, W]: 0 wall, 1 floor, objects)."""
         from .imaging.images import load_image
 
-        world = self.world_record(record)
-        size = condition.shape[0]
-        instance = _resized(load_image(self.instance_path(world))[:, :, 0], size, cv2.INTER_NEAREST)
-        adherence = [prompt_adherence(image, world.extra["scene"], instance) for image in images]
-        scores = {
+        return _resized(load_image(self.instance_path(self.world_record(record)))[:, :, 0], size, cv2.INTER_NEAREST)
+
+    def adherence_scores(self, record: Record, images: list[np.ndarray], instance: np.ndarray) -> dict[str, float]:
+        """The mean prompt adherence of `images` (generated from `record`'s caption) and its parts."""
+        adherence = [prompt_adherence(image, self.world_record(record).extra["scene"], instance) for image in images]
+        return {
             "prompt_adherence": float(np.mean([a.score for a in adherence])),
             "objects_right": float(np.mean([a.objects_right for a in adherence])),
             "background_right": float(np.mean([a.background_right for a in adherence])),
             "floor_right": float(np.mean([a.floor_right for a in adherence])),
         }
-        if self.condition == "depth":
+
+    def condition_scores(
+        self, condition: str, record: Record, images: list[np.ndarray], control: np.ndarray, instance: np.ndarray
+    ) -> dict[str, float]:
+        """The mean scores of `images` against `control`, the scene's `condition` map at their size,
+        by that condition's own measure through the estimators: depth, seg, pose (no pose scores
+        where the scene has no figure: nothing to follow). Empty for the others (canny is scored by
+        re-extraction, `evaluation.Reextraction`; normal and scribble have no measure of their own)."""
+        from .annotators.pose.jsonformat import read_pose_json
+
+        scores: dict[str, float] = {}
+        if condition == "depth":
             # The wall and the floor are most of every image, and their depth follows from where
             # they are: the objects' pixels alone say whether the objects are at their depth.
             estimated = self.estimator("depth").predict(images)
             objects = instance > FLOOR
-            scores["depth_rmse"] = float(np.mean([depth_rmse(e, condition) for e in estimated]))
-            scores["depth_rmse_objects"] = float(np.mean([depth_rmse(e, condition, objects) for e in estimated]))
-        elif self.condition == "seg":
-            wanted = seg_classes(condition)
+            scores["depth_rmse"] = float(np.mean([depth_rmse(e, control) for e in estimated]))
+            scores["depth_rmse_objects"] = float(np.mean([depth_rmse(e, control, objects) for e in estimated]))
+        elif condition == "seg":
+            wanted = seg_classes(control)
             segs = [seg_miou(p, wanted) for p in self.estimator("seg").predict(images)]
             scores["seg_miou"] = float(np.mean([s.miou for s in segs]))
             scores["seg_accuracy"] = float(np.mean([s.accuracy for s in segs]))
-        elif self.condition == "pose":
-            poses = read_pose_json(self.root / world.extra["pose_json"])
+        elif condition == "pose":
+            poses = read_pose_json(self.root / self.world_record(record).extra["pose_json"])
             found = [pose_agreement(p == PERSON, poses) for p in self.estimator("seg").predict(images)]
             if all(f is not None for f in found):  # no figure: nothing to score
                 scores["pose_score"] = float(np.mean([f.score for f in found]))
