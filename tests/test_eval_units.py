@@ -2,7 +2,8 @@
 (--adapter), the empty prompt (--empty-prompt: ControlNets in guess mode, no prompt adherence), and
 compositions on world data (--also COND, --unit-strength, --unit-window): which units are built with
 which maps, strengths, windows, prompt and mode, once per image, and which scores are reported.
-The plumbing, not quality: a recording stand-in for the pipeline."""
+The plumbing, not quality: a recording stand-in for the pipeline, and tiny random models on the
+command line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from controlnet import shipped
+from controlnet.cli import main
 from controlnet.datasets.folders import read_records
 from controlnet.datasets.synthetic import write_dataset
 from controlnet.datasets.world import write_world
@@ -234,3 +237,188 @@ def test_evaluate_refuses_compositions_it_cannot_make(world, tmp_path):
     with pytest.raises(ValueError, match="use_control=False generates from the prompts alone: it takes no units"):
         evaluate(pipe, data, tmp_path / "out", use_control=False, units=[EvalUnit()])
     assert pipe.calls == [] and not (tmp_path / "out").exists()
+
+
+# -- the command line, with tiny random models ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> Path:
+    """A weights folder like the world model's: a tiny base, a ControlNet per condition, a canny adapter."""
+    from controlnet.formats.ldm import save_ldm
+    from controlnet.models.tiny import random_tiny_models
+
+    from .helpers import write_tiny_adapter
+
+    folder = tmp_path_factory.mktemp("weights")
+    model, _ = random_tiny_models(seed=1)
+    save_ldm(folder / "tiny.safetensors", model)
+    for seed, condition in enumerate(("canny", "depth", "seg", "pose", "scribble"), start=2):
+        save_ldm(folder / f"tiny-{condition}.safetensors", controlnet=random_tiny_models(seed=seed)[1])
+    write_tiny_adapter(folder / "tiny-canny-adapter.pth", seed=9)
+    return folder
+
+
+@pytest.fixture
+def tiny_registry(tiny_files, monkeypatch) -> Path:
+    """The shipped registry replaced by the tiny models, named as the world's are."""
+    controls = [
+        shipped.Control(c, f"tiny-{c}.safetensors", "controlnet", f"{c} maps", None)
+        for c in ("canny", "depth", "seg", "pose", "scribble")
+    ]
+    controls.append(shipped.Control("canny", "tiny-canny-adapter.pth", "adapter", "Canny edges", "canny"))
+    monkeypatch.setattr(shipped, "MODEL", shipped.ShippedModel("tiny (a test's)", "tiny.safetensors", tuple(controls)))
+    monkeypatch.setattr(shipped, "weights_folder", lambda: tiny_files)
+    return tiny_files
+
+
+@pytest.fixture
+def generations(monkeypatch) -> list:
+    """Every Pipeline.generate call of the test, recorded, then run."""
+    from controlnet.pipeline import Pipeline
+
+    calls, original = [], Pipeline.generate
+
+    def recorded(self, prompt, controls=(), **settings):
+        calls.append(SimpleNamespace(prompt=prompt, units=list(controls), pipe=self))
+        return original(self, prompt, controls, **settings)
+
+    monkeypatch.setattr(Pipeline, "generate", recorded)
+    return calls
+
+
+FAST = ["--count", "2", "--images-per-condition", "1", "--steps", "1"]
+
+
+def test_eval_command_composes_shipped_controlnets_with_their_strengths_and_windows(
+    world, tiny_registry, generations, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = ["eval", "--data", str(world / "pose"), "--out", str(out), *FAST, "--also", "depth", "--also", "canny",
+            "--unit-strength", "depth=0.5", "--unit-window", "depth=0.25:0.75", "--unit-strength", "pose=1.5",
+            "--empty-prompt"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "depth_rmse" in capsys.readouterr().out
+    assert len(generations) == 2  # once per image: the three conditions are scored on the same images
+    pipe = generations[0].pipe
+    assert [p.name for p in pipe.files["controlnet"]] == ["tiny-pose.safetensors", "tiny-depth.safetensors",
+                                                          "tiny-canny.safetensors"]  # fmt: skip
+    for i, call in enumerate(generations):
+        assert call.prompt == ""
+        assert [(u.controlnet, u.strength, u.start, u.end, u.mode) for u in call.units] == [
+            (0, 1.5, 0.0, 1.0, "control"),
+            (1, 0.5, 0.25, 0.75, "control"),
+            (2, 1.0, 0.0, 1.0, "control"),
+        ]
+        for unit, condition in zip(call.units, ("pose", "depth", "canny"), strict=True):
+            assert np.array_equal(unit.image, _map(world, condition, i))
+    results = json.loads((out / "results.json").read_text())
+    assert [(u["condition"], Path(u["file"]).name) for u in results["settings"]["units"]] == [
+        ("pose", "tiny-pose.safetensors"),
+        ("depth", "tiny-depth.safetensors"),
+        ("canny", "tiny-canny.safetensors"),
+    ]
+    assert results["settings"]["guess_mode"] and results["settings"]["empty_prompt"]
+    assert list(results["conditions"]) == ["pose", "depth", "canny"]
+    assert {"depth_rmse", "edge_f1"} <= set(results["summary"]) and not ADHERENCE & set(results["summary"])
+
+
+def test_eval_command_evaluates_a_shipped_adapter(world, tiny_registry, generations, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(world), "--out", str(out), *FAST, "--adapter", "canny",
+                 "--unit-window", "canny=0:0.5"]) == 0, capsys.readouterr().err  # fmt: skip
+    pipe = generations[0].pipe
+    assert pipe.controlnets == [] and [p.name for p in pipe.files["adapter"]] == ["tiny-canny-adapter.pth"]
+    assert all([(u.adapter, u.end, u.mode) for u in c.units] == [(0, 0.5, "balanced")] for c in generations)
+    results = json.loads((out / "results.json").read_text())
+    [unit] = results["settings"]["units"]
+    assert unit["model"] == "adapter" and Path(unit["file"]).name == "tiny-canny-adapter.pth"
+    assert {"edge_f1", "prompt_adherence"} <= set(results["summary"]) and generations[0].prompt != ""
+
+
+def test_eval_command_with_an_adapter_and_an_empty_prompt_is_not_guess_mode(world, tiny_registry, generations,
+                                                                               tmp_path, capsys):  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(world), "--out", str(out), *FAST, "--adapter", "canny", "--also", "seg",
+                 "--empty-prompt"]) == 0, capsys.readouterr().err  # fmt: skip
+    [(adapter, controlnet)] = {tuple((u.adapter, u.mode) for u in c.units) for c in generations}
+    assert adapter == (0, "balanced") and controlnet == (None, "control")
+    assert generations[0].units[1].controlnet == 0  # the seg ControlNet: the only one loaded
+    assert [p.name for p in generations[0].pipe.files["controlnet"]] == ["tiny-seg.safetensors"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["guess_mode"] and [u["mode"] for u in results["settings"]["units"]] == [
+        "balanced",
+        "control",
+    ]
+
+
+@pytest.mark.parametrize(
+    "options, status, message",
+    [
+        (
+            ["--adapter", "canny", "--controlnet", "canny"],
+            2,
+            "--adapter evaluates a T2I-Adapter in place of a ControlNet; it contradicts --controlnet",
+        ),
+        (
+            ["--adapter", "canny", "--no-control"],
+            2,
+            "--adapter evaluates a T2I-Adapter in place of a ControlNet; it contradicts --no-control",
+        ),
+        (["--adapter", "nope"], 2, "--adapter nope: no such file or folder, nor a shipped T2I-Adapter name"),
+        (["--ground-truth", "--adapter", "canny"], 2, "it takes no --base, --controlnet, --adapter or --no-control"),
+        (["--ground-truth", "--empty-prompt"], 2, "it generates nothing to take --empty-prompt"),
+        (["--ground-truth", "--also", "depth"], 2, "it generates nothing to take --also"),
+        (["--no-control", "--also", "depth"], 2, "--no-control evaluates the base alone; it contradicts --also"),
+        (["--no-control", "--unit-strength", "pose=1"], 2, "it contradicts --unit-strength"),
+        (["--also", "nope"], 2, "--also nope: 'nope' is not a condition of the world; choose among canny, depth"),
+        (["--also", "pose"], 2, "--also pose: pose is the evaluated folder's own condition"),
+        (["--also", "depth", "--also", "depth"], 2, "--also depth: given twice"),
+        (["--also", "normal"], 2, "--also normal: no shipped ControlNet is called 'normal'"),
+        (["--base", "{world}/prompt.json", "--also", "depth"], 2, "no ControlNet to evaluate: pass --controlnet"),
+        (
+            ["--unit-strength", "depth=0.5"],
+            2,
+            "--unit-strength depth=0.5: no unit reads depth maps here (the units read pose)",
+        ),
+        (["--unit-strength", "pose"], 2, "bad --unit-strength 'pose'; use COND=S"),
+        (["--unit-strength", "pose=strong"], 2, "--unit-strength pose: 'strong' is not a number"),
+        (["--unit-strength", "pose=3"], 2, "--unit-strength pose: strength must be between 0 and 2, got 3.0"),
+        (["--unit-strength", "pose=nan"], 2, "--unit-strength pose: strength must be a number, got nan"),
+        (["--unit-strength", "pose=1", "--unit-strength", "pose=0.5"], 2, "--unit-strength pose: given twice"),
+        (["--unit-window", "pose=0.5"], 2, "--unit-window pose: '0.5' is not START:END"),
+        (["--unit-window", "pose=0.8:0.2"], 2, "--unit-window pose: start (0.8) must not be after end (0.2)"),
+        (["--unit-window", "pose=0:1.5"], 2, "--unit-window pose: end must be between 0 and 1, got 1.5"),
+        (
+            ["--also", "depth", "--unit-window", "seg=0:1"],
+            2,
+            "no unit reads seg maps here (the units read pose, depth)",
+        ),
+    ],
+)
+def test_eval_command_refuses_in_one_line(world, tiny_registry, tmp_path, capsys, monkeypatch, options, status,
+                                          message):  # fmt: skip
+    from controlnet.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "from_files", pytest.fail)  # every mistake is found before a model loads
+    options = [o.replace("{world}", str(world)) for o in options]
+    assert main(["eval", "--data", str(world / "pose"), "--out", str(tmp_path / "out"), *options]) == status
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_eval_command_refuses_compositions_without_their_data_in_one_line(world, tiny_registry, tmp_path, capsys):
+    scenes = tmp_path / "scenes"
+    write_dataset(scenes, "scenes", 2, size=SIZE, seed=3)
+    partial = tmp_path / "partial"
+    shutil.copytree(world, partial)
+    shutil.rmtree(partial / "seg")
+    cases = [
+        (scenes, "--also depth: ", "is not world data ('controlnet data world'): no other condition of its scenes"),
+        (partial / "pose", "--also seg: ", "seg: no such condition folder (no prompt.json) in the world"),
+    ]
+    for data, start, message in cases:
+        option = start.split(":")[0].split()
+        assert main(["eval", "--data", str(data), "--out", str(tmp_path / "out"), *option]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and start in err and message in err, err
