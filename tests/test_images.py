@@ -401,3 +401,24 @@ def test_encode_png_is_what_save_png_writes(tmp_path: Path) -> None:
     assert np.array_equal(load_image(data), image) and read_png_text(tmp_path / "x.png") == text
     with pytest.raises(ValueError, match="NUL"):
         encode_png(image, {"parameters": "a\0b"})
+
+
+def test_line_chart_draws_error_bars_that_widen_the_axes(tmp_path: Path) -> None:
+    """charts.line_chart's ``errors``: a vertical bar of the series' colour around each point, and
+    the y axis stretched to hold the bars' ends (experiments' 95% intervals)."""
+    from controlnet.imaging.charts import COLOURS, line_chart
+
+    points = {"run": [(0.0, 0.5), (1.0, 0.5)]}
+    plain = np.asarray(Image.open(line_chart(tmp_path / "plain.png", points, "t", "x", "y")).convert("RGB"))
+    barred = np.asarray(
+        Image.open(line_chart(tmp_path / "bars.png", points, "t", "x", "y", errors={"run": [0.4, 0.0]})).convert("RGB")
+    )
+    colour = np.array(COLOURS[0])
+
+    def rows_in_colour(image: np.ndarray, column: int) -> int:
+        return int((image[:, column - 1 : column + 2] == colour).all(axis=2).any(axis=1).sum())
+
+    left_edge = 70 + 1  # the first point sits on the frame's left edge (x = 0)
+    assert rows_in_colour(barred, left_edge) > rows_in_colour(plain, left_edge) + 20  # the bar spans rows
+    with pytest.raises(ValueError):  # one width per point
+        line_chart(tmp_path / "bad.png", points, "t", "x", "y", errors={"run": [0.1]})

@@ -40,5 +40,24 @@ def test_the_world_recipe_runs_every_stage_and_skips_the_finished_ones(tmp_path)
     settings = json.loads((tmp_path / "controlnet-canny-gaussian" / "config.json").read_text())
     assert settings["control_init"] == "gaussian" and settings["keep_checkpoints"] == 100  # the ablation's run
     assert len(list((tmp_path / "controlnet-canny" / "checkpoints").glob("step-*"))) >= 1
+    # The experiment's scoring runs on both runs: the zero run's initial images are the base's own.
+    experiment = [
+        sys.executable,
+        str(ROOT / "scripts" / "zero_conv_experiment.py"),
+        "--data",
+        str(tmp_path / "held-out"),
+    ]
+    experiment += [
+        "--zero",
+        str(tmp_path / "controlnet-canny"),
+        "--gaussian",
+        str(tmp_path / "controlnet-canny-gaussian"),
+    ]
+    experiment += ["--count", "2", "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "figures")]
+    scored = subprocess.run(experiment, capture_output=True, text=True, timeout=900)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    runs = json.loads((tmp_path / "figures" / "summary.json").read_text())["runs"]
+    assert [step for step, _, _ in runs["zero"]["f1_prompt"]] == [0, 2]
+    assert runs["zero"]["distance_prompt"][0][1] == 0.0 < runs["gaussian"]["distance_prompt"][0][1]
     again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("done already") == 2 + len(CONDITIONS) + 2

@@ -44,14 +44,22 @@ def line_chart(
     size: tuple[int, int] = (720, 400),
     log_y: bool = False,
     marks: Mapping[str, float] | None = None,
+    errors: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
-    """Draw each named series of (x, y) points as a line; ``marks``: labelled vertical lines."""
+    """Draw each named series of (x, y) points as a line; ``marks``: labelled vertical lines;
+    ``errors``: for a series, the half-width of an interval around each of its points (error bars)."""
     width, height = size
     left, right, top, bottom = 70, 20, 36, 50
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    points = [(x, y) for values in series.values() for x, y in values if math.isfinite(y) and (y > 0 or not log_y)]
+    bars = {name: list(zip(series[name], widths, strict=True)) for name, widths in (errors or {}).items()}
+    ends = [(x, y + s * e) for name in bars for (x, y), e in bars[name] for s in (-1, 1)]
+    points = [
+        (x, y)
+        for x, y in [*(p for values in series.values() for p in values), *ends]
+        if math.isfinite(y) and (y > 0 or not log_y)
+    ]
     if not points:
         points = [(0.0, 0.0), (1.0, 1.0)]
 
@@ -76,6 +84,13 @@ def line_chart(
     for i, (name, values) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
         line = [to_pixel(x, y) for x, y in values if math.isfinite(y) and (y > 0 or not log_y)]
+        for (x, y), e in bars.get(name, []):
+            if math.isfinite(y) and math.isfinite(e) and (y - e > 0 or not log_y):
+                (px, low), (_, high) = to_pixel(x, y - e), to_pixel(x, y + e)
+                px += 4 * (i - (len(bars) - 1) / 2)  # side by side where several series share an x
+                draw.line([px, low, px, high], fill=colour, width=1)
+                draw.line([px - 3, low, px + 3, low], fill=colour, width=1)
+                draw.line([px - 3, high, px + 3, high], fill=colour, width=1)
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
         elif line:
