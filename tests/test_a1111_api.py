@@ -260,6 +260,11 @@ REFUSALS = [
     (TXT, {"steps": 0}, "steps must be between 1 and 100, got 0"),
     (TXT, {"cfg_scale": 31}, "cfg_scale must be between 0.1 and 30"),
     (TXT, {"batch_size": 8, "n_iter": 2}, "batch_size x n_iter must be between 1 and 12 images"),
+    (TXT, {"steps": 10**400}, "steps must be between 1 and 100, got 1000000"),  # no OverflowError
+    (TXT, {"cfg_scale": -(10**400)}, "cfg_scale must be between 0.1 and 30, got -1000000"),
+    (TXT, {"seed": 10**400}, "seed must be between -1 and 2147483647, got 1000000"),
+    (TXT, {"batch_size": 10**400}, "batch_size x n_iter must be between 1 and 12 images"),
+    (TXT, {"n_iter": 1.5}, "n_iter must be a whole number, got 1.5"),
     (TXT, {"enable_hr": True}, "enable_hr: hires fix is not supported"),
     (TXT, {"override_settings": {"sd_model_checkpoint": "nope"}}, "'nope' is not a served model"),
     (TXT, {"units": [_unit(image="/etc/passwd")]}, "ControlNet unit 0: image is not valid base64"),
@@ -310,6 +315,12 @@ def test_nothing_a_request_carries_is_unpickled_and_the_other_refusals(session, 
     assert requests.post(f"{url}{TXT}", json={"prompt": "x"}, auth=("ada", "wrong")).status_code == 401
     not_json = session.post(f"{url}{TXT}", data=b"{nope", headers={"content-type": "application/json"})
     assert not_json.status_code == 422 and "the body is not JSON" in not_json.json()["detail"]
+    digits = b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}"  # json.loads: a plain ValueError
+    too_long = session.post(f"{url}{TXT}", data=digits, headers={"content-type": "application/json"})
+    assert (
+        too_long.status_code == 422
+        and "not JSON this server reads: Exceeds the limit (4300 digits)" in (too_long.json()["detail"])
+    )
     assert session.get(f"{url}/sdapi/v1/cmd-flags").status_code == 404  # what the server does not have
     huge = session.post(f"{url}{TXT}", data=b"x" * (8 * 2**20 + 1), headers={"content-type": "application/json"})
     assert huge.status_code == 413  # 8 x --max-upload-mb, as for the JSON API
@@ -379,3 +390,25 @@ def test_a_units_model_is_found_as_the_extension_finds_it(tmp_path):
     assert found == [{"controlnet": 0}, {"controlnet": 1}, {"controlnet": 1}, {"adapter": 0}]
     with pytest.raises(RequestError, match="'openpose' is not one of this model's ControlNets"):
         a1111.control_model("openpose", files, "unit")
+
+
+def test_a_server_fault_is_a_one_line_500_and_logged(monkeypatch, capsys):
+    """A fault of the server's own (here a listing that fails) is a one-line JSON 500 naming no
+    path, its traceback in the server's log; the server goes on serving."""
+    from fastapi.testclient import TestClient
+
+    from controlnet.serve.app import build_app
+    from controlnet.serve.service import ModelRegistry, Service, discover_models
+
+    def broken(alias_names=False):
+        raise RuntimeError("disk on fire at /srv/secret/models")
+
+    monkeypatch.setattr(a1111, "module_list", broken)
+    with TestClient(build_app(Service(ModelRegistry(discover_models(None))))) as client:
+        response = client.get("/controlnet/module_list")
+        assert response.status_code == 500, response.text
+        detail = response.json()["detail"]
+        assert detail == "the server failed to answer this request (its log says why)"
+        assert client.get("/controlnet/version").json() == {"version": 3}
+    log = capsys.readouterr().err
+    assert "Traceback" in log and "disk on fire" in log

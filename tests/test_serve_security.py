@@ -438,6 +438,8 @@ def _edges_b64() -> str:
         (json.dumps({"prompt": "x", "negative_prompt": "n" * 4 * 2**20}).encode(), "the negative prompt is 4,194,304"),
         (json.dumps({"prompt": " ".join(["red"] * 700)}).encode(), "700 tokens long; the limit is 600"),
         (json.dumps({"prompt": "x", "eta": 1.5}).encode(), "eta must be between 0 and 1"),
+        (json.dumps({"prompt": "x", "seed": 10**400}).encode(), "seed must be between -1 and 2147483647, got 1000"),
+        (b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}", "not JSON this server reads: Exceeds the limit (4300"),
     ],
 )
 def test_bad_bodies_get_a_400_with_one_line(service, body, message, monkeypatch):
@@ -449,6 +451,23 @@ def test_bad_bodies_get_a_400_with_one_line(service, body, message, monkeypatch)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert message in error and "\n" not in error and len(error) < 300
+
+
+def test_a_server_fault_is_a_one_line_500_and_logged(service, monkeypatch, capsys):
+    """A fault of the server's own (a bug, the machine failing) is a one-line JSON 500 naming no
+    path, its traceback in the server's log; the server goes on serving."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire at /srv/secret/models")
+
+    monkeypatch.setattr(Service, "generate", broken)
+    with serving(service) as (client, _app):
+        response = client.post("/api/generate", json={"prompt": "x"})
+        assert response.status_code == 500, response.text
+        assert response.json() == {"error": "the server failed to answer this request (its log says why)"}
+        assert client.get("/api/models").status_code == 200
+    log = capsys.readouterr().err
+    assert "Traceback" in log and "disk on fire" in log
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,9 @@ def test_the_api_generates_pngs_that_carry_their_settings(client):
         ({"prompt": "x", "colour": "red"}, 400, "unknown field(s): colour"),
         ({"prompt": "x", "steps": "many"}, 400, "steps must be a number"),
         ({"prompt": "x", "steps": 0}, 400, "steps must be between 1 and 100, got 0"),
+        ({"prompt": "x", "steps": 10**400}, 400, "steps must be between 1 and 100, got 1000000"),  # no OverflowError
+        ({"prompt": "x", "guidance_scale": 10**400}, 400, "guidance scale must be between 0.1 and 30, got 100000"),
+        ({"prompt": "x", "units": [{"image": "EDGES", "end": 10**400}]}, 400, "end must be between 0 and 1"),
         ({"prompt": "x", "num_images": 13}, 400, "images must be between 1 and 12"),
         ({"prompt": "x", "guidance_scale": 31}, 400, "guidance scale must be between 0.1 and 30"),
         ({"prompt": "x", "resolution": 100}, 400, "resolution must be a multiple of 64"),

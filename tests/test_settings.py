@@ -125,11 +125,19 @@ def client() -> Iterator[TestClient]:
 
 
 def through_json_api(client: TestClient, monkeypatch, kind: str, name: str, value) -> str:
-    monkeypatch.setattr(ModelRegistry, "pipeline", _stop)  # loading the model comes after the checks
+    reached = []
+
+    def stop(*args, **kwargs):  # the server answers its exceptions (a 500): remember it was reached
+        reached.append(True)
+        raise Validated
+
+    monkeypatch.setattr(ModelRegistry, "pipeline", stop)  # loading the model comes after the checks
     unit = {"image": base64.b64encode(EDGES.read_bytes()).decode(), "annotator": "none"}
     body = {"prompt": "a circle", "units": [unit | ({name: value} if kind == "unit" else {})]}
     body |= {name: value} if kind == "generation" else {}
     response = client.post("/api/generate", content=json.dumps(body), headers={"content-type": "application/json"})
+    if reached:
+        raise Validated
     assert response.status_code == 400, response.text
     return response.json()["error"]
 
@@ -194,6 +202,19 @@ def test_every_setting_says_what_it_means_and_what_it_allows():
         if setting.default is not None and not callable(setting.choices):
             assert setting.check(setting.default) == setting.default  # the default is allowed
     assert GENERATION["seed"].maximum == MAX_SEED
+
+
+def test_huge_numbers_and_long_values_are_refused_in_one_short_line():
+    """A Python int past ~1e308 overflows math.isfinite: it is refused as out of range instead; a
+    value quoted in a message is cut short (a request may send megabytes)."""
+    for setting in (GENERATION["steps"], GENERATION["guidance_scale"], UNIT["strength"]):
+        for value in (10**400, -(10**400)):
+            with pytest.raises(SettingError, match=f"^{setting.title} must be between .* got -?1000000"):
+                setting.check(value)
+    with pytest.raises(SettingError, match=r"^sampler must be one of .* got 'xxxx.*\(1,000,002 characters\)$"):
+        GENERATION["sampler"].check("x" * 1_000_000)
+    with pytest.raises(SettingError, match=r"^unit 2: weight must be between 0 and 2, got 3$"):
+        UNIT["strength"].check(3, "unit 2", name="weight")  # an API's own name for the setting
 
 
 def test_the_page_takes_its_ranges_and_defaults_from_the_settings(client):

@@ -66,32 +66,50 @@ class Setting:
         span = f"{_number(self.minimum)}..{_number(self.maximum)}"
         return f"a multiple of {self.multiple_of} in {span}" if self.multiple_of else span
 
-    def check(self, value: Any, where: str = "") -> Any:
-        """``value`` if allowed, else SettingError: '[where: ]steps must be between 1 and 100, got 0'."""
-        name = f"{where}: {self.title}" if where else self.title
+    def check(self, value: Any, where: str = "", name: str = "") -> Any:
+        """``value`` if allowed, else SettingError: '[where: ]steps must be between 1 and 100, got 0'.
+        ``name``: how the message names the setting, when not its title (an API's own field name)."""
+        name = name or self.title
+        name = f"{where}: {name}" if where else name
+
+        def refuse(allowed: str) -> SettingError:
+            return SettingError(f"{name} must be {allowed}, got {_shown(value)}")
+
         if self.allowed():
             if value not in self.allowed():
-                raise SettingError(f"{name} must be one of {', '.join(self.allowed())}, got {value!r}")
+                raise refuse(f"one of {', '.join(self.allowed())}")
             return value
         if self.type is bool:
             if not isinstance(value, bool):
-                raise SettingError(f"{name} must be true or false, got {value!r}")
+                raise refuse("true or false")
             return value
         if self.type is str:
             if not isinstance(value, str):
-                raise SettingError(f"{name} must be text, got {value!r}")
+                raise refuse("text")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SettingError(f"{name} must be a number, got {value!r}")
+        # isfinite for floats only: a Python int has no infinity, and past ~1e308 isfinite overflows.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise refuse("a number")
         if self.type is int and value != int(value):
-            raise SettingError(f"{name} must be a whole number, got {value!r}")
+            raise refuse("a whole number")
         if not self.minimum <= value <= self.maximum:
-            raise SettingError(
-                f"{name} must be between {_number(self.minimum)} and {_number(self.maximum)}, got {value!r}"
-            )
+            raise refuse(f"between {_number(self.minimum)} and {_number(self.maximum)}")
         if self.multiple_of and value % self.multiple_of:
-            raise SettingError(f"{name} must be a multiple of {self.multiple_of}, got {value!r}")
+            raise refuse(f"a multiple of {self.multiple_of}")
         return value
+
+
+def _finite(value: int | float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _shown(value: Any, most: int = 60) -> str:
+    """``repr(value)`` as a message quotes it, cut short: a request's value may be megabytes long."""
+    try:
+        shown = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for turning it into text
+        return "a number of more than 4300 digits"
+    return shown if len(shown) <= most else f"{shown[: most - 20]}...({len(shown):,} characters)"
 
 
 def _number(value: float | None) -> str:

@@ -290,10 +290,13 @@ def control_model(value: Any, files: dict[str, list[Path]], where: str) -> dict[
 def checked(setting: Setting, value: Any, field: str, where: str = "") -> Any:
     """``value`` checked against our setting, the message naming the A1111 ``field``."""
     try:
-        return setting.check(value)
+        return setting.check(value, where, name=field)
     except SettingError as error:
-        prefix = f"{where}: " if where else ""
-        raise RequestError(f"{prefix}{field}{str(error)[len(setting.title) :]}") from None
+        raise RequestError(str(error)) from None
+
+
+# A whole number with no range of its own (batch_size, n_iter, ...), checked as our settings are.
+WHOLE_NUMBER = Setting("whole number", 0, "any whole number", -math.inf, math.inf, kind=int)
 
 
 def _flag(values: dict, field: str, default: bool, where: str) -> bool:
@@ -498,11 +501,8 @@ def _text(body: dict, field: str) -> str:
 
 
 def _integer(body: dict, field: str, default: int) -> int:
-    value = body.get(field, default)
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value % 1:
-        raise RequestError(f"{field} must be a whole number, got {value!r}")
-    return int(value)
+    value = body.get(field)
+    return int(checked(WHOLE_NUMBER, default if value is None else value, field))
 
 
 def _count(body: dict) -> int:

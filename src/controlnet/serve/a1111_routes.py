@@ -11,7 +11,6 @@ when the server's disk is full (RequestGuard adds 404 and 413).
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run time.
 import base64
 import errno
-import json
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 from ..imaging.images import encode_png
 from . import a1111
-from .api import authorised
+from .api import authorised, parse_json, server_fault
 from .service import Cancelled, ModelUnavailable, QueueFull, RequestError, Service
 
 
@@ -274,14 +273,8 @@ async def _answer(request, work: Callable[[Any], Any], with_body: bool, auth: tu
     if not authorised(request.headers.get("authorization", ""), auth):
         return fail(401, "this server needs a user name and password (HTTP basic auth)", {"WWW-Authenticate": "Basic"})
     try:
-        body = json.loads(await request.body()) if with_body else None  # RequestGuard has bounded it
+        body = parse_json(await request.body()) if with_body else None  # RequestGuard has bounded it
         return await anyio.to_thread.run_sync(work, body)
-    except UnicodeDecodeError:
-        return fail(422, "the body is not UTF-8 text (JSON must be UTF-8)")
-    except json.JSONDecodeError as bad:
-        return fail(422, f"the body is not JSON: {bad.msg} at character {bad.pos}")
-    except RecursionError:
-        return fail(422, "the body is nested too deeply")
     except ValueError as bad:  # RequestError, or a value the core refused: the client's to fix
         return fail(422, " ".join(str(bad).split()))
     except Cancelled as stopped:
@@ -294,3 +287,5 @@ async def _answer(request, work: Callable[[Any], Any], with_body: bool, auth: tu
     except OSError as failed:  # nothing is written: the machine itself is failing (memory, disk)
         status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
         return fail(status, f"the server could not run the job ({failed.strerror or 'system error'})")
+    except Exception:  # a fault of the server's: logged, and one line for the client
+        return fail(500, server_fault())

@@ -16,6 +16,7 @@ import errno
 import json
 import secrets
 import sys
+import traceback
 from typing import Any
 
 import numpy as np
@@ -63,15 +64,9 @@ def add_json_api(app, service: Service, auth: tuple[str, str] | None) -> None:
             return error(401, "this server needs a user name and password (HTTP basic auth)")
         body = await request.body()  # RequestGuard has bounded it while it streamed
         try:
-            job = request_from_json(json.loads(body), service.limits)
+            job = request_from_json(parse_json(body), service.limits)
             response = await anyio.to_thread.run_sync(service.generate, job)
             return response_to_json(response)
-        except UnicodeDecodeError:
-            return error(400, "the body is not UTF-8 text (JSON must be UTF-8)")
-        except json.JSONDecodeError as bad:
-            return error(400, f"the body is not JSON: {bad.msg} at character {bad.pos}")
-        except RecursionError:
-            return error(400, "the body is nested too deeply")
         except RequestError as bad:
             return error(400, str(bad))
         except QueueFull as busy:
@@ -82,6 +77,31 @@ def add_json_api(app, service: Service, auth: tuple[str, str] | None) -> None:
         except OSError as failed:  # the API writes no file: the machine itself is failing (memory, disk)
             status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
             return error(status, f"the server could not run the job ({failed.strerror or 'system error'})")
+        except Exception:  # a fault of the server's: logged, and one line for the client
+            return error(500, server_fault())
+
+
+def parse_json(body: bytes) -> Any:
+    """A request's JSON body; RequestError, one line, for one that is not UTF-8 JSON this server
+    reads (nested too deeply, or an integer past Python's 4300 digits: json's plain ValueError)."""
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise RequestError("the body is not UTF-8 text (JSON must be UTF-8)") from None
+    except json.JSONDecodeError as bad:
+        raise RequestError(f"the body is not JSON: {bad.msg} at character {bad.pos}") from None
+    except ValueError as bad:
+        raise RequestError(f"the body is not JSON this server reads: {' '.join(str(bad).split())}") from None
+    except RecursionError:
+        raise RequestError("the body is nested too deeply") from None
+
+
+def server_fault() -> str:
+    """Log the exception being handled (a bug, or the machine failing) with its traceback, for the
+    server's operator, and say it in one line for the client: never the traceback or a path."""
+    print("controlnet serve: a request failed:", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)
+    return "the server failed to answer this request (its log says why)"
 
 
 def authorised(header: str, auth: tuple[str, str] | None) -> bool:
