@@ -2,7 +2,8 @@
 
 Every field is plain data with a comment; invalid values raise ``ValueError`` naming the value and
 what is allowed. The numbers of the real presets are those of the original ``cldm_v15.yaml`` and
-``cldm_v21.yaml`` (docs/reference.md, "Model configurations").
+``cldm_v21.yaml`` (docs/reference.md, "Model configurations") and, for SDXL, of Stability's
+``configs/inference/sd_xl_base.yaml`` (docs/sdxl.md).
 """
 
 from __future__ import annotations
@@ -35,10 +36,19 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a transformer
     num_heads: int | None = 8  # fixed head count (SD 1.x); exclusive with num_head_channels
     num_head_channels: int | None = None  # fixed head width (SD 2.x: 64); exclusive with num_heads
-    transformer_depth: int = 1  # BasicTransformerBlocks per SpatialTransformer
+    # BasicTransformerBlocks per SpatialTransformer: one number for every level, or one per level
+    # (SDXL: (0, 2, 10)); the middle block takes the last level's (sgm's ``transformer_depth_middle``
+    # default, diffusers' ``transformer_layers_per_block[-1]``). Kept canonical, so that equal models
+    # have equal configs: one number when every level that uses it agrees, else 0 at the levels
+    # without a transformer (SDXL's yaml says [1, 2, 10], diffusers' config too: the 1 is unused).
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768  # width of the text embeddings cross-attention reads
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     norm_groups: int = 32  # GroupNorm groups everywhere in the UNet
+    # SDXL (sgm's ``num_classes="sequential"``): the width of a vector ``y`` (the pooled text embedding
+    # and the size conditioning, ADDED_TIME_IDS x TIME_ID_EMBED_DIM) that ``label_emb`` maps into the
+    # time embedding and adds to it. None: no such input (SD 1.x and 2.x).
+    adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
         # A set of factors, kept in one canonical order so equal models have equal configs.
@@ -47,6 +57,11 @@ class UNetConfig:
         _require(self.model_channels > 0, f"model_channels must be positive, got {self.model_channels}")
         _require(len(self.channel_mult) > 0, "channel_mult must have at least one level")
         _require(self.num_res_blocks > 0, f"num_res_blocks must be positive, got {self.num_res_blocks}")
+        object.__setattr__(self, "transformer_depth", self._canonical_depth())
+        _require(
+            self.adm_in_channels is None or self.adm_in_channels > 0,
+            f"adm_in_channels must be positive or None, got {self.adm_in_channels}",
+        )
         _require(
             (self.num_heads is None) != (self.num_head_channels is None),
             "set exactly one of num_heads and num_head_channels "
@@ -64,6 +79,39 @@ class UNetConfig:
                 )
             else:
                 _require(width % self.num_heads == 0, f"channels {width} do not split into {self.num_heads} heads")
+
+    def _canonical_depth(self) -> int | tuple[int, ...]:
+        depth = self.transformer_depth
+        if isinstance(depth, int):
+            _require(depth > 0, f"transformer_depth must be positive, got {depth}")
+            return depth
+        depth = tuple(int(d) for d in depth)
+        levels = len(self.channel_mult)
+        _require(
+            len(depth) == levels, f"transformer_depth={depth} needs one entry per level ({levels} in channel_mult)"
+        )
+        used = {level for level in range(levels) if self.has_attention(level)} | {levels - 1}
+        _require(
+            all(depth[level] > 0 for level in used),
+            f"transformer_depth={depth} must be positive at every level with attention and at the last "
+            "(the middle block's); leave a level without attention out of attention_resolutions instead",
+        )
+        if len({depth[level] for level in used}) == 1:
+            return depth[levels - 1]
+        return tuple(d if level in used else 0 for level, d in enumerate(depth))
+
+    def has_attention(self, level: int) -> bool:
+        """Whether level ``level`` (downsampling factor ``2 ** level``) has transformers."""
+        return 2**level in self.attention_resolutions
+
+    def transformer_depth_at(self, level: int) -> int:
+        """BasicTransformerBlocks per SpatialTransformer at level ``level``."""
+        depth = self.transformer_depth
+        return depth if isinstance(depth, int) else depth[level]
+
+    @property
+    def middle_transformer_depth(self) -> int:
+        return self.transformer_depth_at(len(self.channel_mult) - 1)
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -198,8 +246,15 @@ class TextEncoderConfig:
     layers: int = 12  # transformer layers stored in the checkpoint
     heads: int = 12
     mlp_width: int = 3072
-    output_layer: TextLayer = "last"  # SD 1.x: last layer; SD 2.x: penultimate (final LayerNorm still applied)
-    projection_dim: int | None = None  # OpenCLIP stores text_projection (unused by SD but kept for round trips)
+    output_layer: TextLayer = "last"  # SD 1.x: last layer; SD 2.x and SDXL: penultimate
+    # Whether the final LayerNorm is applied to the output layer: yes in SD 1.x and 2.x (``ln_final``
+    # after the penultimate block in SD 2.x); no in SDXL, whose conditioner reads the raw hidden state
+    # (sgm's FrozenCLIPEmbedder ``layer="hidden"`` and FrozenOpenCLIPEmbedder2 ``legacy=False``,
+    # diffusers' ``hidden_states[-2]``).
+    final_layer_norm: bool = True
+    # OpenCLIP's text_projection: SD 2.x stores it unused; SDXL's pooled text embedding is the last
+    # layer's end-token state (after ln_final) times it (open_clip ``CLIP.encode_text``).
+    projection_dim: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.arch in ("clip", "openclip"), f"arch must be 'clip' or 'openclip', got {self.arch!r}")
@@ -209,6 +264,11 @@ class TextEncoderConfig:
         )
         _require(self.width % self.heads == 0, f"width {self.width} does not split into {self.heads} heads")
         _require(self.layers >= 2 or self.output_layer == "last", "penultimate output needs at least 2 layers")
+
+    @property
+    def pooled(self) -> bool:
+        """Whether this encoder gives a pooled, projected embedding (OpenCLIP with text_projection)."""
+        return self.arch == "openclip" and self.projection_dim is not None
 
     @property
     def activation(self) -> str:
@@ -243,6 +303,15 @@ class ScheduleConfig:
         return torch.cumprod(1.0 - self.betas(), dim=0)
 
 
+# SDXL's size conditioning (Podell et al. 2023, "SDXL", section 2.2): six numbers, the original
+# size (height, width), the crop's top-left corner (top, left) and the target size (height, width),
+# each embedded by sinusoids of TIME_ID_EMBED_DIM channels and concatenated after the pooled text
+# embedding into the UNet's vector y (sgm's ConcatTimestepEmbedderND(outdim=256), three of them in
+# sd_xl_base.yaml; diffusers' ``addition_time_embed_dim``): 1280 + 6 * 256 = 2816 = adm_in_channels.
+ADDED_TIME_IDS = 6
+TIME_ID_EMBED_DIM = 256
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to build a Stable Diffusion + ControlNet stack."""
@@ -254,6 +323,9 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     control_hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
     native_resolution: int = 512  # the image size the model was trained at
+    # SDXL's second text encoder (OpenCLIP ViT-bigG): its hidden states are concatenated after
+    # ``text``'s into the context (768 + 1280 = 2048), and its pooled projection starts the vector y.
+    text_2: TextEncoderConfig | None = None
 
     def __post_init__(self) -> None:
         hint_factor = 2 ** (len(self.control_hint_block_channels) - 1)
@@ -261,6 +333,32 @@ class ModelConfig:
             hint_factor == self.vae.downsample_factor,
             f"{self.name}: the ControlNet hint encoder shrinks images {hint_factor}x but the VAE "
             f"{self.vae.downsample_factor}x; give control_hint_block_channels one width per VAE level",
+        )
+        if self.text_2 is not None or self.unet.adm_in_channels is not None:
+            self._check_dual_text()
+
+    def _check_dual_text(self) -> None:
+        """SDXL's wiring: two text encoders whose widths add up to the context, and a UNet vector y of
+        the pooled embedding and the size conditioning."""
+        _require(
+            self.text_2 is not None and self.text_2.pooled,
+            f"{self.name}: a UNet with adm_in_channels needs text_2, an OpenCLIP encoder with projection_dim",
+        )
+        widths = self.text.width + self.text_2.width
+        _require(
+            self.unet.context_dim == widths,
+            f"{self.name}: the UNet's context_dim {self.unet.context_dim} is not the two text encoders' "
+            f"widths together ({self.text.width} + {self.text_2.width})",
+        )
+        vector = self.text_2.projection_dim + ADDED_TIME_IDS * TIME_ID_EMBED_DIM
+        _require(
+            self.unet.adm_in_channels == vector,
+            f"{self.name}: adm_in_channels must be {vector} (pooled {self.text_2.projection_dim} + "
+            f"{ADDED_TIME_IDS} x {TIME_ID_EMBED_DIM} size features), got {self.unet.adm_in_channels}",
+        )
+        _require(
+            (self.text.max_length, self.text.vocab_size) == (self.text_2.max_length, self.text_2.vocab_size),
+            f"{self.name}: both text encoders must read the same tokens (max_length and vocab_size)",
         )
 
     def controlnet(self, global_average_pooling: bool = False) -> ControlNetConfig:
@@ -294,6 +392,38 @@ SD21_V = ModelConfig(
     text=_OPENCLIP_H,
     schedule=ScheduleConfig(prediction="v"),
     native_resolution=768,
+)
+
+# SDXL 1.0 base (Podell et al. 2023; Stability's configs/inference/sd_xl_base.yaml): three levels,
+# no attention at the first, 2 and 10 transformer blocks at the others (and 10 in the middle), 64-wide
+# heads, a 2048-wide context from two text encoders' penultimate hidden states (CLIP ViT-L/14 and
+# OpenCLIP ViT-bigG/14, no final LayerNorm), and the vector y of 2816; the VAE of SD with another
+# latent scale (the fp16-fix VAE has the same layout and scale); the training schedule of SD.
+SDXL = ModelConfig(
+    name="sdxl",
+    unet=UNetConfig(
+        channel_mult=(1, 2, 4),
+        attention_resolutions=(4, 2),
+        num_heads=None,
+        num_head_channels=64,
+        transformer_depth=(0, 2, 10),
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        adm_in_channels=2816,
+    ),
+    vae=VAEConfig(scale_factor=0.13025),
+    text=TextEncoderConfig(output_layer="penultimate", final_layer_norm=False),
+    text_2=TextEncoderConfig(
+        arch="openclip",
+        width=1280,
+        layers=32,
+        heads=20,
+        mlp_width=5120,
+        output_layer="penultimate",
+        final_layer_norm=False,
+        projection_dim=1280,
+    ),
+    native_resolution=1024,
 )
 
 # A few hundred thousand parameters per model: every code path of the real stack (attention at
@@ -360,11 +490,11 @@ WORLD = ModelConfig(
     native_resolution=128,
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_V, TINY, SHAPES, WORLD)}
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (SD15, SD21, SD21_V, TINY, SHAPES, WORLD, SDXL)}
 
 
 def preset(name: str) -> ModelConfig:
-    """The preset called ``name`` (``sd15``, ``sd21``, ``sd21-v``, ``tiny``, ``shapes``)."""
+    """The preset called ``name`` (``sd15``, ``sd21``, ``sd21-v``, ``tiny``, ``shapes``, ``world``, ``sdxl``)."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -6,5 +6,6 @@ the encoder, its hint encoder and zero convolutions), ``vae``, ``text`` and ``to
 OpenCLIP), ``stable_diffusion`` (the three together, as one LDM checkpoint holds them),
 ``placement`` (low-memory placement of modules), ``tiny`` (seeded random small models for tests),
 ``t2i_adapter`` (the T2I-Adapter's full and light networks, whose features the UNet adds to its encoder),
-``estimator`` (the small encoder-decoder that reads depth or segmentation off world images for eval).
+``estimator`` (the small encoder-decoder that reads depth or segmentation off world images for eval),
+``conditioning`` (SDXL's size conditioning and the vector y its UNet reads).
 """

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ControlNetConfig
 from .kernels import Conv2d
 from .layers import TimestepEmbedding, TimestepEmbedSequential, zero_module
-from .unet import UNet, build_encoder, build_time_embed
+from .unet import UNet, build_encoder, build_label_embed, build_time_embed, embed_time
 
 # The 0.825 ** (12 - i) scales of the original apps' guess mode ("ControlNet is more important"):
 # shallow residuals are damped (about 0.1 at the first skip), the middle one is kept whole.
@@ -60,6 +60,7 @@ class ControlNet(nn.Module):
         unet = config.unet
         self.time_features = TimestepEmbedding(unet.model_channels)
         self.time_embed = build_time_embed(unet)
+        self.label_emb = build_label_embed(unet)  # SDXL: its ControlNets read the vector y too
         self.input_hint_block = build_hint_encoder(config)
         self.input_blocks, self.middle_block = build_encoder(unet)
         self.zero_convs = nn.ModuleList(zero_conv(c) for c in unet.encoder_block_channels())
@@ -74,7 +75,7 @@ class ControlNet(nn.Module):
             raise ValueError("the ControlNet's UNet configuration must equal the UNet it copies")
         parameter = next(unet.parameters())
         controlnet = cls(config).to(device=parameter.device, dtype=parameter.dtype)
-        encoder = ("time_embed.", "input_blocks.", "middle_block.")
+        encoder = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
         copied = {k: v for k, v in unet.state_dict().items() if k.startswith(encoder)}
         # Every encoder key exists in both (build_encoder made both); only the new parts stay fresh.
         missing, _ = controlnet.load_state_dict(copied, strict=False)
@@ -114,12 +115,15 @@ class ControlNet(nn.Module):
         hint_features: torch.Tensor,
         timesteps: torch.Tensor,
         context: torch.Tensor,
+        y: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """The 13 residuals: one per input block (after its zero conv) and the middle block's.
+        """The residuals (13 for SD, 10 for SDXL): one per input block (after its zero conv) and the middle
+        block's.
 
         The hint features are added to the copy's hidden state right after ``input_blocks[0]``.
+        ``y``: SDXL's vector, as the UNet takes it (``UNet.forward``).
         """
-        emb = self.time_embed(self.time_features(timesteps).to(self.time_embed[0].weight.dtype))
+        emb = embed_time(self, timesteps, y)
         h = self.input_blocks[0](x, emb, context) + hint_features
         residuals = [self.zero_convs[0](h, emb, context)]
         for block, zero in zip(self.input_blocks[1:], self.zero_convs[1:], strict=True):

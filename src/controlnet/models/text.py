@@ -1,4 +1,4 @@
-"""The two text encoders of Stable Diffusion, with the parameter names of the original LDM files.
+"""The text encoders of Stable Diffusion, with the parameter names of the original LDM files.
 
 Parameter names are those of a checkpoint after its ``cond_stage_model.`` prefix:
 
@@ -9,6 +9,11 @@ Parameter names are those of a checkpoint after its ``cond_stage_model.`` prefix
   open_clip layout, ``model.*``, with fused ``in_proj`` attention weights; exact GELU; with
   ``output_layer="penultimate"`` the last resblock is skipped and ``ln_final`` applied to the
   penultimate one, as the original does.
+* SDXL (:class:`DualTextEncoder`, after the prefix ``conditioner.``): both, as sgm's
+  ``GeneralConditioner`` holds them, ``embedders.0.transformer.*`` (CLIP ViT-L/14) and
+  ``embedders.1.model.*`` (OpenCLIP ViT-bigG/14); each gives its penultimate hidden state without
+  the final LayerNorm (``final_layer_norm=False``), concatenated on the channel axis, and the bigG
+  its pooled, projected embedding.
 
 Both are pre-LayerNorm transformers with causal self-attention (``scaled_dot_product_attention`` with
 ``is_causal=True``) over learned absolute positions. Neither has buffers: the ``position_ids`` that
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +33,7 @@ from torch import nn
 
 from controlnet.config import TextEncoderConfig
 from controlnet.models.kernels import Linear
-from controlnet.models.tokenizer import default_tokenizer
+from controlnet.models.tokenizer import END_TOKEN_ID, default_tokenizer
 
 # SD 1.x files (and HF CLIPTextModel files written by transformers < 4.31) hold this [1, 77] int64
 # buffer, 0..76. It carries no information and older fine-tunes saved it corrupted (as floats that
@@ -38,6 +44,21 @@ POSITION_IDS_KEY = "transformer.text_model.embeddings.position_ids"
 def clip_position_ids(cfg: TextEncoderConfig) -> torch.Tensor:
     """The ``position_ids`` entry an SD 1.x file holds, for writers that want the original layout."""
     return torch.arange(cfg.max_length, dtype=torch.long).unsqueeze(0)
+
+
+def position_ids_entries(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``position_ids`` entry of every CLIP (HF layout) encoder in ``encoder``, keyed as in its
+    state dict: what an original file holds beside the weights (SD 1.x's one, SDXL's embedder 0)."""
+    return {
+        f"{name}.{POSITION_IDS_KEY}" if name else POSITION_IDS_KEY: clip_position_ids(module.config)
+        for name, module in encoder.named_modules()
+        if isinstance(module, CLIPTextEncoder)
+    }
+
+
+def is_position_ids_key(key: str) -> bool:
+    """A ``position_ids`` entry of a CLIP encoder, at any depth (``embedders.0.`` in SDXL)."""
+    return key == POSITION_IDS_KEY or key.endswith("." + POSITION_IDS_KEY)
 
 
 def layers_used(cfg: TextEncoderConfig) -> int:
@@ -171,7 +192,7 @@ class CLIPTextEncoder(TextEncoder):
         x = model.embeddings(tokens)
         for layer in model.encoder.layers[: layers_used(self.config)]:
             x = layer(x)
-        return model.final_layer_norm(x)
+        return model.final_layer_norm(x) if self.config.final_layer_norm else x
 
 
 # --- SD 2.x: open_clip layout --------------------------------------------------------------------
@@ -252,11 +273,28 @@ class OpenCLIPTextEncoder(TextEncoder):
         return self.model.token_embedding.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode(tokens, pooled=False)[0]
+
+    def encode(self, tokens: torch.Tensor, pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden state of the configured layer [B, T, width] and, with ``pooled``, the pooled
+        embedding [B, projection_dim]: the last layer's state after ``ln_final`` at each row's end
+        token (the highest id), times ``text_projection`` (open_clip ``CLIP.encode_text``; sgm's
+        FrozenOpenCLIPEmbedder2 ``pool``). One pass gives both."""
         self._check_tokens(tokens)
+        if pooled and not self.config.pooled:
+            raise ValueError("this text encoder has no text_projection (projection_dim=None): no pooled output")
         x = self.model.token_embedding(tokens) + self.model.positional_embedding[: tokens.shape[1]]
-        for block in self.model.transformer.resblocks[: layers_used(self.config)]:
+        blocks = self.model.transformer.resblocks
+        used = layers_used(self.config)
+        for block in blocks[:used]:
             x = block(x)
-        return self.model.ln_final(x)
+        hidden = self.model.ln_final(x) if self.config.final_layer_norm else x
+        if not pooled:
+            return hidden, None
+        for block in blocks[used:]:
+            x = block(x)
+        ends = self.model.ln_final(x)[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return hidden, ends @ self.model.text_projection
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
@@ -264,3 +302,59 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     if cfg.arch == "clip":
         return CLIPTextEncoder(cfg)
     return OpenCLIPTextEncoder(cfg)
+
+
+# --- SDXL: two encoders, as sgm's GeneralConditioner holds them -----------------------------------
+
+
+class TextEncoding(NamedTuple):
+    """What SDXL's text encoders give a prompt."""
+
+    context: torch.Tensor  # [B, T, width + width_2]: what the UNet cross-attends to
+    pooled: torch.Tensor  # [B, projection_dim]: the start of the UNet's vector y
+
+
+def with_padding(tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """The same token ids padded with ``pad_token_id``: every position after a row's first end token.
+
+    The two SDXL encoders read the same text with different padding: CLIP ViT-L's tokenizer (HF, as
+    sgm's FrozenCLIPEmbedder uses it) pads with the end token, open_clip's with 0; a row without an
+    end token is left as it is."""
+    is_end = tokens == END_TOKEN_ID
+    after_end = (is_end.cumsum(dim=1) - is_end.long()) > 0
+    return tokens.masked_fill(after_end, pad_token_id)
+
+
+class DualTextEncoder(nn.Module):
+    """SDXL's text conditioning: ``embedders.0`` (CLIP ViT-L/14) and ``embedders.1`` (OpenCLIP
+    ViT-bigG/14), names as an SDXL file holds them after ``conditioner.``.
+
+    ``forward(tokens) -> context`` and ``tokenize`` work as a single encoder's (so prompt encoding
+    that reads ``config.pad_token_id`` and ``config.max_length`` needs no change: ``config`` is the
+    first encoder's); each encoder gets the ids with its own padding (:func:`with_padding`), whatever
+    the padding given. :meth:`encode` adds the pooled embedding.
+    """
+
+    def __init__(self, first: TextEncoderConfig, second: TextEncoderConfig) -> None:
+        super().__init__()
+        if not second.pooled:
+            raise ValueError("SDXL's second text encoder must be OpenCLIP with projection_dim (its pooled output)")
+        self.config = first
+        self.config_2 = second
+        self.embedders = nn.ModuleList([build_text_encoder(first), build_text_encoder(second)])
+
+    def tokenize(self, texts: Sequence[str] | str) -> torch.LongTensor:
+        return self.embedders[0].tokenize(texts)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        first, second = self.embedders
+        hidden_2, _ = second.encode(with_padding(tokens, self.config_2.pad_token_id), pooled=False)
+        return torch.cat([first(with_padding(tokens, self.config.pad_token_id)), hidden_2], dim=-1)
+
+    def encode(self, tokens: torch.Tensor) -> TextEncoding:
+        """The context [B, T, 2048 for SDXL] (GeneralConditioner's ``crossattn``: the embedders'
+        hidden states concatenated in order) and the pooled embedding [B, 1280 for SDXL]."""
+        first, second = self.embedders
+        hidden_2, pooled = second.encode(with_padding(tokens, self.config_2.pad_token_id))
+        context = torch.cat([first(with_padding(tokens, self.config.pad_token_id)), hidden_2], dim=-1)
+        return TextEncoding(context, pooled)

@@ -1,8 +1,9 @@
 """The Stable Diffusion UNet in the latent-diffusion layout (``time_embed``, ``input_blocks``,
-``middle_block``, ``output_blocks``, ``out``), with ControlNet residual injection.
+``middle_block``, ``output_blocks``, ``out``; SDXL's ``label_emb``), with ControlNet residual injection.
 
 The encoder half is built by :func:`build_encoder`, which the ControlNet's trainable copy reuses, so
-both always have the same structure and the copy's keys equal the UNet's.
+both always have the same structure and the copy's keys equal the UNet's; both embed the timestep
+(and SDXL's vector y) with :func:`embed_time`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from .layers import (
 )
 
 
-def _transformer(config: UNetConfig, channels: int) -> SpatialTransformer:
+def _transformer(config: UNetConfig, channels: int, depth: int) -> SpatialTransformer:
     heads = config.heads_for(channels)
     return SpatialTransformer(
         channels,
         heads=heads,
         head_dim=channels // heads,
-        depth=config.transformer_depth,
+        depth=depth,
         context_dim=config.context_dim,
         use_linear=config.use_linear_in_transformer,
         groups=config.norm_groups,
@@ -46,6 +47,42 @@ def build_time_embed(config: UNetConfig) -> nn.Sequential:
         nn.SiLU(),
         Linear(config.time_embed_dim, config.time_embed_dim),
     )
+
+
+def build_label_embed(config: UNetConfig) -> nn.Sequential | None:
+    """SDXL's ``label_emb``: an MLP from the vector y to the time embedding's width, nested one level
+    deeper than ``time_embed`` as sgm builds it for ``num_classes="sequential"`` (keys
+    ``label_emb.0.0``, ``label_emb.0.2``; diffusers' ``add_embedding.linear_1/2``). None without
+    ``adm_in_channels``."""
+    if config.adm_in_channels is None:
+        return None
+    emb = config.time_embed_dim
+    return nn.Sequential(nn.Sequential(Linear(config.adm_in_channels, emb), nn.SiLU(), Linear(emb, emb)))
+
+
+def embed_time(model: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """The embedding every ResBlock reads: ``time_embed`` of the timesteps' sinusoids, plus
+    ``label_emb(y)`` for SDXL (sgm ``UNetModel.forward``: ``emb = emb + self.label_emb(y)``).
+
+    ``model`` is a UNet or a ControlNet: both hold ``time_features``, ``time_embed`` and
+    ``label_emb`` (None without ``adm_in_channels``). ``y``: [B, adm_in_channels].
+    """
+    dtype = model.time_embed[0].weight.dtype
+    emb = model.time_embed(model.time_features(timesteps).to(dtype))
+    label_emb = model.label_emb
+    if label_emb is None:
+        if y is not None:
+            raise ValueError("this model takes no vector y (its UNet has no adm_in_channels); pass y=None")
+        return emb
+    width = label_emb[0][0].in_features
+    if y is None:
+        raise ValueError(
+            f"this model needs the vector y [batch, {width}]: the pooled text embedding and the size "
+            "conditioning (models.conditioning.added_vector)"
+        )
+    if y.shape != (emb.shape[0], width):
+        raise ValueError(f"y must have shape [{emb.shape[0]}, {width}] (batch, adm_in_channels), got {list(y.shape)}")
+    return emb + label_emb(y.to(dtype))
 
 
 def build_encoder(config: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSequential]:
@@ -64,14 +101,14 @@ def build_encoder(config: UNetConfig) -> tuple[nn.ModuleList, TimestepEmbedSeque
             layers: list[nn.Module] = [ResBlock(channels, emb, width, groups)]
             channels = width
             if downsampling in config.attention_resolutions:
-                layers.append(_transformer(config, channels))
+                layers.append(_transformer(config, channels, config.transformer_depth_at(level)))
             blocks.append(TimestepEmbedSequential(*layers))
         if level != len(config.channel_mult) - 1:
             blocks.append(TimestepEmbedSequential(Downsample(channels)))
             downsampling *= 2
     middle = TimestepEmbedSequential(
         ResBlock(channels, emb, channels, groups),
-        _transformer(config, channels),
+        _transformer(config, channels, config.middle_transformer_depth),
         ResBlock(channels, emb, channels, groups),
     )
     return blocks, middle
@@ -93,7 +130,7 @@ def build_decoder(config: UNetConfig) -> nn.ModuleList:
             layers: list[nn.Module] = [ResBlock(channels + skip_channels.pop(), emb, width, groups)]
             channels = width
             if downsampling in config.attention_resolutions:
-                layers.append(_transformer(config, channels))
+                layers.append(_transformer(config, channels, config.transformer_depth_at(level)))
             if level and i == config.num_res_blocks:
                 layers.append(Upsample(channels))
                 downsampling //= 2
@@ -109,6 +146,7 @@ class UNet(nn.Module):
         self.config = config
         self.time_features = TimestepEmbedding(config.model_channels)
         self.time_embed = build_time_embed(config)
+        self.label_emb = build_label_embed(config)
         self.input_blocks, self.middle_block = build_encoder(config)
         self.output_blocks = build_decoder(config)
         self.out = nn.Sequential(
@@ -125,8 +163,13 @@ class UNet(nn.Module):
         control: list[torch.Tensor] | None = None,
         only_mid_control: bool = False,
         adapter_features: Sequence[torch.Tensor] | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict noise (or v) for latents ``x`` [B, C, H, W] at ``timesteps`` [B].
+
+        ``y``: SDXL's vector [B, adm_in_channels] (the pooled text embedding and the size
+        conditioning, ``models.conditioning.added_vector``), required exactly when the config has
+        ``adm_in_channels``.
 
         ``control``: the ControlNet's 13 residuals (12 skips in encoder order, then the middle), as
         ``ControlledUnetModel``: the middle residual is added to the middle block's output and each
@@ -138,7 +181,7 @@ class UNet(nn.Module):
         skip connection and everything deeper see it: TencentARC's UNet (input blocks 2, 5, 8 and 11
         in SD) and diffusers' ``down_intrablock_additional_residuals``.
         """
-        emb = self.time_embed(self.time_features(timesteps).to(self.time_embed[0].weight.dtype))
+        emb = embed_time(self, timesteps, y)
         additions = self._adapter_additions(adapter_features)
         skips = []
         h = x
