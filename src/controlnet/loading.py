@@ -4,8 +4,10 @@ Read (``formats/``): LDM single files (``.safetensors``, ``.ckpt``), with or wit
 ``state_dict`` wrapper, ``model_ema.*`` and schedule buffers; ControlNet 1.0 full files (base +
 ``control_model.*``), 1.1 control-only files (``.pth``, ``.safetensors``) and control files whose
 keys lack the ``control_model.`` prefix; diffusers folders (``unet/``, ``vae/``, ``text_encoder/``,
-``controlnet/``) and single diffusers-layout ControlNet ``.safetensors`` files. `load_adapter`: T2I-Adapters
-(TencentARC's ``.pth`` files, diffusers folders and files; ``formats/t2i_adapter``).
+``controlnet/``) and single diffusers-layout ControlNet ``.safetensors`` files. SDXL base models in
+both layouts (``sd_xl_base_1.0.safetensors``; folders with ``text_encoder_2/``). `load_adapter`:
+T2I-Adapters (TencentARC's ``.pth`` files, diffusers folders and files; ``formats/t2i_adapter``).
+`load_vae`: a VAE alone, in place of a base model's (SDXL's fp16-fix VAE, SD's ft-MSE VAE).
 
 Safety (``formats/tensors``): safetensors first; pickles only through
 ``torch.load(weights_only=True)``; weights holding NaN or infinite values are refused. Strictness
@@ -25,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ControlNetConfig, ModelConfig
-from .formats import diffusers, ldm, t2i_adapter
+from .config import ControlNetConfig, ModelConfig, VAEConfig
+from .formats import diffusers, diffusers_vae, ldm, t2i_adapter
 from .formats.detect import (
     base_config_from_shapes,
     check_compatible,
@@ -34,11 +36,12 @@ from .formats.detect import (
     detect_format,
     with_prediction,
 )
-from .formats.errors import CheckpointError, short_list
+from .formats.errors import CheckpointError, first_line, short_list
 from .formats.tensors import StateDict, check_finite, read_state_dict
 from .models.controlnet import ControlNet
 from .models.stable_diffusion import StableDiffusion, build_empty
 from .models.t2i_adapter import T2IAdapter, build_adapter
+from .models.vae import AutoencoderKL
 
 __all__ = [
     "CheckpointError",
@@ -47,6 +50,7 @@ __all__ = [
     "load_base",
     "load_controlnet",
     "load_strict",
+    "load_vae",
     "transfer_control",
 ]
 
@@ -74,7 +78,8 @@ def load_base(
         parts = ldm.split_ldm(state_dict, use_ema=use_ema)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    base_prefixes = (ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.TEXT_PREFIX) + (("model_ema.",) if use_ema else ())
+    base_prefixes = (ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.TEXT_PREFIX, ldm.CONDITIONER_PREFIX)
+    base_prefixes += ("model_ema.",) if use_ema else ()
     check_finite({k: v for k, v in state_dict.items() if k.startswith(base_prefixes)}, path)
     config = ldm.stored_config(metadata, str(path))
     if isinstance(config, ModelConfig):
@@ -138,6 +143,48 @@ def _read_controlnet_file(path: Path, base: ModelConfig | None) -> tuple[StateDi
     stored = ldm.stored_config(metadata, str(path), ldm.CONTROL_METADATA_KEY)
     config = stored if isinstance(stored, ControlNetConfig) else controlnet_config_from_shapes(control, str(path))
     return control, config, fmt
+
+
+def load_vae(
+    path: str | os.PathLike, config: VAEConfig | None = None, *, dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
+    """A VAE alone, to put in place of a base model's (``model.vae = load_vae(path, model.config.vae)``):
+    SDXL's fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix: SDXL's layout and scale, weights that stay
+    finite in float16), SD's ft-MSE VAE, ...
+
+    From a diffusers ``AutoencoderKL`` folder (or a pipeline's ``vae/``; its config.json gives the
+    architecture and the latent scale), or a single file in the LDM layout (``encoder.*``, maybe
+    under ``first_stage_model.``, a whole LDM model's included) or diffusers' (``encoder.down_blocks.*``),
+    whose architecture and scale are ``config``'s (SD's VAE when not given: SD 1.x, 2.x and SDXL
+    share it; SDXL's scale is 0.13025, so pass ``SDXL.vae`` or the base's)."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        try:
+            config = diffusers_vae.vae_config_from_diffusers(diffusers.read_json(folder / "config.json"))
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{folder}: not a usable AutoencoderKL config ({first_line(error)})") from None
+        weights, fmt = diffusers.read_weights(folder), "diffusers"
+    else:
+        weights, fmt = read_state_dict(path)[0], "ldm"
+        config = config or VAEConfig()
+    weights = {k: v for k, v in weights.items() if not k.startswith("first_stage_model.loss.")}
+    if any(k.startswith(ldm.VAE_PREFIX) for k in weights):
+        weights = {k.removeprefix(ldm.VAE_PREFIX): v for k, v in weights.items() if k.startswith(ldm.VAE_PREFIX)}
+    if any(k.startswith("encoder.down_blocks.") for k in weights):
+        fmt = "diffusers"
+        try:
+            weights = diffusers_vae.vae_diffusers_to_ldm(weights, config)
+        except ValueError as error:
+            raise CheckpointError(f"{path.name} ({fmt}): {first_line(error)}") from None
+    elif not any(k.startswith("encoder.") for k in weights):
+        raise CheckpointError(
+            f"{path}: not a VAE (no encoder.* or first_stage_model.* weights); first keys: {short_list(weights)}"
+        )
+    check_finite(weights, path)
+    model = build_empty(lambda: AutoencoderKL(config))
+    load_strict(model, weights, "VAE", f"{path.name} ({fmt})")
+    return model.to(dtype)
 
 
 def load_adapter(

@@ -235,7 +235,7 @@ def check_compatible(control: ControlNetConfig, base: ModelConfig, source: str) 
                 f"but the base model's VAE {base.vae.downsample_factor}x; use a ControlNet trained for this base"
             )
         return
-    family = {768: "SD 1.x", 1024: "SD 2.x"}
+    family = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
     made_for = family.get(control.unet.context_dim, f"a model with context {control.unet.context_dim}")
     base_family = family.get(base.unet.context_dim, f"a model with context {base.unet.context_dim}")
     if made_for == base_family:  # same family name: say what differs

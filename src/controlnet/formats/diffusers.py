@@ -1,6 +1,7 @@
 """The diffusers layout on disk: pipeline folders (``unet/``, ``vae/``, ``text_encoder/``,
-``tokenizer/``, ``scheduler/``, maybe ``controlnet/``), ControlNet and T2I-Adapter folders, and
-single diffusers-layout ControlNet ``.safetensors`` files.
+``tokenizer/``, ``scheduler/``, maybe ``controlnet/``; SDXL's also ``text_encoder_2/`` and
+``tokenizer_2/``), ControlNet and T2I-Adapter folders, and single diffusers-layout ControlNet
+``.safetensors`` files.
 
 Read into our (LDM) layout through the explicit key maps of ``diffusers_unet``, ``diffusers_vae``
 and ``diffusers_text``, and written from it the same way; a folder is written whole or not at all
@@ -38,6 +39,10 @@ _WEIGHT_NAMES = (
 )
 # The subfolder of a pipeline that holds each part of a base model (as ldm.split_ldm names them).
 PIPELINE_FOLDERS = {"unet": "unet", "vae": "vae", "text": "text_encoder"}
+# SDXL: the second text encoder's folder; our model holds both encoders as one module, whose keys
+# put each under its LDM name (text.DualTextEncoder: embedders.0, embedders.1).
+SECOND_TEXT_FOLDER = "text_encoder_2"
+_EMBEDDERS = ("embedders.0.", "embedders.1.")
 _KEY_MAPS = {
     "unet": diffusers_unet.unet_diffusers_to_ldm,
     "vae": diffusers_vae.vae_diffusers_to_ldm,
@@ -55,11 +60,21 @@ def read_pipeline_config(folder: Path, prediction: str | None = None) -> ModelCo
     for part in PIPELINE_FOLDERS.values():
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder}: not a diffusers model folder (no {part}/ inside)")
+    # An SDXL pipeline reads the penultimate hidden states of two text encoders (the second's folder
+    # says it is SDXL: StableDiffusionXLPipeline.encode_prompt's hidden_states[-2]).
+    sdxl = (folder / SECOND_TEXT_FOLDER).is_dir()
     try:
-        unet_config = diffusers_unet_config.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
-        vae_json = _read_json(folder / "vae" / "config.json")
+        unet_config = diffusers_unet_config.unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
+        vae_json = read_json(folder / "vae" / "config.json")
         vae_config = diffusers_vae.vae_config_from_diffusers(vae_json)
-        text_config = diffusers_text.text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"))
+        text_config = diffusers_text.text_config_from_diffusers(
+            read_json(folder / "text_encoder" / "config.json"), penultimate_hidden_state=sdxl
+        )
+        text_2 = None
+        if sdxl:
+            text_2 = diffusers_text.text_config_from_diffusers(
+                read_json(folder / SECOND_TEXT_FOLDER / "config.json"), penultimate_hidden_state=True
+            )
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{folder}: unusable diffusers config ({first_line(error)})") from None
     schedule = _schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
@@ -68,14 +83,18 @@ def read_pipeline_config(folder: Path, prediction: str | None = None) -> ModelCo
     known = preset_for(unet_config.model_channels, unet_config.context_dim, unet_config.in_channels)
     if known is not None and known.unet != unet_config:
         known = None  # the same widths, another UNet: not that preset
-    config = ModelConfig(
-        name=known.name if known is not None else "custom",
-        unet=unet_config,
-        vae=vae_config,
-        text=text_config,
-        schedule=schedule,
-        native_resolution=int(vae_json.get("sample_size", 512)),
-    )
+    try:
+        config = ModelConfig(
+            name=known.name if known is not None else "custom",
+            unet=unet_config,
+            vae=vae_config,
+            text=text_config,
+            schedule=schedule,
+            native_resolution=int(vae_json.get("sample_size", 512)),
+            text_2=text_2,
+        )
+    except ValueError as error:  # the parts' configs do not fit together (say, a UNet's context width)
+        raise CheckpointError(f"{folder}: unusable diffusers config ({first_line(error)})") from None
     if known is not None and schedule.prediction == "v" and known.name == "sd21":
         config = config.replace(name="sd21-v")
     return config
@@ -84,9 +103,18 @@ def read_pipeline_config(folder: Path, prediction: str | None = None) -> ModelCo
 def read_pipeline_part(folder: Path, part: str, config: ModelConfig) -> StateDict:
     """The weights of one part of a pipeline folder ("unet", "vae" or "text"), in the LDM layout
     (keys without prefix), checked finite; one part at a time, so that a loader holds no more."""
+    if part == "text" and config.text_2 is not None:
+        weights: StateDict = {}
+        for prefix, name, text in zip(
+            _EMBEDDERS, (PIPELINE_FOLDERS["text"], SECOND_TEXT_FOLDER), (config.text, config.text_2), strict=True
+        ):
+            path = folder / name
+            converted = _to_ldm(_KEY_MAPS["text"], read_weights(path), text, path, "diffusers")
+            weights.update({prefix + k: v for k, v in converted.items()})
+        return weights
     sub_config = {"unet": config.unet, "vae": config.vae, "text": config.text}[part]
     path = folder / PIPELINE_FOLDERS[part]
-    return _to_ldm(_KEY_MAPS[part], _read_weights(path), sub_config, path, "diffusers")
+    return _to_ldm(_KEY_MAPS[part], read_weights(path), sub_config, path, "diffusers")
 
 
 def _model_folder(folder: Path, subfolder: str, class_name: str, what: str) -> tuple[Path, dict]:
@@ -94,7 +122,7 @@ def _model_folder(folder: Path, subfolder: str, class_name: str, what: str) -> t
     config.json, refused in one line when the config names another model class."""
     if (folder / subfolder).is_dir():
         folder = folder / subfolder
-    config_json = _read_json(folder / "config.json")
+    config_json = read_json(folder / "config.json")
     kind = config_json.get("_class_name", class_name)
     if kind != class_name:
         raise CheckpointError(f"{folder}: holds a {kind}, not {what} ({class_name})")
@@ -111,7 +139,7 @@ def read_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig]:
         raise CheckpointError(
             f"{folder / 'config.json'}: not a ControlNet configuration ({first_line(error)})"
         ) from None
-    weights = _read_weights(folder)
+    weights = read_weights(folder)
     control = _to_ldm(diffusers_unet.controlnet_diffusers_to_ldm, weights, config, folder, "diffusers-controlnet")
     return control, config
 
@@ -121,7 +149,7 @@ def read_adapter_folder(folder: Path) -> tuple[StateDict, T2IAdapterConfig]:
     pipeline folder's ``adapter/`` when given the pipeline."""
     folder, config_json = _model_folder(folder, "adapter", "T2IAdapter", "a T2I-Adapter")
     config = t2i_adapter.config_from_diffusers(config_json, str(folder / "config.json"))
-    weights = _read_weights(folder)
+    weights = read_weights(folder)
     if t2i_adapter.detect_adapter_layout(weights, str(folder)) != "diffusers":  # TencentARC keys in a folder
         return t2i_adapter.strip_prefix(weights), config
     return t2i_adapter.adapter_diffusers_to_original(weights, config), config
@@ -138,7 +166,7 @@ def controlnet_from_file(
     return control, config
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -147,14 +175,14 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({first_line(error)})") from None
 
 
-def _read_weights(folder: Path) -> StateDict:
+def read_weights(folder: Path) -> StateDict:
     for name in _WEIGHT_NAMES:
         if (folder / name).is_file():
             return _read_finite_weights(folder / name)
     index = next(iter(sorted(folder.glob("*.safetensors.index.json"))), None)
     if index is not None:  # sharded: {"weight_map": {key: shard file}}
         weights: StateDict = {}
-        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+        for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
             if not isinstance(shard, str) or Path(shard).name != shard:
                 raise CheckpointError(f"{index}: shard name {shard!r} is not a file name in that folder")
             weights.update(_read_finite_weights(folder / shard))
@@ -178,7 +206,7 @@ def _to_ldm(convert: Callable, state_dict: StateDict, config: object, path: Path
 def _schedule_from_diffusers(path: Path) -> ScheduleConfig:
     if not path.is_file():
         return ScheduleConfig()
-    data = _read_json(path)
+    data = read_json(path)
     if data.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise CheckpointError(f"{path}: beta_schedule {data['beta_schedule']!r}; only scaled_linear is supported")
     prediction = {"epsilon": "eps", "v_prediction": "v"}.get(data.get("prediction_type", "epsilon"))
@@ -292,29 +320,48 @@ def _write_pipeline(folder: Path, model: StableDiffusion, controlnet: ControlNet
     _write_component(
         folder / "vae", diffusers_vae.vae_ldm_to_diffusers(model.vae.state_dict(), config.vae), vae_json, "diffusion"
     )
-    _write_component(
-        folder / "text_encoder",
-        diffusers_text.text_ldm_to_diffusers(model.text_encoder.state_dict(), config.text),
-        diffusers_text.text_config_to_diffusers(config.text),
-        "model",
-    )
-    write_hf_tokenizer_files(folder / "tokenizer", pad_token_id=config.text.pad_token_id)
-    _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_config(config.schedule))
     components = {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        **_write_text_encoders(folder, model),
         "scheduler": ["diffusers", "DDIMScheduler"],
     }
-    pipeline = "StableDiffusionPipeline"
+    _write_json(folder / "scheduler" / "scheduler_config.json", _scheduler_config(config.schedule))
+    sdxl = config.text_2 is not None
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     if controlnet is not None:
         _write_controlnet(folder / "controlnet", controlnet)
         components["controlnet"] = ["diffusers", "ControlNetModel"]
-        pipeline = "StableDiffusionControlNetPipeline"
+        pipeline = "StableDiffusionXLControlNetPipeline" if sdxl else "StableDiffusionControlNetPipeline"
     index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **components}
-    index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+    if sdxl:  # as stabilityai/stable-diffusion-xl-base-1.0's model_index.json
+        index.update({"force_zeros_for_empty_prompt": True, "add_watermarker": None})
+    else:
+        index.update(
+            {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        )
     _write_json(folder / "model_index.json", index)
+
+
+def _write_text_encoders(folder: Path, model: StableDiffusion) -> dict[str, list[str]]:
+    """``text_encoder/`` and ``tokenizer/`` (and SDXL's ``text_encoder_2/``, ``tokenizer_2/``: the
+    same BPE, padded with 0 as open_clip pads); their model_index.json entries."""
+    config, weights = model.config, model.text_encoder.state_dict()
+    encoders = [("", config.text, weights)]
+    if config.text_2 is not None:
+        encoders = [
+            (suffix, text, {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)})
+            for suffix, text, prefix in zip(("", "_2"), (config.text, config.text_2), _EMBEDDERS, strict=True)
+        ]
+    components = {}
+    for suffix, text, state in encoders:
+        text_json = diffusers_text.text_config_to_diffusers(text)
+        converted = diffusers_text.text_ldm_to_diffusers(state, text)
+        _write_component(folder / f"text_encoder{suffix}", converted, text_json, "model")
+        write_hf_tokenizer_files(folder / f"tokenizer{suffix}", pad_token_id=text.pad_token_id)
+        components[f"text_encoder{suffix}"] = ["transformers", text_json["architectures"][0]]
+        components[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+    return components
 
 
 def _write_component(folder: Path, weights: Mapping[str, torch.Tensor], config: dict, stem: str) -> None:

@@ -20,12 +20,21 @@ The diffusers layout holds exactly the layers the output depends on, always foll
   identical model: the placeholder block is never run, and an all-zero pre-LN residual block would
   be the identity anyway.
 
+* SDXL (``final_layer_norm=False``: the pipeline reads ``hidden_states[-2]``, not
+  ``last_hidden_state``): the whole model, every layer. ``text_encoder/`` is CLIP ViT-L as for SD 1.x;
+  ``text_encoder_2/`` is a ``CLIPTextModelWithProjection`` (``gelu``) whose ``text_projection.weight``
+  is open_clip's ``text_projection`` transposed (a Linear stores [out, in], open_clip multiplies by
+  [in, out]: diffusers' converter transposes too); ``logit_scale`` alone has no place there.
+
 Consequently :func:`text_config_from_diffusers` maps a ``gelu`` config of ``n`` layers to
 ``arch="openclip"``, ``layers=n+1``, ``output_layer="penultimate"``, ``projection_dim=width`` (the
 SD 2.x preset for n = 23), and a ``quick_gelu`` config to ``arch="clip"``, ``layers=n``,
-``output_layer="last"``. Diffusers -> LDM -> diffusers is bit-identical; LDM -> diffusers -> LDM is
-bit-identical except for the placeholders. Tensors are only renamed, split (views) or concatenated.
-``position_ids`` entries (old files of either layout) are dropped on read and never written.
+``output_layer="last"``; told that the pipeline reads the penultimate hidden state (SDXL's folders:
+``penultimate_hidden_state=True``), to ``layers=n``, ``output_layer="penultimate"``,
+``final_layer_norm=False`` and, for a model with projection, its ``projection_dim``. Diffusers ->
+LDM -> diffusers is bit-identical; LDM -> diffusers -> LDM is bit-identical except for the
+placeholders. Tensors are only renamed, split, transposed (views) or concatenated. ``position_ids``
+entries (old files of either layout) are dropped on read and never written.
 """
 
 from __future__ import annotations
@@ -70,8 +79,30 @@ def _layer_names(cfg: TextEncoderConfig, i: int) -> tuple[dict[str, str], dict[s
     return renames, splits
 
 
-def _tables(cfg: TextEncoderConfig) -> tuple[dict[str, str], dict[str, tuple[str, str, str]], list[str]]:
-    """(renames ours -> theirs, splits ours -> (q, k, v), our keys diffusers cannot hold)."""
+_PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection's, [projection_dim, width]
+
+
+def _sd2_convention(cfg: TextEncoderConfig) -> bool:
+    """diffusers' SD 2.x text encoder: the layers before the output, whose last_hidden_state (after
+    final_layer_norm) is the penultimate output; no projection."""
+    return cfg.output_layer == "penultimate" and cfg.final_layer_norm
+
+
+def diffusers_layers(cfg: TextEncoderConfig) -> int:
+    """Layers of the diffusers model: all, but one fewer in the SD 2.x convention."""
+    return layers_used(cfg) if _sd2_convention(cfg) else cfg.layers
+
+
+def has_projection(cfg: TextEncoderConfig) -> bool:
+    """Whether the diffusers model is a ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``)."""
+    return cfg.pooled and not _sd2_convention(cfg)
+
+
+def _tables(
+    cfg: TextEncoderConfig,
+) -> tuple[dict[str, str], dict[str, tuple[str, str, str]], dict[str, str], list[str]]:
+    """(renames ours -> theirs, splits ours -> (q, k, v), transposes ours -> theirs, our keys
+    diffusers cannot hold)."""
     if cfg.arch == "clip":
         top = "transformer.text_model."
         renames = {
@@ -88,7 +119,7 @@ def _tables(cfg: TextEncoderConfig) -> tuple[dict[str, str], dict[str, tuple[str
             "model.ln_final.bias": "text_model.final_layer_norm.bias",
         }
     splits: dict[str, tuple[str, str, str]] = {}
-    kept = layers_used(cfg)
+    kept = diffusers_layers(cfg)
     for i in range(kept):
         layer_renames, layer_splits = _layer_names(cfg, i)
         renames.update(layer_renames)
@@ -97,9 +128,14 @@ def _tables(cfg: TextEncoderConfig) -> tuple[dict[str, str], dict[str, tuple[str
     for i in range(kept, cfg.layers):
         layer_renames, layer_splits = _layer_names(cfg, i)
         dropped += [*layer_renames, *layer_splits]
+    transposes: dict[str, str] = {}
     if cfg.arch == "openclip" and cfg.projection_dim is not None:
-        dropped += ["model.text_projection", "model.logit_scale"]
-    return renames, splits, dropped
+        if has_projection(cfg):
+            transposes["model.text_projection"] = _PROJECTION
+        else:
+            dropped.append("model.text_projection")
+        dropped.append("model.logit_scale")
+    return renames, splits, transposes, dropped
 
 
 def _shapes(cfg: TextEncoderConfig) -> dict[str, torch.Size]:
@@ -120,12 +156,13 @@ def _check_keys(actual: set[str], expected: set[str], what: str) -> None:
 
 def text_ldm_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
     """Our text-encoder state dict (keys after ``cond_stage_model.``) -> diffusers file keys."""
-    renames, splits, dropped = _tables(cfg)
+    renames, splits, transposes, dropped = _tables(cfg)
     keys = set(sd) - {POSITION_IDS_KEY}
-    _check_keys(keys, {*renames, *splits, *dropped}, "text encoder state dict")
+    _check_keys(keys, {*renames, *splits, *transposes, *dropped}, "text encoder state dict")
     out = {theirs: sd[ours] for ours, theirs in renames.items()}
     for ours, names in splits.items():
         out.update(zip(names, sd[ours].chunk(3, dim=0), strict=True))
+    out.update({theirs: sd[ours].t() for ours, theirs in transposes.items()})
     return out
 
 
@@ -136,13 +173,15 @@ def text_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig
     """
     if not any(k.startswith("text_model.") for k in sd):
         # transformers 5's save_pretrained names CLIPTextModel weights without the prefix.
-        sd = {"text_model." + k: v for k, v in sd.items()}
-    renames, splits, dropped = _tables(cfg)
+        sd = {k if k == _PROJECTION else "text_model." + k: v for k, v in sd.items()}
+    renames, splits, transposes, dropped = _tables(cfg)
     keys = set(sd) - {_DIFFUSERS_POSITION_IDS}
-    _check_keys(keys, {*renames.values(), *(n for names in splits.values() for n in names)}, "diffusers text encoder")
+    expected = {*renames.values(), *(n for names in splits.values() for n in names), *transposes.values()}
+    _check_keys(keys, expected, "diffusers text encoder")
     out = {ours: sd[theirs] for ours, theirs in renames.items()}
     for ours, names in splits.items():
         out[ours] = torch.cat([sd[n] for n in names], dim=0)
+    out.update({ours: sd[theirs].t() for ours, theirs in transposes.items()})
     if dropped:
         like = sd["text_model.embeddings.token_embedding.weight"]
         shapes = _shapes(cfg)
@@ -152,15 +191,16 @@ def text_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig
 
 
 def text_config_to_diffusers(cfg: TextEncoderConfig) -> dict[str, object]:
-    """``text_encoder/config.json`` of the equivalent HF ``CLIPTextModel``."""
+    """``text_encoder/config.json`` of the equivalent HF ``CLIPTextModel`` (``CLIPTextModelWithProjection``
+    for SDXL's second encoder)."""
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if has_projection(cfg) else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_length,
         "hidden_size": cfg.width,
         "intermediate_size": cfg.mlp_width,
-        "num_hidden_layers": layers_used(cfg),
+        "num_hidden_layers": diffusers_layers(cfg),
         "num_attention_heads": cfg.heads,
         "hidden_act": cfg.activation,
         "layer_norm_eps": _LAYER_NORM_EPS,
@@ -175,11 +215,13 @@ def text_config_to_diffusers(cfg: TextEncoderConfig) -> dict[str, object]:
     }
 
 
-def text_config_from_diffusers(d: Mapping[str, object]) -> TextEncoderConfig:
+def text_config_from_diffusers(d: Mapping[str, object], penultimate_hidden_state: bool = False) -> TextEncoderConfig:
     """Our config for a diffusers ``text_encoder/config.json`` (an HF ``CLIPTextConfig`` dict).
 
     The activation tells the family apart: ``quick_gelu`` is OpenAI CLIP (SD 1.x), ``gelu`` OpenCLIP
-    (SD 2.x, one placeholder layer added back; see the module docstring).
+    (SD 2.x, one placeholder layer added back; see the module docstring). Which output the pipeline
+    reads is not in the encoder's config: ``penultimate_hidden_state`` for SDXL's two encoders
+    (``hidden_states[-2]``, every layer stored, no final LayerNorm).
     """
     model_type = d.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
@@ -196,6 +238,22 @@ def text_config_from_diffusers(d: Mapping[str, object]) -> TextEncoderConfig:
         "mlp_width": int(d["intermediate_size"]),
     }
     layers = int(d["num_hidden_layers"])
+    if act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"hidden_act must be 'quick_gelu' (CLIP) or 'gelu' (OpenCLIP), got {act!r}")
+    if penultimate_hidden_state:
+        arch = "clip" if act == "quick_gelu" else "openclip"
+        with_projection = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
+        if with_projection and arch == "clip":
+            raise ValueError("a CLIP (quick_gelu) text encoder with projection has no LDM counterpart here")
+        projection = int(d.get("projection_dim", common["width"])) if with_projection else None
+        return TextEncoderConfig(
+            arch=arch,
+            layers=layers,
+            output_layer="penultimate",
+            final_layer_norm=False,
+            projection_dim=projection,
+            **common,
+        )
     if act == "quick_gelu":
         return TextEncoderConfig(arch="clip", layers=layers, output_layer="last", **common)
     if act == "gelu":

@@ -45,6 +45,13 @@ def time_embedding_pairs() -> Iterator[Pair]:
     yield from _leaf_pairs("time_embed.2", "time_embedding.linear_2")
 
 
+def label_embedding_pairs(cfg: UNetConfig) -> Iterator[Pair]:
+    """SDXL's ``label_emb`` (an MLP of the vector y, nested as sgm builds it) <-> ``add_embedding``."""
+    if cfg.adm_in_channels is not None:
+        yield from _leaf_pairs("label_emb.0.0", "add_embedding.linear_1")
+        yield from _leaf_pairs("label_emb.0.2", "add_embedding.linear_2")
+
+
 def conv_in_pairs() -> Iterator[Pair]:
     """The first conv, ``input_blocks.0.0`` <-> ``conv_in``."""
     yield from _leaf_pairs("input_blocks.0.0", "conv_in")
@@ -116,7 +123,7 @@ def zero_conv_pairs(count: int) -> Iterator[Pair]:
 def level_has_attention(cfg: UNetConfig, level: int) -> bool:
     """LDM puts a transformer after each ResBlock of level ``level`` when its downsampling factor
     ``2 ** level`` is one of ``attention_resolutions``."""
-    return 2**level in cfg.attention_resolutions
+    return cfg.has_attention(level)
 
 
 def _encoder_pairs(cfg: UNetConfig) -> Iterator[Pair]:
@@ -132,14 +139,16 @@ def _encoder_pairs(cfg: UNetConfig) -> Iterator[Pair]:
             channels = width
             if level_has_attention(cfg, level):
                 yield from transformer_pairs(
-                    f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{layer}", cfg.transformer_depth
+                    f"input_blocks.{index}.1",
+                    f"down_blocks.{level}.attentions.{layer}",
+                    cfg.transformer_depth_at(level),
                 )
             index += 1
         if level != last:
             yield from downsample_pairs(f"input_blocks.{index}.0", f"down_blocks.{level}.downsamplers.0")
             index += 1
     yield from resnet_pairs("middle_block.0", "mid_block.resnets.0", channels, channels)
-    yield from transformer_pairs("middle_block.1", "mid_block.attentions.0", cfg.transformer_depth)
+    yield from transformer_pairs("middle_block.1", "mid_block.attentions.0", cfg.middle_transformer_depth)
     yield from resnet_pairs("middle_block.2", "mid_block.resnets.1", channels, channels)
 
 
@@ -161,7 +170,7 @@ def _decoder_pairs(cfg: UNetConfig) -> Iterator[Pair]:
             channels = width
             if attention:
                 yield from transformer_pairs(
-                    f"output_blocks.{index}.1", f"up_blocks.{up}.attentions.{layer}", cfg.transformer_depth
+                    f"output_blocks.{index}.1", f"up_blocks.{up}.attentions.{layer}", cfg.transformer_depth_at(level)
                 )
             if level != 0 and layer == cfg.num_res_blocks:
                 slot = 2 if attention else 1
@@ -173,6 +182,7 @@ def unet_key_pairs(cfg: UNetConfig) -> Iterator[Pair]:
     """Every UNet parameter as ``(ldm_name, diffusers_name)``, LDM names relative to
     ``model.diffusion_model.``, in LDM module order."""
     yield from time_embedding_pairs()
+    yield from label_embedding_pairs(cfg)
     yield from _encoder_pairs(cfg)
     yield from _decoder_pairs(cfg)
     yield from conv_out_pairs()
@@ -182,6 +192,7 @@ def controlnet_key_pairs(cfg: ControlNetConfig) -> Iterator[Pair]:
     """Every ControlNet parameter as ``(ldm_name, diffusers_name)``, LDM names relative to
     ``control_model.``, in LDM module order."""
     yield from time_embedding_pairs()
+    yield from label_embedding_pairs(cfg.unet)
     yield from hint_encoder_pairs(len(cfg.hint_block_channels))
     yield from _encoder_pairs(cfg.unet)
     yield from zero_conv_pairs(len(cfg.unet.encoder_block_channels()))

@@ -8,6 +8,11 @@ heads of width ``channels // num_attention_heads`` (``UNet2DConditionModel.__ini
 is ``attention_head_dim=8`` and SD 2.x (``num_head_channels=64``) is ``[5, 10, 20, 20]``; the
 middle block uses the last level's entry, the decoder levels use the entries of their encoder
 twins (diffusers reverses the list for its up blocks).
+
+SDXL: ``transformer_layers_per_block`` is one depth per level ([1, 2, 10]: the 1 belongs to a level
+without attention and is unused), and the vector y is diffusers' ``addition_embed_type="text_time"``
+with ``addition_time_embed_dim=256`` and ``projection_class_embeddings_input_dim=2816``
+(``adm_in_channels``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import ControlNetConfig, UNetConfig
+from ..config import TIME_ID_EMBED_DIM, ControlNetConfig, UNetConfig
 from .diffusers_unet import level_has_attention
 
 # Settings of diffusers' models that the LDM UNet has no counterpart for: a config must leave them at
@@ -34,8 +39,6 @@ _FIXED_SETTINGS: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -47,7 +50,6 @@ _FIXED_SETTINGS: dict[str, Any] = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -68,11 +70,8 @@ _CONTROLNET_SETTINGS = (
     "encoder_hid_dim",
     "encoder_hid_dim_type",
     "class_embed_type",
-    "addition_embed_type",
-    "addition_time_embed_dim",
     "num_class_embeds",
     "resnet_time_scale_shift",
-    "projection_class_embeddings_input_dim",
     "controlnet_conditioning_channel_order",
 )
 _UNET_SETTINGS = tuple(k for k in _FIXED_SETTINGS if k != "controlnet_conditioning_channel_order")
@@ -104,6 +103,29 @@ def _heads_setting(cfg: UNetConfig) -> int | list[int]:
     return [cfg.heads_for(width) for width in cfg.level_channels]
 
 
+def _depth_setting(cfg: UNetConfig) -> int | list[int]:
+    """``transformer_layers_per_block``: one int, or one per level with diffusers' own 1 at the levels
+    without attention (as SDXL's config.json has it; diffusers never reads those)."""
+    if isinstance(cfg.transformer_depth, int):
+        return cfg.transformer_depth
+    return [depth or 1 for depth in cfg.transformer_depth]
+
+
+def _vector_settings(cfg: UNetConfig) -> dict[str, Any]:
+    """SDXL's vector y: ``text_time`` added embedding, or none."""
+    if cfg.adm_in_channels is None:
+        return {
+            "addition_embed_type": None,
+            "addition_time_embed_dim": None,
+            "projection_class_embeddings_input_dim": None,
+        }
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": TIME_ID_EMBED_DIM,
+        "projection_class_embeddings_input_dim": cfg.adm_in_channels,
+    }
+
+
 def _block_settings(cfg: UNetConfig) -> dict[str, Any]:
     """What UNet2DConditionModel and ControlNetModel share: the encoder and middle block."""
     levels = range(len(cfg.channel_mult))
@@ -116,10 +138,11 @@ def _block_settings(cfg: UNetConfig) -> dict[str, Any]:
         "layers_per_block": cfg.num_res_blocks,
         "norm_num_groups": cfg.norm_groups,
         "cross_attention_dim": cfg.context_dim,
-        "transformer_layers_per_block": cfg.transformer_depth,
+        "transformer_layers_per_block": _depth_setting(cfg),
         "attention_head_dim": _heads_setting(cfg),
         "use_linear_projection": cfg.use_linear_in_transformer,
         "upcast_attention": False,
+        **_vector_settings(cfg),
     }
 
 
@@ -182,10 +205,13 @@ def _unet_config_from(d: Mapping[str, Any], kind: str, out_channels: int) -> UNe
     # The middle block always has a transformer and reads the last level's entries.
     used = [*attention_levels, len(widths) - 1]
     depth = _get(d, "transformer_layers_per_block")
-    if not isinstance(depth, int) and any(isinstance(x, (list, tuple)) for x in depth):
-        raise ValueError("nested transformer_layers_per_block has no LDM counterpart")
+    if not isinstance(depth, int):
+        if any(isinstance(x, (list, tuple)) for x in depth):
+            raise ValueError("nested transformer_layers_per_block has no LDM counterpart")
+        if len(depth) != len(widths):
+            raise ValueError(f"transformer_layers_per_block={list(depth)} needs one entry per level ({len(widths)})")
+        depth = tuple(int(x) for x in depth)  # UNetConfig keeps it canonical (one int where it can)
     context_dim = _uniform(_get(d, "cross_attention_dim"), used, "cross_attention_dim")
-    transformer_depth = _uniform(depth, used, "transformer_layers_per_block")
     num_heads, num_head_channels = _heads_from(d, widths, used)
     return UNetConfig(
         in_channels=int(_get(d, "in_channels")),
@@ -196,11 +222,32 @@ def _unet_config_from(d: Mapping[str, Any], kind: str, out_channels: int) -> UNe
         attention_resolutions=tuple(2**level for level in reversed(attention_levels)),
         num_heads=num_heads,
         num_head_channels=num_head_channels,
-        transformer_depth=transformer_depth,
+        transformer_depth=depth,
         context_dim=context_dim,
         use_linear_in_transformer=bool(_get(d, "use_linear_projection")),
         norm_groups=int(norm_groups),
+        adm_in_channels=_adm_from(d, kind),
     )
+
+
+def _adm_from(d: Mapping[str, Any], kind: str) -> int | None:
+    """``adm_in_channels`` from diffusers' added embedding: ``text_time`` (SDXL) or none at all."""
+    kind_of = d.get("addition_embed_type")
+    time_dim, width = d.get("addition_time_embed_dim"), d.get("projection_class_embeddings_input_dim")
+    if kind_of is None:
+        if time_dim is not None or width is not None:
+            raise ValueError(
+                f"{kind} config has addition_time_embed_dim={time_dim!r} / projection_class_embeddings_input_dim="
+                f"{width!r} without an addition_embed_type; only SDXL's text_time has an LDM counterpart"
+            )
+        return None
+    if kind_of != "text_time" or time_dim != TIME_ID_EMBED_DIM or not isinstance(width, int):
+        raise ValueError(
+            f"{kind} config has addition_embed_type={kind_of!r}, addition_time_embed_dim={time_dim!r}, "
+            f"projection_class_embeddings_input_dim={width!r}; only SDXL's text_time with "
+            f"{TIME_ID_EMBED_DIM} and an int width has an LDM counterpart"
+        )
+    return width
 
 
 def _check_fixed_settings(d: Mapping[str, Any], kind: str) -> None:

@@ -1,7 +1,8 @@
 """The original (LDM) single-file layout: one file holds every model under its own prefix.
 
 Read: ``.safetensors`` and ``.ckpt`` base models, with or without a ``state_dict`` wrapper,
-``model_ema.*`` and schedule buffers, with or without ``position_ids`` (`split_ldm`); ControlNet 1.0
+``model_ema.*`` and schedule buffers, with or without ``position_ids`` (`split_ldm`); SDXL files
+(``sd_xl_base_1.0.safetensors``: the text encoders under ``conditioner.embedders.0/1.``); ControlNet 1.0
 full files (base + ``control_model.*``), 1.1 control-only files, and control files whose keys lack
 the ``control_model.`` prefix (`control_part`). Written: `save_ldm`, safetensors only, with the
 models' configurations in the file's metadata so that models of no preset load without guessing.
@@ -20,7 +21,7 @@ import torch
 from ..config import ControlNetConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..models.controlnet import ControlNet
 from ..models.stable_diffusion import StableDiffusion
-from ..models.text import POSITION_IDS_KEY, clip_position_ids
+from ..models.text import is_position_ids_key, position_ids_entries
 from .errors import CheckpointError, first_line, short_list
 from .tensors import StateDict, save_safetensors
 
@@ -28,6 +29,7 @@ from .tensors import StateDict, save_safetensors
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
+CONDITIONER_PREFIX = "conditioner."  # SDXL (sgm's GeneralConditioner): embedders.0 CLIP-L, embedders.1 OpenCLIP-G
 CONTROL_PREFIX = "control_model."
 
 # Keys of LDM files that no model here reads: the training schedule (recomputed from the config,
@@ -61,18 +63,26 @@ CONTROL_METADATA_KEY = "controlnet.control_config"  # the ControlNet's ControlNe
 def split_ldm(state_dict: Mapping[str, torch.Tensor], use_ema: bool = False) -> dict[str, StateDict]:
     """Split an LDM file into ``unet``, ``vae``, ``text``, ``control`` parts (prefixes removed).
 
-    With ``use_ema`` the UNet weights come from ``model_ema.*`` (where the original stores the EMA
-    copy under the parameter names with the dots removed). Unknown keys raise ``CheckpointError``.
+    The text part is ``cond_stage_model.*`` (SD 1.x, 2.x) or ``conditioner.*`` (SDXL), whose keys
+    our models carry as they are. With ``use_ema`` the UNet weights come from ``model_ema.*`` (where
+    the original stores the EMA copy under the parameter names with the dots removed). Unknown keys
+    raise ``CheckpointError``.
     """
     parts: dict[str, StateDict] = {"unet": {}, "vae": {}, "text": {}, "control": {}}
-    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text": TEXT_PREFIX, "control": CONTROL_PREFIX}
+    prefixes = (
+        ("unet", UNET_PREFIX),
+        ("vae", VAE_PREFIX),
+        ("text", TEXT_PREFIX),
+        ("text", CONDITIONER_PREFIX),
+        ("control", CONTROL_PREFIX),
+    )
     unknown = []
     for key, tensor in state_dict.items():
         if key.startswith(_TRAINING_LEFTOVERS):
             continue
-        part = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
-        if part is not None:
-            parts[part][key[len(prefixes[part]) :]] = tensor
+        found = next(((name, prefix) for name, prefix in prefixes if key.startswith(prefix)), None)
+        if found is not None:
+            parts[found[0]][key[len(found[1]) :]] = tensor
         elif not (key in _SCHEDULE_BUFFERS or key.startswith("model_ema.")):
             unknown.append(key)
     if unknown:
@@ -84,18 +94,17 @@ def split_ldm(state_dict: Mapping[str, torch.Tensor], use_ema: bool = False) -> 
 
 
 def _normalise_clip_keys(text: StateDict) -> StateDict:
-    """SD 1.x text encoder keys as our CLIPTextEncoder names them.
+    """CLIP text encoder keys (SD 1.x's, SDXL's ``embedders.0.``) as our CLIPTextEncoder names them.
 
     Files differ on whether they store position_ids (an arange, sometimes saved as floats): never
     a weight, dropped. Older and merged files name the weights ``transformer.embeddings...``
     without ``text_model.`` (an earlier transformers layout): the prefix is put back.
     """
-    if any(k.startswith("transformer.") for k in text) and not any(
-        k.startswith("transformer.text_model.") for k in text
-    ):
-        text = {"transformer.text_model." + k.removeprefix("transformer."): v for k, v in text.items()}
-    text.pop(POSITION_IDS_KEY, None)
-    return text
+    for under in ("", "embedders.0."):
+        old, new = under + "transformer.", under + "transformer.text_model."
+        if any(k.startswith(old) for k in text) and not any(k.startswith(new) for k in text):
+            text = {new + k.removeprefix(old) if k.startswith(old) else k: v for k, v in text.items()}
+    return {k: v for k, v in text.items() if not is_position_ids_key(k)}
 
 
 def _ema_weights(state_dict: Mapping[str, torch.Tensor], unet: StateDict) -> StateDict:
@@ -135,13 +144,19 @@ def ldm_state_dict(
     if model is not None:
         tensors.update({UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()})
         tensors.update({VAE_PREFIX + k: v for k, v in model.vae.state_dict().items()})
-        tensors.update({TEXT_PREFIX + k: v for k, v in model.text_encoder.state_dict().items()})
-        if model.config.text.arch == "clip":
-            # The original CLIP embedder stores position_ids; files people have mostly do too.
-            tensors[TEXT_PREFIX + POSITION_IDS_KEY] = clip_position_ids(model.config.text)
+        text = text_prefix(model.config)
+        tensors.update({text + k: v for k, v in model.text_encoder.state_dict().items()})
+        # The original CLIP embedders store position_ids (transformers 4.x's persistent buffer); the
+        # files people have mostly do too (SD 1.x's, SDXL's embedder 0).
+        tensors.update({text + k: v for k, v in position_ids_entries(model.text_encoder).items()})
     if controlnet is not None:
         tensors.update({CONTROL_PREFIX + k: v for k, v in controlnet.state_dict().items()})
     return tensors
+
+
+def text_prefix(config: ModelConfig) -> str:
+    """Where a base model's text encoders live in its LDM file."""
+    return CONDITIONER_PREFIX if config.text_2 is not None else TEXT_PREFIX
 
 
 def save_ldm(
@@ -195,6 +210,7 @@ def _config_from_json(text: str) -> ModelConfig | ControlNetConfig:
             schedule=_dataclass_from_dict(ScheduleConfig, data["schedule"]),
             control_hint_block_channels=tuple(data["control_hint_block_channels"]),
             native_resolution=data["native_resolution"],
+            text_2=None if data.get("text_2") is None else _dataclass_from_dict(TextEncoderConfig, data["text_2"]),
         )
     if kind == "ControlNetConfig":
         return ControlNetConfig(
