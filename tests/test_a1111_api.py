@@ -240,6 +240,73 @@ def test_older_spellings_and_a_unit_without_enabled(session, url):
     assert "ControlNet 1" not in text and answer["parameters"]["prompt"] == EXAMPLE.prompt
 
 
+def _decoded(b64: str) -> np.ndarray:
+    return _array(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def _generate(session, url, body: dict, path: str = "/sdapi/v1/txt2img") -> dict:
+    response = session.post(f"{url}{path}", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _two_colours(width: int = 128, height: int = 64) -> Image.Image:
+    """Red above blue: one edge across the middle; fitted before annotating, the padding (the
+    median of the borders, a third colour) would add two more."""
+    image = Image.new("RGB", (width, height), (40, 60, 200))
+    ImageDraw.Draw(image).rectangle((0, 0, width - 1, height // 2 - 1), fill=(220, 30, 30))
+    return image
+
+
+@pytest.mark.parametrize("pixel_perfect", [True, False])
+def test_a_unit_is_annotated_before_its_map_is_fitted(session, url, pixel_perfect):
+    """As the extension: canny sees the 128x64 picture, then its map is padded to 128x128
+    ("Resize and Fill"): the only edge is the picture's own, across the middle."""
+    unit = _unit(image=_b64(_two_colours()), module="canny", resize_mode="Resize and Fill", pixel_perfect=pixel_perfect,
+                 processor_res=128)  # fmt: skip
+    body = {"prompt": "x", "steps": 1, "seed": 1, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+    edges = _decoded(_generate(session, url, body)["images"][1])
+    rows = np.flatnonzero(edges.max(axis=(1, 2)))
+    assert edges.shape == (128, 128, 3) and rows.size and rows.min() >= 56 and rows.max() <= 72, rows
+
+
+def test_a_prompt_only_image_may_have_any_size(session, url):
+    answer = _generate(session, url, {"prompt": "a red circle", "steps": 1, "seed": 1, "width": 192, "height": 128})
+    info = json.loads(answer["info"])
+    assert _decoded(answer["images"][0]).shape == (128, 192, 3) and (info["width"], info["height"]) == (192, 128)
+    assert "Size: 192x128" in info["infotexts"][0]
+
+
+def test_every_units_map_is_fitted_to_width_and_height_with_its_resize_mode(session, url):
+    """A 128x128 map in a 192x128 txt2img, under each resize mode (one unit each): the map as
+    imaging.resize.fit_to makes it, and the images at 192x128."""
+    from controlnet.imaging.resize import fit_to
+
+    square = _array(Image.open(EXAMPLE.control))
+    modes = {"Just Resize": "just_resize", "Crop and Resize": "crop_and_resize", "Resize and Fill": "resize_and_fill"}
+    units = [_unit(resize_mode=name, pixel_perfect=True) for name in modes]
+    body = {"prompt": EXAMPLE.prompt, "steps": 1, "seed": 1, "width": 192, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": units}}}  # fmt: skip
+    images = [_decoded(png) for png in _generate(session, url, body)["images"]]
+    assert images[0].shape == (128, 192, 3) and len(images) == 4
+    for mode, control_map in zip(modes.values(), images[1:], strict=True):
+        assert np.array_equal(control_map, fit_to(square, 192, 128, mode)), mode
+
+
+@pytest.mark.parametrize(("resize_mode", "mode"), [(0, "just_resize"), (1, "crop_and_resize"), (2, "resize_and_fill")])
+def test_img2img_fits_its_init_image_with_its_resize_mode(session, url, resize_mode, mode):
+    """A 128x128 init image in a 192x128 img2img: with an empty mask nothing is repainted, so the
+    answer is the init image exactly as fitted."""
+    from controlnet.imaging.resize import fit_to
+
+    body = {"prompt": "x", "steps": 2, "seed": 1, "width": 192, "height": 128, "denoising_strength": 0.5,
+            "init_images": [_b64(_scene())], "mask": _b64(Image.new("L", (128, 128), 0)),
+            "resize_mode": resize_mode}  # fmt: skip
+    image = _decoded(_generate(session, url, body, "/sdapi/v1/img2img")["images"][0])
+    assert np.array_equal(image, fit_to(_array(_scene()), 192, 128, mode))
+
+
 def _unit(**fields) -> dict:
     return {"enabled": True, "image": _edges_b64(), "module": "none", "model": "canny"} | fields
 

@@ -275,6 +275,45 @@ def test_the_first_control_image_is_resized_as_the_original_app(pipe):
     assert np.array_equal(result.control_maps[0], resize_image(image, 64))
 
 
+@pytest.mark.parametrize("mode", ["just_resize", "crop_and_resize", "resize_and_fill"])
+def test_a_named_size_fits_every_map_with_its_resize_mode(pipe, mode):
+    """width x height named (the AUTOMATIC1111 API's): the output has that size whatever the images'
+    shapes; a ready map is fitted to it with the unit's resize mode, the second unit's too."""
+    from controlnet.imaging.resize import fit_to
+
+    units = [ControlUnit(EDGES, resize_mode=mode), ControlUnit(EDGES[:, :32], resize_mode=mode, controlnet=1)]
+    result = pipe.generate("a circle", units, steps=1, seed=0, width=128, height=64)
+    assert result.images[0].shape == (64, 128, 3) and (result.settings["width"], result.settings["height"]) == (128, 64)
+    for unit, control_map in zip(units, result.control_maps, strict=True):
+        assert np.array_equal(control_map, fit_to(unit.image, 128, 64, mode))
+
+
+def test_a_named_size_annotates_before_fitting(pipe):
+    """As the extension: the annotator sees the image, not its padding; the map is fitted after.
+    Fitted first, a two-colour picture's padding (the median of its borders) would add edges."""
+    picture = np.zeros((32, 64, 3), np.uint8)
+    picture[:16] = (220, 30, 30)
+    picture[16:] = (40, 60, 200)
+    unit = ControlUnit(picture, annotator="canny", resize_mode="resize_and_fill")
+    edges = pipe.generate("a box", [unit], steps=1, seed=0, width=64, height=64).control_maps[0]
+    rows = np.flatnonzero(edges.max(axis=(1, 2)))
+    assert edges.shape == (64, 64, 3) and rows.size and rows.min() >= 24 and rows.max() <= 40  # the middle only
+
+
+def test_a_named_size_without_images_and_a_side_alone(pipe):
+    assert pipe.generate("a circle", [], steps=1, seed=0, width=128, height=64).images[0].shape == (64, 128, 3)
+    assert pipe.generate("a circle", [], steps=1, seed=0, height=128).images[0].shape == (128, 64, 3)  # native 64
+    init = _photo()
+    result = pipe.generate("a circle", [], init_image=init, steps=2, seed=0, width=64, height=128)
+    assert result.images[0].shape == (128, 64, 3)
+    with pytest.raises(ValueError, match="width must be a multiple of 64, got 100"):
+        pipe.generate("a circle", [], width=100, height=64)
+    with pytest.raises(ValueError, match="the output size 320x64: its long side may be at most 4 times its short"):
+        pipe.generate("a circle", [], width=320, height=64)
+    with pytest.raises(ValueError, match="the output size 64x512: its long side may be at most 4 times"):
+        pipe.generate("a circle", [], height=512)
+
+
 def test_low_memory_mode_gives_the_same_image_and_parks_idle_models():
     model, controlnet = random_tiny_models(seed=0)
     normal = Pipeline(model, [controlnet]).generate("a circle", [ControlUnit(EDGES)], steps=3, seed=1, output="float")

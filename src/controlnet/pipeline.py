@@ -45,7 +45,7 @@ from .annotators.filters import rgb_to_grey
 from .formats.detect import check_compatible
 from .formats.t2i_adapter import check_adapter_compatible
 from .imaging.images import HWC3
-from .imaging.resize import fit_to, resize_image
+from .imaging.resize import fit_to, pixel_perfect_resolution, resize_image
 from .loading import load_adapter, load_base, load_controlnet
 from .models.controlnet import ControlNet
 from .models.placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
@@ -55,7 +55,7 @@ from .runtime import check_finite, dtype_name, parse_dtype, prepare, use_channel
 from .sampling.guidance import ActiveAdapter, ActiveControl, ControlMode, GuidedDenoiser
 from .sampling.prompts import check_prompts, encode_prompts, full_prompt
 from .sampling.samplers import Plan, make_plan, sample
-from .settings import GENERATION, MAX_SEED, UNIT, check_generation, check_unit
+from .settings import GENERATION, MAX_SEED, UNIT, check_generation, check_output_size, check_unit
 
 # The latents between steps and the sampler's arithmetic: float32 whatever the models' dtype (a
 # bf16 latent would lose 8 bits at every step's update; the models' inputs are cast per call).
@@ -223,10 +223,20 @@ class Pipeline:
     # -- the steps of a generation, each small enough to read -----------------------------------
 
     def output_size(
-        self, controls: Sequence[ControlUnit], resolution: int, init_image: np.ndarray | None = None
+        self,
+        controls: Sequence[ControlUnit],
+        resolution: int,
+        init_image: np.ndarray | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ) -> tuple[int, int]:
-        """(height, width): the init image's, else the first control image's, resized as the
-        original app does (short side = resolution, each side rounded to a multiple of 64)."""
+        """(height, width): the ``width`` x ``height`` named (a side not named is ``resolution``);
+        else the init image's, else the first control image's, resized as the original app does
+        (short side = resolution, each side rounded to a multiple of 64)."""
+        if width is not None or height is not None:
+            height, width = height or resolution, width or resolution
+            check_output_size(width, height)
+            return height, width
         reference = init_image if init_image is not None else controls[0].image if controls else None
         if reference is None:
             return resolution, resolution
@@ -234,24 +244,46 @@ class Pipeline:
         return height, width
 
     def control_map(
-        self, unit: ControlUnit, height: int, width: int, resolution: int, mask: np.ndarray | None
+        self,
+        unit: ControlUnit,
+        height: int,
+        width: int,
+        resolution: int,
+        mask: np.ndarray | None,
+        named_size: bool = False,
     ) -> np.ndarray:
-        """The unit's control map at the output size: fit the image, then run its annotator.
+        """The unit's control map at the output size.
 
-        An image whose ``resize_image`` size is the output size is resized exactly as the original
-        app does (stretched to the 64-rounded size); others are fitted with the unit's resize mode.
+        By default: fit the image, then run its annotator. An image whose ``resize_image`` size is
+        the output size is resized exactly as the original app does (stretched to the 64-rounded
+        size); others are fitted with the unit's resize mode.
+
+        With ``named_size`` (the output's width and height named, whatever the images' shapes), as
+        the AUTOMATIC1111 extension: the annotator runs on the image at the pixel-perfect resolution
+        for the unit's resize mode, then its map is fitted to the output, so that the annotator
+        never sees the crop or the padding. The inpaint hint, made pixel by pixel from the image and
+        the mask, is made from both fitted (its masked pixels stay exactly -1).
+
         The inpaint annotator gets the generation's mask (fitted the same way) unless given its own.
         """
         image = HWC3(unit.image)
         how = get_annotator(unit.annotator).resize  # label images: nearest, never blended
-        fitted = resize_image(image, resolution, how)
-        if fitted.shape[:2] != (height, width):
-            fitted = fit_to(image, width, height, unit.resize_mode, how)
         params = dict(unit.annotator_params)
         if unit.annotator == "inpaint" and "mask" not in params:
             if mask is None:
                 raise ValueError("the inpaint annotator needs a mask: pass mask= to generate()")
             params["mask"] = fit_to(mask, width, height, unit.resize_mode, "nearest")
+        elif unit.annotator == "inpaint" and named_size:  # its own mask, fitted as its image is
+            params["mask"] = fit_to(_mask_uint8(params["mask"]), width, height, unit.resize_mode, "nearest")
+        if named_size and unit.annotator not in ("none", "inpaint"):
+            scale = max(pixel_perfect_resolution(image.shape[:2], width, height, unit.resize_mode), 64)
+            image = run_annotator(
+                unit.annotator, resize_image(image, scale, how), None, runtime=self.annotators, **params
+            )
+            return fit_to(image, width, height, unit.resize_mode, how)
+        fitted = None if named_size else resize_image(image, resolution, how)
+        if fitted is None or fitted.shape[:2] != (height, width):
+            fitted = fit_to(image, width, height, unit.resize_mode, how)
         return run_annotator(unit.annotator, fitted, None, runtime=self.annotators, **params)
 
     def hint_tensor(self, control_map: np.ndarray) -> torch.Tensor:
@@ -323,6 +355,8 @@ class Pipeline:
         eta: float = 0.0,
         sampler: str = "ddim",
         resolution: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
         init_image: np.ndarray | None = None,
         denoising_strength: float = 0.75,
         mask: np.ndarray | None = None,
@@ -331,6 +365,11 @@ class Pipeline:
         progress: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt`` following ``controls``.
+
+        The output's short side is ``resolution`` (default: the model's native size), its shape the
+        init image's, else the first control image's, else square; or ``width`` x ``height`` when
+        named (settings.OUTPUT_SIZE; a side not named is ``resolution``), every image fitted to it
+        with its resize mode (`control_map`).
 
         img2img: ``init_image`` (RGB uint8) is encoded and noised to ``denoising_strength`` (the
         last ``int(steps * strength)`` steps run). Inpainting: also a ``mask`` (uint8 or bool,
@@ -351,17 +390,19 @@ class Pipeline:
             "resolution": resolution,
         }
         self._check_arguments(job, controls, output, denoising_strength, init_image, mask)
+        check_output_size(width, height)
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
         resolution = resolution or self.model.config.native_resolution
-        height, width = self.output_size(controls, resolution, init_image)
+        named_size = width is not None or height is not None
+        height, width = self.output_size(controls, resolution, init_image, width, height)
         init = None if init_image is None else fit_to(HWC3(init_image), width, height)
         mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
 
         with self.placement.use(self.model.text_encoder):
             encoded = [full_prompt(prompt, added_prompt), negative_prompt]
             context = encode_prompts(self.model.text_encoder, encoded).to(self.dtype)
-        control_maps = [self.control_map(unit, height, width, resolution, mask) for unit in controls]
+        control_maps = [self.control_map(unit, height, width, resolution, mask, named_size) for unit in controls]
         init_latents = None
         if init is not None:
             with self.placement.use(self.model.vae):

@@ -166,6 +166,40 @@ GENERATION: dict[str, Setting] = {
     )
 }
 
+# The output's width and height, for an interface that names them (the AUTOMATIC1111 API's width
+# and height): each side in the resolution's range. Without them the output's short side is the
+# resolution and its shape the first control (or init) image's (the original app's rule), which is
+# how the page, the JSON API and the command line size it.
+_RESOLUTION = GENERATION["resolution"]
+OUTPUT_SIZE: dict[str, Setting] = {
+    name: Setting(
+        name,
+        None,
+        f"the output's {name}, whatever the images' shapes (a side not named: the resolution)",
+        _RESOLUTION.minimum,
+        _RESOLUTION.maximum,
+        multiple_of=_RESOLUTION.multiple_of,
+        kind=int,
+    )
+    for name in ("width", "height")
+}
+
+
+def check_output_size(width: Any, height: Any, names: tuple[str, str] = ("width", "height")) -> None:
+    """A named output size: each side given (not None) as OUTPUT_SIZE allows, and, both given, at
+    most 4:1 (imaging.resize.MAX_ASPECT_RATIO, the bound on every image's shape). ``names``: how
+    the messages name the two sides."""
+    from .imaging.resize import MAX_ASPECT_RATIO
+
+    for setting, value, name in zip(OUTPUT_SIZE.values(), (width, height), names, strict=True):
+        if value is not None:
+            setting.check(value, name=name)
+    if width is not None and height is not None and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise SettingError(
+            f"the output size {width}x{height}: its long side may be at most {MAX_ASPECT_RATIO} times its short side"
+        )
+
+
 # One control unit (the AUTOMATIC1111 extension's unit).
 UNIT: dict[str, Setting] = {
     s.name: s

@@ -25,8 +25,8 @@ import numpy as np
 
 from .. import __version__, shipped
 from ..hashing import model_sha256, short_hash
-from ..imaging.resize import MAX_ASPECT_RATIO, fit_to
-from ..settings import GENERATION, UNIT, Setting, SettingError
+from ..imaging.resize import fit_to
+from ..settings import GENERATION, OUTPUT_SIZE, UNIT, Setting, SettingError
 from .api import decode_image
 from .service import GenerateRequest, GenerateResponse, Limits, RequestError, UnitRequest
 from .ui import UNITS
@@ -448,17 +448,16 @@ class Translated:
     save_maps: list[bool]  # per unit: whether its detected map is returned
 
 
-def generation(
-    body: Any, img2img: bool, model: str, files: dict[str, list[Path]], native: int, limits: Limits
-) -> Translated:
+def generation(body: Any, img2img: bool, model: str, files: dict[str, list[Path]], limits: Limits) -> Translated:
     """A txt2img or img2img body as a GenerateRequest for the served ``model`` (its control
-    ``files``, its ``native`` size: the default width and height)."""
+    ``files``). The output is ``width`` x ``height``: every unit's detected map is fitted to it
+    with the unit's resize mode (the pipeline's named size)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for field, what in UNSUPPORTED.items():
         if body.get(field) not in (None, False, 0, "", [], "None"):
             raise RequestError(f"{field}: {what} is not supported by this server")
-    width, height = size(body, native, limits)
+    width, height = size(body)
     init_image, mask = init_images(body, width, height, limits) if img2img else (None, None)
     fallback = UnitImages(init_image, mask)
     units, save_maps = [], []
@@ -467,10 +466,6 @@ def generation(
         if made is not None:
             units.append(made[0])
             save_maps.append(made[1])
-    if init_image is None and units:  # the output takes the first unit's size: fit it, as the extension does
-        units[0].image = _fitted(units[0], width, height)
-    elif init_image is None and width != height:
-        raise RequestError(f"{width}x{height}: without a control image or init image this server makes square images")
     ours, name = sampler(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler"))
     request = GenerateRequest(
         prompt=_text(body, "prompt"),
@@ -484,7 +479,8 @@ def generation(
         eta=_eta(body, ours),
         seed=_seed(body),
         sampler=ours,
-        resolution=min(width, height),
+        width=width,
+        height=height,
         init_image=init_image,
         mask=mask,
         denoising_strength=checked(GENERATION["denoising_strength"], body.get("denoising_strength", 0.75),
@@ -528,30 +524,36 @@ def _eta(body: dict, ours: str) -> float:
     return checked(GENERATION["eta"], eta, "eta")
 
 
-def size(body: dict, native: int, limits: Limits) -> tuple[int, int]:
-    """(width, height): the model's native size by default; multiples of 64 (the models' latent
-    grid here; the web UI allows 8), the short side at most the server's resolution limit."""
-    width, height = _integer(body, "width", native), _integer(body, "height", native)
-    for field, value in (("width", width), ("height", height)):
-        if value < 64 or value % 64:
-            raise RequestError(f"{field} must be a multiple of 64 (at least 64), got {value}")
-    if min(width, height) > limits.max_resolution:
-        raise RequestError(f"{width}x{height}: the short side must be at most {limits.max_resolution} on this server")
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise RequestError(f"{width}x{height}: the long side may be at most {MAX_ASPECT_RATIO} times the short side")
-    return width, height
+def size(body: dict) -> tuple[int | None, int | None]:
+    """(width, height) as named (settings.OUTPUT_SIZE: multiples of 64, the models' latent grid
+    here, where the web UI allows 8), None where not given: a side alone, the other is the model's
+    native size; neither, the output is sized as the JSON API's (the model's native short side,
+    the init image's or the first unit image's shape). The service checks the server's limit."""
+    width, height = (body.get(side) for side in OUTPUT_SIZE)
+    return (
+        None if width is None else int(checked(OUTPUT_SIZE["width"], width, "width")),
+        None if height is None else int(checked(OUTPUT_SIZE["height"], height, "height")),
+    )
 
 
-def init_images(body: dict, width: int, height: int, limits: Limits) -> tuple[np.ndarray, np.ndarray | None]:
-    """img2img's init image and mask (white: repaint), fitted to width x height with the request's
-    resize_mode as the web UI does; inpainting_mask_invert=1 repaints the black area instead."""
+def init_images(
+    body: dict, width: int | None, height: int | None, limits: Limits
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """img2img's init image and mask (white: repaint), fitted to width x height (where both are
+    named) with the request's resize_mode as the web UI does; inpainting_mask_invert=1 repaints the
+    black area instead."""
     images = body.get("init_images")
     if not isinstance(images, list) or not images:
         raise RequestError("init_images must be a list with one base64 image")
     if len(images) > 1:
         raise RequestError(f"init_images has {len(images)} images; this server takes one")
     mode = enum_value(body.get("resize_mode", 0), {}, IMG2IMG_RESIZE_ORDER, "resize_mode")
-    init = fit_to(decode_image(images[0], "init_images[0]", limits), width, height, mode)
+    named = width is not None and height is not None
+
+    def fitted(image: np.ndarray, interpolation: str = "auto") -> np.ndarray:
+        return fit_to(image, width, height, mode, interpolation) if named else image
+
+    init = fitted(decode_image(images[0], "init_images[0]", limits))
     if body.get("mask") in (None, ""):
         return init, None
     mask = decode_image(body["mask"], "mask", limits)
@@ -559,13 +561,7 @@ def init_images(body: dict, width: int, height: int, limits: Limits) -> tuple[np
     if invert not in (0, 1):
         raise RequestError(f"inpainting_mask_invert must be 0 or 1, got {invert}")
     mask = 255 - mask if invert else mask
-    return init, fit_to(mask, width, height, mode, "nearest")
-
-
-def _fitted(unit: UnitRequest, width: int, height: int) -> np.ndarray:
-    from ..annotators import get_annotator
-
-    return fit_to(unit.image, width, height, unit.resize_mode, get_annotator(unit.annotator).resize)
+    return init, fitted(mask, "nearest")
 
 
 def detect_units(body: Any, limits: Limits) -> list[UnitRequest]:

@@ -193,9 +193,8 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
 
     def generate(body: Any, img2img: bool) -> dict:
         model = _model(body, options.model, checkpoints, service.registry.names)
-        native = service.native_resolution(model)  # loads it, as the web UI does
         files = service.registry.control_files(model)
-        translated = a1111.generation(body, img2img, model, files, native, service.limits)
+        translated = a1111.generation(body, img2img, model, files, service.limits)
         with progress.track("img2img" if img2img else "txt2img") as job:
             response = service.generate(translated.request, progress=job.advance, cancelled=job.cancel.is_set)
         return a1111.generation_response(body, translated, response, options.detect_maps)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import shipped
 from ..imaging.images import ImageError, ImageSource, encode_png, load_image
-from ..imaging.resize import check_aspect_ratio
+from ..imaging.resize import MAX_ASPECT_RATIO, check_aspect_ratio
 from ..metadata import image_text, map_text, model_records
 from ..pipeline import ControlUnit, Pipeline, viewable_map
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompts
@@ -36,6 +36,7 @@ from ..settings import (
     SettingError,
     check_generation,
     check_guess_mode,
+    check_output_size,
     check_unit,
     unit_mode,
     unit_model,
@@ -117,6 +118,10 @@ class GenerateRequest:
     seed: int = GENERATION["seed"].default  # -1: a random seed
     sampler: str = GENERATION["sampler"].default
     resolution: int | None = GENERATION["resolution"].default  # None: the model's native size
+    # The output's size named (settings.OUTPUT_SIZE: the AUTOMATIC1111 API's width and height; a
+    # side not named is the resolution); None for both: sized from the resolution and the images.
+    width: int | None = None
+    height: int | None = None
     guess_mode: bool = GENERATION["guess_mode"].default
     init_image: np.ndarray | None = None  # img2img / inpainting
     mask: np.ndarray | None = None  # inpainting: white = repaint
@@ -164,12 +169,27 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
         check_generation({name: getattr(request, name) for name in GENERATION})
         if request.resolution is not None and request.resolution > limits.max_resolution:
             raise SettingError(f"resolution must be at most {limits.max_resolution} on this server")
+        _check_size(request.width, request.height, limits)
         if request.mask is not None and request.init_image is None:
             raise SettingError("inpainting needs an init image as well as the mask")
         for i, unit in enumerate(request.units):
             _check_unit(unit, f"control unit {i}", annotators)
     except SettingError as error:
         raise RequestError(str(error)) from None
+
+
+def _check_size(width: int | None, height: int | None, limits: Limits) -> None:
+    """A named output size (settings.check_output_size) within this server's resolution limit: its
+    short side, or a side named alone at most the longest side that limit allows."""
+    check_output_size(width, height)
+    named = [side for side in (width, height) if side is not None]
+    if len(named) == 2 and min(named) > limits.max_resolution:
+        raise SettingError(f"{width}x{height}: the short side must be at most {limits.max_resolution} on this server")
+    if len(named) == 1 and named[0] > MAX_ASPECT_RATIO * limits.max_resolution:
+        raise SettingError(
+            f"{'width' if width else 'height'} {named[0]}: at most {MAX_ASPECT_RATIO * limits.max_resolution} "
+            f"on this server"
+        )
 
 
 def unit_models(request: GenerateRequest, pipe: Pipeline) -> list[tuple[str, int]]:
@@ -594,6 +614,8 @@ class Service:
                     eta=request.eta,
                     sampler=request.sampler,
                     resolution=request.resolution,
+                    width=request.width,
+                    height=request.height,
                     init_image=request.init_image,
                     denoising_strength=request.denoising_strength,
                     mask=request.mask,
