@@ -7,6 +7,7 @@ own client against the page's API on the same server."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import pickle
@@ -24,7 +25,7 @@ from controlnet import shipped
 from controlnet.formats.ldm import save_ldm
 from controlnet.models.tiny import random_tiny_models
 from controlnet.serve import a1111
-from controlnet.serve.service import RequestError
+from controlnet.serve.service import Limits, ModelRegistry, RequestError, Service, discover_models
 
 from .helpers import serve_in_background
 
@@ -459,19 +460,52 @@ def test_a_units_model_is_found_as_the_extension_finds_it(tmp_path):
         a1111.control_model("openpose", files, "unit")
 
 
-def test_a_server_fault_is_a_one_line_500_and_logged(monkeypatch, capsys):
-    """A fault of the server's own (here a listing that fails) is a one-line JSON 500 naming no
-    path, its traceback in the server's log; the server goes on serving."""
+@contextlib.contextmanager
+def _in_process(service: Service | None = None) -> Iterator:
+    """The app in this process (to watch or stub its insides), in a TestClient."""
     from fastapi.testclient import TestClient
 
     from controlnet.serve.app import build_app
-    from controlnet.serve.service import ModelRegistry, Service, discover_models
+
+    with TestClient(build_app(service or Service(ModelRegistry(discover_models(None))))) as client:
+        yield client
+
+
+def test_models_load_in_the_queue_holding_their_lock_and_never_for_a_bad_body(monkeypatch):
+    """A model loads as a job does (in a queue slot, holding its lock): for a generation, and for
+    the options' model switch; a bad body is refused before anything loads."""
+    service = Service(ModelRegistry(discover_models(None)), Limits(max_queue=2))
+    loads, original = [], ModelRegistry.pipeline
+
+    def pipeline(registry, name):
+        loads.append((name, service.queue.length, registry.lock(name).locked()))
+        return original(registry, name)
+
+    monkeypatch.setattr(ModelRegistry, "pipeline", pipeline)
+    with _in_process(service) as client:
+        loads.clear()  # the page, built with the app, has loaded the first model for its sizes
+        bad = client.post(
+            TXT, json={"prompt": "x", "steps": 0, "alwayson_scripts": {"controlnet": {"args": [_unit()]}}}
+        )
+        assert bad.status_code == 422 and loads == []
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shipped"}).status_code == 200
+        assert loads == [("shipped", 1, True)]
+        answer = client.post(
+            TXT, json={"prompt": "x", "steps": 1, "alwayson_scripts": {"controlnet": {"args": [_unit()]}}}
+        )
+        assert answer.status_code == 200, answer.text
+    assert loads[1:] and all(queued == 1 and locked for _, queued, locked in loads)
+
+
+def test_a_server_fault_is_a_one_line_500_and_logged(monkeypatch, capsys):
+    """A fault of the server's own (here a listing that fails) is a one-line JSON 500 naming no
+    path, its traceback in the server's log; the server goes on serving."""
 
     def broken(alias_names=False):
         raise RuntimeError("disk on fire at /srv/secret/models")
 
     monkeypatch.setattr(a1111, "module_list", broken)
-    with TestClient(build_app(Service(ModelRegistry(discover_models(None))))) as client:
+    with _in_process() as client:
         response = client.get("/controlnet/module_list")
         assert response.status_code == 500, response.text
         detail = response.json()["detail"]

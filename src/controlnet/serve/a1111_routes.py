@@ -171,9 +171,9 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
                 if not isinstance(body["control_net_no_detectmap"], bool):
                     raise RequestError("control_net_no_detectmap must be true or false")
                 options.detect_maps = not body["control_net_no_detectmap"]
-            if body.get("sd_model_checkpoint") is not None:  # the web UI loads it now, and so do we
+            if body.get("sd_model_checkpoint") is not None:  # the web UI loads it now, and so do we: as a job
                 name = a1111.find_checkpoint(body["sd_model_checkpoint"], checkpoints(), service.registry.names)
-                service.registry.pipeline(name)
+                service.load(name)
                 options.model = name
             # Any other option is taken and changes nothing: this server has no such setting.
 
@@ -192,6 +192,8 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
         return await answer(request, stop)
 
     def generate(body: Any, img2img: bool) -> dict:
+        # The whole body is checked before the model loads, which service.generate does in its queue
+        # slot, holding the model's lock.
         model = _model(body, options.model, checkpoints, service.registry.names)
         files = service.registry.control_files(model)
         translated = a1111.generation(body, img2img, model, files, service.limits)

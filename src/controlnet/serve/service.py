@@ -559,6 +559,13 @@ class Service:
         # Annotators run where the models do, reading the registry's folder of weights.
         self.annotators = Runtime.default(registry.annotators_dir, registry.device, registry.dtype)
 
+    def load(self, model: str) -> None:
+        """Load ``model`` now (the AUTOMATIC1111 API's model switch) as a job does: in the queue
+        (QueueFull when it is full), holding the model's lock."""
+        self.registry.entry(model)
+        with self.queue.slot(), self.registry.lock(model):
+            self.registry.pipeline(model)
+
     def native_resolution(self, model: str) -> int:
         """The model's native image size (loads the model if it is not loaded)."""
         pipe, _ = self.registry.pipeline(model)
