@@ -455,7 +455,13 @@ def test_a_units_model_is_found_as_the_extension_finds_it(tmp_path):
         for value in ("control_v11p_sd15_canny [12345678]", "CONTROL_V11F1P_SD15_DEPTH", "v11f1p", "depth")
     ]
     # "depth": the shortest name that holds it, as the extension's find_closest_lora_model_name
-    assert found == [{"controlnet": 0}, {"controlnet": 1}, {"controlnet": 1}, {"adapter": 0}]
+    canny, depth = files["controlnet"]
+    assert found == [
+        {"controlnet": canny},
+        {"controlnet": depth},
+        {"controlnet": depth},
+        {"adapter": files["adapter"][0]},
+    ]
     with pytest.raises(RequestError, match="'openpose' is not one of this model's ControlNets"):
         a1111.control_model("openpose", files, "unit")
 
@@ -513,3 +519,27 @@ def test_a_server_fault_is_a_one_line_500_and_logged(monkeypatch, capsys):
         assert client.get("/controlnet/version").json() == {"version": 3}
     log = capsys.readouterr().err
     assert "Traceback" in log and "disk on fire" in log
+
+
+def test_a_units_model_is_the_file_it_names_whatever_the_model_loads(tmp_path):
+    """The file a unit names is found among those the model loaded, not by an index into the
+    listing read before it loaded: here a listed file that does not fit the base is left out when
+    the model loads, which would shift the index of the next."""
+    from controlnet.serve.service import ModelEntry
+
+    unfit = tmp_path / "aaa-unfit.safetensors"
+    save_ldm(unfit, controlnet=random_tiny_models(seed=1)[1])  # a ControlNet for another base
+    entry = ModelEntry("served", shipped.base_path(), [unfit, shipped.canny_path()])
+    service = Service(ModelRegistry([entry]))
+    listed = service.registry.control_files("served")  # before loading: both files
+    assert [path.name for path in listed["controlnet"]] == ["aaa-unfit.safetensors", "shapes-canny.safetensors"]
+    body = {"prompt": EXAMPLE.prompt, "steps": 1, "seed": 1, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": [_unit(model="shapes-canny")]}}}  # fmt: skip
+    translated = a1111.generation(body, False, "served", listed, service.limits)
+    response = service.generate(translated.request)
+    assert response.settings["controls"][0]["controlnet"] == 0  # the canny file, the one the model loaded
+    assert "shapes-canny [" in response.image_texts[0]["parameters"]
+    body["alwayson_scripts"]["controlnet"]["args"] = [_unit(model="aaa-unfit")]
+    translated = a1111.generation(body, False, "served", listed, service.limits)
+    with pytest.raises(RequestError, match=r"control unit 0: model 'served' did not load aaa-unfit\.safetensors"):
+        service.generate(translated.request)

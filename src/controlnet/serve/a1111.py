@@ -257,11 +257,12 @@ def model_title(path: Path) -> str:
     return f"{path.stem} [{digest}]" if digest else path.stem
 
 
-def control_model(value: Any, files: dict[str, list[Path]], where: str) -> dict[str, int]:
-    """The unit's model among the served model's ``files`` (by kind, in index order), as the
-    extension finds it: "name [hash]" exactly, the name without the hash, the stem (any case), a
-    shipped model's name, then the shortest stem that contains it. {"controlnet": i} or
-    {"adapter": i}."""
+def control_model(value: Any, files: dict[str, list[Path]], where: str) -> dict[str, Path]:
+    """The unit's model among the served model's ``files`` (by kind), as the extension finds it:
+    "name [hash]" exactly, the name without the hash, the stem (any case), a shipped model's name,
+    then the shortest stem that contains it. {"controlnet": file} or {"adapter": file}: the file,
+    not its index, which the service finds among those the model loaded (a model loaded or evicted
+    meanwhile would shift an index taken from this listing)."""
     if value in (None, "", "None", "none"):
         raise RequestError(f"{where}: no ControlNet model selected; GET /controlnet/model_list lists them")
     if not isinstance(value, str):
@@ -281,7 +282,7 @@ def control_model(value: Any, files: dict[str, list[Path]], where: str) -> dict[
         held = ", ".join(model_title(path) for _, _, path in candidates) or "none"
         raise RequestError(f"{where}: model {value!r} is not one of this model's ControlNets ({held})")
     kind, index = found[0]
-    return {kind: index}
+    return {kind: files[kind][index]}
 
 
 # -- requests --------------------------------------------------------------------------------------

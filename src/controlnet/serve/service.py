@@ -94,11 +94,13 @@ class UnitRequest:
     resize_mode: str = UNIT["resize_mode"].default
     pixel_perfect: bool = UNIT["pixel_perfect"].default  # the annotator runs at the output size
     annotator_resolution: int = UNIT["annotator_resolution"].default  # ... or at this short side
-    # The model it uses: one ControlNet or one T2I-Adapter of the served model, by index or by a
-    # shipped model's name (shipped.py; found among the served model's once it loads). None: not
-    # named; naming neither means ControlNet 0, or T2I-Adapter 0 for a model without ControlNets.
-    controlnet: int | str | None = None
-    adapter: int | str | None = None
+    # The model it uses: one ControlNet or one T2I-Adapter of the served model, by index, by a
+    # shipped model's name (shipped.py) or by its file (a Path: the AUTOMATIC1111 API's model names,
+    # which a request cannot give as a path); a name or file is found among the served model's once
+    # it loads. None: not named; naming neither means ControlNet 0, or T2I-Adapter 0 for a model
+    # without ControlNets.
+    controlnet: int | str | Path | None = None
+    adapter: int | str | Path | None = None
 
 
 @dataclass
@@ -224,9 +226,15 @@ def unit_models(request: GenerateRequest, pipe: Pipeline) -> list[tuple[str, int
     return models
 
 
-def _index(value: int | str | None, kind: str, pipe: Pipeline, model: str, unit: int) -> int | None:
+def _index(value: int | str | Path | None, kind: str, pipe: Pipeline, model: str, unit: int) -> int | None:
     """A unit's ``controlnet`` or ``adapter`` (``kind``) as an index of the served model's: a
-    shipped model's name is looked up among the files it loaded."""
+    shipped model's name, or a file, is looked up among the files it loaded."""
+    if isinstance(value, Path):
+        if value not in pipe.files[kind]:  # found for the model, but it does not fit its base
+            raise RequestError(
+                f"control unit {unit}: model {model!r} did not load {value.name} (it does not fit the model)"
+            )
+        return pipe.files[kind].index(value)
     if not isinstance(value, str):
         return value
     index = shipped.find(value, kind, pipe.files[kind])  # the name was checked by check_request
@@ -243,8 +251,10 @@ def _check_unit(unit: UnitRequest, where: str, annotators: Path | None) -> None:
     from ..annotators import ANNOTATORS
 
     values = {name: getattr(unit, name) for name in UNIT}
-    for kind in UNIT_MODELS:  # a shipped model's name: known here, its index once the model loads
-        if isinstance(values[kind], str):
+    for kind in UNIT_MODELS:  # a name or a file: its index is known once the model loads
+        if isinstance(values[kind], Path):
+            values.pop(kind)
+        elif isinstance(values[kind], str):
             try:
                 shipped.control(values.pop(kind), kind)
             except ValueError as error:
