@@ -308,6 +308,128 @@ def test_img2img_fits_its_init_image_with_its_resize_mode(session, url, resize_m
     assert np.array_equal(image, fit_to(_array(_scene()), 192, 128, mode))
 
 
+def _soft_scene() -> Image.Image:
+    """Shapes of several low contrasts: canny's thresholds decide which of their edges it keeps."""
+    image = Image.new("RGB", (128, 128), (100, 100, 100))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 10, 60, 60), fill=(112, 112, 112))
+    draw.rectangle((70, 20, 118, 60), fill=(130, 130, 130))
+    draw.polygon([(20, 118), (64, 70), (108, 118)], fill=(160, 160, 160))
+    return image
+
+
+# (threshold_a, threshold_b) -> canny's (low_threshold, high_threshold): -1, or a value outside the
+# slider's range (1..255), is the module's default, as the extension's bound_check_params.
+THRESHOLDS = [((50, 150), (50, 150)), ((-1, -1), (100, 200)), ((0, 300), (100, 200)), ((50, -1), (50, 200))]
+
+
+def _canny(low: int, high: int) -> np.ndarray:
+    from controlnet.annotators import run_annotator
+
+    return run_annotator("canny", _array(_soft_scene()), None, low_threshold=low, high_threshold=high)
+
+
+def test_thresholds_set_the_modules_sliders_in_detect(session, url):
+    assert not np.array_equal(_canny(50, 150), _canny(100, 200))  # the picture tells them apart
+    for (a, b), expected in THRESHOLDS:
+        body = {"controlnet_module": "canny", "controlnet_input_images": [_b64(_soft_scene())],
+                "controlnet_processor_res": 128, "controlnet_threshold_a": a, "controlnet_threshold_b": b}  # fmt: skip
+        answer = _generate(session, url, body, "/controlnet/detect")
+        assert np.array_equal(_decoded(answer["images"][0]), _canny(*expected)), (a, b)
+
+
+def test_thresholds_set_the_modules_sliders_in_a_txt2img_unit(session, url):
+    units = [_unit(image=_b64(_soft_scene()), module="canny", threshold_a=a, threshold_b=b, pixel_perfect=True)
+             for (a, b), _ in THRESHOLDS[:3]]  # fmt: skip
+    body = {"prompt": "x", "steps": 1, "seed": 1, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": units}}}  # fmt: skip
+    maps = [_decoded(png) for png in _generate(session, url, body)["images"][1:]]
+    assert [np.array_equal(m, _canny(*expected)) for m, (_, expected) in zip(maps, THRESHOLDS, strict=False)] == [
+        True, True, True
+    ]  # fmt: skip
+
+
+def _square_mask(size: int = 128) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle((32, 32, 95, 95), fill=255)
+    return mask
+
+
+def test_the_inpaint_module_reads_a_units_mask_in_every_spelling(session, url):
+    """{image, mask}, [image, mask] and the old mask_image: the inpaint hint is the image with the
+    masked pixels at -1, which the returned map shows black."""
+    picture, mask = _b64(_scene()), _b64(_square_mask())
+    units = [
+        _unit(image={"image": picture, "mask": mask}, module="inpaint_global_harmonious"),
+        _unit(image=[picture, mask], module="inpaint"),
+        _unit(image=picture, mask_image=mask, module="inpaint"),
+    ]
+    body = {"prompt": "x", "steps": 1, "seed": 1, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": units}}}  # fmt: skip
+    maps = [_decoded(png) for png in _generate(session, url, body)["images"][1:]]
+    scene = _array(_scene())
+    for hint in maps:
+        assert (hint[40:88, 40:88] == 0).all() and np.array_equal(hint[:16], scene[:16])
+
+
+def test_detected_maps_are_left_out_when_asked(session, url):
+    body = {"prompt": EXAMPLE.prompt, "steps": 1, "seed": 1, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": [_unit(save_detected_map=False), _unit()]}}}  # fmt: skip
+    assert len(_generate(session, url, body)["images"]) == 2  # the image and the second unit's map
+    try:
+        assert session.post(f"{url}/sdapi/v1/options", json={"control_net_no_detectmap": True}).status_code == 200
+        assert session.get(f"{url}/sdapi/v1/options").json()["control_net_no_detectmap"] is True
+        assert len(_generate(session, url, body)["images"]) == 1
+    finally:
+        session.post(f"{url}/sdapi/v1/options", json={"control_net_no_detectmap": False})
+    assert len(_generate(session, url, body)["images"]) == 2
+
+
+@pytest.mark.parametrize("invert", [0, 1])
+def test_img2img_mask_invert_and_include_init_images(session, url, invert):
+    """inpainting_mask_invert=1 repaints the black area instead of the white one; the answer's
+    parameters echo the init image and mask only with include_init_images."""
+    init, mask = _b64(_scene()), _b64(_square_mask())
+    body = {"prompt": "a red circle", "steps": 4, "seed": 4, "width": 128, "height": 128, "denoising_strength": 1.0,
+            "init_images": [init], "mask": mask, "inpainting_mask_invert": invert,
+            "include_init_images": bool(invert)}  # fmt: skip
+    answer = _generate(session, url, body, "/sdapi/v1/img2img")
+    out, before, white = _decoded(answer["images"][0]), _array(_scene()), np.asarray(_square_mask()) > 0
+    kept = white if invert else ~white
+    assert np.array_equal(out[kept], before[kept]) and not np.array_equal(out[~kept], before[~kept])
+    echoed = answer["parameters"]
+    assert (echoed["init_images"], echoed["mask"]) == (([init], mask) if invert else (None, None))
+
+
+def test_detect_reads_the_inpaint_modules_masks(session, url):
+    body = {"controlnet_module": "inpaint", "controlnet_input_images": [_b64(_scene())],
+            "controlnet_masks": [_b64(_square_mask())], "controlnet_processor_res": 128}  # fmt: skip
+    hint = _decoded(_generate(session, url, body, "/controlnet/detect")["images"][0])
+    assert (hint[40:88, 40:88] == 0).all() and np.array_equal(hint[:16], _array(_scene())[:16])
+    del body["controlnet_masks"]
+    refused = session.post(f"{url}/controlnet/detect", json=body)
+    assert refused.status_code == 422 and "the inpaint module needs controlnet_masks[0]" in refused.json()["detail"]
+
+
+def test_the_schedulers_are_listed(session, url):
+    listed = session.get(f"{url}/sdapi/v1/schedulers").json()
+    assert [s["name"] for s in listed] == ["automatic", "uniform", "karras"]
+    assert listed[2] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                         "need_inner_model": False}  # fmt: skip
+
+
+def test_a_server_path_is_never_read_as_an_image(session, url, tmp_path):
+    """A string naming a real picture on the server is not an image: the extension would open it."""
+    picture = tmp_path / "picture.png"
+    _scene().save(picture)
+    for name in (str(picture), "picture.png", f"file://{picture}"):
+        init = session.post(f"{url}/sdapi/v1/img2img", json={"prompt": "x", "steps": 1, "init_images": [name]})
+        assert init.status_code == 422 and "init_images[0] is not valid base64" in init.json()["detail"], init.text
+        detect = session.post(f"{url}/controlnet/detect", json={"controlnet_module": "canny",
+                                                                 "controlnet_input_images": [name]})  # fmt: skip
+        assert detect.status_code == 422 and "is not valid base64" in detect.json()["detail"], detect.text
+
+
 def _unit(**fields) -> dict:
     return {"enabled": True, "image": _edges_b64(), "module": "none", "model": "canny"} | fields
 
