@@ -625,12 +625,14 @@ def test_models_load_in_the_queue_holding_their_lock_and_never_for_a_bad_body(mo
     assert loads[1:] and all(queued == 1 and locked for _, queued, locked in loads)
 
 
-def test_a_server_fault_is_a_one_line_500_and_logged(monkeypatch, capsys):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_a_server_fault_is_a_one_line_500_and_logged(monkeypatch, capsys, error):
     """A fault of the server's own (here a listing that fails) is a one-line JSON 500 naming no
-    path, its traceback in the server's log; the server goes on serving."""
+    path, its traceback in the server's log; the server goes on serving. Only a RequestError is
+    the client's to fix (422): a ValueError from inside the server is not."""
 
     def broken(alias_names=False):
-        raise RuntimeError("disk on fire at /srv/secret/models")
+        raise error("disk on fire at /srv/secret/models")
 
     monkeypatch.setattr(a1111, "module_list", broken)
     with _in_process() as client:

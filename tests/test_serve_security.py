@@ -453,12 +453,14 @@ def test_bad_bodies_get_a_400_with_one_line(service, body, message, monkeypatch)
     assert message in error and "\n" not in error and len(error) < 300
 
 
-def test_a_server_fault_is_a_one_line_500_and_logged(service, monkeypatch, capsys):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_a_server_fault_is_a_one_line_500_and_logged(service, monkeypatch, capsys, error):
     """A fault of the server's own (a bug, the machine failing) is a one-line JSON 500 naming no
-    path, its traceback in the server's log; the server goes on serving."""
+    path, its traceback in the server's log; the server goes on serving. Only a RequestError is
+    the client's to fix (400)."""
 
     def broken(*args, **kwargs):
-        raise RuntimeError("disk on fire at /srv/secret/models")
+        raise error("disk on fire at /srv/secret/models")
 
     monkeypatch.setattr(Service, "generate", broken)
     with serving(service) as (client, _app):

@@ -5,13 +5,12 @@
 Errors are one line of JSON, ``{"detail": "..."}``: 422 for a request this server does not take
 (the status the web UI and FastAPI give a bad field), 401 without the password, 409 for a job
 stopped by ``POST /sdapi/v1/interrupt``, 503 when the queue is full or a model will not load, 507
-when the server's disk is full (RequestGuard adds 404 and 413).
+when the server's disk is full, 500 for the server's own fault (api.answer; RequestGuard adds 404
+and 413).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run time.
 import base64
-import errno
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..imaging.images import encode_png
-from . import a1111
-from .api import authorised, parse_json, server_fault
-from .service import Cancelled, ModelUnavailable, QueueFull, RequestError, Service
+from . import a1111, api
+from .service import RequestError, Service
 
 
 @dataclass
@@ -119,7 +117,7 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
         return [listing(name) for name in service.registry.names]
 
     def answer(request: Request, work: Callable[[Any], Any], with_body: bool = False):
-        return _answer(request, work, with_body, auth)
+        return api.answer(request, work, auth, with_body=with_body, bad_request=422, key="detail")
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models(request: Request):
@@ -260,33 +258,3 @@ def add_controlnet_routes(app, service: Service, answer: Callable) -> None:
             return {"info": "Success", "images": [base64.b64encode(encode_png(m)).decode("ascii") for m in maps]}
 
         return await answer(request, run, with_body=True)
-
-
-async def _answer(request, work: Callable[[Any], Any], with_body: bool, auth: tuple[str, str] | None):
-    """Run ``work`` (on the JSON body, with ``with_body``) in a worker thread, so that progress and
-    interrupt are answered while a job runs; its errors as one-line JSON ``detail``s."""
-    import anyio
-    from fastapi.responses import JSONResponse
-
-    def fail(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"detail": message}, status_code=status, headers=headers)
-
-    if not authorised(request.headers.get("authorization", ""), auth):
-        return fail(401, "this server needs a user name and password (HTTP basic auth)", {"WWW-Authenticate": "Basic"})
-    try:
-        body = parse_json(await request.body()) if with_body else None  # RequestGuard has bounded it
-        return await anyio.to_thread.run_sync(work, body)
-    except ValueError as bad:  # RequestError, or a value the core refused: the client's to fix
-        return fail(422, " ".join(str(bad).split()))
-    except Cancelled as stopped:
-        return fail(409, f"interrupted: {stopped}")
-    except QueueFull as busy:
-        return fail(503, str(busy))
-    except ModelUnavailable as broken:
-        print(f"controlnet serve: {broken.detail}", file=sys.stderr)
-        return fail(503, str(broken))
-    except OSError as failed:  # nothing is written: the machine itself is failing (memory, disk)
-        status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
-        return fail(status, f"the server could not run the job ({failed.strerror or 'system error'})")
-    except Exception:  # a fault of the server's: logged, and one line for the client
-        return fail(500, server_fault())

@@ -5,7 +5,8 @@ ones' names (which a unit may give instead of the index), and the queue.
 
 Errors are one line of JSON, ``{"error": ...}``, with status 400 (a bad request: the message names
 the field and what is allowed), 401 (no or wrong password), 503 (queue full, or a model that will
-not load) or 507 (the server's disk is full); RequestGuard adds 404 and 413 (security.py).
+not load), 507 (the server's disk is full) or 500 (the server's fault: its log says why); RequestGuard
+adds 404 and 413 (security.py). `answer` gives both JSON APIs these answers.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the handlers
@@ -17,12 +18,14 @@ import json
 import secrets
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..settings import GENERATION, UNIT
 from .service import (
+    Cancelled,
     GenerateRequest,
     GenerateResponse,
     Limits,
@@ -39,15 +42,8 @@ from .service import (
 def add_json_api(app, service: Service, auth: tuple[str, str] | None) -> None:
     """The JSON API's two routes on the FastAPI ``app``; with ``auth``, HTTP basic auth in front."""
     from fastapi import Request
-    from fastapi.responses import JSONResponse
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.get("/api/models")
-    def list_models(request: Request):
-        if not authorised(request.headers.get("authorization", ""), auth):
-            return error(401, "this server needs a user name and password (HTTP basic auth)")
+    def models(_body: None) -> dict:
         registry = service.registry
         return {
             "models": registry.names,
@@ -56,29 +52,53 @@ def add_json_api(app, service: Service, auth: tuple[str, str] | None) -> None:
             "max_queue": service.queue.max_length,
         }
 
-    @app.post("/api/generate")
-    async def generate(request: Request):
-        import anyio
+    def generate(body: Any) -> dict:
+        return response_to_json(service.generate(request_from_json(body, service.limits)))
 
-        if not authorised(request.headers.get("authorization", ""), auth):
-            return error(401, "this server needs a user name and password (HTTP basic auth)")
-        body = await request.body()  # RequestGuard has bounded it while it streamed
-        try:
-            job = request_from_json(parse_json(body), service.limits)
-            response = await anyio.to_thread.run_sync(service.generate, job)
-            return response_to_json(response)
-        except RequestError as bad:
-            return error(400, str(bad))
-        except QueueFull as busy:
-            return error(503, str(busy))
-        except ModelUnavailable as broken:
-            print(f"controlnet serve: {broken.detail}", file=sys.stderr)
-            return error(503, str(broken))
-        except OSError as failed:  # the API writes no file: the machine itself is failing (memory, disk)
-            status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
-            return error(status, f"the server could not run the job ({failed.strerror or 'system error'})")
-        except Exception:  # a fault of the server's: logged, and one line for the client
-            return error(500, server_fault())
+    @app.get("/api/models")
+    async def list_models(request: Request):
+        return await answer(request, models, auth, with_body=False, bad_request=400, key="error")
+
+    @app.post("/api/generate")
+    async def generate_images(request: Request):
+        return await answer(request, generate, auth, with_body=True, bad_request=400, key="error")
+
+
+async def answer(
+    request, work: Callable[[Any], Any], auth: tuple[str, str] | None, *, with_body: bool, bad_request: int, key: str
+):
+    """One route of the JSON APIs (this one, and the AUTOMATIC1111 API's): with ``auth``, HTTP basic
+    auth first; then ``work`` on the JSON body (``with_body``; else None) in a worker thread, so that
+    the server answers other requests meanwhile. Every failure is one line of JSON, ``{key:
+    message}``: ``bad_request`` (the API's status for a bad request) for a RequestError, the one
+    error that is the client's to fix; 401 without the password; 409 for a job cancelled; 503 when
+    the queue is full or a model will not load; 507 when the disk is full; 500 for anything else,
+    the server's fault, its traceback in the server's log."""
+    import anyio
+    from fastapi.responses import JSONResponse
+
+    def fail(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({key: message}, status_code=status, headers=headers)
+
+    if not authorised(request.headers.get("authorization", ""), auth):
+        return fail(401, "this server needs a user name and password (HTTP basic auth)", {"WWW-Authenticate": "Basic"})
+    try:
+        body = parse_json(await request.body()) if with_body else None  # RequestGuard has bounded it
+        return await anyio.to_thread.run_sync(work, body)
+    except RequestError as bad:
+        return fail(bad_request, " ".join(str(bad).split()))
+    except Cancelled as stopped:
+        return fail(409, f"interrupted: {stopped}")
+    except QueueFull as busy:
+        return fail(503, str(busy))
+    except ModelUnavailable as broken:
+        print(f"controlnet serve: {broken.detail}", file=sys.stderr)
+        return fail(503, str(broken))
+    except OSError as failed:  # the APIs write no file: the machine itself is failing (memory, disk)
+        status = 507 if failed.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+        return fail(status, f"the server could not run the job ({failed.strerror or 'system error'})")
+    except Exception:  # a fault of the server's: logged, and one line for the client
+        return fail(500, server_fault())
 
 
 def parse_json(body: bytes) -> Any:
