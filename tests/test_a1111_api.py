@@ -667,3 +667,29 @@ def test_a_units_model_is_the_file_it_names_whatever_the_model_loads(tmp_path):
     translated = a1111.generation(body, False, "served", listed, service.limits)
     with pytest.raises(RequestError, match=r"control unit 0: model 'served' did not load aaa-unfit\.safetensors"):
         service.generate(translated.request)
+
+
+def test_unit_defaults_ranges_and_modes_come_from_the_settings(monkeypatch):
+    """settings.py is the one definition: the unit's defaults, the modes' order (the old integers),
+    processor_res's range and step, and the unit count."""
+    import dataclasses
+
+    from controlnet import settings
+
+    changed = {"strength": 0.5, "start": 0.1, "end": 0.9, "mode": "prompt", "resize_mode": "just_resize"}
+    for name, default in changed.items():
+        monkeypatch.setitem(settings.UNIT, name, dataclasses.replace(settings.UNIT[name], default=default))
+    resolution = dataclasses.replace(settings.UNIT["annotator_resolution"], default=256, multiple_of=32)
+    monkeypatch.setitem(settings.UNIT, "annotator_resolution", resolution)
+    monkeypatch.setitem(
+        settings.UNIT, "mode", dataclasses.replace(settings.UNIT["mode"], choices=("control", "prompt"))
+    )
+    files = {"controlnet": [shipped.canny_path()], "adapter": []}
+    unit, _ = a1111.control_unit(_unit(), "unit", files, Limits(), a1111.UnitImages(None, None))
+    assert [getattr(unit, name) for name in changed] == list(changed.values())
+    assert a1111.processor_res(100, "unit") == 96 and a1111.processor_res(-1, "unit") == 256
+    unit, _ = a1111.control_unit(_unit(control_mode=0), "unit", files, Limits(), a1111.UnitImages(None, None))
+    assert unit.mode == "control"  # the first of the setting's choices
+    assert settings.UNIT_COUNT == 3
+    with pytest.raises(RequestError, match=r"4 ControlNet units; at most 3 here"):
+        a1111.script_args({"alwayson_scripts": {"controlnet": {"args": [_unit()] * 4}}})

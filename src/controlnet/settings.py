@@ -246,6 +246,9 @@ UNIT: dict[str, Setting] = {
         ),
     )
 }
+# Control units a request may have: the page's unit tabs, and the AUTOMATIC1111 API's
+# control_net_unit_count (the extension's default).
+UNIT_COUNT = 3
 # The settings that name a unit's model: a unit uses one ControlNet or one T2I-Adapter.
 UNIT_MODELS = ("controlnet", "adapter")
 # A T2I-Adapter unit has no control mode here: it acts on both sides of guidance, as in TencentARC's

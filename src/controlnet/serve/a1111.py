@@ -26,13 +26,11 @@ import numpy as np
 from .. import __version__, shipped
 from ..hashing import model_sha256, short_hash
 from ..imaging.resize import fit_to
-from ..settings import GENERATION, OUTPUT_SIZE, UNIT, Setting, SettingError
+from ..settings import GENERATION, OUTPUT_SIZE, UNIT, UNIT_COUNT, Setting, SettingError
 from .api import decode_image
 from .service import GenerateRequest, GenerateResponse, Limits, RequestError, UnitRequest
-from .ui import UNITS
 
 API_VERSION = 3  # the extension's get_api_version() since v1.1.4xx
-UNIT_COUNT = UNITS  # control_net_unit_count: the extension's default (3), and the page's unit tabs
 
 # -- samplers --------------------------------------------------------------------------------------
 
@@ -89,13 +87,13 @@ def sampler(name: Any, scheduler: Any = None) -> tuple[str, str]:
 # -- unit enums ------------------------------------------------------------------------------------
 
 # The extension's spellings (scripts/enums.py) -> ours; before v1.1.448 it also took the integers,
-# the index into ``*_ORDER``, which older clients still send.
+# which older clients still send: indices into its enums, whose order is ours (settings.UNIT's
+# choices for mode and resize_mode).
 CONTROL_MODES = {
     "Balanced": "balanced",
     "My prompt is more important": "prompt",
     "ControlNet is more important": "control",
 }
-CONTROL_MODE_ORDER = ("balanced", "prompt", "control")
 RESIZE_MODES_A1111 = {
     "Just Resize": "just_resize",
     "Crop and Resize": "crop_and_resize",
@@ -106,9 +104,18 @@ RESIZE_MODES_A1111 = {
     "Outer Fit (Shrink to Fit)": "resize_and_fill",
     "Envelope (Outer Fit)": "resize_and_fill",
 }
-RESIZE_MODE_ORDER = ("just_resize", "crop_and_resize", "resize_and_fill", "just_resize")  # 3: latent upscale
-# img2img's own resize_mode (the web UI's, integers only): 0 just resize, 1 crop, 2 fill, 3 latent.
-IMG2IMG_RESIZE_ORDER = RESIZE_MODE_ORDER
+
+
+def control_modes() -> tuple[str, ...]:
+    """Ours, in the order of the extension's integers: 0 balanced, 1 prompt, 2 control."""
+    return UNIT["mode"].allowed()
+
+
+def resize_modes() -> tuple[str, ...]:
+    """Ours, in the order of the extension's integers (and img2img's, the web UI's): 0 just resize,
+    1 crop and resize, 2 resize and fill, and 3, the web UI's latent upscale, a just resize here."""
+    ours = UNIT["resize_mode"].allowed()
+    return (*ours, ours[0])
 
 
 def enum_value(value: Any, names: dict[str, str], order: tuple[str, ...], what: str) -> str:
@@ -163,7 +170,6 @@ SLIDERS = {
     "tile": ("down_sampling_rate",),
     "scribble": ("threshold",),
 }
-PROCESSOR_RES = UNIT["annotator_resolution"]
 
 
 def module(value: Any, where: str) -> str:
@@ -202,7 +208,7 @@ def module_detail(name: str) -> dict[str, Any]:
     params = {p.name: p for p in get_annotator(name).params}
     sliders = []
     if name != "none":  # a ready map is not processed
-        res = PROCESSOR_RES
+        res = UNIT["annotator_resolution"]
         sliders.append({"name": "Resolution", "value": res.default, "min": res.minimum, "max": res.maximum,
                         "step": res.multiple_of})  # fmt: skip
     for pname in SLIDERS.get(name, ()):
@@ -229,13 +235,15 @@ def slider_params(annotator: str, values: tuple[Any, Any], where: str) -> dict[s
 
 
 def processor_res(value: Any, where: str) -> int:
-    """The annotator's resolution: -1 or out of 64..2048 is 512 (the extension's
-    bound_check_params); else the nearest multiple of 64, which our annotators take."""
+    """The annotator's resolution (settings.UNIT's annotator_resolution): -1 or out of its range
+    is its default (the extension's bound_check_params: 64..2048, else 512); else the nearest
+    multiple of 64 that our annotators take."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{where}: processor_res must be a number, got {value!r}")
-    if not PROCESSOR_RES.minimum <= value <= PROCESSOR_RES.maximum:
-        return PROCESSOR_RES.default
-    return max(64, round(value / 64) * 64)
+    setting = UNIT["annotator_resolution"]
+    if not setting.minimum <= value <= setting.maximum:
+        return setting.default
+    return max(int(setting.minimum), round(value / setting.multiple_of) * setting.multiple_of)
 
 
 # -- ControlNet models -----------------------------------------------------------------------------
@@ -387,8 +395,8 @@ def control_unit(
     params |= _unit_mask(annotator, mask, fallback, where)
     # The inpaint hint is made at the output size (the extension gives it no resolution slider).
     pixel_perfect = _flag(values, "pixel_perfect", False, where) or annotator == "inpaint"
-    start = checked(UNIT["start"], values.get("guidance_start", 0.0), "guidance_start", where)
-    end = checked(UNIT["end"], values.get("guidance_end", 1.0), "guidance_end", where)
+    start = checked(UNIT["start"], values.get("guidance_start", UNIT["start"].default), "guidance_start", where)
+    end = checked(UNIT["end"], values.get("guidance_end", UNIT["end"].default), "guidance_end", where)
     if start > end:  # the extension's guidance_check
         raise RequestError(f"{where}: guidance_start ({start:g}) must not be after guidance_end ({end:g})")
     _flag(values, "low_vram", False, where)  # a memory hint of the extension's: models here load once
@@ -396,13 +404,13 @@ def control_unit(
         image,
         annotator=annotator,
         annotator_params=params,
-        strength=checked(UNIT["strength"], values.get("weight", 1.0), "weight", where),
+        strength=checked(UNIT["strength"], values.get("weight", UNIT["strength"].default), "weight", where),
         start=start,
         end=end,
-        mode=enum_value(values.get("control_mode", "Balanced"), CONTROL_MODES, CONTROL_MODE_ORDER,
+        mode=enum_value(values.get("control_mode", UNIT["mode"].default), CONTROL_MODES, control_modes(),
                         f"{where}: control_mode"),
-        resize_mode=enum_value(values.get("resize_mode", "Crop and Resize"), RESIZE_MODES_A1111, RESIZE_MODE_ORDER,
-                               f"{where}: resize_mode"),
+        resize_mode=enum_value(values.get("resize_mode", UNIT["resize_mode"].default), RESIZE_MODES_A1111,
+                               resize_modes(), f"{where}: resize_mode"),
         pixel_perfect=pixel_perfect,
         annotator_resolution=processor_res(values.get("processor_res", -1), where),
         **control_model(values.get("model"), files, where),
@@ -548,7 +556,7 @@ def init_images(
         raise RequestError("init_images must be a list with one base64 image")
     if len(images) > 1:
         raise RequestError(f"init_images has {len(images)} images; this server takes one")
-    mode = enum_value(body.get("resize_mode", 0), {}, IMG2IMG_RESIZE_ORDER, "resize_mode")
+    mode = enum_value(body.get("resize_mode", 0), {}, resize_modes(), "resize_mode")
     named = width is not None and height is not None
 
     def fitted(image: np.ndarray, interpolation: str = "auto") -> np.ndarray:

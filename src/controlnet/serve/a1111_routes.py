@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..imaging.images import encode_png
+from ..settings import UNIT_COUNT
 from . import a1111, api
 from .service import RequestError, Service
 
@@ -154,7 +155,7 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
                 "sd_model_checkpoint": current["title"],
                 "sd_checkpoint_hash": current["sha256"],
                 "samples_format": "png",
-                "control_net_unit_count": a1111.UNIT_COUNT,
+                "control_net_unit_count": UNIT_COUNT,
                 "control_net_no_detectmap": not options.detect_maps,
             }
 
@@ -232,7 +233,7 @@ def add_controlnet_routes(app, service: Service, answer: Callable) -> None:
 
     @app.get("/controlnet/settings")
     async def settings(request: Request):
-        return await answer(request, lambda _: {"control_net_unit_count": a1111.UNIT_COUNT})
+        return await answer(request, lambda _: {"control_net_unit_count": UNIT_COUNT})
 
     @app.get("/controlnet/model_list")
     async def model_list(request: Request, update: bool = True):

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import shipped
 from ..sampling.prompts import MAX_PROMPT_CHARACTERS
-from ..settings import GENERATION, UNIT, Setting
+from ..settings import GENERATION, UNIT, UNIT_COUNT, Setting
 from .files import ServerFiles
 from .service import (
     Cancelled,
@@ -38,7 +38,7 @@ from .service import (
     read_upload,
 )
 
-UNITS = 3  # control unit tabs
+UNITS = UNIT_COUNT  # control unit tabs
 # Each unit shows its annotator's parameters in a fixed set of controls, relabelled and re-ranged
 # when another annotator is picked (as the AUTOMATIC1111 extension does): numbers as sliders,
 # switches as checkboxes, choices as a dropdown. tests/test_server.py checks every annotator fits.
