@@ -693,3 +693,19 @@ def test_unit_defaults_ranges_and_modes_come_from_the_settings(monkeypatch):
     assert settings.UNIT_COUNT == 3
     with pytest.raises(RequestError, match=r"4 ControlNet units; at most 3 here"):
         a1111.script_args({"alwayson_scripts": {"controlnet": {"args": [_unit()] * 4}}})
+
+
+def test_the_api_is_written_in_functions_of_at_most_50_lines():
+    """Helpers under ~50 lines (the design notes): the routes come in groups, their work and state in a class."""
+    import ast
+
+    import controlnet.serve.a1111_routes as routes
+
+    for module in (a1111, routes):
+        tree = ast.parse(Path(module.__file__).read_text())
+        long = [
+            (node.name, node.end_lineno - node.lineno + 1)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50
+        ]
+        assert long == [], module.__name__

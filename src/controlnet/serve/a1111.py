@@ -60,6 +60,24 @@ DEFAULT_SAMPLER = "Euler"  # the API's sampler_index default (its StableDiffusio
 SCHEDULERS = ("automatic", "uniform", "karras")
 
 
+def sampler_list() -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/samplers``: each sampler's name, aliases and default schedule."""
+    return [
+        {"name": s.name, "aliases": list(s.aliases),
+         "options": {"scheduler": "karras"} if s.schedulers["automatic"].endswith("karras") else {}}
+        for s in SAMPLERS
+    ]  # fmt: skip
+
+
+def scheduler_list() -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/schedulers``, as the web UI lists them."""
+    return [
+        {"name": name, "label": name.title(), "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
+         "need_inner_model": False}
+        for name in SCHEDULERS
+    ]  # fmt: skip
+
+
 def sampler(name: Any, scheduler: Any = None) -> tuple[str, str]:
     """(our sampler, the web UI's name for it) from ``sampler_name`` and ``scheduler``; our own
     names (``dpmpp_2m_karras``) are taken too. RequestError names the known ones."""

@@ -102,43 +102,116 @@ class Options:
     detect_maps: bool = True
 
 
+class A1111Api:
+    """What this API's routes do, and its state on one server: the options (the model its requests
+    use, whether detected maps are returned), its jobs (progress, interrupt) and the served models'
+    sd-models entries (each hashed once, when first asked)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.progress = Progress()
+        self.options = Options(service.registry.names[0])
+        self._listings: dict[str, dict] = {}
+
+    def listing(self, name: str) -> dict:
+        """The served model ``name`` as ``/sdapi/v1/sd-models`` lists it."""
+        if name not in self._listings:
+            self._listings[name] = a1111.checkpoint_title(name, self.service.registry.entry(name).base)
+        return self._listings[name]
+
+    def checkpoints(self) -> list[dict]:
+        return [self.listing(name) for name in self.service.registry.names]
+
+    def current_options(self) -> dict:
+        current = self.listing(self.options.model)
+        return {
+            "sd_model_checkpoint": current["title"],
+            "sd_checkpoint_hash": current["sha256"],
+            "samples_format": "png",
+            "control_net_unit_count": UNIT_COUNT,
+            "control_net_no_detectmap": not self.options.detect_maps,
+        }
+
+    def set_options(self, body: Any) -> None:
+        """``POST /sdapi/v1/options``: the options this server has; any other is taken and changes
+        nothing. A model is loaded now, as the web UI does, and as a job: in the queue."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object of options")
+        if "control_net_no_detectmap" in body:
+            if not isinstance(body["control_net_no_detectmap"], bool):
+                raise RequestError("control_net_no_detectmap must be true or false")
+            self.options.detect_maps = not body["control_net_no_detectmap"]
+        if body.get("sd_model_checkpoint") is not None:
+            name = a1111.find_checkpoint(body["sd_model_checkpoint"], self.checkpoints(), self.service.registry.names)
+            self.service.load(name)
+            self.options.model = name
+
+    def model(self, body: Any) -> str:
+        """The model a request uses: its override_settings' sd_model_checkpoint, else the current
+        one (the served models are hashed only when a request names one)."""
+        overrides = body.get("override_settings") if isinstance(body, dict) else None
+        if overrides in (None, {}):
+            return self.options.model
+        if not isinstance(overrides, dict):
+            raise RequestError("override_settings must be an object of options")
+        wanted = overrides.get("sd_model_checkpoint")
+        if wanted is None:
+            return self.options.model
+        return a1111.find_checkpoint(wanted, self.checkpoints(), self.service.registry.names)
+
+    def generate(self, body: Any, img2img: bool) -> dict:
+        """txt2img or img2img. The whole body is checked before the model loads, which
+        service.generate does in its queue slot, holding the model's lock."""
+        model = self.model(body)
+        files = self.service.registry.control_files(model)
+        translated = a1111.generation(body, img2img, model, files, self.service.limits)
+        with self.progress.track("img2img" if img2img else "txt2img") as job:
+            response = self.service.generate(translated.request, progress=job.advance, cancelled=job.cancel.is_set)
+        return a1111.generation_response(body, translated, response, self.options.detect_maps)
+
+    def control_models(self) -> dict:
+        """``/controlnet/model_list``: every served model's ControlNets and T2I-Adapters, each once."""
+        titles: dict[str, str] = {}
+        for name in self.service.registry.names:
+            for paths in self.service.registry.control_files(name).values():
+                titles.update({path.name: a1111.model_title(path) for path in paths if path.name not in titles})
+        return {"model_list": list(titles.values())}
+
+    def detect(self, body: Any) -> dict:
+        """``/controlnet/detect``: annotators can be heavy, so they wait their turn like a job."""
+        units = a1111.detect_units(body, self.service.limits)
+        with self.service.queue.slot():
+            maps = [self.service.annotate(unit, unit.annotator_resolution) for unit in units]
+        return {"info": "Success", "images": [base64.b64encode(encode_png(m)).decode("ascii") for m in maps]}
+
+
 def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
     """The A1111 routes on the FastAPI ``app``; with ``auth``, HTTP basic auth in front."""
-    from fastapi import Request
+    state = A1111Api(service)
 
-    progress, options = Progress(), Options(service.registry.names[0])
-    listings: dict[str, dict] = {}  # each served model's sd-models entry: hashed once, when first asked
-
-    def listing(name: str) -> dict:
-        if name not in listings:
-            listings[name] = a1111.checkpoint_title(name, service.registry.entry(name).base)
-        return listings[name]
-
-    def checkpoints() -> list[dict]:
-        return [listing(name) for name in service.registry.names]
-
-    def answer(request: Request, work: Callable[[Any], Any], with_body: bool = False):
+    def answer(request, work: Callable[[Any], Any], with_body: bool = False):
         return api.answer(request, work, auth, with_body=with_body, bad_request=422, key="detail")
+
+    _add_listing_routes(app, state, answer)
+    _add_job_routes(app, state, answer)
+    _add_controlnet_routes(app, state, answer)
+
+
+def _add_listing_routes(app, state: A1111Api, answer: Callable) -> None:
+    """The web UI's lists and options."""
+    from fastapi import Request
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models(request: Request):
-        return await answer(request, lambda _: checkpoints())
+        return await answer(request, lambda _: state.checkpoints())
 
     @app.get("/sdapi/v1/samplers")
     async def samplers(request: Request):
-        return await answer(request, lambda _: [
-            {"name": s.name, "aliases": list(s.aliases),
-             "options": {"scheduler": "karras"} if s.schedulers["automatic"].endswith("karras") else {}}
-            for s in a1111.SAMPLERS
-        ])  # fmt: skip
+        return await answer(request, lambda _: a1111.sampler_list())
 
     @app.get("/sdapi/v1/schedulers")
     async def schedulers(request: Request):
-        return await answer(request, lambda _: [
-            {"name": name, "label": name.title(), "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
-             "need_inner_model": False}
-            for name in a1111.SCHEDULERS
-        ])  # fmt: skip
+        return await answer(request, lambda _: a1111.scheduler_list())
 
     @app.get("/sdapi/v1/scripts")
     async def scripts(request: Request):
@@ -149,81 +222,39 @@ def add_a1111_api(app, service: Service, auth: tuple[str, str] | None) -> None:
 
     @app.get("/sdapi/v1/options")
     async def get_options(request: Request):
-        def current(_):
-            current = listing(options.model)
-            return {
-                "sd_model_checkpoint": current["title"],
-                "sd_checkpoint_hash": current["sha256"],
-                "samples_format": "png",
-                "control_net_unit_count": UNIT_COUNT,
-                "control_net_no_detectmap": not options.detect_maps,
-            }
-
-        return await answer(request, current)
+        return await answer(request, lambda _: state.current_options())
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request):
-        def change(body):
-            if not isinstance(body, dict):
-                raise RequestError("the request body must be a JSON object of options")
-            if "control_net_no_detectmap" in body:
-                if not isinstance(body["control_net_no_detectmap"], bool):
-                    raise RequestError("control_net_no_detectmap must be true or false")
-                options.detect_maps = not body["control_net_no_detectmap"]
-            if body.get("sd_model_checkpoint") is not None:  # the web UI loads it now, and so do we: as a job
-                name = a1111.find_checkpoint(body["sd_model_checkpoint"], checkpoints(), service.registry.names)
-                service.load(name)
-                options.model = name
-            # Any other option is taken and changes nothing: this server has no such setting.
+        return await answer(request, state.set_options, with_body=True)
 
-        return await answer(request, change, with_body=True)
+
+def _add_job_routes(app, state: A1111Api, answer: Callable) -> None:
+    """Generation, its progress and its interruption."""
+    from fastapi import Request
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request):
+        return await answer(request, lambda body: state.generate(body, img2img=False), with_body=True)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Request):
+        return await answer(request, lambda body: state.generate(body, img2img=True), with_body=True)
 
     @app.get("/sdapi/v1/progress")
     async def get_progress(request: Request):
-        return await answer(request, lambda _: progress.state())
+        return await answer(request, lambda _: state.progress.state())
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt(request: Request):
         def stop(_):
-            progress.interrupt()
+            state.progress.interrupt()
             return {}
 
         return await answer(request, stop)
 
-    def generate(body: Any, img2img: bool) -> dict:
-        # The whole body is checked before the model loads, which service.generate does in its queue
-        # slot, holding the model's lock.
-        model = _model(body, options.model, checkpoints, service.registry.names)
-        files = service.registry.control_files(model)
-        translated = a1111.generation(body, img2img, model, files, service.limits)
-        with progress.track("img2img" if img2img else "txt2img") as job:
-            response = service.generate(translated.request, progress=job.advance, cancelled=job.cancel.is_set)
-        return a1111.generation_response(body, translated, response, options.detect_maps)
 
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(request: Request):
-        return await answer(request, lambda body: generate(body, img2img=False), with_body=True)
-
-    @app.post("/sdapi/v1/img2img")
-    async def img2img(request: Request):
-        return await answer(request, lambda body: generate(body, img2img=True), with_body=True)
-
-    add_controlnet_routes(app, service, answer)
-
-
-def _model(body: Any, current: str, listings: Callable[[], list[dict]], names: list[str]) -> str:
-    """The model a request uses: its override_settings' sd_model_checkpoint, else the current one
-    (``listings``: the served models' sd-models entries, hashed only when a request names one)."""
-    overrides = body.get("override_settings") if isinstance(body, dict) else None
-    if overrides in (None, {}):
-        return current
-    if not isinstance(overrides, dict):
-        raise RequestError("override_settings must be an object of options")
-    wanted = overrides.get("sd_model_checkpoint")
-    return current if wanted is None else a1111.find_checkpoint(wanted, listings(), names)
-
-
-def add_controlnet_routes(app, service: Service, answer: Callable) -> None:
+def _add_controlnet_routes(app, state: A1111Api, answer: Callable) -> None:
     """The extension's own routes (its scripts/api.py)."""
     from fastapi import Request
 
@@ -237,14 +268,7 @@ def add_controlnet_routes(app, service: Service, answer: Callable) -> None:
 
     @app.get("/controlnet/model_list")
     async def model_list(request: Request, update: bool = True):
-        def listed(_):
-            titles = {}  # every served model's ControlNets and T2I-Adapters, each once
-            for name in service.registry.names:
-                for paths in service.registry.control_files(name).values():
-                    titles.update({path.name: a1111.model_title(path) for path in paths if path.name not in titles})
-            return {"model_list": list(titles.values())}
-
-        return await answer(request, listed)
+        return await answer(request, lambda _: state.control_models())
 
     @app.get("/controlnet/module_list")
     async def module_list(request: Request, alias_names: bool = False):
@@ -252,10 +276,4 @@ def add_controlnet_routes(app, service: Service, answer: Callable) -> None:
 
     @app.post("/controlnet/detect")
     async def detect(request: Request):
-        def run(body):
-            units = a1111.detect_units(body, service.limits)
-            with service.queue.slot():  # annotators can be heavy: they wait their turn like a job
-                maps = [service.annotate(unit, unit.annotator_resolution) for unit in units]
-            return {"info": "Success", "images": [base64.b64encode(encode_png(m)).decode("ascii") for m in maps]}
-
-        return await answer(request, run, with_body=True)
+        return await answer(request, state.detect, with_body=True)
