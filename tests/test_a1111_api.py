@@ -709,3 +709,10 @@ def test_the_api_is_written_in_functions_of_at_most_50_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50
         ]
         assert long == [], module.__name__
+
+
+def test_thresholds_set_only_the_sliders_listed_and_are_ignored_without():
+    assert a1111.slider_params("canny", (50, -1), "unit") == {"low_threshold": 50}
+    assert a1111.slider_params("mlsd_lsd", (0.5, 7), "unit") == {"thr_d": 0.5}  # one slider
+    assert a1111.slider_params("invert", (5, 7), "unit") == {}  # none: ignored, as module_list shows
+    assert [s["name"] for s in a1111.module_detail("invert")["sliders"]] == ["Resolution"]

@@ -176,8 +176,10 @@ MODULE_LABELS = {
     "tile_resample": "tile",
 }
 # The annotator parameters a unit's threshold_a and threshold_b set: the extension's slider_1 and
-# slider_2 where it has the module (preprocessor_compiled.py: canny's low and high thresholds, ...),
-# our stand-ins' first parameters otherwise. Other parameters keep their defaults here.
+# slider_2 (preprocessor_compiled.py: canny's low and high thresholds, ...); for mlsd_lsd and
+# scribble, which stand in for its modules of those names, the parameter that plays that slider's
+# part. A module not listed has no sliders here: threshold_a and threshold_b are ignored for it, as
+# module_list says. Every other parameter keeps its default.
 SLIDERS = {
     "canny": ("low_threshold", "high_threshold"),
     "mlsd": ("thr_v", "thr_d"),
