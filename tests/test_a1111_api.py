@@ -279,6 +279,13 @@ def test_a_prompt_only_image_may_have_any_size(session, url):
     assert "Size: 192x128" in info["infotexts"][0]
 
 
+def test_an_empty_prompt_alone_makes_unconditional_images(session, url):
+    """webuiapi's default prompt is "": the web UI then generates without guidance from a prompt."""
+    answer = _generate(session, url, {"prompt": "", "steps": 1, "seed": 1, "width": 64, "height": 64})
+    assert len(answer["images"]) == 1 and json.loads(answer["info"])["prompt"] == ""
+    assert len(_generate(session, url, {"steps": 1, "seed": 1, "width": 64, "height": 64})["images"]) == 1
+
+
 def test_every_units_map_is_fitted_to_width_and_height_with_its_resize_mode(session, url):
     """A 128x128 map in a 192x128 txt2img, under each resize mode (one unit each): the map as
     imaging.resize.fit_to makes it, and the images at 192x128."""

@@ -78,6 +78,7 @@ def test_the_api_generates_pngs_that_carry_their_settings(client):
     "body, status, message",
     [
         ({"steps": 4}, 400, '"prompt" is required'),
+        ({"prompt": " "}, 400, "give a prompt or a control image (or both)"),  # the AUTOMATIC1111 API allows it
         ({"prompt": "x", "colour": "red"}, 400, "unknown field(s): colour"),
         ({"prompt": "x", "steps": "many"}, 400, "steps must be a number"),
         ({"prompt": "x", "steps": 0}, 400, "steps must be between 1 and 100, got 0"),

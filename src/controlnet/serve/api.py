@@ -34,6 +34,7 @@ from .service import (
     RequestError,
     Service,
     UnitRequest,
+    check_guided,
     draw_pose,
     read_upload,
 )
@@ -201,7 +202,9 @@ def request_from_json(body: Any, limits: Limits) -> GenerateRequest:
     for key in ("init_image", "mask"):
         if body.get(key) is not None:
             fields[key] = decode_image(body[key], key, limits)
-    return GenerateRequest(units=units, **fields)
+    request = GenerateRequest(units=units, **fields)
+    check_guided(request)
+    return request
 
 
 def response_to_json(response: GenerateResponse) -> dict:

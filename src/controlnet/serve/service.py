@@ -165,8 +165,6 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
         check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
     except ValueError as error:
         raise RequestError(str(error)) from None
-    if not request.prompt.strip() and not request.units:
-        raise RequestError("give a prompt or a control image (or both)")
     try:
         check_generation({name: getattr(request, name) for name in GENERATION})
         if request.resolution is not None and request.resolution > limits.max_resolution:
@@ -178,6 +176,14 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
             _check_unit(unit, f"control unit {i}", annotators)
     except SettingError as error:
         raise RequestError(str(error)) from None
+
+
+def check_guided(request: GenerateRequest) -> None:
+    """The page's and the JSON API's rule: something to follow, a prompt or a control image (an
+    empty prompt alone is most likely a mistake there). The AUTOMATIC1111 API, whose clients send
+    an empty prompt by default, makes unconditional images from it as the web UI does."""
+    if not request.prompt.strip() and not request.units:
+        raise RequestError("give a prompt or a control image (or both)")
 
 
 def _check_size(width: int | None, height: int | None, limits: Limits) -> None:

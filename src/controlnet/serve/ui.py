@@ -33,6 +33,7 @@ from .service import (
     RequestError,
     Service,
     UnitRequest,
+    check_guided,
     default_prompts,
     draw_pose,
     read_upload,
@@ -528,7 +529,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
         )
     init_image, mask = _init_and_mask(value["init_image"], value["inpaint"])
     numbers = {name: value[name] for name in ("num_images", "steps", "seed", "resolution")}
-    return GenerateRequest(
+    request = GenerateRequest(
         prompt=value["prompt"] or "",
         units=units,
         model=value["model"],
@@ -544,6 +545,8 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
         mask=mask,
         denoising_strength=float(value["denoising_strength"]),
     )
+    check_guided(request)
+    return request
 
 
 def _init_and_mask(editor: dict | None, inpaint: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
