@@ -471,6 +471,8 @@ REFUSALS = [
     (TXT, {"units": [_unit(weight=3)]}, "ControlNet unit 0: weight must be between 0 and 2, got 3"),
     (TXT, {"units": [_unit(guidance_start=0.8, guidance_end=0.2)]}, "guidance_start (0.8) must not be after"),
     (TXT, {"units": [_unit(control_mode="Loud")]}, "control_mode must be one of 'Balanced'"),
+    (TXT, {"units": [_unit(enabled="maybe")]}, "ControlNet unit 0: enabled must be true or false (or 1, 0"),
+    (TXT, {"units": [_unit(pixel_perfect=[True])]}, "ControlNet unit 0: pixel_perfect must be true or false"),
     (TXT, {"units": [_unit(image="")]}, "ControlNet unit 0 is enabled but has no image"),
     (
         TXT,
@@ -723,3 +725,18 @@ def test_thresholds_set_only_the_sliders_listed_and_are_ignored_without():
     assert a1111.slider_params("mlsd_lsd", (0.5, 7), "unit") == {"thr_d": 0.5}  # one slider
     assert a1111.slider_params("invert", (5, 7), "unit") == {}  # none: ignored, as module_list shows
     assert [s["name"] for s in a1111.module_detail("invert")["sliders"]] == ["Resolution"]
+
+
+@pytest.mark.parametrize(
+    ("value", "used"),
+    [(True, True), (1, True), ("true", True), ("Yes", True), ("on", True), ("t", True), (1.0, True),
+     (False, False), (0, False), ("false", False), ("NO", False), ("off", False), (None, False)],
+)  # fmt: skip
+def test_flags_are_read_as_the_extensions_pydantic_unit_reads_them(value, used):
+    files, nothing = {"controlnet": [shipped.canny_path()], "adapter": []}, a1111.UnitImages(None, None)
+    made = a1111.control_unit(_unit(enabled=value), "unit", files, Limits(), nothing)
+    assert (made is not None) == used
+    if used:
+        unit, save = a1111.control_unit(_unit(enabled=value, pixel_perfect=value, save_detected_map="0"), "unit",
+                                        files, Limits(), nothing)  # fmt: skip
+        assert unit.pixel_perfect is True and save is False

@@ -73,7 +73,7 @@ class Setting:
         name = f"{where}: {name}" if where else name
 
         def refuse(allowed: str) -> SettingError:
-            return SettingError(f"{name} must be {allowed}, got {_shown(value)}")
+            return SettingError(f"{name} must be {allowed}, got {shown(value)}")
 
         if self.allowed():
             if value not in self.allowed():
@@ -103,7 +103,7 @@ def _finite(value: int | float) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _shown(value: Any, most: int = 60) -> str:
+def shown(value: Any, most: int = 60) -> str:
     """``repr(value)`` as a message quotes it, cut short: a request's value may be megabytes long."""
     try:
         shown = repr(value)

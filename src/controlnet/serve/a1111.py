@@ -26,7 +26,7 @@ import numpy as np
 from .. import __version__, shipped
 from ..hashing import model_sha256, short_hash
 from ..imaging.resize import fit_to
-from ..settings import GENERATION, OUTPUT_SIZE, UNIT, UNIT_COUNT, Setting, SettingError
+from ..settings import GENERATION, OUTPUT_SIZE, UNIT, UNIT_COUNT, Setting, SettingError, shown
 from .api import decode_image
 from .service import GenerateRequest, GenerateResponse, Limits, RequestError, UnitRequest
 
@@ -328,13 +328,29 @@ def checked(setting: Setting, value: Any, field: str, where: str = "") -> Any:
 WHOLE_NUMBER = Setting("whole number", 0, "any whole number", -math.inf, math.inf, kind=int)
 
 
-def _flag(values: dict, field: str, default: bool, where: str) -> bool:
-    value = values.get(field, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestError(f"{where}: {field} must be true or false, got {value!r}")
-    return value
+# A yes or no as pydantic 1 reads one (the web UI's request models and the extension's unit are
+# pydantic models): true, false, 1, 0, or one of these words in any case.
+TRUE = frozenset({1, "1", "on", "t", "true", "y", "yes"})
+FALSE = frozenset({0, "0", "off", "f", "false", "n", "no"})
+
+
+def boolean(value: Any, field: str, where: str = "") -> bool:
+    """``value`` as true or false, as the web UI's pydantic models coerce it; RequestError else."""
+    if isinstance(value, bool):
+        return value
+    key = value.lower() if isinstance(value, str) else value
+    if isinstance(key, (int, float, str)):
+        if key in TRUE:
+            return True
+        if key in FALSE:
+            return False
+    prefix = f"{where}: " if where else ""
+    raise RequestError(f'{prefix}{field} must be true or false (or 1, 0, "yes", "no", ...), got {shown(value)}')
+
+
+def _flag(values: dict, field: str, default: bool, where: str = "") -> bool:
+    value = values.get(field)
+    return default if value is None else boolean(value, field, where)
 
 
 # Unit fields this server does not implement: refused when set, never silently ignored (the
@@ -668,7 +684,7 @@ def generation_response(body: dict, translated: Translated, response: GenerateRe
     if detect_maps:
         images += [png for png, keep in zip(response.map_pngs(), translated.save_maps, strict=True) if keep]
     parameters = dict(body)
-    if "init_images" in parameters and not parameters.get("include_init_images"):
+    if "init_images" in parameters and not _flag(body, "include_init_images", False):
         parameters.update(init_images=None, mask=None)  # the web UI leaves them out unless asked
     return {
         "images": [base64.b64encode(png).decode("ascii") for png in images],

@@ -137,10 +137,8 @@ class A1111Api:
         nothing. A model is loaded now, as the web UI does, and as a job: in the queue."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object of options")
-        if "control_net_no_detectmap" in body:
-            if not isinstance(body["control_net_no_detectmap"], bool):
-                raise RequestError("control_net_no_detectmap must be true or false")
-            self.options.detect_maps = not body["control_net_no_detectmap"]
+        if body.get("control_net_no_detectmap") is not None:
+            self.options.detect_maps = not a1111.boolean(body["control_net_no_detectmap"], "control_net_no_detectmap")
         if body.get("sd_model_checkpoint") is not None:
             name = a1111.find_checkpoint(body["sd_model_checkpoint"], self.checkpoints(), self.service.registry.names)
             self.service.load(name)
