@@ -392,6 +392,15 @@ def test_detected_maps_are_left_out_when_asked(session, url):
     assert len(_generate(session, url, body)["images"]) == 2
 
 
+def test_send_images_false_answers_no_images(session, url):
+    body = {"prompt": EXAMPLE.prompt, "steps": 1, "seed": 5, "width": 128, "height": 128, "send_images": "false",
+            "save_images": True, "alwayson_scripts": {"controlnet": {"args": [_unit()]}}}  # fmt: skip
+    answer = _generate(session, url, body)
+    assert answer["images"] == [] and json.loads(answer["info"])["all_seeds"] == [5]  # nor the detected map
+    refused = session.post(f"{url}{TXT}", json=body | {"save_images": "maybe"})
+    assert refused.status_code == 422 and "save_images must be true or false" in refused.json()["detail"]
+
+
 @pytest.mark.parametrize("invert", [0, 1])
 def test_img2img_mask_invert_and_include_init_images(session, url, invert):
     """inpainting_mask_invert=1 repaints the black area instead of the white one; the answer's
@@ -460,6 +469,7 @@ REFUSALS = [
     (TXT, {"steps": 10**400}, "steps must be between 1 and 100, got 1000000"),  # no OverflowError
     (TXT, {"cfg_scale": -(10**400)}, "cfg_scale must be between 0.1 and 30, got -1000000"),
     (TXT, {"seed": 10**400}, "seed must be between -1 and 2147483647, got 1000000"),
+    (TXT, {"seed": 2**32 - 1}, "seed must be between -1 and 2147483647, got 4294967295"),  # the web UI's most
     (TXT, {"batch_size": 10**400}, "batch_size x n_iter must be between 1 and 12 images"),
     (TXT, {"n_iter": 1.5}, "n_iter must be a whole number, got 1.5"),
     (TXT, {"enable_hr": True}, "enable_hr: hires fix is not supported"),

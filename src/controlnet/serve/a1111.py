@@ -491,6 +491,8 @@ class Translated:
     request: GenerateRequest
     sampler_name: str  # the web UI's name, for info
     save_maps: list[bool]  # per unit: whether its detected map is returned
+    send_images: bool = True  # false: the answer has no images (the web UI's send_images)
+    include_init_images: bool = False  # the parameters echo the init image and mask
 
 
 def generation(body: Any, img2img: bool, model: str, files: dict[str, list[Path]], limits: Limits) -> Translated:
@@ -531,7 +533,11 @@ def generation(body: Any, img2img: bool, model: str, files: dict[str, list[Path]
         denoising_strength=checked(GENERATION["denoising_strength"], body.get("denoising_strength", 0.75),
                                    "denoising_strength") if img2img else GENERATION["denoising_strength"].default,
     )  # fmt: skip
-    return Translated(request, name, save_maps)
+    _flag(body, "save_images", False)  # taken, changes nothing: this server keeps no image (docs/webui.md)
+    flags = {
+        name: _flag(body, name, default) for name, default in (("send_images", True), ("include_init_images", False))
+    }
+    return Translated(request, name, save_maps, **flags)
 
 
 def _text(body: dict, field: str) -> str:
@@ -678,13 +684,13 @@ def find_checkpoint(value: Any, models: list[dict[str, Any]], names: list[str]) 
 def generation_response(body: dict, translated: Translated, response: GenerateResponse, detect_maps: bool) -> dict:
     """The web UI's answer: ``images`` (raw base64 PNGs carrying their parameters: the generated
     images, then each unit's detected map as the extension appends them unless ``detect_maps`` is
-    off or the unit said save_detected_map false), ``parameters`` (the request, as the web UI
-    echoes it) and ``info``, a JSON string."""
-    images = response.image_pngs()
-    if detect_maps:
+    off or the unit said save_detected_map false; none with send_images false), ``parameters``
+    (the request, as the web UI echoes it) and ``info``, a JSON string."""
+    images = response.image_pngs() if translated.send_images else []
+    if detect_maps and translated.send_images:
         images += [png for png, keep in zip(response.map_pngs(), translated.save_maps, strict=True) if keep]
     parameters = dict(body)
-    if "init_images" in parameters and not _flag(body, "include_init_images", False):
+    if "init_images" in parameters and not translated.include_init_images:
         parameters.update(init_images=None, mask=None)  # the web UI leaves them out unless asked
     return {
         "images": [base64.b64encode(png).decode("ascii") for png in images],
