@@ -379,6 +379,26 @@ def test_the_inpaint_module_reads_a_units_mask_in_every_spelling(session, url):
         assert (hint[40:88, 40:88] == 0).all() and np.array_equal(hint[:16], scene[:16])
 
 
+def test_a_drawn_mask_of_another_module_is_the_units_map(session, url):
+    """As the extension (its canvas's sketch): a non-inpaint unit's mask with something drawn on
+    it is the map, module none; a blank mask changes nothing (canny runs on the image)."""
+    from controlnet.annotators import run_annotator
+
+    drawing = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(drawing).line((10, 100, 110, 20), fill=255, width=5)
+    units = [
+        _unit(image={"image": _b64(_scene()), "mask": _b64(drawing)}, module="canny", pixel_perfect=True),
+        _unit(image=[_b64(_scene()), _b64(Image.new("L", (128, 128), 3))], module="canny", pixel_perfect=True),
+    ]
+    body = {"prompt": "x", "steps": 1, "seed": 1, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": units}}}  # fmt: skip
+    answer = _generate(session, url, body)
+    drawn, blank = (_decoded(png) for png in answer["images"][1:])
+    assert np.array_equal(drawn, np.repeat(np.asarray(drawing)[:, :, None], 3, axis=2))
+    assert np.array_equal(blank, run_annotator("canny", _array(_scene()), None))
+    assert 'ControlNet 0: "Module: none' in json.loads(answer["info"])["infotexts"][0]
+
+
 def test_detected_maps_are_left_out_when_asked(session, url):
     body = {"prompt": EXAMPLE.prompt, "steps": 1, "seed": 1, "width": 128, "height": 128,
             "alwayson_scripts": {"controlnet": {"args": [_unit(save_detected_map=False), _unit()]}}}  # fmt: skip
@@ -484,11 +504,6 @@ REFUSALS = [
     (TXT, {"units": [_unit(enabled="maybe")]}, "ControlNet unit 0: enabled must be true or false (or 1, 0"),
     (TXT, {"units": [_unit(pixel_perfect=[True])]}, "ControlNet unit 0: pixel_perfect must be true or false"),
     (TXT, {"units": [_unit(image="")]}, "ControlNet unit 0 is enabled but has no image"),
-    (
-        TXT,
-        {"units": [_unit(image={"image": _edges_b64(), "mask": _edges_b64()})]},
-        "mask is read by the inpaint module only",
-    ),
     (TXT, {"units": [_unit()] * 4}, "4 ControlNet units; at most 3 here"),
     (TXT, {"units": [_unit(image=_b64(Image.new("RGB", (300, 300))))]}, "is 300x300 pixels, over the limit of 65536"),
     ("/sdapi/v1/img2img", {}, "init_images must be a list with one base64 image"),

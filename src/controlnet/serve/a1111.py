@@ -394,12 +394,24 @@ def unit_image(values: dict, where: str, limits: Limits, fallback: UnitImages) -
     return fallback.init_image, mask
 
 
+def drawn_map(image: np.ndarray, annotator: str, mask: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """A unit's (image, module) once its mask is read, as the extension reads a mask given to a
+    module other than inpaint (its canvas's sketch, controlnet.py's "using mask as input"): a mask
+    that is not blank (its first channel not all within 5 of black, nor of white: gradio's
+    near-blank canvases, the extension's issue 1638) is the unit's map, white lines on black, and
+    the module is none; a blank one changes nothing."""
+    if annotator == "inpaint" or mask is None:
+        return image, annotator
+    first = mask[:, :, 0]
+    if (first <= 5).all() or (first >= 250).all():
+        return image, annotator
+    return np.repeat(mask[:, :, :1], 3, axis=2), "none"
+
+
 def _unit_mask(annotator: str, mask: np.ndarray | None, fallback: UnitImages, where: str) -> dict[str, Any]:
-    """The inpaint module's mask parameter: the unit's mask, else the img2img mask. Another module
-    reads no mask: one given is refused rather than ignored."""
+    """The inpaint module's mask parameter: the unit's mask, else the img2img mask (another module
+    reads none: `drawn_map`)."""
     if annotator != "inpaint":
-        if mask is not None:
-            raise RequestError(f"{where}: a unit's mask is read by the inpaint module only, not by {annotator!r}")
         return {}
     mask = mask if mask is not None else fallback.mask
     if mask is None:
@@ -427,6 +439,7 @@ def control_unit(
             raise RequestError(f"{where}: {field} is not supported by this server")
     annotator = module(values.get("module"), where)
     image, mask = unit_image(values, where, limits, fallback)
+    image, annotator = drawn_map(image, annotator, mask)
     params = slider_params(annotator, (values.get("threshold_a", -1), values.get("threshold_b", -1)), where)
     params |= _unit_mask(annotator, mask, fallback, where)
     # The inpaint hint is made at the output size (the extension gives it no resolution slider).
