@@ -133,7 +133,11 @@ def test_txt2img_with_two_controlnet_units(api):
     assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("DPM++ 2M", 6, 7.0)
     assert info["infotexts"] == [image.info["parameters"] for image in generated]  # our PNGs' text
     assert "Seed: 22" in info["infotexts"][1] and 'ControlNet 1: "Module: invert' in info["infotexts"][0]
-    assert "Control Mode: prompt" in info["infotexts"][0]
+    # the web UI's spellings (the PNG's JSON record keeps ours)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7" in info["infotexts"][0]
+    assert "Control Mode: My prompt is more important" in info["infotexts"][0]
+    assert "Resize Mode: Resize and Fill" in info["infotexts"][0]  # webuiapi's default
+    assert '"mode": "prompt"' in generated[0].info["controlnet"]
     canny = _array(maps[0])
     assert set(np.unique(canny)) == {0, 255}  # the picture's edges
     assert np.array_equal(_array(maps[1]), _array(Image.open(EXAMPLE.control)))  # the drawing inverted back
@@ -237,7 +241,8 @@ def test_older_spellings_and_a_unit_without_enabled(session, url):
     answer = response.json()
     assert len(answer["images"]) == 2 and not answer["images"][0].startswith("data:")  # raw base64, 1 map
     text = json.loads(answer["info"])["infotexts"][0]
-    assert "Resize Mode: just_resize" in text and "Control Mode: control" in text and "Guidance End: 0.5" in text
+    assert "Resize Mode: Just Resize" in text and "Control Mode: ControlNet is more important" in text
+    assert "Guidance End: 0.5" in text and "Sampler: Euler, CFG scale" in text
     assert "ControlNet 1" not in text and answer["parameters"]["prompt"] == EXAMPLE.prompt
 
 
@@ -599,6 +604,7 @@ def test_gradio_client_runs_the_page_generate_endpoint(url, tmp_path):
 )
 def test_sampler_names_map_to_ours(name, scheduler, ours):
     assert a1111.sampler(name, scheduler)[0] == ours
+    assert a1111.sampler(ours)[1] in {s.name for s in a1111.SAMPLERS}  # ours, named as the web UI names it
 
 
 def test_a_units_model_is_found_as_the_extension_finds_it(tmp_path):

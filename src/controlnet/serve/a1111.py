@@ -13,6 +13,7 @@ string is never taken for a path on the server, and nothing a request carries is
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ import numpy as np
 from .. import __version__, shipped
 from ..hashing import model_sha256, short_hash
 from ..imaging.resize import fit_to
+from ..metadata import parameters_text
 from ..settings import GENERATION, OUTPUT_SIZE, UNIT, UNIT_COUNT, Setting, SettingError, shown
 from .api import decode_image
 from .service import GenerateRequest, GenerateResponse, Limits, RequestError, UnitRequest
@@ -90,8 +92,8 @@ def sampler(name: Any, scheduler: Any = None) -> tuple[str, str]:
         scheduler = implied if scheduler in (None, "") or str(scheduler).lower() == "automatic" else scheduler
     found = next((s for s in SAMPLERS if key == s.name.lower() or key in s.aliases), None)
     if found is None:
-        if key in GENERATION["sampler"].allowed():
-            return key, key
+        if key in GENERATION["sampler"].allowed():  # ours, named as the web UI names it
+            return key, next((s.name for s in SAMPLERS if key in s.schedulers.values()), key)
         known = ", ".join(repr(s.name) for s in SAMPLERS)
         raise RequestError(f"unknown sampler {name!r}; this server has {known} (and 'DPM++ 2M Karras')")
     chosen = "automatic" if scheduler in (None, "") else scheduler
@@ -694,11 +696,48 @@ def find_checkpoint(value: Any, models: list[dict[str, Any]], names: list[str]) 
     raise RequestError(f"sd_model_checkpoint {value!r} is not a served model; choose one of {titles}")
 
 
+def _web_ui_name(names: dict[str, str], ours: str) -> str:
+    """The web UI's (first) name for one of ours."""
+    return next((theirs for theirs, mine in names.items() if mine == ours), ours)
+
+
+def schedule_type(translated: Translated) -> str | None:
+    """The web UI's "Schedule type" of the sampler used, where its sampler has several here."""
+    found = next((s for s in SAMPLERS if s.name == translated.sampler_name), None)
+    if found is None or len(set(found.schedulers.values())) < 2:
+        return None
+    ours = translated.request.sampler
+    return next(name.title() for name, sampler in found.schedulers.items() if sampler == ours and name != "automatic")
+
+
+def web_ui_texts(translated: Translated, response: GenerateResponse) -> GenerateResponse:
+    """The response with each image's parameters text (the PNG's, and info's infotexts) in the web
+    UI's spellings: its sampler name and schedule type, the units' control and resize modes as the
+    extension names them. The JSON record beside it keeps ours."""
+    record = response.settings
+    controls = [
+        control | {"mode": _web_ui_name(CONTROL_MODES, control["mode"]),
+                   "resize_mode": _web_ui_name(RESIZE_MODES_A1111, control["resize_mode"])}
+        for control in record["controls"]
+    ]  # fmt: skip
+    spelled = record | {"sampler": translated.sampler_name, "controls": controls}
+    schedule, name = schedule_type(translated), translated.sampler_name
+    texts = []
+    for seed, text in zip(response.seeds, response.image_texts, strict=True):
+        parameters = parameters_text(spelled | {"seed": seed}, record["models"])
+        if schedule is not None:
+            parameters = parameters.replace(f"Sampler: {name}, ", f"Sampler: {name}, Schedule type: {schedule}, ", 1)
+        texts.append(text | {"parameters": parameters})
+    return dataclasses.replace(response, image_texts=texts)
+
+
 def generation_response(body: dict, translated: Translated, response: GenerateResponse, detect_maps: bool) -> dict:
     """The web UI's answer: ``images`` (raw base64 PNGs carrying their parameters: the generated
     images, then each unit's detected map as the extension appends them unless ``detect_maps`` is
     off or the unit said save_detected_map false; none with send_images false), ``parameters``
-    (the request, as the web UI echoes it) and ``info``, a JSON string."""
+    (the request, as the web UI echoes it) and ``info``, a JSON string; the images' parameters text
+    in the web UI's spellings (`web_ui_texts`)."""
+    response = web_ui_texts(translated, response)
     images = response.image_pngs() if translated.send_images else []
     if detect_maps and translated.send_images:
         images += [png for png, keep in zip(response.map_pngs(), translated.save_maps, strict=True) if keep]
@@ -713,8 +752,8 @@ def generation_response(body: dict, translated: Translated, response: GenerateRe
 
 
 def info(translated: Translated, response: GenerateResponse) -> dict[str, Any]:
-    """The web UI's ``Processed.js()`` fields that clients read; ``infotexts`` are the text our
-    PNGs carry."""
+    """The web UI's ``Processed.js()`` fields that clients read; ``infotexts`` are the text the
+    answer's PNGs carry."""
     request, settings, seeds = translated.request, response.settings, response.seeds
     base = settings["models"]["base"]
     return {
