@@ -404,6 +404,13 @@ def test_a_drawn_mask_of_another_module_is_the_units_map(session, url):
     assert 'ControlNet 0: "Module: none' in json.loads(answer["info"])["infotexts"][0]
 
 
+def test_units_not_enabled_do_not_count_toward_the_three(session, url):
+    units = [_unit(enabled=False), _unit(), {"module": "canny"}, _unit(), _unit(enabled="no")]  # 2 used
+    body = {"prompt": EXAMPLE.prompt, "steps": 1, "seed": 1, "width": 128, "height": 128,
+            "alwayson_scripts": {"controlnet": {"args": units}}}  # fmt: skip
+    assert len(_generate(session, url, body)["images"]) == 3  # the image and two maps
+
+
 def test_detected_maps_are_left_out_when_asked(session, url):
     body = {"prompt": EXAMPLE.prompt, "steps": 1, "seed": 1, "width": 128, "height": 128,
             "alwayson_scripts": {"controlnet": {"args": [_unit(save_detected_map=False), _unit()]}}}  # fmt: skip
@@ -509,7 +516,7 @@ REFUSALS = [
     (TXT, {"units": [_unit(enabled="maybe")]}, "ControlNet unit 0: enabled must be true or false (or 1, 0"),
     (TXT, {"units": [_unit(pixel_perfect=[True])]}, "ControlNet unit 0: pixel_perfect must be true or false"),
     (TXT, {"units": [_unit(image="")]}, "ControlNet unit 0 is enabled but has no image"),
-    (TXT, {"units": [_unit()] * 4}, "4 ControlNet units; at most 3 here"),
+    (TXT, {"units": [_unit()] * 4}, "4 enabled ControlNet units; at most 3 here"),
     (TXT, {"units": [_unit(image=_b64(Image.new("RGB", (300, 300))))]}, "is 300x300 pixels, over the limit of 65536"),
     ("/sdapi/v1/img2img", {}, "init_images must be a list with one base64 image"),
     ("/controlnet/detect", {"controlnet_module": "canny"}, "no image selected"),
@@ -731,7 +738,7 @@ def test_unit_defaults_ranges_and_modes_come_from_the_settings(monkeypatch):
     unit, _ = a1111.control_unit(_unit(control_mode=0), "unit", files, Limits(), a1111.UnitImages(None, None))
     assert unit.mode == "control"  # the first of the setting's choices
     assert settings.UNIT_COUNT == 3
-    with pytest.raises(RequestError, match=r"4 ControlNet units; at most 3 here"):
+    with pytest.raises(RequestError, match=r"4 enabled ControlNet units; at most 3 here"):
         a1111.script_args({"alwayson_scripts": {"controlnet": {"args": [_unit()] * 4}}})
 
 

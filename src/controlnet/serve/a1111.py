@@ -481,8 +481,10 @@ def script_args(body: dict) -> list:
     args = entry.get("args") if isinstance(entry, dict) else entry
     if not isinstance(args, list):
         raise RequestError("alwayson_scripts.controlnet.args must be a list of ControlNet units")
-    if len(args) > UNIT_COUNT:
-        raise RequestError(f"{len(args)} ControlNet units; at most {UNIT_COUNT} here (control_net_unit_count)")
+    wheres = (f"ControlNet unit {i}" for i in range(len(args)))
+    enabled = sum(isinstance(raw, dict) and _enabled(_aliased(raw, w), w) for raw, w in zip(args, wheres, strict=False))
+    if enabled > UNIT_COUNT:  # units not enabled are not counted: they are not used
+        raise RequestError(f"{enabled} enabled ControlNet units; at most {UNIT_COUNT} here (control_net_unit_count)")
     return args
 
 
