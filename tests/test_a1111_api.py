@@ -562,6 +562,19 @@ def test_nothing_a_request_carries_is_unpickled_and_the_other_refusals(session, 
     assert huge.status_code == 413  # 8 x --max-upload-mb, as for the JSON API
 
 
+def test_query_values_are_read_after_the_password_in_one_line(session, url):
+    for route, name in (("module_list", "alias_names"), ("model_list", "update")):
+        assert requests.get(f"{url}/controlnet/{route}", params={name: "maybe"}).status_code == 401
+        for value in ("maybe", ""):
+            refused = session.get(f"{url}/controlnet/{route}", params={name: value})
+            detail = refused.json()["detail"]
+            assert refused.status_code == 422 and isinstance(detail, str) and detail.startswith(f"{name} must be true")
+    assert (
+        "depth_midas" in session.get(f"{url}/controlnet/module_list", params={"alias_names": "1"}).json()["module_list"]
+    )
+    assert session.get(f"{url}/controlnet/model_list", params={"update": "false"}).json()["model_list"]
+
+
 def _docs_example(needle: str) -> str:
     """The Python block of docs/webui.md that holds ``needle``."""
     text = (Path(__file__).parents[1] / "docs" / "webui.md").read_text()

@@ -264,13 +264,21 @@ def _add_controlnet_routes(app, state: A1111Api, answer: Callable) -> None:
     async def settings(request: Request):
         return await answer(request, lambda _: {"control_net_unit_count": UNIT_COUNT})
 
+    # Their query values are read here, after the password, with this API's one-line errors.
     @app.get("/controlnet/model_list")
-    async def model_list(request: Request, update: bool = True):
-        return await answer(request, lambda _: state.control_models())
+    async def model_list(request: Request):
+        def listed(_):
+            a1111.boolean(request.query_params.get("update", "true"), "update")  # always current here
+            return state.control_models()
+
+        return await answer(request, listed)
 
     @app.get("/controlnet/module_list")
-    async def module_list(request: Request, alias_names: bool = False):
-        return await answer(request, lambda _: a1111.module_list(alias_names))
+    async def module_list(request: Request):
+        def listed(_):
+            return a1111.module_list(a1111.boolean(request.query_params.get("alias_names", "false"), "alias_names"))
+
+        return await answer(request, listed)
 
     @app.post("/controlnet/detect")
     async def detect(request: Request):
