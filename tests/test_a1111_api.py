@@ -791,3 +791,41 @@ def test_flags_are_read_as_the_extensions_pydantic_unit_reads_them(value, used):
         unit, save = a1111.control_unit(_unit(enabled=value, pixel_perfect=value, save_detected_map="0"), "unit",
                                         files, Limits(), nothing)  # fmt: skip
         assert unit.pixel_perfect is True and save is False
+
+
+def test_each_model_is_hashed_once_however_many_ask_at_first(monkeypatch, tmp_path):
+    """Concurrent first listings wait for one hash per model; ControlNet titles (read by every unit
+    of every request) are kept while their file is unchanged."""
+    import os
+
+    from controlnet.serve.a1111_routes import A1111Api
+
+    hashed: list[str] = []
+    title = a1111.checkpoint_title
+
+    def slow_title(name, base):
+        hashed.append(name)
+        time.sleep(0.2)
+        return title(name, base)
+
+    monkeypatch.setattr(a1111, "checkpoint_title", slow_title)
+    state = A1111Api(Service(ModelRegistry(discover_models(None))))
+    threads = [threading.Thread(target=state.checkpoints) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert hashed == ["shipped"] and state.current_options()["sd_model_checkpoint"].startswith("shipped [")
+
+    reads: list[Path] = []
+    read = a1111.old_model_hash
+    monkeypatch.setattr(a1111, "old_model_hash", lambda path: reads.append(path) or read(path))
+    control = tmp_path / "control_v11p_sd15_canny.pth"
+    control.write_bytes(bytes(range(256)) * 5000)
+    files = {"controlnet": [control], "adapter": []}
+    for _ in range(3):
+        a1111.control_model("control_v11p_sd15_canny [00000000]", files, "unit")
+    assert reads == [control]
+    stat = control.stat()
+    os.utime(control, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # the file changed: read again
+    assert a1111.model_title(control).startswith("control_v11p_sd15_canny [") and reads == [control, control]

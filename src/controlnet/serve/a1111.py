@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -282,7 +283,18 @@ def old_model_hash(path: Path) -> str | None:
 
 
 def model_title(path: Path) -> str:
-    """A ControlNet or T2I-Adapter as the extension's model_list names it: "stem [hash]"."""
+    """A ControlNet or T2I-Adapter as the extension's model_list names it: "stem [hash]". Kept
+    while the file is unchanged (its size and time): every unit of every request matches its
+    model against these titles."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return path.stem
+    return _title(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _title(path: Path, size: int, mtime_ns: int) -> str:
     digest = old_model_hash(path)
     return f"{path.stem} [{digest}]" if digest else path.stem
 

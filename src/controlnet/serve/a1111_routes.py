@@ -112,12 +112,15 @@ class A1111Api:
         self.progress = Progress()
         self.options = Options(service.registry.names[0])
         self._listings: dict[str, dict] = {}
+        self._hashing = threading.Lock()
 
     def listing(self, name: str) -> dict:
-        """The served model ``name`` as ``/sdapi/v1/sd-models`` lists it."""
-        if name not in self._listings:
-            self._listings[name] = a1111.checkpoint_title(name, self.service.registry.entry(name).base)
-        return self._listings[name]
+        """The served model ``name`` as ``/sdapi/v1/sd-models`` lists it. Its SHA-256 is computed
+        once: requests that come while it is, wait for it rather than each hashing the file."""
+        with self._hashing:
+            if name not in self._listings:
+                self._listings[name] = a1111.checkpoint_title(name, self.service.registry.entry(name).base)
+            return self._listings[name]
 
     def checkpoints(self) -> list[dict]:
         return [self.listing(name) for name in self.service.registry.names]
