@@ -193,36 +193,77 @@ def test_options_switch_the_model_among_those_served(api, session, url):
     assert once.info["sd_model_name"] == "tiny" and api.util_get_current_model().startswith("shipped [")
 
 
-def test_progress_during_a_generation_and_interrupt(api, session, url):
-    outcome: dict = {}
+@contextlib.contextmanager
+def _served_here(service: Service) -> Iterator[str]:
+    """The app (with the password) served by uvicorn in a thread of this process, so that a test
+    can hold a job at a step; its URL."""
+    import uvicorn
 
-    def run() -> None:
-        try:
-            outcome["result"] = api.txt2img(prompt="a blue square", seed=1, steps=100, width=128, height=128,
-                                            sampler_name="DDIM")  # fmt: skip
-        except RuntimeError as error:
-            outcome["error"] = error.args
+    from controlnet.serve.app import build_app
 
-    thread = threading.Thread(target=run)
+    from .helpers import _free_port
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(service, AUTH), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline, seen = time.monotonic() + 180, None
-    while time.monotonic() < deadline and thread.is_alive():
-        state = api.get_progress()
-        if state["state"]["sampling_step"] >= 2:
-            seen = state
-            break
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    assert seen is not None, outcome
-    assert 0 < seen["progress"] < 1 and seen["state"]["job_count"] == 1 and seen["state"]["sampling_steps"] == 100
-    busy = session.post(f"{url}{TXT}", json={"prompt": "x", "steps": 1, "width": 128, "height": 128})
-    assert busy.status_code == 503 and "the server is busy" in busy.json()["detail"]  # the same queue (--max-queue 1)
-    assert api.interrupt() == {}
-    thread.join(timeout=180)
-    status, text = outcome["error"]
-    assert status == 409 and json.loads(text)["detail"].startswith("interrupted: stopped after ")
-    idle = api.get_progress()
-    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
-    assert len(api.txt2img(prompt="a blue square", seed=1, steps=2, width=128, height=128).images) == 1
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def test_progress_during_a_generation_and_interrupt(monkeypatch):
+    """The job is held at its second step (a gate in its progress callback), whatever the speed of
+    the machine: progress reports it, the queue (--max-queue 1) refuses another, interrupt stops it
+    at the next step."""
+    from controlnet.serve import a1111_routes
+
+    at_step, release = threading.Event(), threading.Event()
+    advance = a1111_routes.Job.advance
+
+    def gated(job, done: int, total: int) -> None:
+        advance(job, done, total)
+        if done == 2:
+            at_step.set()
+            release.wait(timeout=120)
+
+    monkeypatch.setattr(a1111_routes.Job, "advance", gated)
+    with _served_here(Service(ModelRegistry(discover_models(None)), Limits(max_queue=1))) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port), username=AUTH[0], password=AUTH[1])
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = api.txt2img(prompt="a blue square", seed=1, steps=10, width=128, height=128,
+                                                sampler_name="DDIM")  # fmt: skip
+            except RuntimeError as error:
+                outcome["error"] = error.args
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            assert at_step.wait(timeout=120), outcome
+            seen = api.get_progress()
+            assert seen["progress"] == 0.2 and seen["state"]["job_count"] == 1 and seen["state"]["job"] == "txt2img"
+            assert (seen["state"]["sampling_step"], seen["state"]["sampling_steps"]) == (2, 10)
+            busy = requests.post(f"{url}{TXT}", json={"prompt": "x", "steps": 1}, auth=AUTH)
+            assert busy.status_code == 503 and "the server is busy" in busy.json()["detail"]  # the same queue
+            assert api.interrupt() == {}
+        finally:
+            release.set()
+            thread.join(timeout=120)
+        status, text = outcome["error"]
+        assert status == 409 and json.loads(text)["detail"] == "interrupted: stopped after 3 of 10 steps"
+        idle = api.get_progress()
+        assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+        assert len(api.txt2img(prompt="a blue square", seed=1, steps=3, width=128, height=128).images) == 1
 
 
 def test_older_spellings_and_a_unit_without_enabled(session, url):
