@@ -218,10 +218,11 @@ def _served_here(service: Service) -> Iterator[str]:
         thread.join(timeout=60)
 
 
-def test_progress_during_a_generation_and_interrupt(monkeypatch):
+@pytest.mark.parametrize("stop", ["interrupt", "skip"])
+def test_progress_during_a_generation_and_interrupt(monkeypatch, stop):
     """The job is held at its second step (a gate in its progress callback), whatever the speed of
-    the machine: progress reports it, the queue (--max-queue 1) refuses another, interrupt stops it
-    at the next step."""
+    the machine: progress reports it, the queue (--max-queue 1) refuses another, interrupt (or
+    skip: a job is one batch here) stops it at the next step."""
     from controlnet.serve import a1111_routes
 
     at_step, release = threading.Event(), threading.Event()
@@ -253,9 +254,12 @@ def test_progress_during_a_generation_and_interrupt(monkeypatch):
             seen = api.get_progress()
             assert seen["progress"] == 0.2 and seen["state"]["job_count"] == 1 and seen["state"]["job"] == "txt2img"
             assert (seen["state"]["sampling_step"], seen["state"]["sampling_steps"]) == (2, 10)
+            assert abs(time.mktime(time.strptime(seen["state"]["job_timestamp"], "%Y%m%d%H%M%S")) - time.time()) < 120
             busy = requests.post(f"{url}{TXT}", json={"prompt": "x", "steps": 1}, auth=AUTH)
             assert busy.status_code == 503 and "the server is busy" in busy.json()["detail"]  # the same queue
-            assert api.interrupt() == {}
+            assert getattr(api, stop)() == {}
+            stopping = api.get_progress()["state"]
+            assert (stopping["interrupted"], stopping["skipped"]) == (stop == "interrupt", stop == "skip")
         finally:
             release.set()
             thread.join(timeout=120)
@@ -264,6 +268,18 @@ def test_progress_during_a_generation_and_interrupt(monkeypatch):
         idle = api.get_progress()
         assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
         assert len(api.txt2img(prompt="a blue square", seed=1, steps=3, width=128, height=128).images) == 1
+
+
+def test_a_waiting_job_and_an_idle_server_have_a_real_job_timestamp():
+    from controlnet.serve.a1111_routes import Progress
+
+    progress = Progress()
+    assert progress.state()["state"]["job_timestamp"] == "0"  # the web UI's before any job
+    with progress.track("txt2img") as job:  # waiting for its model: not started
+        assert not job.started and progress.state()["state"]["job_timestamp"] == time.strftime(
+            "%Y%m%d%H%M%S", time.localtime(job.queued)
+        )
+    assert progress.state()["state"]["job_timestamp"] == job.timestamp  # idle: the last job's
 
 
 def test_older_spellings_and_a_unit_without_enabled(session, url):

@@ -29,15 +29,22 @@ class Job:
     """A generation this API runs: where its sampling is, and its interrupt flag."""
 
     kind: str  # "txt2img" or "img2img", as the web UI's state.job
+    queued: float = field(default_factory=time.time)  # when it was asked for
     started: float = 0.0  # when it began sampling (0: still waiting for its model)
     step: int = 0
     steps: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
+    skipped: bool = False  # stopped by /skip rather than /interrupt
 
     def advance(self, done: int, total: int) -> None:
         """The service's progress callback: called once holding the model, then after each step."""
         self.started = self.started or time.time()
         self.step, self.steps = done, total
+
+    @property
+    def timestamp(self) -> str:
+        """The web UI's job_timestamp: when it started, or, still waiting, when it was asked for."""
+        return time.strftime("%Y%m%d%H%M%S", time.localtime(self.started or self.queued))
 
 
 class Progress:
@@ -47,6 +54,7 @@ class Progress:
     def __init__(self) -> None:
         self._jobs: list[Job] = []
         self._lock = threading.Lock()
+        self._last_timestamp = "0"  # the last job's, as the web UI keeps it ("0" before any)
 
     @contextmanager
     def track(self, kind: str) -> Iterator[Job]:
@@ -58,13 +66,16 @@ class Progress:
         finally:
             with self._lock:
                 self._jobs.remove(job)
+                self._last_timestamp = job.timestamp
 
-    def interrupt(self) -> None:
+    def interrupt(self, skip: bool = False) -> None:
         """As the web UI's interrupt: the jobs sampling now stop (here between two steps); those
-        still waiting run as usual."""
+        still waiting run as usual. ``skip`` (the web UI's skip, which goes on with a job's next
+        batch): the same here, where a job is one batch."""
         with self._lock:
             for job in self._jobs:
                 if job.started:
+                    job.skipped = job.skipped or skip
                     job.cancel.set()
 
     def state(self) -> dict[str, Any]:
@@ -78,12 +89,12 @@ class Progress:
             "progress": fraction,
             "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,  # the web UI's estimate
             "state": {
-                "skipped": False,
-                "interrupted": bool(job and job.cancel.is_set()),
+                "skipped": bool(job and job.skipped),
+                "interrupted": bool(job and job.cancel.is_set() and not job.skipped),
                 "stopping_generation": False,
                 "job": job.kind if job else "",
                 "job_count": len(jobs),
-                "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started if job else 0)),
+                "job_timestamp": job.timestamp if job else self._last_timestamp,
                 "job_no": 0,
                 "sampling_step": job.step if job else 0,
                 "sampling_steps": job.steps if job else 0,
@@ -250,6 +261,14 @@ def _add_job_routes(app, state: A1111Api, answer: Callable) -> None:
     async def interrupt(request: Request):
         def stop(_):
             state.progress.interrupt()
+            return {}
+
+        return await answer(request, stop)
+
+    @app.post("/sdapi/v1/skip")
+    async def skip(request: Request):
+        def stop(_):
+            state.progress.interrupt(skip=True)
             return {}
 
         return await answer(request, stop)

@@ -208,7 +208,7 @@ _ROUTES = re.compile(
     r"^/(|config/?|theme\.css|robots\.txt|favicon\.ico|manifest\.json|pwa_icon(/\d+)?|login/?|logout"
     r"|(assets|static|svelte)/.+"
     r"|api/(generate|models)"
-    r"|sdapi/v1/(txt2img|img2img|sd-models|samplers|schedulers|options|progress|interrupt|scripts)"
+    r"|sdapi/v1/(txt2img|img2img|sd-models|samplers|schedulers|options|progress|interrupt|skip|scripts)"
     r"|controlnet/(version|model_list|module_list|settings|detect)"
     r"|gradio_api/(info/?|app_id/?|heartbeat/[^/]+|queue/(join|data|status)|cancel|reset/?|upload|upload_progress"
     r"|component_server/?|startup-events|run/[^/]+/?|call/[^/]+(/[^/]+)?|file=.+))$"
