@@ -243,10 +243,11 @@ def test_bad_adapter_files_one_line(tmp_path):
     small_base = SD15.replace(name="small", unet=SMALL_UNET)
     assert load_adapter(good, base=small_base).config == SMALL_FULL
 
-    xl = tmp_path / "xl"
-    xl.mkdir()
-    (xl / "config.json").write_text('{"_class_name": "T2IAdapter", "adapter_type": "full_adapter_xl"}')
-    refused(xl, "SDXL adapter")
+    # SDXL adapters (full_adapter_xl) are read (tests/test_sdxl_control.py); an unknown kind is not.
+    other_kind = tmp_path / "other-kind"
+    other_kind.mkdir()
+    (other_kind / "config.json").write_text('{"_class_name": "T2IAdapter", "adapter_type": "style_adapter"}')
+    refused(other_kind, "unknown adapter_type 'style_adapter'")
 
 
 @torch.no_grad()

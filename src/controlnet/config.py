@@ -24,6 +24,14 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def family_name(context_dim: int, reads_vector: bool = False) -> str:
+    """A base-model family's name: SDXL for a UNet that reads the vector y (``adm_in_channels``),
+    else SD 1.x or SD 2.x by the text context's width (768, 1024)."""
+    if reads_vector:
+        return "SDXL"
+    return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(context_dim, f"a model with context {context_dim}")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """The latent-diffusion UNet (``openaimodel.UNetModel``); the ControlNet copies its encoder."""
@@ -41,6 +49,8 @@ class UNetConfig:
     # default, diffusers' ``transformer_layers_per_block[-1]``). Kept canonical, so that equal models
     # have equal configs: one number when every level that uses it agrees, else 0 at the levels
     # without a transformer (SDXL's yaml says [1, 2, 10], diffusers' config too: the 1 is unused).
+    # diffusers' smaller SDXL ControlNets: -mid has attention at the last level only, depth 1
+    # (attention_resolutions (4,), depth 1); -small none at all and a middle transformer of depth 0.
     transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768  # width of the text embeddings cross-attention reads
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
@@ -82,19 +92,24 @@ class UNetConfig:
 
     def _canonical_depth(self) -> int | tuple[int, ...]:
         depth = self.transformer_depth
+        levels = len(self.channel_mult)
+        attention = {level for level in range(levels) if self.has_attention(level)}
         if isinstance(depth, int):
-            _require(depth > 0, f"transformer_depth must be positive, got {depth}")
+            _require(depth >= 0, f"transformer_depth must not be negative, got {depth}")
+            _require(depth > 0 or not attention, f"transformer_depth must be positive, got {depth}")
             return depth
         depth = tuple(int(d) for d in depth)
-        levels = len(self.channel_mult)
         _require(
             len(depth) == levels, f"transformer_depth={depth} needs one entry per level ({levels} in channel_mult)"
         )
-        used = {level for level in range(levels) if self.has_attention(level)} | {levels - 1}
+        used = attention | {levels - 1}
+        # The middle block always has its transformer; where the last level has no attention, it may
+        # have no blocks (norm and projections only: diffusers' controlnet-*-sdxl-1.0-small, whose
+        # transformer_layers_per_block are all 0 and whose down blocks have no attention).
         _require(
-            all(depth[level] > 0 for level in used),
-            f"transformer_depth={depth} must be positive at every level with attention and at the last "
-            "(the middle block's); leave a level without attention out of attention_resolutions instead",
+            all(depth[level] > 0 for level in attention) and depth[levels - 1] >= 0,
+            f"transformer_depth={depth} must be positive at every level with attention (and not negative at "
+            "the last, the middle block's); leave a level without attention out of attention_resolutions instead",
         )
         if len({depth[level] for level in used}) == 1:
             return depth[levels - 1]
@@ -112,6 +127,11 @@ class UNetConfig:
     @property
     def middle_transformer_depth(self) -> int:
         return self.transformer_depth_at(len(self.channel_mult) - 1)
+
+    @property
+    def family(self) -> str:
+        """The base-model family, as messages name it (`family_name`)."""
+        return family_name(self.context_dim, self.adm_in_channels is not None)
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -139,8 +159,29 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class UnionConfig:
+    """xinsir's ControlNet++ union model (controlnet-union-sdxl-1.0 and its ProMax; diffusers'
+    ``ControlNetUnionModel``): one network for several condition types, told which by a control-type
+    embedding, fusing several conditions through a small transformer (models/controlnet_union.py)."""
+
+    control_types: int = 6  # rows of ``task_embedding``: 6 in controlnet-union-sdxl-1.0, 8 in ProMax
+    heads: int = 8  # heads of the condition transformer (diffusers' ``num_trans_head``; not in a file's shapes)
+    layers: int = 1  # its residual attention blocks (``num_trans_layer``)
+
+    def __post_init__(self) -> None:
+        _require(self.control_types > 0, f"control_types must be positive, got {self.control_types}")
+        _require(
+            self.heads > 0 and self.layers > 0, f"heads and layers must be positive, got {self.heads}, {self.layers}"
+        )
+
+
+@dataclass(frozen=True)
 class ControlNetConfig:
-    """A ControlNet: the UNet's encoder copy plus the hint encoder (docs/reference.md, "The network")."""
+    """A ControlNet: the UNet's encoder copy plus the hint encoder (docs/reference.md, "The network").
+
+    ``unet`` is the encoder copy's: its widths and levels are the base UNet's (the residuals go into
+    the base's skips), its transformers may differ (diffusers' SDXL -mid and -small ControlNets).
+    """
 
     unet: UNetConfig = field(default_factory=UNetConfig)
     hint_channels: int = 3  # channels of the condition image (RGB in [0, 1])
@@ -149,6 +190,7 @@ class ControlNetConfig:
     # ``conditioning_embedding_out_channels``, of any length).
     hint_block_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_average_pooling: bool = False  # 1.1 shuffle model: average each residual over H and W
+    union: UnionConfig | None = None  # the union model's parts; None: an ordinary ControlNet
 
     def __post_init__(self) -> None:
         _require(self.hint_channels > 0, f"hint_channels must be positive, got {self.hint_channels}")
@@ -156,6 +198,17 @@ class ControlNetConfig:
             len(self.hint_block_channels) >= 1 and all(c > 0 for c in self.hint_block_channels),
             f"hint_block_channels needs positive widths, got {self.hint_block_channels}",
         )
+        if self.union is not None:
+            width = self.unet.model_channels
+            _require(
+                width % self.union.heads == 0,
+                f"the union model's condition transformer ({width} wide) does not split into {self.union.heads} heads",
+            )
+            _require(
+                self.unet.adm_in_channels is not None,
+                "a union ControlNet is an SDXL one: its UNet needs adm_in_channels (the control-type embedding "
+                "is the size-conditioning embedding's sibling)",
+            )
 
     @property
     def hint_downsample_factor(self) -> int:
@@ -163,20 +216,24 @@ class ControlNetConfig:
         return 2 ** (len(self.hint_block_channels) - 1)
 
 
-AdapterKind = Literal["full", "light"]
+AdapterKind = Literal["full", "light", "full_xl"]
 
 
 @dataclass(frozen=True)
 class T2IAdapterConfig:
     """A T2I-Adapter (Mou et al. 2023): a small network that turns a condition image into one feature
-    map per UNet level, added to the UNet's encoder (TencentARC's ``Adapter`` and ``Adapter_light``).
+    map per UNet level, added to the UNet's encoder (TencentARC's ``Adapter``, ``Adapter_light`` and
+    ``Adapter_XL``).
 
     The defaults are those of every released SD 1.x ``full`` adapter (``t2iadapter_*_sd14v1.pth``,
     ``*_sd15v2.pth``: ``ksize=1, sk=True, use_conv=False``); the colour adapter is ``light`` with 4
-    blocks per level.
+    blocks per level. The SDXL adapters (TencentARC's t2i-adapter-*-sdxl-1.0) are ``full_xl``: the
+    full adapter's blocks, a 16x pixel unshuffle and one downsampling only, before the third feature
+    (TencentARC's ``Adapter_XL``, diffusers' ``FullAdapterXL``): four features for SDXL's three
+    levels and its middle block (`models.unet.adapter_blocks`).
     """
 
-    kind: AdapterKind = "full"  # "full" (Adapter) or "light" (Adapter_light)
+    kind: AdapterKind = "full"  # "full" (Adapter), "light" (Adapter_light) or "full_xl" (Adapter_XL)
     in_channels: int = 3  # condition image channels (1 for the sketch and canny adapters)
     channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width of each feature map = the UNet's levels
     # full: ResnetBlocks per level (nums_rb); light: ResnetBlock_light per level's extractor.
@@ -191,7 +248,14 @@ class T2IAdapterConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
-        _require(self.kind in ("full", "light"), f"adapter kind must be 'full' or 'light', got {self.kind!r}")
+        _require(
+            self.kind in ("full", "light", "full_xl"),
+            f"adapter kind must be 'full', 'light' or 'full_xl', got {self.kind!r}",
+        )
+        _require(
+            self.kind != "full_xl" or len(self.channels) >= 3,
+            f"an XL adapter downsamples before its third feature: it needs at least 3 widths, got {self.channels}",
+        )
         _require(self.in_channels > 0, f"in_channels must be positive, got {self.in_channels}")
         _require(
             len(self.channels) > 0 and all(c > 0 for c in self.channels),
@@ -209,6 +273,12 @@ class T2IAdapterConfig:
                 (self.kernel_size, self.shortcut_conv, self.conv_downsample) == (1, False, False),
                 "kernel_size, shortcut_conv and conv_downsample are options of the full adapter only",
             )
+
+    def downsamples_before(self, level: int) -> bool:
+        """Whether the first block of ``level`` halves the size: at every level but the first (SD),
+        at the third only for XL (TencentARC's ``Adapter_XL``: ``i == 2``), whose first two features
+        both have the size of SDXL's second level."""
+        return level == 2 if self.kind == "full_xl" else level > 0
 
 
 @dataclass(frozen=True)

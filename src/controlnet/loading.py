@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import ControlNetConfig, ModelConfig, VAEConfig
-from .formats import diffusers, diffusers_vae, ldm, t2i_adapter
+from .formats import control_lora, diffusers, diffusers_vae, ldm, t2i_adapter
 from .formats.detect import (
     base_config_from_shapes,
     check_compatible,
@@ -39,8 +39,10 @@ from .formats.detect import (
 from .formats.errors import CheckpointError, first_line, short_list
 from .formats.tensors import StateDict, check_finite, read_state_dict
 from .models.controlnet import ControlNet
+from .models.controlnet_union import build_controlnet
 from .models.stable_diffusion import StableDiffusion, build_empty
 from .models.t2i_adapter import T2IAdapter, build_adapter
+from .models.unet import UNet
 from .models.vae import AutoencoderKL
 
 __all__ = [
@@ -108,41 +110,77 @@ def load_controlnet(
     path: str | os.PathLike,
     base: ModelConfig | None = None,
     *,
+    unet: UNet | None = None,
     global_average_pooling: bool | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> ControlNet:
-    """A ControlNet from any of the formats in the module docstring.
+    """A ControlNet from any of the formats in the module docstring (an SDXL union model as a
+    `UnionControlNet`).
 
     With ``base``, a ControlNet made for another base family (say SD 2.x for an SD 1.x base) is
     refused. ``global_average_pooling`` overrides the guess from the name (only the shuffle model pools).
+    A Control-LoRA (Stability's ``control-lora-*-rank128/256``) is rebuilt on its base model's UNet:
+    pass it as ``unet`` (``load_controlnet(path, model.config, unet=model.unet)``).
     """
     path = Path(path)
     if path.is_dir():
         control, config = diffusers.read_controlnet_folder(path)
         fmt = "diffusers-controlnet"
     else:
-        control, config, fmt = _read_controlnet_file(path, base)
+        state_dict, metadata = read_state_dict(path)
+        fmt = detect_format(state_dict, path)
+        if fmt == "control-lora":
+            return _load_control_lora(path, state_dict, base, unet, dtype)
+        control, config = _read_controlnet_file(path, state_dict, metadata, fmt, base)
     if global_average_pooling is not None:
         config = dataclasses.replace(config, global_average_pooling=global_average_pooling)
     if base is not None:
         check_compatible(config, base, path.name)
-    model = build_empty(lambda: ControlNet(config))
+    model = build_empty(lambda: build_controlnet(config))
     load_strict(model, control, "ControlNet", f"{path.name} ({fmt})")
     return model.to(dtype)
 
 
-def _read_controlnet_file(path: Path, base: ModelConfig | None) -> tuple[StateDict, ControlNetConfig, str]:
-    """A ControlNet file's weights (LDM layout, no prefix), configuration and format."""
-    state_dict, metadata = read_state_dict(path)
-    fmt = detect_format(state_dict, path)
+def _read_controlnet_file(
+    path: Path, state_dict: StateDict, metadata: Mapping[str, str], fmt: str, base: ModelConfig | None
+) -> tuple[StateDict, ControlNetConfig]:
+    """A ControlNet file's weights (LDM layout, no prefix) and configuration."""
     if fmt == "diffusers-controlnet":
-        return (*diffusers.controlnet_from_file(state_dict, base, path), fmt)
+        return diffusers.controlnet_from_file(state_dict, base, path)
     control = ldm.control_part(state_dict, fmt, path)
     prefix = "" if fmt == "ldm-control-bare" else ldm.CONTROL_PREFIX
     check_finite({prefix + k: v for k, v in control.items()}, path)
     stored = ldm.stored_config(metadata, str(path), ldm.CONTROL_METADATA_KEY)
-    config = stored if isinstance(stored, ControlNetConfig) else controlnet_config_from_shapes(control, str(path))
-    return control, config, fmt
+    if isinstance(stored, ControlNetConfig):
+        return control, stored
+    return control, controlnet_config_from_shapes(control, str(path), base)
+
+
+def _load_control_lora(
+    path: Path, state_dict: StateDict, base: ModelConfig | None, unet: UNet | None, dtype: torch.dtype
+) -> ControlNet:
+    """A Control-LoRA's ControlNet, built on ``unet`` (formats/control_lora.py)."""
+    family = control_lora.made_for(state_dict) or "its base family"
+    if unet is None:
+        raise CheckpointError(
+            f"{path.name}: a Control-LoRA is rebuilt from its base model's UNet ({family}); load it with that "
+            "base (load_controlnet(path, model.config, unet=model.unet))"
+        )
+    base_family = unet.config.family
+    if family not in ("its base family", base_family):
+        raise CheckpointError(
+            f"{path.name}: this Control-LoRA was made for {family} but the base model is {base_family}; "
+            "use it with a base of its family"
+        )
+    check_finite(state_dict, path)
+    config = control_lora.control_lora_config(state_dict, unet.config, path.name)
+    if base is not None:  # the UNet given is that base's; its VAE must fit the hint encoder
+        check_compatible(config, base, path.name)
+    model = build_empty(lambda: ControlNet(config))
+    expected = model.state_dict()
+    weights = control_lora.control_lora_weights(state_dict, unet.state_dict(), expected, path.name, dtype)
+    load_strict(model, weights, "ControlNet", f"{path.name} (control-lora)")
+    return model.to(dtype)
 
 
 def load_vae(

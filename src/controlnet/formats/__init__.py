@@ -9,7 +9,9 @@
   tables: pure ``dict -> dict`` over tensors, no copies beyond the reshapes, splits and
   concatenations a layout needs, so a round trip is bit-identical;
 - ``t2i_adapter``: T2I-Adapter files (TencentARC's and diffusers' layouts, the key map between
-  them, configurations from shapes);
+  them, configurations from shapes; SD's and SDXL's adapters);
+- ``control_lora``: Stability's Control-LoRA files (an SDXL ControlNet as low-rank differences from
+  its base UNet) and the ControlNet weights they make on a given base;
 - ``errors``: CheckpointError, the one-line error of all of them.
 
 Building models from these files is ``controlnet.loading``'s.

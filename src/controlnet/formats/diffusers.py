@@ -117,14 +117,15 @@ def read_pipeline_part(folder: Path, part: str, config: ModelConfig) -> StateDic
     return _to_ldm(_KEY_MAPS[part], read_weights(path), sub_config, path, "diffusers")
 
 
-def _model_folder(folder: Path, subfolder: str, class_name: str, what: str) -> tuple[Path, dict]:
+def _model_folder(folder: Path, subfolder: str, class_name: str, what: str, *aliases: str) -> tuple[Path, dict]:
     """The model's own folder (a pipeline's ``subfolder`` when given the pipeline) and its
-    config.json, refused in one line when the config names another model class."""
+    config.json, refused in one line when the config names another model class (than
+    ``class_name`` or one of ``aliases``)."""
     if (folder / subfolder).is_dir():
         folder = folder / subfolder
     config_json = read_json(folder / "config.json")
     kind = config_json.get("_class_name", class_name)
-    if kind != class_name:
+    if kind not in (class_name, *aliases):
         raise CheckpointError(f"{folder}: holds a {kind}, not {what} ({class_name})")
     return folder, config_json
 
@@ -132,7 +133,11 @@ def _model_folder(folder: Path, subfolder: str, class_name: str, what: str) -> t
 def read_controlnet_folder(folder: Path) -> tuple[StateDict, ControlNetConfig]:
     """A diffusers ControlNet folder's weights (LDM layout, no prefix) and configuration; a
     pipeline folder's ``controlnet/`` when given the pipeline."""
-    folder, config_json = _model_folder(folder, "controlnet", "ControlNetModel", "a ControlNet")
+    # xinsir's union model: its config.json says ControlNetModel (with num_control_type), diffusers'
+    # ControlNetUnionModel writes its own name, xinsir's code calls the class ControlNetModel_Union.
+    folder, config_json = _model_folder(
+        folder, "controlnet", "ControlNetModel", "a ControlNet", "ControlNetUnionModel", "ControlNetModel_Union"
+    )
     try:
         config = diffusers_unet_config.controlnet_config_from_diffusers(config_json)
     except (ValueError, KeyError, TypeError) as error:
@@ -162,6 +167,8 @@ def controlnet_from_file(
     ControlNet file, read as `tensors.read_state_dict`; its configuration from its shapes."""
     check_finite(state_dict, path)
     config = diffusers_controlnet_config_from_shapes(state_dict, base, str(path))
+    if base is not None:  # a ControlNet of another family: said before its keys are renamed
+        check_compatible(config, base, path.name)
     control = _to_ldm(diffusers_unet.controlnet_diffusers_to_ldm, state_dict, config, path, "diffusers-controlnet")
     return control, config
 
@@ -331,8 +338,10 @@ def _write_pipeline(folder: Path, model: StableDiffusion, controlnet: ControlNet
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     if controlnet is not None:
         _write_controlnet(folder / "controlnet", controlnet)
-        components["controlnet"] = ["diffusers", "ControlNetModel"]
+        union = controlnet.config.union is not None
+        components["controlnet"] = ["diffusers", "ControlNetUnionModel" if union else "ControlNetModel"]
         pipeline = "StableDiffusionXLControlNetPipeline" if sdxl else "StableDiffusionControlNetPipeline"
+        pipeline = "StableDiffusionXLControlNetUnionPipeline" if union else pipeline
     index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **components}
     if sdxl:  # as stabilityai/stable-diffusion-xl-base-1.0's model_index.json
         index.update({"force_zeros_for_empty_prompt": True, "add_watermarker": None})

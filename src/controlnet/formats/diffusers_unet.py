@@ -120,6 +120,24 @@ def zero_conv_pairs(count: int) -> Iterator[Pair]:
     yield from _leaf_pairs("middle_block_out.0", "controlnet_mid_block")
 
 
+def union_pairs(cfg: ControlNetConfig) -> Iterator[Pair]:
+    """xinsir's union model's parts (models/controlnet_union.py): the same names in both layouts
+    (diffusers' ``ControlNetUnionModel`` and ComfyUI's LDM one read the same files)."""
+    if cfg.union is None:
+        return
+    yield "task_embedding", "task_embedding"
+    for layer in range(cfg.union.layers):
+        block = f"transformer_layes.{layer}"
+        names = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
+        names += [
+            f"{layer_name}.{param}" for layer_name in ("ln_1", "mlp.c_fc", "mlp.c_proj", "ln_2") for param in _PARAMS
+        ]
+        for name in names:
+            yield f"{block}.{name}", f"{block}.{name}"
+    for name in ("spatial_ch_projs", "control_add_embedding.linear_1", "control_add_embedding.linear_2"):
+        yield from _leaf_pairs(name, name)
+
+
 def level_has_attention(cfg: UNetConfig, level: int) -> bool:
     """LDM puts a transformer after each ResBlock of level ``level`` when its downsampling factor
     ``2 ** level`` is one of ``attention_resolutions``."""
@@ -196,6 +214,7 @@ def controlnet_key_pairs(cfg: ControlNetConfig) -> Iterator[Pair]:
     yield from hint_encoder_pairs(len(cfg.hint_block_channels))
     yield from _encoder_pairs(cfg.unet)
     yield from zero_conv_pairs(len(cfg.unet.encoder_block_channels()))
+    yield from union_pairs(cfg)
 
 
 def unet_key_map(cfg: UNetConfig) -> dict[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import TIME_ID_EMBED_DIM, ControlNetConfig, UNetConfig
+from ..config import TIME_ID_EMBED_DIM, ControlNetConfig, UNetConfig, UnionConfig
 from .diffusers_unet import level_has_attention
 
 # Settings of diffusers' models that the LDM UNet has no counterpart for: a config must leave them at
@@ -108,7 +108,10 @@ def _depth_setting(cfg: UNetConfig) -> int | list[int]:
     without attention (as SDXL's config.json has it; diffusers never reads those)."""
     if isinstance(cfg.transformer_depth, int):
         return cfg.transformer_depth
-    return [depth or 1 for depth in cfg.transformer_depth]
+    last = len(cfg.channel_mult) - 1  # the middle block's, which may have no blocks (-small)
+    return [
+        depth if cfg.has_attention(level) or level == last else 1 for level, depth in enumerate(cfg.transformer_depth)
+    ]
 
 
 def _vector_settings(cfg: UNetConfig) -> dict[str, Any]:
@@ -166,13 +169,23 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict[str
 
 
 def controlnet_config_to_diffusers(cfg: ControlNetConfig) -> dict[str, Any]:
-    """A ``config.json`` dict for ``ControlNetModel.from_config`` computing the same function."""
-    config: dict[str, Any] = {"_class_name": "ControlNetModel"}
+    """A ``config.json`` dict for ``ControlNetModel.from_config`` computing the same function
+    (``ControlNetUnionModel`` for a union model)."""
+    config: dict[str, Any] = {"_class_name": "ControlNetModel" if cfg.union is None else "ControlNetUnionModel"}
     config.update(_block_settings(cfg.unet))
     config["conditioning_channels"] = cfg.hint_channels
     config["conditioning_embedding_out_channels"] = list(cfg.hint_block_channels)
     config["global_pool_conditions"] = cfg.global_average_pooling
     config.update({k: _FIXED_SETTINGS[k] for k in _CONTROLNET_SETTINGS})
+    if cfg.union is not None:
+        width = cfg.unet.model_channels  # the tokens are the hint features' means: conv_in's width
+        config |= {
+            "num_control_type": cfg.union.control_types,
+            "num_trans_channel": width,
+            "num_trans_head": cfg.union.heads,
+            "num_trans_layer": cfg.union.layers,
+            "num_proj_channel": width,
+        }
     return config
 
 
@@ -327,4 +340,21 @@ def controlnet_config_from_diffusers(d: Mapping[str, Any], out_channels: int = 4
         hint_channels=int(_get(d, "conditioning_channels")),
         hint_block_channels=hint_block,  # type: ignore[arg-type]
         global_average_pooling=bool(_get(d, "global_pool_conditions")),
+        union=_union_from(d, unet.model_channels),
+    )
+
+
+def _union_from(d: Mapping[str, Any], width: int) -> UnionConfig | None:
+    """The union model's parts: ``num_control_type`` (xinsir's config.json and config_promax.json,
+    whose ``_class_name`` is ControlNetModel; diffusers' ControlNetUnionModel, whose defaults are
+    xinsir's fixed 8 heads, 1 layer and conv_in's width for the tokens)."""
+    if "num_control_type" not in d and d.get("_class_name") != "ControlNetUnionModel":
+        return None
+    for key in ("num_trans_channel", "num_proj_channel"):
+        if int(d.get(key, width)) != width:
+            raise ValueError(f"{key}={d[key]}: the union model's tokens are the hint features' means, {width} wide")
+    return UnionConfig(
+        control_types=int(d.get("num_control_type", 6)),
+        heads=int(d.get("num_trans_head", 8)),
+        layers=int(d.get("num_trans_layer", 1)),
     )

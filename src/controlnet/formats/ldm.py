@@ -18,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import ControlNetConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..config import (
+    ControlNetConfig,
+    ModelConfig,
+    ScheduleConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    UnionConfig,
+    VAEConfig,
+)
 from ..models.controlnet import ControlNet
 from ..models.stable_diffusion import StableDiffusion
 from ..models.text import is_position_ids_key, position_ids_entries
@@ -213,11 +221,13 @@ def _config_from_json(text: str) -> ModelConfig | ControlNetConfig:
             text_2=None if data.get("text_2") is None else _dataclass_from_dict(TextEncoderConfig, data["text_2"]),
         )
     if kind == "ControlNetConfig":
+        union = data.get("union")
         return ControlNetConfig(
             unet=_dataclass_from_dict(UNetConfig, data["unet"]),
             hint_channels=data["hint_channels"],
             hint_block_channels=tuple(data["hint_block_channels"]),
             global_average_pooling=data["global_average_pooling"],
+            union=None if union is None else _dataclass_from_dict(UnionConfig, union),
         )
     raise ValueError(f"unknown configuration type {kind!r}")
 

@@ -10,6 +10,9 @@ explicit key maps between them and the configuration read off a file's shapes.
   ``adapter.body.{level}.resnets.{j}.{block1,block2}.*`` (full); light adds
   ``adapter.body.{level}.out_conv.*``. diffusers' light ``channels`` omit the last level, which
   repeats the one before.
+- The SDXL adapters (TencentARC/t2i-adapter-*-sdxl-1.0: diffusers' ``full_adapter_xl``; TencentARC's
+  ``Adapter_XL`` in their layout, as the AUTOMATIC1111 extension's copies hold them): the full
+  adapter's keys; told apart by their 16x pixel unshuffle (a first conv reading 256 or 768 channels).
 
 The maps are pure ``dict -> dict`` renames (a round trip is bit-identical); keys they do not know
 are kept, for strict loading to name.
@@ -63,15 +66,15 @@ def detect_adapter_layout(state_dict: Mapping[str, torch.Tensor], source: str) -
 
 def adapter_diffusers_to_original(state_dict: Mapping[str, torch.Tensor], config: T2IAdapterConfig) -> StateDict:
     """diffusers ``T2IAdapter`` keys -> TencentARC's (ours)."""
-    n = config.num_res_blocks
+    n, full = config.num_res_blocks, config.kind != "light"
     out = {}
     for key, tensor in state_dict.items():
         name = key.removeprefix(DIFFUSERS_PREFIX)
         resnet = re.fullmatch(r"body\.(\d+)\.resnets\.(\d+)\.(.*)", name)
         in_conv = re.fullmatch(r"body\.(\d+)\.in_conv\.(.*)", name)
-        if config.kind == "full" and resnet:  # body.{level}.resnets.{j} -> body.{level * n + j}
+        if full and resnet:  # body.{level}.resnets.{j} -> body.{level * n + j}
             name = f"body.{int(resnet[1]) * n + int(resnet[2])}.{resnet[3]}"
-        elif config.kind == "full" and in_conv:  # a level's in_conv is its first block's
+        elif full and in_conv:  # a level's in_conv is its first block's
             name = f"body.{int(in_conv[1]) * n}.in_conv.{in_conv[2]}"
         elif resnet:  # light: body.{level}.resnets.{j} -> body.{level}.body.{j}
             name = f"body.{resnet[1]}.body.{resnet[2]}.{resnet[3]}"
@@ -85,7 +88,7 @@ def adapter_original_to_diffusers(state_dict: Mapping[str, torch.Tensor], config
     out = {}
     for key, tensor in state_dict.items():
         name = key
-        if config.kind == "full":
+        if config.kind != "light":
             match = re.match(r"body\.(\d+)\.(in_conv|block1|block2)\.(.*)$", key)
             if match:
                 level, j = divmod(int(match[1]), n)
@@ -120,18 +123,22 @@ def config_from_original(
     """
     if "conv_in.weight" in state_dict:
         widths = _indexed(state_dict, r"body\.(\d+)\.block1\.weight", source)
-        n = next((i for i, w in enumerate(widths) if w != widths[0]), None)
         conv_down = [i for i in range(len(widths)) if f"body.{i}.down_opt.op.weight" in state_dict]
-        n = num_res_blocks or (conv_down[0] if conv_down else n)
+        xl = _is_xl(state_dict, factor, source)
+        # A level ends where the width next changes (the XL adapter's first halving comes a level later).
+        n = next((i for i, w in enumerate(widths) if w != widths[0]), None)
+        n = num_res_blocks or (conv_down[0] if conv_down and not xl else n)
         if n is None or len(widths) % n:
             raise CheckpointError(f"{source}: cannot tell the adapter's levels from its block widths {widths}")
         return _config(
             source,
-            kind="full",
-            in_channels=_in_channels(state_dict, "conv_in.weight", factor, source),
+            kind="full_xl" if xl else "full",
+            in_channels=_shape(state_dict, "conv_in.weight", source)[1] // XL_DOWNSCALE_FACTOR**2
+            if xl
+            else _in_channels(state_dict, "conv_in.weight", factor, source),
             channels=tuple(widths[::n]),
             num_res_blocks=n,
-            factor=_unshuffle_factor(state_dict, "conv_in.weight", factor, source),
+            factor=XL_DOWNSCALE_FACTOR if xl else _unshuffle_factor(state_dict, "conv_in.weight", factor, source),
             kernel_size=_shape(state_dict, "body.0.block2.weight", source)[-1],
             shortcut_conv="body.0.skep.weight" in state_dict,
             conv_downsample=bool(conv_down),
@@ -151,14 +158,16 @@ def config_from_original(
 def config_from_diffusers(config: Mapping[str, object], source: str) -> T2IAdapterConfig:
     """Our configuration of a diffusers ``T2IAdapter`` ``config.json``."""
     kind = config.get("adapter_type", "full_adapter")
-    if kind == "full_adapter_xl":
-        raise CheckpointError(f"{source}: an SDXL adapter (full_adapter_xl); only SD 1.x/2.x adapters are supported")
-    if kind not in ("full_adapter", "light_adapter"):
-        raise CheckpointError(f"{source}: unknown adapter_type {kind!r}; expected full_adapter or light_adapter")
+    kinds = {"full_adapter": "full", "light_adapter": "light", "full_adapter_xl": "full_xl"}
+    if kind not in kinds:
+        raise CheckpointError(
+            f"{source}: unknown adapter_type {kind!r}; expected full_adapter, light_adapter or full_adapter_xl"
+        )
     try:
         channels = tuple(int(c) for c in config.get("channels", (320, 640, 1280, 1280)))  # type: ignore[union-attr]
         in_channels = int(config.get("in_channels", 3))  # type: ignore[arg-type]
         num_res_blocks = int(config.get("num_res_blocks", 2))  # type: ignore[arg-type]
+        # diffusers' default is 8 for every kind; the XL adapters' config.json say 16.
         factor = int(config.get("downscale_factor", 8))  # type: ignore[arg-type]
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: unreadable adapter configuration ({first_line(error)})") from None
@@ -166,7 +175,7 @@ def config_from_diffusers(config: Mapping[str, object], source: str) -> T2IAdapt
         if not channels:
             raise CheckpointError(f"{source}: a light adapter configuration without channels")
         return _config(source, "light", in_channels, (*channels, channels[-1]), num_res_blocks, factor)
-    return _config(source, "full", in_channels, channels, num_res_blocks, factor)
+    return _config(source, kinds[kind], in_channels, channels, num_res_blocks, factor)
 
 
 def config_from_diffusers_shapes(
@@ -188,7 +197,7 @@ def config_to_diffusers(config: T2IAdapterConfig) -> dict:
     """The diffusers ``T2IAdapter`` ``config.json`` of ours; a one-line error where diffusers has no
     equivalent (other kernels, shortcut or strided convolutions, a light adapter whose last two
     widths differ)."""
-    if config.kind == "full":
+    if config.kind != "light":
         if (config.kernel_size, config.shortcut_conv, config.conv_downsample) != (1, False, False):
             raise CheckpointError(
                 "diffusers' T2IAdapter has only kernel_size=1 without shortcut or strided convolutions"
@@ -200,7 +209,7 @@ def config_to_diffusers(config: T2IAdapterConfig) -> dict:
         channels = list(config.channels[:-1])
     return {
         "_class_name": "T2IAdapter",
-        "adapter_type": f"{config.kind}_adapter",
+        "adapter_type": {"full": "full_adapter", "light": "light_adapter", "full_xl": "full_adapter_xl"}[config.kind],
         "in_channels": config.in_channels,
         "channels": channels,
         "num_res_blocks": config.num_res_blocks,
@@ -239,6 +248,18 @@ def _indexed(state_dict: Mapping[str, torch.Tensor], pattern: str, source: str) 
     return [_shape(state_dict, found[i], source)[0] for i in range(len(found))]
 
 
+# The SDXL adapters unshuffle 16x: their first conv reads 256 (1 channel) or 768 (3 channels) channels,
+# how the AUTOMATIC1111 extension tells them apart (``is_sdxl = cin == 256 or cin == 768``); SD's
+# adapters read 64 or 192.
+XL_DOWNSCALE_FACTOR = 16
+_XL_UNSHUFFLED = (XL_DOWNSCALE_FACTOR**2, 3 * XL_DOWNSCALE_FACTOR**2)
+
+
+def _is_xl(state_dict: Mapping[str, torch.Tensor], factor: int | None, source: str) -> bool:
+    """Whether a full adapter is an SDXL one (for a base with SD's 8x VAE, or an unknown base)."""
+    return factor in (None, 8) and _shape(state_dict, "conv_in.weight", source)[1] in _XL_UNSHUFFLED
+
+
 def _unshuffle_factor(state_dict: Mapping[str, torch.Tensor], key: str, wanted: int | None, source: str) -> int:
     """The pixel unshuffle factor of an adapter whose first conv is ``key``: ``wanted`` where that
     conv's input divides by its square, else 8 (SD's VAE) where it is 1 to 4 image channels' worth
@@ -266,18 +287,30 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def check_adapter_compatible(config: T2IAdapterConfig, base: ModelConfig, source: str) -> None:
-    """Refuse an adapter whose feature maps do not fit the base UNet's levels (their widths) or
-    whose pixel unshuffle does not bring images to the base's latent size."""
-    if config.downscale_factor != base.vae.downsample_factor:
-        raise CheckpointError(
-            f"{source}: this T2I-Adapter shrinks images {config.downscale_factor}x but the base model "
-            f"{base.name}'s VAE {base.vae.downsample_factor}x; use an adapter made for this base"
-        )
+    """Refuse an adapter whose feature maps do not fit the base UNet where they go
+    (`models.unet.adapter_blocks`: their widths) or whose pixel unshuffle does not bring images to
+    the size there: the latent size for SD's adapters, half of it for the XL adapter, whose first
+    feature follows the UNet's first downsampling."""
+    xl = config.kind == "full_xl"
     levels = base.unet.level_channels
-    if config.channels != levels:
+    if xl:  # four features: after the first downsampling, the two other levels' ends, the middle block
+        factor, widths, what = 2 * base.vae.downsample_factor, (*levels, levels[-1]), "UNet levels and middle block"
+        if config.downscale_factor != factor:
+            raise CheckpointError(
+                f"{source}: this SDXL-type (XL) T2I-Adapter shrinks images {config.downscale_factor}x but the base "
+                f"model {base.name} needs {factor}x; use an adapter made for this base"
+            )
+    else:
+        widths, what = levels, "UNet levels"
+        if config.downscale_factor != base.vae.downsample_factor:
+            raise CheckpointError(
+                f"{source}: this T2I-Adapter shrinks images {config.downscale_factor}x but the base model "
+                f"{base.name}'s VAE {base.vae.downsample_factor}x; use an adapter made for this base"
+            )
+    if config.channels != widths:
         raise CheckpointError(
             f"{source}: this T2I-Adapter's feature widths {list(config.channels)} do not fit the base model "
-            f"{base.name}'s UNet levels {list(levels)}; use an adapter made for this base"
+            f"{base.name}'s {what} {list(widths)}; use an adapter made for this base"
         )
 
 

@@ -123,7 +123,12 @@ class ControlNet(nn.Module):
         The hint features are added to the copy's hidden state right after ``input_blocks[0]``.
         ``y``: SDXL's vector, as the UNet takes it (``UNet.forward``).
         """
-        emb = embed_time(self, timesteps, y)
+        return self.residuals(x, hint_features, embed_time(self, timesteps, y), context)
+
+    def residuals(
+        self, x: torch.Tensor, hint_features: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """`forward` from the time embedding ``emb`` on."""
         h = self.input_blocks[0](x, emb, context) + hint_features
         residuals = [self.zero_convs[0](h, emb, context)]
         for block, zero in zip(self.input_blocks[1:], self.zero_convs[1:], strict=True):

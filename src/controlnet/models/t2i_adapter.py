@@ -12,7 +12,10 @@ files load without a key map:
   level (1x1 in, residual blocks at a quarter of the width, 1x1 out).
 
 Both start with a pixel unshuffle (the image [B, C, H, W] to [B, C * 64, H/8, W/8]: the latent
-size) and return the feature after each level: [B, channels[i], H / 8 / 2^i, W / 8 / 2^i].
+size) and return the feature after each level: [B, channels[i], H / 8 / 2^i, W / 8 / 2^i]. The SDXL
+adapter (``full_xl``, TencentARC's ``Adapter_XL``) unshuffles 16x and halves once, before its third
+level: features at H/16, H/16, H/32, H/32 for SDXL's second and third levels and its middle block
+(`models.unet.adapter_blocks`).
 
 Average pooling between levels rounds up (``ceil_mode``, as diffusers' ``T2IAdapter``): equal to the
 original on the even sizes it supports, and on odd sizes the maps keep the UNet's own sizes (its
@@ -77,22 +80,23 @@ class AdapterResBlock(nn.Module):
 
 
 class FullAdapter(nn.Module):
-    """TencentARC's ``Adapter``: condition image [B, in_channels, H, W] in [0, 1] -> one feature map
-    per level."""
+    """TencentARC's ``Adapter`` (and ``Adapter_XL``, kind ``full_xl``: the same blocks, halving the
+    size before the third level only): condition image [B, in_channels, H, W] in [0, 1] -> one
+    feature map per level."""
 
     def __init__(self, config: T2IAdapterConfig) -> None:
         super().__init__()
-        if config.kind != "full":
-            raise ValueError(f"FullAdapter needs a 'full' adapter configuration, got {config.kind!r}")
+        if config.kind not in ("full", "full_xl"):
+            raise ValueError(f"FullAdapter needs a 'full' or 'full_xl' adapter configuration, got {config.kind!r}")
         self.config = config
         self.unshuffle = nn.PixelUnshuffle(config.downscale_factor)
         self.conv_in = Conv2d(config.in_channels * config.downscale_factor**2, config.channels[0], 3, padding=1)
         blocks = []
         for level, width in enumerate(config.channels):
             for j in range(config.num_res_blocks):
-                first = level > 0 and j == 0
-                previous = config.channels[level - 1] if first else width
-                blocks.append(AdapterResBlock(previous, width, down=first, config=config))
+                previous = config.channels[level - 1] if level > 0 and j == 0 else width
+                down = j == 0 and config.downsamples_before(level)
+                blocks.append(AdapterResBlock(previous, width, down=down, config=config))
         self.body = nn.ModuleList(blocks)
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -165,8 +169,8 @@ T2IAdapter = FullAdapter | LightAdapter
 
 
 def build_adapter(config: T2IAdapterConfig) -> T2IAdapter:
-    """The adapter ``config`` describes: a `FullAdapter` or a `LightAdapter`."""
-    return FullAdapter(config) if config.kind == "full" else LightAdapter(config)
+    """The adapter ``config`` describes: a `FullAdapter` (full or XL) or a `LightAdapter`."""
+    return LightAdapter(config) if config.kind == "light" else FullAdapter(config)
 
 
 def scale_features(features: list[torch.Tensor], scale: float) -> list[torch.Tensor]:

@@ -60,15 +60,20 @@ def build_label_embed(config: UNetConfig) -> nn.Sequential | None:
     return nn.Sequential(nn.Sequential(Linear(config.adm_in_channels, emb), nn.SiLU(), Linear(emb, emb)))
 
 
-def embed_time(model: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+def embed_time(
+    model: nn.Module, timesteps: torch.Tensor, y: torch.Tensor | None, extra: torch.Tensor | None = None
+) -> torch.Tensor:
     """The embedding every ResBlock reads: ``time_embed`` of the timesteps' sinusoids, plus
     ``label_emb(y)`` for SDXL (sgm ``UNetModel.forward``: ``emb = emb + self.label_emb(y)``).
 
     ``model`` is a UNet or a ControlNet: both hold ``time_features``, ``time_embed`` and
-    ``label_emb`` (None without ``adm_in_channels``). ``y``: [B, adm_in_channels].
+    ``label_emb`` (None without ``adm_in_channels``). ``y``: [B, adm_in_channels]. ``extra``: an
+    embedding added before ``label_emb(y)`` (the union ControlNet's control types, in diffusers' order).
     """
     dtype = model.time_embed[0].weight.dtype
     emb = model.time_embed(model.time_features(timesteps).to(dtype))
+    if extra is not None:
+        emb = emb + extra.to(dtype)
     label_emb = model.label_emb
     if label_emb is None:
         if y is not None:
@@ -176,10 +181,11 @@ class UNet(nn.Module):
         skip connection gets its residual before the decoder concatenates it. ``only_mid_control``
         injects the middle residual only.
 
-        ``adapter_features``: a T2I-Adapter's feature maps, one per level, each added to the hidden
-        state after the level's last ResBlock (and transformer), before its downsampling, so the
-        skip connection and everything deeper see it: TencentARC's UNet (input blocks 2, 5, 8 and 11
-        in SD) and diffusers' ``down_intrablock_additional_residuals``.
+        ``adapter_features``: a T2I-Adapter's feature maps, each added to the hidden state after an
+        input block (`adapter_blocks`: one per level, after its last ResBlock and transformer, before
+        its downsampling; the XL adapter's four on SDXL), so the skip connection and everything deeper
+        see it, or to the middle block's output: TencentARC's UNet (input blocks 2, 5, 8 and 11 in SD)
+        and diffusers' ``down_intrablock_additional_residuals``.
         """
         emb = embed_time(self, timesteps, y)
         additions = self._adapter_additions(adapter_features)
@@ -188,9 +194,11 @@ class UNet(nn.Module):
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
             if i in additions:
-                h = _add_feature(h, additions[i], i)
+                h = _add_feature(h, additions[i], f"input block {i}")
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if MIDDLE in additions:  # before the ControlNet's middle residual, as diffusers adds them
+            h = _add_feature(h, additions[MIDDLE], "the middle block")
         if control is not None:
             if len(control) != len(skips) + 1:
                 raise ValueError(f"expected {len(skips) + 1} control residuals, got {len(control)}")
@@ -204,13 +212,13 @@ class UNet(nn.Module):
         return self.out(h)
 
     def _adapter_additions(self, features: Sequence[torch.Tensor] | None) -> dict[int, torch.Tensor]:
-        """{input block index: adapter feature} for the blocks that close each level."""
+        """{input block index or MIDDLE: adapter feature}, as `adapter_blocks` places them."""
         if features is None:
             return {}
-        ends = level_end_blocks(self.config)
-        if len(features) != len(ends):
-            raise ValueError(f"expected {len(ends)} adapter features (one per UNet level), got {len(features)}")
-        return dict(zip(ends, features, strict=True))
+        return dict(zip(adapter_blocks(self.config, len(features)), features, strict=True))
+
+
+MIDDLE = -1  # where `adapter_blocks` places a feature on the middle block's output
 
 
 def level_end_blocks(config: UNetConfig) -> tuple[int, ...]:
@@ -221,10 +229,36 @@ def level_end_blocks(config: UNetConfig) -> tuple[int, ...]:
     return tuple(level * per_level + config.num_res_blocks for level in range(len(config.channel_mult)))
 
 
-def _add_feature(h: torch.Tensor, feature: torch.Tensor, block: int) -> torch.Tensor:
+def adapter_blocks(config: UNetConfig, count: int) -> tuple[int, ...]:
+    """Where ``count`` T2I-Adapter features go: input-block indices, or MIDDLE for the middle block's
+    output.
+
+    - One per level (TencentARC's SD adapters: ``(id + 1) % 3 == 0`` in their UNet): each level's last
+      block, `level_end_blocks`.
+    - One more than levels (the SDXL adapters, ``full_xl``: TencentARC runs them through diffusers'
+      UNet): diffusers' ``down_intrablock_additional_residuals`` rule, one per down block, after its
+      last ResBlock/transformer pair where it has cross-attention but after its downsampling where
+      it has none, then the last on the middle block's output. For SDXL (no attention at the first
+      level): input blocks 3, 5 and 8, and the middle block.
+    """
+    levels = len(config.channel_mult)
+    if count == levels:
+        return level_end_blocks(config)
+    if count == levels + 1:
+        ends = level_end_blocks(config)
+        last = levels - 1
+        places = [end if config.has_attention(level) or level == last else end + 1 for level, end in enumerate(ends)]
+        return (*places, MIDDLE)
+    raise ValueError(
+        f"expected {levels} adapter features (one per UNet level) or {levels + 1} (an XL adapter's: one per level "
+        f"and the middle block), got {count}"
+    )
+
+
+def _add_feature(h: torch.Tensor, feature: torch.Tensor, where: str) -> torch.Tensor:
     if feature.shape[1:] != h.shape[1:]:
         raise ValueError(
-            f"adapter feature of shape {list(feature.shape)} does not fit input block {block}'s output "
+            f"adapter feature of shape {list(feature.shape)} does not fit {where}'s output "
             f"{list(h.shape)}: the adapter or the condition image's size does not match this UNet"
         )
     return h + feature

@@ -29,6 +29,7 @@ from enum import Enum
 import torch
 
 from ..models.controlnet import ControlNet, scale_residuals, soft_control_scales
+from ..models.controlnet_union import UnionHint
 from ..models.unet import UNet
 
 
@@ -51,7 +52,9 @@ class ActiveControl:
     """One ControlNet unit, prepared for a generation: its hint features are computed once."""
 
     controlnet: ControlNet
-    hint_features: torch.Tensor  # [1, model_channels, h, w]: broadcast over the batch
+    # What its encode_hint made: [1, model_channels, h, w], broadcast over the batch (a union
+    # ControlNet's: a UnionHint of one or more conditions, models/controlnet_union.py).
+    hint_features: torch.Tensor | UnionHint
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
@@ -76,9 +79,12 @@ class ActiveControl:
     def active_at(self, step: int, total: int) -> bool:
         return step / total >= self.start and (step + 1) / total <= self.end
 
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-        """The unit's scaled residuals for a batch (the hint features broadcast over it)."""
-        raw = self.controlnet(x, self.hint_features, t, context)
+    def residuals(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The unit's scaled residuals for a batch (the hint features broadcast over it); ``y``:
+        SDXL's vector, as the UNet reads it."""
+        raw = self.controlnet(x, self.hint_features, t, context, y)
         return scale_residuals(raw, self.scales, self.controlnet.config.global_average_pooling)
 
 
@@ -134,7 +140,9 @@ class GuidedDenoiser:
 
     ``timesteps``: the plan's, to decide once which units act at which step (their windows); the
     step of a call is found from its ``t``. None: every unit acts at every call (one evaluation).
-    ``adapters``: their summed features for each step are made here, once.
+    ``adapters``: their summed features for each step are made here, once. ``cond_y`` and
+    ``uncond_y``: SDXL's vector y of each side (the pooled text embedding of its prompt and the size
+    conditioning), for the UNet and the ControlNets; None for SD 1.x/2.x.
     """
 
     def __init__(
@@ -147,6 +155,8 @@ class GuidedDenoiser:
         timesteps: Sequence[float] | torch.Tensor | None = None,
         only_mid_control: bool = False,
         adapters: Sequence[ActiveAdapter] = (),
+        cond_y: torch.Tensor | None = None,
+        uncond_y: torch.Tensor | None = None,
     ) -> None:
         """The models run in ``cond``'s dtype; ``x`` comes in (and the result goes out) in the
         sampler's dtype, and guidance combines the two sides in it."""
@@ -156,6 +166,11 @@ class GuidedDenoiser:
         # As the original: only a scale of exactly 1 makes the unconditional side irrelevant.
         self.uncond = uncond if guidance_scale != 1.0 else None
         self.both = None if self.uncond is None else torch.cat([self.uncond, cond])  # [uncond; cond], built once
+        if self.uncond is not None and (cond_y is None) != (uncond_y is None):
+            raise ValueError("give SDXL's vector y for both sides of guidance (cond_y and uncond_y), or for neither")
+        self.cond_y = cond_y
+        self.uncond_y = uncond_y if self.uncond is not None else None
+        self.both_y = None if self.uncond_y is None else torch.cat([self.uncond_y, cond_y])
         self.guidance_scale = guidance_scale
         self.controls = list(controls)
         self.schedule = None if timesteps is None else control_schedule(self.controls, timesteps)
@@ -195,8 +210,8 @@ class GuidedDenoiser:
             return self.adapter_features
         return self.adapter_features[self._step_key(t, self.adapter_features)]
 
-    def _eps(self, x, t, context, controls: Sequence[ActiveControl], features=None) -> torch.Tensor:
-        groups = [c.residuals(x, t, context) for c in controls]
+    def _eps(self, x, t, context, y, controls: Sequence[ActiveControl], features=None) -> torch.Tensor:
+        groups = [c.residuals(x, t, context, y) for c in controls]
         return self.unet(
             x,
             t,
@@ -204,6 +219,7 @@ class GuidedDenoiser:
             control=_sum_residuals(groups),
             only_mid_control=self.only_mid_control,
             adapter_features=features,
+            y=y,
         )
 
     @torch.no_grad()
@@ -212,15 +228,15 @@ class GuidedDenoiser:
         x = x.to(self.dtype)
         active, features = self.active(t), self.features(t)
         if self.uncond is None:
-            return self._eps(x, t, self.cond, active, features).to(sampling_dtype)
+            return self._eps(x, t, self.cond, self.cond_y, active, features).to(sampling_dtype)
         if not any(c.conditional_only for c in active):
             # Both sides share the same control: one batched call, [uncond; cond].
-            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), self.both, active, features)
+            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), self.both, self.both_y, active, features)
             uncond_out, cond_out = both.chunk(2)
         else:
             # The adapters act on both sides (diffusers' adapter pipelines).
-            cond_out = self._eps(x, t, self.cond, active, features)
+            cond_out = self._eps(x, t, self.cond, self.cond_y, active, features)
             shared = [c for c in active if not c.conditional_only]
-            uncond_out = self._eps(x, t, self.uncond, shared, features)
+            uncond_out = self._eps(x, t, self.uncond, self.uncond_y, shared, features)
         uncond_out, cond_out = uncond_out.to(sampling_dtype), cond_out.to(sampling_dtype)
         return uncond_out + self.guidance_scale * (cond_out - uncond_out)
