@@ -161,10 +161,7 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
     RequestError naming the field and what is allowed. ``annotators``: the folder of annotator
     weights (annotators/weights.py; None: its default). What depends on the model (its ControlNets
     and T2I-Adapters) is checked once it is loaded (`unit_models`)."""
-    try:  # None: the model's default, short (the pipeline checks the texts it encodes again)
-        check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
-    except ValueError as error:
-        raise RequestError(str(error)) from None
+    _check_prompts(request)
     try:
         check_generation({name: getattr(request, name) for name in GENERATION})
         if request.resolution is not None and request.resolution > limits.max_resolution:
@@ -178,10 +175,19 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
         raise RequestError(str(error)) from None
 
 
+def _check_prompts(request: GenerateRequest) -> None:
+    try:  # None: the model's default, short (the pipeline checks the texts it encodes again)
+        check_prompts(request.prompt, request.added_prompt or "", request.negative_prompt or "")
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+
+
 def check_guided(request: GenerateRequest) -> None:
     """The page's and the JSON API's rule: something to follow, a prompt or a control image (an
-    empty prompt alone is most likely a mistake there). The AUTOMATIC1111 API, whose clients send
-    an empty prompt by default, makes unconditional images from it as the web UI does."""
+    empty prompt alone is most likely a mistake there), checked after the prompts' own limits, as
+    check_request would. The AUTOMATIC1111 API, whose clients send an empty prompt by default,
+    makes unconditional images from it as the web UI does."""
+    _check_prompts(request)
     if not request.prompt.strip() and not request.units:
         raise RequestError("give a prompt or a control image (or both)")
 
