@@ -129,8 +129,9 @@ def test_demo_generates_from_every_shipped_example(tmp_path, capsys):
     out = capsys.readouterr().out
     examples = shipped.examples()
     assert shipped.NAME in out and len(examples) >= 3
-    names = [e.name for e in examples] + [f"{e.name}-other-colours" for e in examples if e.other_prompt]
-    names.append(f"{examples[0].name}-guess-mode")
+    compositions = [e.name for e in examples if len(e.controls) > 1]
+    names = [e.name for e in examples] + [f"{examples[0].name}-other-colours", f"{examples[0].name}-guess-mode"]
+    names += [f"{name}-guess-mode" for name in compositions]
     for name in [*names, "overview"]:
         path = tmp_path / f"{name}.png"
         assert path.is_file() and str(path) in out

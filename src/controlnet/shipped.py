@@ -53,12 +53,14 @@ class ShippedModel:
     title: str  # said when it is used by default
     base: str  # the base model's file (VAE + text encoder + UNet, LDM layout) in the weights folder
     controls: tuple[Control, ...]  # in the order Pipeline.default() and the server load (and index) them
+    examples: str  # the folder of its example controls inside the package (examples.json lists them)
 
 
 SHAPES = ShippedModel(
     "shapes (the shipped model: 128 px synthetic scenes, Canny ControlNet)",
     "shapes.safetensors",
     (Control("canny", "shapes-canny.safetensors", "controlnet", "Canny edges, white on black", "canny"),),
+    "examples",
 )
 
 # The world model (issue 19), trained by scripts/train_world_model.sh on `controlnet data world`
@@ -74,6 +76,7 @@ WORLD = ShippedModel(
         Control("scribble", "world-scribble.safetensors", "controlnet", "rough outlines, white on black", "scribble"),
         Control("canny", "world-canny-adapter.safetensors", "adapter", "Canny edges, white on black", "canny"),
     ),
+    "examples/world",
 )
 
 MODEL = SHAPES  # what ships in src/controlnet/weights/
@@ -82,14 +85,33 @@ BASE_FILE = MODEL.base
 
 
 @dataclass(frozen=True)
+class ExampleControl:
+    """One control of an example: a shipped model by name and the map it reads, with the unit's
+    strength and window (settings.UNIT's defaults unless the example says otherwise)."""
+
+    model: str  # a shipped Control's name
+    kind: str  # "controlnet" or "adapter" (KINDS)
+    image: Path  # the control map, ready (no annotator needed)
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
 class Example:
-    """A shipped control image (Canny edges of a held-apart scene) and a prompt that fits it."""
+    """Control maps of a held-apart scene (the model never trained on it) and a prompt that fits them:
+    one control, or several at once (a composition)."""
 
     name: str
-    control: Path
     prompt: str
-    other_prompt: str | None = None  # the same shapes in other colours
-    scene: Path | None = None  # the picture the edges were detected in (for the canny annotator)
+    controls: tuple[ExampleControl, ...]
+    other_prompt: str | None = None  # the same things in other colours
+    scene: Path | None = None  # the picture the maps come from (the canny annotator finds the edges in it)
+
+    @property
+    def control(self) -> Path:
+        """The first control's map."""
+        return self.controls[0].image
 
 
 def _package_file(*parts: str) -> Path:
@@ -188,14 +210,24 @@ def missing() -> list[Path]:
 
 
 def examples() -> list[Example]:
-    """The example control images that ship with the package (``make demo`` uses them)."""
-    folder = _package_file("examples")
+    """The example controls that ship with the package (``make demo`` uses them)."""
+    folder = _package_file(*MODEL.examples.split("/"))
     listing = json.loads((folder / "examples.json").read_text())
     return [
         Example(
             item["name"],
-            folder / item["control"],
             item["prompt"],
+            tuple(
+                ExampleControl(
+                    unit["model"],
+                    unit.get("kind", "controlnet"),
+                    folder / unit["image"],
+                    unit.get("strength", 1.0),
+                    unit.get("start", 0.0),
+                    unit.get("end", 1.0),
+                )
+                for unit in item["controls"]
+            ),
             item.get("other_prompt"),
             folder / item["scene"] if "scene" in item else None,
         )

@@ -1,9 +1,11 @@
 """``controlnet demo`` (what ``make demo`` runs): the shipped model on the shipped example controls.
 
-For each example control image (Canny edges of a scene the model never saw) it generates an image
-from the example's prompt; then the same edges under prompts with other colours (the prompt decides
-what fills the edges), and guess mode on the first (the ControlNet alone, with an empty prompt).
-Every image and an overview grid (controls above, images below) go to the output folder.
+For each shipped example (condition maps of a scene the model never saw: one per shipped
+ControlNet, the T2I-Adapter, and compositions of several units at once, each with its strength and
+window) it generates an image from the example's prompt; then the first example's maps under a
+prompt with other colours (the prompt decides what fills them), and guess mode (the controls alone,
+with an empty prompt) on the first example and on every composition. Every image and an overview grid
+(controls above, images below) go to the output folder.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from .. import shipped
 from ..files import atomic_file
@@ -60,23 +64,24 @@ def run_demo(
     print(f"loaded in {time.perf_counter() - loading:.1f} s ({pipe.dtype} on {pipe.device})")
     size = pipe.model.config.native_resolution
 
-    jobs = [(example.name, example, prompt or example.prompt, "balanced") for example in examples]
-    if prompt is None:  # the same edges under other colours: the prompt still decides what fills them
-        jobs += [(f"{e.name}-other-colours", e, e.other_prompt, "balanced") for e in examples if e.other_prompt]
-    jobs.append((f"{examples[0].name}-guess-mode", examples[0], "", "control"))
+    jobs = [(example.name, example, prompt or example.prompt) for example in examples]
+    if prompt is None:  # the same maps under other colours: the prompt still decides what fills them
+        first = examples[0]
+        jobs.append((f"{first.name}-other-colours", first, first.other_prompt))
+    # Guess mode: the controls alone, with an empty prompt (the first example, and every composition).
+    guessed = [examples[0], *(example for example in examples[1:] if len(example.controls) > 1)]
+    jobs += [(f"{example.name}-guess-mode", example, "") for example in guessed]
 
     paths, controls, images, started = [], [], [], time.perf_counter()
-    for name, example, text, mode in jobs:
-        control = load_image(example.control)
-        result = pipe.generate(
-            text, [ControlUnit(control, mode=mode)], seed=SEED, steps=steps, guidance_scale=7.5, resolution=size
-        )
+    for name, example, text in jobs:
+        units = [_unit(pipe, control, guess_mode=not text) for control in example.controls]
+        result = pipe.generate(text, units, seed=SEED, steps=steps, guidance_scale=7.5, resolution=size)
         path = save_png(out / f"{name}.png", result.images[0])  # whole or not at all (a disk that fills up)
-        controls.append(result.control_maps[0])
+        controls.append(overlay(result.control_maps))
         images.append(result.images[0])
         paths.append(path)
         shown = f'"{text}"' if text else "(empty prompt, guess mode)"
-        print(f"  {path}  {shown}")
+        print(f"  {path}  [{_describe(example)}]  {shown}")
     seconds = time.perf_counter() - started
     print(f"{len(jobs)} images at {size}x{size}, {steps} DDIM steps with guidance: {seconds:.1f} s")
 
@@ -87,3 +92,44 @@ def run_demo(
     paths.append(overview)
     print(f"overview (controls above, images below): {overview}")
     return paths
+
+
+def _unit(pipe: Pipeline, control: shipped.ExampleControl, guess_mode: bool) -> ControlUnit:
+    """The control unit of one example control: its shipped model by name, its map as it is (a
+    ready map: no annotator), its strength and window; "control" mode (the ControlNet decides, the
+    paper's guess mode) under an empty prompt."""
+    unit = ControlUnit(
+        load_image(control.image),
+        strength=control.strength,
+        start=control.start,
+        end=control.end,
+        mode="control" if guess_mode else "balanced",
+    )
+    if control.kind == "adapter":
+        unit.adapter = pipe.adapter_index(control.model)
+    else:
+        unit.controlnet = pipe.controlnet_index(control.model)
+    return unit
+
+
+def _describe(example: shipped.Example) -> str:
+    """The example's units, e.g. "pose + depth 0.8 until 60%"."""
+    parts = []
+    for control in example.controls:
+        part = control.model + (" adapter" if control.kind == "adapter" else "")
+        if control.strength != 1.0:
+            part += f" {control.strength:g}"
+        if (control.start, control.end) != (0.0, 1.0):
+            part += f" {control.start:.0%}-{control.end:.0%}"
+        parts.append(part)
+    return " + ".join(parts)
+
+
+def overlay(maps: list[np.ndarray]) -> np.ndarray:
+    """Several control maps as one picture for the overview: the first unit's drawn over the
+    others' (pose over depth, edges over segments), where it is not black."""
+    shown = maps[-1].copy()
+    for layer in reversed(maps[:-1]):
+        drawn = layer.max(axis=-1) > 0
+        shown[drawn] = layer[drawn]
+    return shown
