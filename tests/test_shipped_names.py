@@ -289,6 +289,51 @@ def test_the_default_pipeline_holds_every_shipped_model_in_registry_order(tiny_r
         only_depth.controlnet_index("canny")
 
 
+def test_the_demo_builds_each_examples_units_by_name_with_strength_and_window(tiny_registry, tmp_path, monkeypatch):
+    """Every demo image is the image of the units its example names, built by hand: a ControlNet, the
+    adapter, and a composition of two ControlNets with a strength and a window; guess mode runs on the
+    composition with an empty prompt and "control" mode."""
+    from controlnet.cli.demo import SEED, run_demo
+
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    edges, ring = circle_edges(64), np.roll(circle_edges(64), 9, axis=1)
+    Image.fromarray(edges).save(folder / "edges.png")
+    Image.fromarray(ring).save(folder / "ring.png")
+    composed = [
+        {"model": "canny", "image": "edges.png"},
+        {"model": "depth", "image": "ring.png", "strength": 0.6, "end": 0.5},
+    ]
+    listing = [
+        {"name": "one", "prompt": "a ring", "other_prompt": "a blue ring", "controls": [composed[0]]},
+        {"name": "adapted", "prompt": "a ring", "controls": [{**composed[0], "kind": "adapter"}]},
+        {"name": "both", "prompt": "two rings", "controls": composed},
+    ]
+    (folder / "examples.json").write_text(json.dumps(listing))
+    monkeypatch.setattr(shipped, "examples_folder", lambda: folder)
+    written = run_demo(tmp_path / "out", steps=2, device="cpu", dtype="float32")
+    assert [p.stem for p in written] == [
+        "one", "adapted", "both", "one-other-colours", "one-guess-mode", "both-guess-mode", "overview"
+    ]  # fmt: skip
+
+    pipe = Pipeline.default("cpu", "float32")
+
+    def by_hand(prompt: str, *units: ControlUnit) -> np.ndarray:
+        return pipe.generate(prompt, list(units), seed=SEED, steps=2, guidance_scale=7.5).images[0]
+
+    canny, depth = ControlUnit(edges, controlnet=0), ControlUnit(ring, controlnet=1, strength=0.6, end=0.5)
+    assert np.array_equal(load_image(written[0]), by_hand("a ring", canny))
+    assert np.array_equal(load_image(written[1]), by_hand("a ring", ControlUnit(edges, adapter=0)))
+    assert np.array_equal(load_image(written[2]), by_hand("two rings", canny, depth))
+    assert np.array_equal(load_image(written[3]), by_hand("a blue ring", canny))
+    guessed = [
+        ControlUnit(edges, controlnet=0, mode="control"),
+        ControlUnit(ring, controlnet=1, strength=0.6, end=0.5, mode="control"),
+    ]
+    assert np.array_equal(load_image(written[5]), by_hand("", *guessed))
+    assert not np.array_equal(load_image(written[5]), by_hand("", canny, depth))  # the mode acts
+
+
 # -- the JSON API and the page's menu -----------------------------------------------------------
 
 

@@ -53,14 +53,13 @@ class ShippedModel:
     title: str  # said when it is used by default
     base: str  # the base model's file (VAE + text encoder + UNet, LDM layout) in the weights folder
     controls: tuple[Control, ...]  # in the order Pipeline.default() and the server load (and index) them
-    examples: str  # the folder of its example controls inside the package (examples.json lists them)
+    examples: str = "examples"  # the folder of its example controls in the package (examples.json lists them)
 
 
 SHAPES = ShippedModel(
     "shapes (the shipped model: 128 px synthetic scenes, Canny ControlNet)",
     "shapes.safetensors",
     (Control("canny", "shapes-canny.safetensors", "controlnet", "Canny edges, white on black", "canny"),),
-    "examples",
 )
 
 # The world model (issue 19), trained by scripts/train_world_model.sh on `controlnet data world`
@@ -76,7 +75,7 @@ WORLD = ShippedModel(
         Control("scribble", "world-scribble.safetensors", "controlnet", "rough outlines, white on black", "scribble"),
         Control("canny", "world-canny-adapter.safetensors", "adapter", "Canny edges, white on black", "canny"),
     ),
-    "examples/world",
+    examples="examples/world",
 )
 
 MODEL = SHAPES  # what ships in src/controlnet/weights/
@@ -121,6 +120,11 @@ def _package_file(*parts: str) -> Path:
 def weights_folder() -> Path:
     """The folder of the shipped weight files, inside the package."""
     return _package_file("weights")
+
+
+def examples_folder() -> Path:
+    """The folder of the shipped model's example controls, inside the package."""
+    return _package_file(*MODEL.examples.split("/"))
 
 
 def base_path() -> Path:
@@ -211,7 +215,7 @@ def missing() -> list[Path]:
 
 def examples() -> list[Example]:
     """The example controls that ship with the package (``make demo`` uses them)."""
-    folder = _package_file(*MODEL.examples.split("/"))
+    folder = examples_folder()
     listing = json.loads((folder / "examples.json").read_text())
     return [
         Example(
