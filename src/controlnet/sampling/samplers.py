@@ -34,11 +34,12 @@ the init latents, noised to the level the step reached, back outside the mask::
     latents = sample(denoise, noise, plan, init=init_latents, after_step=keep)
 
 The level after the last step is 0 (``plan.noise(x0, noise, plan.total_steps)`` is ``x0``),
-except for DDIM, whose last step lands on ``alphas_cumprod[0]`` (sigma 0.029): the original
-decodes those latents as the result, and so does this module; ``plan.sigmas`` says so.
+except for DDIM and TCD, whose last step lands on ``alphas_cumprod[0]`` (sigma 0.029): the
+original (and diffusers' TCD) decodes those latents as the result, and so does this module;
+``plan.sigmas`` says so.
 
-The samplers' own arithmetic is in solvers.py, the noise levels in schedules.py, the eps/v algebra
-in parametrisation.py. v-prediction: Salimans & Ho 2022 (arXiv:2202.00512).
+The samplers' own arithmetic is in solvers.py (the few-step LCM and TCD in few_step.py), the noise
+levels in schedules.py, the eps/v algebra in parametrisation.py. v-prediction: Salimans & Ho 2022 (arXiv:2202.00512).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from typing import Literal
 import torch
 
 from ..config import PredictionType, ScheduleConfig
+from .few_step import TCD_GAMMA, lcm_loop, lcm_prepare, tcd_loop, tcd_prepare
 from .parametrisation import noised, x0_and_eps
 from .schedules import (
     _check_steps,
@@ -77,6 +79,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 StepCallback = Callable[[int, int], None]  # (completed steps, total steps)
 AfterStep = Callable[[torch.Tensor, int], torch.Tensor]  # (VP latents after step i, i) -> latents
+OnDenoised = Callable[[torch.Tensor, int], None]  # (the model's clean-latent estimate at step i, i)
 Space = Literal["vp", "sigma"]
 Coefficients = dict[str, torch.Tensor]  # a sampler's per-step constants (solvers.py)
 
@@ -156,18 +159,21 @@ class Plan:
         )
 
 
-def make_plan(name: str, schedule: ScheduleConfig, steps: int, *, eta: float = 0.0) -> Plan:
+def make_plan(name: str, schedule: ScheduleConfig, steps: int, *, eta: float | None = None) -> Plan:
     """The plan of sampler ``name`` for ``steps`` steps of ``schedule``.
 
-    ``eta`` is DDIM's (0: deterministic, 1: DDPM-like noise); other samplers take none (Euler
-    ancestral always adds the full ancestral noise, eta 1).
+    ``eta``: the sampler's stochasticity, for the samplers that take one (``SamplerSpec.eta``):
+    DDIM's eta (0: deterministic, 1: DDPM-like noise) and TCD's gamma (0: deterministic, 1: fresh
+    noise from x0 at every step). None: the sampler's own default (DDIM 0, TCD 0.3). The other
+    samplers take none (Euler ancestral always adds the full ancestral noise, eta 1).
     """
     spec = get_sampler(name)
     _check_steps(steps, schedule.num_timesteps)
     # Above 1 the DDIM update's "direction" sqrt(1 - alpha_prev - sigma^2) is the root of a negative
     # number (Song et al. 2021, eq. 12): NaN latents, black images. NaN fails both comparisons.
-    if not 0 <= eta <= 1 or (eta != 0 and name != "ddim"):
-        raise ValueError(f"eta must be between 0 and 1 and applies to 'ddim' only, got eta={eta} for {name!r}")
+    if eta is not None and (not 0 <= eta <= 1 or (eta != 0 and spec.eta is None)):
+        raise ValueError(f"eta must be between 0 and 1 and applies to {_eta_names()} only, got eta={eta} for {name!r}")
+    eta = (spec.eta or 0.0) if eta is None else eta
     if spec.vp_constants is not None:
         timesteps, sigmas, coefficients = spec.vp_constants(schedule, steps, eta)
     else:
@@ -214,6 +220,7 @@ def sample(
     generator: Generators = None,
     callback: StepCallback | None = None,
     after_step: AfterStep | None = None,
+    on_denoised: OnDenoised | None = None,
 ) -> torch.Tensor:
     """Run ``plan`` and return the clean latents (VP space; at sigma 0 all spaces agree).
 
@@ -225,12 +232,15 @@ def sample(
     also the index of the step to be evaluated next).
     ``after_step(x, step_index) -> x``: after each step, before ``callback``, on the VP latents
     at ``plan.noise_level(step_index + 1)``; what it returns continues the run (inpainting).
-    Returns the VP latents at ``plan.noise_level(total_steps)``: 0 but for DDIM (0.029).
+    Returns the VP latents at ``plan.noise_level(total_steps)``: 0 but for DDIM and TCD (0.029).
     With UniPC the next step's corrector recomputes the state from the previous sample, so an
     edit there acts through the model outputs (as in diffusers); the final step's edit is exact.
+    ``on_denoised(x0, step_index)``: at each step, the model's clean-latent estimate ``x0`` (the
+    latents the pipeline decodes; k-diffusion's callback's ``denoised``), once per model call:
+    what a live preview shows. It must not change ``x0``.
     """
     spec = SAMPLERS[plan.sampler]
-    run = _Run(denoise, plan, x, generator, callback, after_step, spec.space)
+    run = _Run(denoise, plan, x, generator, callback, after_step, spec.space, on_denoised)
     with torch.no_grad():
         state = run.from_vp(plan.start(x, init), 0)
         state = spec.loop(run, state)
@@ -249,6 +259,7 @@ class _Run:
         callback: StepCallback | None,
         after_step: AfterStep | None,
         space: Space,
+        on_denoised: OnDenoised | None = None,
     ) -> None:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.c = {name: value.to(x.device, dtype) for name, value in plan.coefficients.items()}
@@ -256,6 +267,7 @@ class _Run:
         self.timesteps = timesteps.contiguous().to(x.device)  # [N, B]: row i is step i's t
         self.denoise, self.plan, self.space = denoise, plan, space
         self.generator, self.callback, self.after_step = generator, callback, after_step
+        self.on_denoised = on_denoised
         self.total = plan.total_steps
 
     def to_vp(self, x: torch.Tensor, level: int) -> torch.Tensor:
@@ -269,9 +281,12 @@ class _Run:
         """``(x0, eps)`` from the model at step ``i``, for the sampler's own latents ``x``."""
         x_vp = self.to_vp(x, i)
         output = self.denoise(x_vp, self.timesteps[i])
-        return x0_and_eps(
+        x0, eps = x0_and_eps(
             self.plan.prediction, x_vp, output, self.c["sqrt_alpha"][i], self.c["sqrt_one_minus_alpha"][i]
         )
+        if self.on_denoised is not None:
+            self.on_denoised(x0, i)
+        return x0, eps
 
     def denoised(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The model's clean-latent estimate at step ``i``: k-diffusion's ``model(x, sigma)``."""
@@ -315,10 +330,11 @@ VPConstants = Callable[[ScheduleConfig, int, float], tuple[torch.Tensor, torch.T
 class SamplerSpec:
     """A sampler: its loop and how its constants are made.
 
-    VP samplers (DDIM, UniPC) have their own timesteps: ``vp_constants(schedule, steps, eta)``
-    gives ``(timesteps, sigmas, coefficients)``. Sigma samplers take any noise levels:
+    VP samplers (DDIM, UniPC, LCM, TCD) have their own timesteps: ``vp_constants(schedule, steps,
+    eta)`` gives ``(timesteps, sigmas, coefficients)``. Sigma samplers take any noise levels:
     ``sigma_schedule(schedule, steps)`` gives the default ones and ``sigma_constants(sigmas)``
-    the per-step constants for them.
+    the per-step constants for them. ``eta``: the default of the sampler's stochasticity setting
+    (``make_plan``'s ``eta``), None for a sampler that takes none.
     """
 
     name: str
@@ -327,6 +343,7 @@ class SamplerSpec:
     vp_constants: VPConstants | None = None
     sigma_schedule: Callable[[ScheduleConfig, int], torch.Tensor] | None = None
     sigma_constants: Callable[[torch.Tensor], Coefficients] | None = None
+    eta: float | None = None
 
     @property
     def space(self) -> Space:
@@ -345,7 +362,9 @@ def _default(schedule: ScheduleConfig, steps: int) -> torch.Tensor:
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
-        SamplerSpec("ddim", ddim_loop, "DDIM as the original (eta 0: deterministic)", vp_constants=ddim_prepare),
+        SamplerSpec(
+            "ddim", ddim_loop, "DDIM as the original (eta 0: deterministic)", vp_constants=ddim_prepare, eta=0.0
+        ),
         SamplerSpec("euler", euler_loop, "Euler", sigma_schedule=_default, sigma_constants=euler_prepare),
         SamplerSpec(
             "euler_a",
@@ -363,6 +382,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
             sigma_constants=dpmpp_2m_prepare,
         ),
         SamplerSpec("unipc", unipc_loop, "UniPC (bh2, order 2)", vp_constants=unipc_prepare),
+        SamplerSpec(
+            "lcm", lcm_loop, "LCM, for LCM models and LCM-LoRA (2-8 steps, guidance 1-2)", vp_constants=lcm_prepare
+        ),
+        SamplerSpec(
+            "tcd",
+            tcd_loop,
+            "TCD, for TCD-LoRA and LCM models (2-8 steps; eta: its gamma, 0.3 by default)",
+            vp_constants=tcd_prepare,
+            eta=TCD_GAMMA,
+        ),
     )
 }
 
@@ -373,6 +402,10 @@ def get_sampler(name: str) -> SamplerSpec:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+
+
+def _eta_names() -> str:
+    return " and ".join(repr(name) for name, spec in SAMPLERS.items() if spec.eta is not None)
 
 
 def _sigma_names() -> str:
