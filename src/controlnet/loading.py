@@ -8,6 +8,8 @@ keys lack the ``control_model.`` prefix; diffusers folders (``unet/``, ``vae/``,
 both layouts (``sd_xl_base_1.0.safetensors``; folders with ``text_encoder_2/``). `load_adapter`:
 T2I-Adapters (TencentARC's ``.pth`` files, diffusers folders and files; ``formats/t2i_adapter``).
 `load_vae`: a VAE alone, in place of a base model's (SDXL's fp16-fix VAE, SD's ft-MSE VAE).
+`load_taesd`: TAESD, the tiny autoencoder (``taesd_decoder.pth`` and ``taesd_encoder.pth``,
+diffusers' ``AutoencoderTiny`` folders; ``formats/taesd``).
 
 Safety (``formats/tensors``): safetensors first; pickles only through
 ``torch.load(weights_only=True)``; weights holding NaN or infinite values are refused. Strictness
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import ControlNetConfig, ModelConfig, VAEConfig
-from .formats import control_lora, diffusers, diffusers_vae, ldm, t2i_adapter
+from .formats import control_lora, diffusers, diffusers_vae, ldm, t2i_adapter, taesd
 from .formats.detect import (
     base_config_from_shapes,
     check_compatible,
@@ -42,6 +44,7 @@ from .models.controlnet import ControlNet
 from .models.controlnet_union import build_controlnet
 from .models.stable_diffusion import StableDiffusion, build_empty
 from .models.t2i_adapter import T2IAdapter, build_adapter
+from .models.taesd import TinyAutoencoder
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 
@@ -52,6 +55,7 @@ __all__ = [
     "load_base",
     "load_controlnet",
     "load_strict",
+    "load_taesd",
     "load_vae",
     "transfer_control",
 ]
@@ -222,6 +226,50 @@ def load_vae(
     check_finite(weights, path)
     model = build_empty(lambda: AutoencoderKL(config))
     load_strict(model, weights, "VAE", f"{path.name} ({fmt})")
+    return model.to(dtype)
+
+
+def load_taesd(
+    *paths: str | os.PathLike, base: ModelConfig | None = None, dtype: torch.dtype = torch.float32
+) -> TinyAutoencoder:
+    """TAESD (models/taesd.py) from its files: ``taesd_decoder.pth`` alone (enough to decode and
+    preview), with ``taesd_encoder.pth`` (to encode too), the same as ``.safetensors``, a diffusers
+    ``AutoencoderTiny`` folder (``config.json`` and weights) or its weights file alone. SDXL's
+    ``taesdxl_*`` files load the same way: the layout is the same, the weights differ, and nothing
+    in a file says which family it was made for, so give the one of your base model.
+
+    Each part must be given once and match the model whole. With ``base``, a TAESD whose latents
+    are not that base's (channels, 8x downsampling) is refused."""
+    if not paths:
+        raise ValueError("load_taesd needs a TAESD file or folder")
+    weights: StateDict = {}
+    sources: dict[str, str] = {}  # part -> where it was read
+    stated = {}  # a folder's config.json: its latent channels
+    for path in map(Path, paths):
+        if path.is_dir():
+            stated[path.name] = taesd.check_diffusers_config(diffusers.read_json(path / "config.json"), str(path))
+            tensors = diffusers.read_weights(path)
+        else:
+            tensors = read_state_dict(path)[0]
+            check_finite(tensors, path)
+        found, layout = taesd.to_whole_layout(tensors, str(path))
+        for part in sorted(taesd.parts_of(found)):
+            if part in sources:
+                raise CheckpointError(f"{path.name}: a second TAESD {part}; the first came from {sources[part]}")
+            sources[part] = f"{path.name} ({layout})"
+        weights.update(found)
+    source = ", ".join(sources.values()) or ", ".join(Path(p).name for p in paths)
+    channels = taesd.latent_channels_of(weights, source)
+    for folder, count in stated.items():
+        if count != channels:
+            raise CheckpointError(f"{folder}: config.json says {count} latent channels, its weights have {channels}")
+    if base is not None and (base.vae.embed_dim, base.vae.downsample_factor) != (channels, 8):
+        raise CheckpointError(
+            f"{source}: TAESD reads {channels}-channel latents at 1/8 of the image's size; this base model's "
+            f"are {base.vae.embed_dim}-channel at 1/{base.vae.downsample_factor}"
+        )
+    model = build_empty(lambda: TinyAutoencoder(channels, encoder="encoder" in sources, decoder="decoder" in sources))
+    load_strict(model, weights, "TAESD", source)
     return model.to(dtype)
 
 
