@@ -98,7 +98,7 @@ def has_projection(cfg: TextEncoderConfig) -> bool:
     return cfg.pooled and not _sd2_convention(cfg)
 
 
-def _tables(
+def key_tables(
     cfg: TextEncoderConfig,
 ) -> tuple[dict[str, str], dict[str, tuple[str, str, str]], dict[str, str], list[str]]:
     """(renames ours -> theirs, splits ours -> (q, k, v), transposes ours -> theirs, our keys
@@ -156,7 +156,7 @@ def _check_keys(actual: set[str], expected: set[str], what: str) -> None:
 
 def text_ldm_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
     """Our text-encoder state dict (keys after ``cond_stage_model.``) -> diffusers file keys."""
-    renames, splits, transposes, dropped = _tables(cfg)
+    renames, splits, transposes, dropped = key_tables(cfg)
     keys = set(sd) - {POSITION_IDS_KEY}
     _check_keys(keys, {*renames, *splits, *transposes, *dropped}, "text encoder state dict")
     out = {theirs: sd[ours] for ours, theirs in renames.items()}
@@ -174,7 +174,7 @@ def text_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], cfg: TextEncoderConfig
     if not any(k.startswith("text_model.") for k in sd):
         # transformers 5's save_pretrained names CLIPTextModel weights without the prefix.
         sd = {k if k == _PROJECTION else "text_model." + k: v for k, v in sd.items()}
-    renames, splits, transposes, dropped = _tables(cfg)
+    renames, splits, transposes, dropped = key_tables(cfg)
     keys = set(sd) - {_DIFFUSERS_POSITION_IDS}
     expected = {*renames.values(), *(n for names in splits.values() for n in names), *transposes.values()}
     _check_keys(keys, expected, "diffusers text encoder")
