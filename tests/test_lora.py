@@ -38,14 +38,16 @@ from controlnet.lora import (
     parse_lora_argument,
     prompt_loras,
 )
+from controlnet.models.conditioning import added_vector
 from controlnet.models.stable_diffusion import build_text_encoders
+from controlnet.models.text import with_padding
 from controlnet.models.unet import UNet
 
 from .helpers import random_module, relative_error
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders import StableDiffusionLoraLoaderMixin  # noqa: E402
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin  # noqa: E402
 from diffusers.utils.peft_utils import get_peft_kwargs  # noqa: E402
 from diffusers.utils.state_dict_utils import (  # noqa: E402
     convert_state_dict_to_diffusers,
@@ -148,7 +150,9 @@ def _low_rank_layers(root: nn.Module, rank: int, conv_rank: int, generator: torc
 
 
 def _text_name(name: str) -> str:
-    return name if name.startswith("text_model.") else f"text_model.{name}"
+    """transformers' module path as kohya and diffusers spell it (transformers 5 leaves out
+    ``text_model.``; SDXL's ``text_projection`` is outside it)."""
+    return name if name.startswith(("text_model.", "text_projection")) else f"text_model.{name}"
 
 
 def write_kohya(path: Path, unet: nn.Module, text: nn.Module, seed: int, alpha=2.0, conv_alpha=1.0) -> Path:
@@ -250,20 +254,22 @@ def _peft_merge(root: nn.Module, state: dict, config: dict, weight: float) -> No
         layer.weight.data = layer.weight.data + weight * scale * delta
 
 
-def _diffusers_reading(path: Path, text: nn.Module):
-    """What diffusers makes of a file: (UNet's PEFT state dict and LoraConfig arguments, the text
-    encoder's), by its own code (load_lora_weights -> load_lora_into_unet / _text_encoder)."""
-    state, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
-    readings = []
-    for prefix, is_unet in (("unet", True), ("text_encoder", False)):
+def _diffusers_reading(path: Path, roots: dict[str, nn.Module], loader=StableDiffusionLoraLoaderMixin, **kwargs):
+    """What diffusers makes of a file for each of ``roots`` (``unet``, ``text_encoder``,
+    ``text_encoder_2``): the PEFT state dict and LoraConfig arguments its ``load_lora_weights``
+    would give PEFT (``load_lora_into_unet`` / ``_load_lora_into_text_encoder``), by its own code."""
+    state, alphas, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True, **kwargs)
+    readings = {}
+    for prefix, root in roots.items():
+        is_unet = prefix == "unet"
         own = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
-        own_alphas = {k.removeprefix(f"{prefix}."): v for k, v in (alphas or {}).items() if k.startswith(f"{prefix}.")}
+        own_alphas = {k.removeprefix(f"{prefix}."): v for k, v in (alphas or {}).items() if k.split(".")[0] == prefix}
         if is_unet:
             own = convert_unet_state_dict_to_peft(own) if "lora_A" not in next(iter(own)) else own
             ranks = {f"^{k}": v.shape[1] for k, v in own.items() if "lora_B" in k}
         else:
             own = convert_state_dict_to_peft(convert_state_dict_to_diffusers(own))
-            if not hasattr(text, "text_model"):
+            if not hasattr(root, "text_model"):
                 own = {k.removeprefix("text_model."): v for k, v in own.items()}
             ranks = {k: v.shape[1] for k, v in own.items() if "lora_B" in k}
         config = {k.removeprefix(f"{prefix}."): v for k, v in (metadata or {}).items() if k.startswith(f"{prefix}.")}
@@ -271,17 +277,20 @@ def _diffusers_reading(path: Path, text: nn.Module):
             config = get_peft_kwargs(ranks, own_alphas, own, is_unet=is_unet)
         config = {"rank_pattern": {}, "alpha_pattern": {}, **config}
         config["rank_pattern"] = {k.lstrip("^"): v for k, v in config["rank_pattern"].items()}
-        readings.append((own, config))
+        readings[prefix] = (own, config)
     return readings
+
+
+def _merge_reference(roots: dict[str, nn.Module], files: list[tuple[Path, float]], **kwargs) -> None:
+    for path, weight in files:
+        for prefix, (state, config) in _diffusers_reading(path, roots, **kwargs).items():
+            _peft_merge(roots[prefix], state, config, weight)
 
 
 def _reference(model: _Model, files: list[tuple[Path, float]]):
     """diffusers' UNet and transformers' text encoder on the model's weights with the files merged."""
     unet, text = _their_unet(model), _their_text(model)
-    for path, weight in files:
-        (unet_state, unet_config), (text_state, text_config) = _diffusers_reading(path, text)
-        _peft_merge(unet, unet_state, unet_config, weight)
-        _peft_merge(text, text_state, text_config, weight)
+    _merge_reference({"unet": unet, "text_encoder": text}, files)
     return _their_outputs(unet, text, model.config)
 
 
@@ -410,10 +419,68 @@ def test_a_tucker_convolution_is_the_three_convolutions_in_a_row(tmp_path):
 # --- SDXL: two text encoders, and the UNet under its original names --------------------------------
 
 
-def test_sdxl_text_encoders_take_lora_te1_and_lora_te2(tmp_path):
+@pytest.fixture(scope="module")
+def sdxl() -> _Model:
     from .test_sdxl import SMALL
 
-    model = _ours(SMALL)
+    return _ours(SMALL)
+
+
+@torch.no_grad()
+def test_an_sdxl_lora_matches_diffusers(sdxl, tmp_path):
+    """kohya's SDXL layout: the UNet under the original (sgm) module names, ``lora_te1_`` and
+    ``lora_te2_`` (with the bigG's ``text_projection``), against diffusers' SDXL reading."""
+    from .test_sdxl import _inputs, _transformers_text
+
+    config = sdxl.config
+    state = sdxl.text_encoder.state_dict()
+    texts = [
+        _transformers_text(
+            cfg,
+            {k.removeprefix(f"embedders.{i}."): v.clone() for k, v in state.items() if k.startswith(f"embedders.{i}.")},
+        )
+        for i, cfg in enumerate((config.text, config.text_2))
+    ]
+    roots = {"unet": _their_unet(sdxl), "text_encoder": texts[0], "text_encoder_2": texts[1]}
+    generator = torch.Generator().manual_seed(13)
+    tensors = {}
+    for prefix, root in (("lora_unet_", sdxl.unet), ("lora_te1_", texts[0]), ("lora_te2_", texts[1])):
+        for name, down, up in _low_rank_layers(root, 4, 2, generator):
+            module = prefix + (name if root is sdxl.unet else _text_name(name)).replace(".", "_")
+            tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"] = down.half(), up.half()
+            tensors[f"{module}.alpha"] = torch.tensor(1.0 if down.ndim == 4 and down.shape[2] > 1 else 2.0)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha" in tensors
+    assert "lora_te2_text_projection.alpha" in tensors
+    path = tmp_path / "xl.safetensors"
+    save_file(tensors, str(path))
+
+    x, t, context, pooled, time_ids = _inputs(seed=1)
+    tokens = sdxl.text_encoder.tokenize(["a photo of a cat", "an astronaut riding a horse"])
+    with apply_loras(sdxl, [(load_lora(path), 0.9)]):
+        ours = sdxl.unet(x, t, context, y=added_vector(pooled, time_ids)), sdxl.text_encoder.encode(tokens)
+    _merge_reference(roots, [(path, 0.9)], loader=StableDiffusionXLLoraLoaderMixin, unet_config=roots["unet"].config)
+    theirs = roots["unet"](
+        x, t, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+    )
+    first = roots["text_encoder"](with_padding(tokens, config.text.pad_token_id), output_hidden_states=True)
+    second = roots["text_encoder_2"](with_padding(tokens, config.text_2.pad_token_id), output_hidden_states=True)
+    for name, a, b in [
+        ("UNet", ours[0], theirs.sample),
+        ("context", ours[1].context, torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)),
+        ("pooled", ours[1].pooled, second.text_embeds),
+    ]:
+        error = relative_error(a, b)
+        print(f"SDXL kohya {name}: relative max abs error {error:.1e}")
+        assert error <= TOLERANCE, name
+    # An SDXL LoRA on an SD model: one line, naming what it is for.
+    with pytest.raises(CheckpointError, match=r"match no layer .*first: lora_\w+\); a LoRA for SDXL$"):
+        apply_loras(_ours(SD1_LIKE), [(load_lora(path), 1.0)])
+
+
+def test_sdxl_text_encoders_take_lora_te1_and_lora_te2(sdxl, tmp_path):
+    from .test_sdxl import SMALL
+
+    model = sdxl
     first, second = model.text_encoder.embedders
     generator = torch.Generator().manual_seed(12)
     tensors = {}
@@ -448,9 +515,6 @@ def test_sdxl_text_encoders_take_lora_te1_and_lora_te2(tmp_path):
         "unet.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
     }
     assert first is model.text_encoder.embedders[0] and second is model.text_encoder.embedders[1]
-    # An SDXL LoRA on an SD model: one line, naming what it is for.
-    with pytest.raises(CheckpointError, match=r"match no layer .*first: lora_te2_\w+\); a LoRA for SDXL$"):
-        apply_loras(_ours(SD1_LIKE), [(lora, 1.0)])
 
 
 # --- refusals, each in one line --------------------------------------------------------------------
