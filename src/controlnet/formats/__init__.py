@@ -12,6 +12,8 @@
   them, configurations from shapes; SD's and SDXL's adapters);
 - ``control_lora``: Stability's Control-LoRA files (an SDXL ControlNet as low-rank differences from
   its base UNet) and the ControlNet weights they make on a given base;
+- ``lora``: LoRA files (kohya / AUTOMATIC1111 and diffusers / PEFT layouts) and the names of our modules
+  their layers change (merging them into a model: ``controlnet.lora``);
 - ``errors``: CheckpointError, the one-line error of all of them.
 
 Building models from these files is ``controlnet.loading``'s.
