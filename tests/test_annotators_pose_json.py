@@ -226,6 +226,21 @@ def test_a_point_of_confidence_zero_is_absent_and_others_are_kept() -> None:
     np.testing.assert_array_equal(person.people[0].body[1:3], [[0.2, 0.2, 0.3], [0.4, 0.4, 1]])
 
 
+def test_a_person_of_null_or_empty_parts_and_cmus_extra_keys_is_read_as_nothing_detected() -> None:
+    # The refusal of a person with none of the four keys (BAD_JSON) leaves these alone: the parts
+    # given as null or [] (the extension writes null for a part not detected), CMU's other keys.
+    people = [
+        {"pose_keypoints_2d": None, "hand_left_keypoints_2d": [], "hand_right_keypoints_2d": None},
+        {"face_keypoints_2d": [], "person_id": [-1], "pose_keypoints_3d": [], "face_keypoints_3d": []},
+        {"pose_keypoints_2d": [0.5, 0.5, 1] * 18, "hand_left_keypoints_3d": [1, 2, 3, 1]},
+    ]
+    poses = read_pose_json(json.dumps({"people": people, "canvas_width": 64, "canvas_height": 64}))
+    for person in poses.people[:2]:
+        assert all(getattr(person, f) is None for f in ("body", "left_hand", "right_hand", "face"))
+    np.testing.assert_array_equal(poses.people[2].body, [[0.5, 0.5, 1]] * 18)
+    assert poses.people[2].left_hand is None and poses.people[2].face is None
+
+
 def test_cmu_body_25_is_reduced_to_the_18_coco_points(tmp_path) -> None:
     # CMU's default model writes 25 points: MidHip at 8 and six foot points at 19-24; no canvas size.
     points = np.arange(75, dtype=float).reshape(25, 3) + 1
@@ -311,6 +326,15 @@ BAD_JSON = {
     "null number": (_with().replace("275.25", "null"), r"pose_keypoints_2d\[0\] must be a finite number, got None"),
     "far away": (_with().replace("275.25", "1e9"), "more than 1000 canvas sizes away"),
     "animals": (_with(animals=[[1, 2, 1] * 17]), "animal poses, which are not supported"),
+    "person empty": (
+        json.dumps({"people": [{}], "canvas_width": 64, "canvas_height": 64}),
+        r"^pose JSON: people\[0\] has none of pose_keypoints_2d, hand_left_keypoints_2d, "
+        r"hand_right_keypoints_2d, face_keypoints_2d \(null or \[\] for a part not detected\); it is empty$",
+    ),
+    "person's key misspelled": (
+        _with(people=[EDITOR_JSON["people"][0], {"pose_keypoints": [0.5, 0.5, 1] * 18, "person_id": [-1]}]),
+        r"people\[1\] has none of pose_keypoints_2d, .*face_keypoints_2d .*; it has 'pose_keypoints', 'person_id'$",
+    ),
 }
 
 

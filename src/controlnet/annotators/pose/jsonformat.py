@@ -13,7 +13,9 @@ within [-1, 1], else it is in pixels of the canvas. A point is absent when its c
 (CMU and the extension write 0, 0, 0 for it). The extension keeps only points of confidence 1;
 CMU writes real confidences, so any confidence above 0 is kept here. BODY_25 bodies (CMU's default
 model) are reduced to the 18 COCO points the ControlNet pose models know (MidHip and the feet
-dropped). CMU's files record no canvas size: give it as `canvas`.
+dropped). CMU's files record no canvas size: give it as `canvas`. A person must hold at least one of the four
+keys (null or [] for a part not detected; other keys, CMU's `person_id` or its 3D lists, are ignored):
+a person of none of them, `{}` or a misspelled key, is refused rather than drawn as nothing.
 
 Writing follows the extension's encode_poses_as_json: normalised coordinates, confidence 1 for
 every present point (the extension drops points below 1), absent points as 0, 0, 0, missing
@@ -162,6 +164,12 @@ def _finite(value: Any) -> bool:
 def _person(entry: Any, index: int, width: int, height: int) -> Person:
     if not isinstance(entry, dict):
         raise ValueError(f"people[{index}] must be an object of keypoint lists, got {_kind(entry)}")
+    if not any(key in entry for key, _, _ in PARTS):  # {} or a misspelled key: a person of nothing
+        keys = ", ".join(_show(k) for k in list(entry)[:4]) + (", ..." if len(entry) > 4 else "")
+        raise ValueError(
+            f"people[{index}] has none of {', '.join(key for key, _, _ in PARTS)} (null or [] for a part "
+            f"not detected)" + (f"; it has {keys}" if entry else "; it is empty")
+        )
     parts = {}
     for key, field, count in PARTS:
         where = f"people[{index}].{key}"
