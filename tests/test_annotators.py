@@ -3,6 +3,9 @@ contract for every annotator, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -300,12 +303,42 @@ NETWORK = sorted(name for name, annotator in ANNOTATORS.items() if annotator.wei
 
 
 @pytest.mark.parametrize("name", NETWORK)
-def test_a_network_annotator_without_its_file_names_it_and_its_source(name: str, tmp_path) -> None:
-    weight = get_annotator(name).missing(tmp_path)[0]
+def test_a_network_annotator_without_its_files_names_them_all_and_their_source(name: str, tmp_path) -> None:
+    missing = get_annotator(name).missing(tmp_path)
+    assert missing == list(get_annotator(name).weights)
     with pytest.raises(AnnotatorWeightsError) as refused:
         run_annotator(name, _shapes(64, 64), None, runtime=Runtime(tmp_path))
     message = str(refused.value)
-    assert "\n" not in message and weight.name in message and str(tmp_path) in message and weight.source in message
+    assert "\n" not in message and str(tmp_path) in message
+    for weight in missing:  # openpose_full: body, hand and face, in one line
+        assert weight.name in message and weight.network in message and weight.source in message
+    with pytest.raises(AnnotatorWeightsError) as checked:  # what the commands call before anything loads
+        get_annotator(name).check_weights(tmp_path)
+    assert str(checked.value) == message
+
+
+def test_only_the_missing_files_are_named_and_nothing_is_read_before(tmp_path) -> None:
+    (tmp_path / "body_pose_model.pth").write_bytes(b"not read: the other two are missing")
+    with pytest.raises(AnnotatorWeightsError) as refused:
+        run_annotator("openpose_full", _shapes(64, 64), None, runtime=Runtime(tmp_path))
+    message = str(refused.value)
+    assert message.startswith("hand_pose_model.pth (the OpenPose hand network (CMU; 21 keypoints)) and facenet.pth ")
+    assert "body_pose_model.pth" not in message and "get them from https://huggingface.co/lllyasviel/" in message
+
+
+def test_the_missing_files_message_lists_each_file_once_and_each_source() -> None:
+    from controlnet.annotators.weights import WeightFile, missing_files_error
+
+    a, b, c = (WeightFile(f"{x}.pth", f"the {x} network", f"https://example.org/{x}", markers=()) for x in "abc")
+    folder = Path("/nowhere")
+    one = str(missing_files_error([a], folder))
+    assert one.startswith("a.pth (the a network) is not in /nowhere (") and "get it from https://example.org/a" in one
+    same = str(missing_files_error([a, dataclasses.replace(b, source=a.source)], folder))
+    assert same.startswith("a.pth (the a network) and b.pth (the b network) are not in /nowhere (")
+    assert same.endswith("; get them from https://example.org/a and put them there (or their .safetensors versions)")
+    three = str(missing_files_error([a, b, c], folder))
+    assert three.startswith("a.pth (the a network), b.pth (the b network) and c.pth (the c network) are not in")
+    assert "; get a.pth from https://example.org/a, b.pth from https://example.org/b and c.pth from " in three
 
 
 def _input_for(name: str, image: np.ndarray) -> np.ndarray:

@@ -183,8 +183,7 @@ class Reextraction:
         if annotator.inputs or annotator.float_output:
             raise ValueError(f"annotator {self.annotator!r} needs more than an image; it cannot re-extract conditions")
         self.resolved()
-        for weight in annotator.weights:
-            weight.path((self.runtime or Runtime.default()).folder)
+        annotator.check_weights((self.runtime or Runtime.default()).folder)
 
     def resolved(self) -> dict:
         return get_annotator(self.annotator).resolve(self.params)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..imaging.images import HWC3
 from ..imaging.resize import Interpolation
-from .weights import WeightFile, annotators_folder
+from .weights import WeightFile, annotators_folder, check_files
 
 ParamValue = int | float | bool | str
 AnnotatorFn = Callable[..., np.ndarray]
@@ -126,6 +126,11 @@ class Annotator:
         """The weight files this annotator needs that `folder` (see `annotators_folder`) lacks."""
         where = annotators_folder(folder)
         return [w for w in self.weights if w.find(where) is None]
+
+    def check_weights(self, folder: str | Path | None = None) -> None:
+        """Nothing when `folder` holds every weight file; else AnnotatorWeightsError, one line naming
+        each missing file, the folder and where to get them (before any file is read)."""
+        check_files(self.weights, annotators_folder(folder))
 
     def load(self, runtime: Runtime | None = None) -> AnnotatorFn:
         """The annotator's function for `runtime`, built on first use and kept for the next calls

@@ -30,7 +30,7 @@ from .pose.face import face_box, face_heatmaps, face_peaks
 from .pose.hand import hand_boxes, hand_heatmaps, hand_peaks
 from .pose.jsonformat import poses_to_json
 from .pose.keypoints import Person, Poses
-from .weights import WeightFile, load_network
+from .weights import WeightFile, check_files, load_network
 
 _SOURCE = "https://huggingface.co/lllyasviel/Annotators"
 
@@ -137,8 +137,7 @@ def _factory(weights: tuple[WeightFile, ...], draw_body: bool) -> Callable[[Runt
     hands, face = HAND_WEIGHTS in weights, FACE_WEIGHTS in weights
 
     def build(runtime: Runtime) -> AnnotatorFn:
-        for weight in weights:  # a missing file is named before the others are read
-            weight.path(runtime.folder)
+        check_files(weights, runtime.folder)  # every missing file named before any is read
         dtype = policy.DTYPES[runtime.dtype]
 
         def load(weight: WeightFile, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:

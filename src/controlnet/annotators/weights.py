@@ -8,13 +8,14 @@ It is read as every weight file of this package is (formats/tensors.py: safetens
 through ``weights_only``), then checked to be the network it is named for, by keys only that
 network's file holds (`WeightFile.markers`): a hand model saved as ``body_pose_model.pth`` is named
 as the hand model. `load_strict` then fills the network, every key matched, every shape equal.
-Every failure is one line (`AnnotatorWeightsError`) naming the file, the folder and what to do.
+Every failure is one line (`AnnotatorWeightsError`) naming the file, the folder and what to do;
+`check_files` names every missing file of an annotator that reads several (openpose_full: three).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,10 +85,7 @@ class WeightFile:
         """The file in ``folder``, or AnnotatorWeightsError saying where to get it and put it."""
         path = self.find(folder)
         if path is None:
-            raise AnnotatorWeightsError(
-                f"{self.name} ({self.network}) is not in {_where(folder)}; "
-                f"get it from {self.source} and put it there (or its .safetensors version)"
-            )
+            raise missing_files_error([self], folder)
         return path
 
     def read(self, folder: Path) -> StateDict:
@@ -119,6 +117,35 @@ class WeightFile:
         the shape `shapes` gives it."""
         keys = all(_without(m, self.prefix) in tensors for m in self.markers)
         return keys and not any(_wrong_shape(tensors, _without(k, self.prefix), s) for k, s in self.shapes)
+
+
+def check_files(weights: Sequence[WeightFile], folder: Path) -> None:
+    """Nothing when ``folder`` holds every file of ``weights``; else AnnotatorWeightsError naming
+    all the missing ones in one line (openpose_full's three, not the first alone)."""
+    missing = [w for w in weights if w.find(folder) is None]
+    if missing:
+        raise missing_files_error(missing, folder)
+
+
+def missing_files_error(missing: Sequence[WeightFile], folder: Path) -> AnnotatorWeightsError:
+    """The one-line error for ``missing`` files (at least one) absent from ``folder``: each file and
+    what it holds, the folder searched, and where to get them."""
+    if len(missing) == 1:
+        (weight,) = missing
+        return AnnotatorWeightsError(
+            f"{weight.name} ({weight.network}) is not in {_where(folder)}; "
+            f"get it from {weight.source} and put it there (or its .safetensors version)"
+        )
+    files = _and([f"{w.name} ({w.network})" for w in missing])
+    sources = list(dict.fromkeys(w.source for w in missing))
+    get = f"them from {sources[0]}" if len(sources) == 1 else _and([f"{w.name} from {w.source}" for w in missing])
+    return AnnotatorWeightsError(
+        f"{files} are not in {_where(folder)}; get {get} and put them there (or their .safetensors versions)"
+    )
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _wrong_shape(tensors: StateDict, key: str, shape: tuple[int, ...]) -> bool:

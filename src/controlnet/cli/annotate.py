@@ -93,8 +93,7 @@ def cmd_annotate(args: argparse.Namespace) -> None:
     if args.device != "auto":
         check_device(args.device)
     runtime = Runtime.default(args.annotators_dir, None if args.device == "auto" else args.device, args.dtype)
-    for weight in annotator.weights:  # a missing file, before anything is read: where to get it
-        weight.path(runtime.folder)
+    annotator.check_weights(runtime.folder)  # every missing file, before anything is read: where to get them
     resolution = 512 if args.resolution is None and annotator.from_file is None else args.resolution
     image = None if annotator.from_file is not None else load_image(args.input)  # ImageError: exit 1
     try:
