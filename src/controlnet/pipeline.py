@@ -24,6 +24,18 @@ end=cond_tau``: step ``i`` of ``N`` acts when ``i < int(N * end)``, diffusers' r
 adapter pipeline's ``adapter_conditioning_factor``; TencentARC's own code rounds the other way
 (``i < N - int(N * (1 - cond_tau))``), one step more when ``N * cond_tau`` is not a whole number.
 Adapters take no control mode but ``balanced`` and no per-residual ``scales``.
+
+SDXL (docs/sdxl.md) goes through the same `generate`: its two text encoders give each prompt a
+context and a pooled embedding, which with the size conditioning (``size_conditioning``; by default
+original = target = the output size, crop (0, 0)) is the vector y the UNet and every ControlNet read,
+on both sides of guidance. An empty negative prompt is zeros, context and pooled alike (diffusers'
+SDXL pipelines with their default ``force_zeros_for_empty_prompt``, which SDXL base's model_index.json
+keeps), where SD 1.x/2.x encode the empty text. A union ControlNet (xinsir's) is chosen per unit like
+any other; each unit's control type is its ``control_type``, or by default the one its annotator
+makes (`UNION_TYPES`). Units of one union ControlNet with the same window and mode are one network
+call with several conditions, each weighted by its unit's strength, as xinsir's model is meant to
+be used (diffusers' union pipeline with a ``controlnet_conditioning_scale`` list); a union unit alone
+is diffusers' single-condition call, its strength scaling the residuals.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,15 +60,25 @@ from .formats.t2i_adapter import check_adapter_compatible
 from .imaging.images import HWC3
 from .imaging.resize import fit_to, pixel_perfect_resolution, resize_image
 from .loading import load_adapter, load_base, load_controlnet
+from .models.conditioning import SizeConditioning
 from .models.controlnet import ControlNet
+from .models.controlnet_union import UnionCondition, UnionControlNet, control_type_id
 from .models.placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
 from .models.stable_diffusion import StableDiffusion
 from .models.t2i_adapter import T2IAdapter, scale_features
 from .runtime import check_finite, dtype_name, parse_dtype, prepare, use_channels_last
 from .sampling.guidance import ActiveAdapter, ActiveControl, ControlMode, GuidedDenoiser
-from .sampling.prompts import check_prompts, encode_prompts, full_prompt
+from .sampling.prompts import check_prompts, encode_prompts, encode_prompts_pooled, full_prompt
 from .sampling.samplers import Plan, make_plan, sample
-from .settings import GENERATION, MAX_SEED, UNIT, check_generation, check_output_size, check_unit
+from .settings import (
+    AUTO_UNION_TYPE,
+    GENERATION,
+    MAX_SEED,
+    UNIT,
+    check_generation,
+    check_output_size,
+    check_unit,
+)
 
 # The latents between steps and the sampler's arithmetic: float32 whatever the models' dtype (a
 # bf16 latent would lose 8 bits at every step's update; the models' inputs are cast per call).
@@ -64,6 +87,33 @@ SAMPLING_DTYPE = torch.float32
 MAX_IMAGES = int(GENERATION["num_images"].maximum)
 GUIDANCE_RANGE = (GENERATION["guidance_scale"].minimum, GENERATION["guidance_scale"].maximum)
 RESOLUTION_RANGE = (int(GENERATION["resolution"].minimum), int(GENERATION["resolution"].maximum))
+
+# The union control type (models/controlnet_union.CONTROL_TYPES) of each annotator's map, for a
+# union ControlNet unit whose control_type is "auto": the pairs of xinsir's README, the AUTOMATIC1111
+# extension's and ComfyUI's union nodes. Annotators not listed (none, shuffle, grey, threshold, ...)
+# make no one type: such a unit names its control_type.
+UNION_TYPES: dict[str, str] = {
+    "canny": "canny",
+    "mlsd": "mlsd",
+    "mlsd_lsd": "mlsd",
+    **dict.fromkeys(("lineart_standard", "lineart_realistic", "lineart_coarse"), "lineart"),
+    "lineart_anime": "anime_lineart",
+    **dict.fromkeys(("softedge_hed", "softedge_hedsafe"), "hed"),
+    **dict.fromkeys(("softedge_pidinet", "softedge_pidisafe"), "pidi"),
+    **dict.fromkeys(("scribble", "scribble_hed", "scribble_pidinet"), "scribble"),
+    **dict.fromkeys(
+        ("openpose", "openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_json"),
+        "openpose",
+    ),
+    **dict.fromkeys(
+        ("depth_midas", "depth_anything_v2", "depth_anything_v2_vitb", "depth_anything_v2_vits", "depth_from_file"),
+        "depth",
+    ),
+    **dict.fromkeys(("normal_midas", "normal_bae"), "normal"),
+    "seg_from_labels": "segment",
+    "tile": "tile",
+    "inpaint": "inpaint",
+}
 
 
 @dataclass
@@ -87,6 +137,19 @@ class ControlUnit:
     # A T2I-Adapter unit: the index of a loaded adapter (Pipeline's ``adapters``); ``controlnet`` is
     # then unused. None: a ControlNet unit.
     adapter: int | None = None
+    # A union ControlNet's control type for this map (a name of models/controlnet_union.CONTROL_TYPES:
+    # "openpose", "depth", "canny", ...); "auto": the annotator's (UNION_TYPES). Other models ignore it.
+    control_type: str = UNIT["control_type"].default
+
+
+class EncodedPrompts(NamedTuple):
+    """The prompt's and the negative prompt's encodings, [1, T, width] each, and for SDXL their
+    vector y, [1, adm_in_channels] each (None for SD 1.x/2.x)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    cond_y: torch.Tensor | None = None
+    uncond_y: torch.Tensor | None = None
 
 
 @dataclass
@@ -158,10 +221,14 @@ class Pipeline:
         annotators_dir: str | os.PathLike | None = None,
         adapters: Sequence[str | os.PathLike] = (),
     ) -> Pipeline:
-        """``adapters``: T2I-Adapter files or folders (loading.load_adapter)."""
+        """``controlnets``: ControlNet files or folders (loading.load_controlnet: SDXL's full, -mid
+        and -small, xinsir's union models, Stability's Control-LoRA, rebuilt here on the base's
+        UNet); ``adapters``: T2I-Adapter files or folders (loading.load_adapter). One made for
+        another family than the base's (an SD 1.5 ControlNet for SDXL, ...) is refused in one line
+        naming both."""
         dtype = parse_dtype(dtype, device)
         model = load_base(base, prediction=prediction, dtype=dtype)
-        loaded = [load_controlnet(path, model.config, dtype=dtype) for path in controlnets]
+        loaded = [load_controlnet(path, model.config, unet=model.unet, dtype=dtype) for path in controlnets]
         loaded_adapters = [load_adapter(path, model.config, dtype=dtype) for path in adapters]
         pipe = cls(model, loaded, device, dtype, low_memory, annotators_dir=annotators_dir, adapters=loaded_adapters)
         pipe.files = {"controlnet": [Path(p) for p in controlnets], "adapter": [Path(p) for p in adapters]}
@@ -363,6 +430,7 @@ class Pipeline:
         latents: torch.Tensor | None = None,
         output: str = "uint8",
         progress: Callable[[int, int], None] | None = None,
+        size_conditioning: SizeConditioning | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt`` following ``controls``.
 
@@ -375,6 +443,10 @@ class Pipeline:
         last ``int(steps * strength)`` steps run). Inpainting: also a ``mask`` (uint8 or bool,
         white/true = repaint): after every step the latents outside the mask are replaced by the
         init latents at the same noise level, and the decoded image keeps the init pixels there.
+
+        SDXL: ``size_conditioning`` (models/conditioning.py) sets the original size, the crop's
+        top-left corner and the target size the model is told, on both sides of guidance; by default
+        original = target = the output size, crop (0, 0). Models without it refuse it.
         """
         # Every setting, checked here once (settings.py), and later the PNG record's start.
         job = {
@@ -390,6 +462,7 @@ class Pipeline:
             "resolution": resolution,
         }
         self._check_arguments(job, controls, output, denoising_strength, init_image, mask)
+        self._check_size_conditioning(size_conditioning)
         check_output_size(width, height)
         seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else seed
         seeds = [seed + i for i in range(num_images)]
@@ -400,8 +473,9 @@ class Pipeline:
         mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
 
         with self.placement.use(self.model.text_encoder):
-            encoded = [full_prompt(prompt, added_prompt), negative_prompt]
-            context = encode_prompts(self.model.text_encoder, encoded).to(self.dtype)
+            text = self.encode_text(
+                full_prompt(prompt, added_prompt), negative_prompt, height, width, size_conditioning
+            )
         control_maps = [self.control_map(unit, height, width, resolution, mask, named_size) for unit in controls]
         init_latents = None
         if init is not None:
@@ -421,16 +495,17 @@ class Pipeline:
                 if u.adapter is not None
             ]
         with self.placement.use(self.model.unet, *self.controlnets):
-            pairs = zip(controls, control_maps, strict=True)
-            active = [self.activate(unit, cmap) for unit, cmap in pairs if unit.adapter is None]
+            active = self.activate_controls(controls, control_maps)
             denoiser = GuidedDenoiser(
                 self.model.unet,
-                cond=context[0:1].expand(num_images, -1, -1),
-                uncond=context[1:2].expand(num_images, -1, -1),
+                cond=text.cond.expand(num_images, -1, -1),
+                uncond=text.uncond.expand(num_images, -1, -1),
                 guidance_scale=guidance_scale,
                 controls=active,
                 timesteps=plan.timesteps,
                 adapters=adapters,
+                cond_y=None if text.cond_y is None else text.cond_y.expand(num_images, -1),
+                uncond_y=None if text.uncond_y is None else text.uncond_y.expand(num_images, -1),
             )
             blend = None if mask is None else self.inpaint_blend(plan, mask, init_latents, noise)
             x = sample(
@@ -448,8 +523,57 @@ class Pipeline:
         check_finite(images, f"the images decoded by the VAE (in {_dtype_name(self.dtype)})")
         images = _finish(images, init, mask, output)
         job |= {"seed": seed, "resolution": resolution, "width": int(width), "height": int(height)}
+        if self.reads_vector:  # what SDXL was told about the picture's size
+            ids = (size_conditioning or SizeConditioning()).time_ids(height, width)
+            job["size_conditioning"] = {
+                "original_size": list(ids[0:2]),
+                "crop_top_left": list(ids[2:4]),
+                "target_size": list(ids[4:6]),
+            }
         record = self._record(job, controls, denoising_strength if init is not None else None, mask)
         return GenerationResult(list(images), control_maps, seeds, record)
+
+    @property
+    def reads_vector(self) -> bool:
+        """Whether the base model reads SDXL's vector y (pooled text and size conditioning)."""
+        return self.model.config.unet.adm_in_channels is not None
+
+    @torch.no_grad()
+    def encode_text(
+        self, prompt: str, negative_prompt: str, height: int, width: int, size: SizeConditioning | None = None
+    ) -> EncodedPrompts:
+        """The prompt (with its added prompt) and the negative prompt encoded once, in the models'
+        dtype; for SDXL with the vector y of each for a ``height`` x ``width`` output.
+
+        SDXL's empty negative prompt is zeros (context and pooled), as diffusers' SDXL pipelines make
+        it with ``force_zeros_for_empty_prompt``, their default and SDXL base's setting, rather than the
+        encoding of the empty text (what SD 1.x/2.x use, and SDXL with a negative prompt)."""
+        encoder = self.model.text_encoder
+        if not self.reads_vector:
+            context = encode_prompts(encoder, [prompt, negative_prompt]).to(self.dtype)
+            return EncodedPrompts(context[0:1], context[1:2])
+        if negative_prompt:
+            context, pooled = encode_prompts_pooled(encoder, [prompt, negative_prompt])
+        else:
+            context, pooled = encode_prompts_pooled(encoder, [prompt])
+            context, pooled = (
+                torch.cat([context, torch.zeros_like(context)]),
+                torch.cat([pooled, torch.zeros_like(pooled)]),
+            )
+        y = self.model.added_conditioning(pooled, height, width, size)
+        context, y = context.to(self.dtype), y.to(self.dtype)
+        return EncodedPrompts(context[0:1], context[1:2], y[0:1], y[1:2])
+
+    def _check_size_conditioning(self, size: SizeConditioning | None) -> None:
+        if size is None:
+            return
+        if not isinstance(size, SizeConditioning):
+            raise ValueError(f"size_conditioning must be a SizeConditioning, got {type(size).__name__}")
+        if not self.reads_vector:
+            config = self.model.config
+            raise ValueError(
+                f"size conditioning is SDXL's; the base model {config.name} ({config.unet.family}) takes none"
+            )
 
     def _record(self, job: dict, controls: Sequence[ControlUnit], denoising_strength, mask) -> dict:
         """The record a PNG carries (metadata.py): the job's settings and what the pipeline adds;
@@ -459,7 +583,7 @@ class Pipeline:
             "dtype": str(self.dtype).removeprefix("torch."),
             "img2img": denoising_strength is not None,
             "inpaint": mask is not None,
-            "controls": [_unit_record(u) for u in controls],
+            "controls": [_unit_record(u, self.union_type(u)) for u in controls],
             "version": __version__,
         }
         if denoising_strength is not None:
@@ -467,6 +591,62 @@ class Pipeline:
         if mask is not None:  # the share of the picture repainted
             record["inpaint_area"] = round(float((mask[:, :, 0] > 127).mean()), 4)
         return record
+
+    def activate_controls(self, controls: Sequence[ControlUnit], control_maps: Sequence[np.ndarray]) -> list:
+        """The ControlNet units ready for sampling (`ActiveControl`), their hints computed once.
+
+        The units of one union ControlNet with the same window and mode (and no per-residual
+        scales) become one: one network call with a condition per unit, weighted by the unit's
+        strength, the residuals unscaled (`activate_union`)."""
+        active: list[ActiveControl | tuple] = []
+        groups: dict[tuple, list[tuple[ControlUnit, np.ndarray]]] = {}
+        for unit, control_map in zip(controls, control_maps, strict=True):
+            if unit.adapter is not None:
+                continue
+            if not self.is_union(unit.controlnet) or unit.scales is not None:
+                active.append(self.activate(unit, control_map))
+                continue
+            key = (unit.controlnet, unit.start, unit.end, ControlMode.parse(unit.mode))
+            if key not in groups:
+                groups[key] = []
+                active.append(key)  # its place among the units: residuals are summed in unit order
+            groups[key].append((unit, control_map))
+        return [self.activate_union(groups[a]) if isinstance(a, tuple) else a for a in active]
+
+    def activate_union(self, members: Sequence[tuple[ControlUnit, np.ndarray]]) -> ActiveControl:
+        """Union units sharing one network, window and mode, as one unit: one condition alone is
+        diffusers' single-condition model (weight 1 inside, the unit's strength on the residuals);
+        several are weighted inside the network by their strengths (diffusers' list of
+        conditioning scales), the residuals unscaled. An inpaint map's masked pixels (-1) become
+        black: ProMax's condition (models/controlnet_union.inpaint_condition)."""
+        first = members[0][0]
+        controlnet = self.controlnets[first.controlnet]
+        alone = len(members) == 1
+        conditions = [
+            UnionCondition(
+                self.hint_tensor(cmap).clamp(min=0.0), self.union_type(unit), 1.0 if alone else unit.strength
+            )
+            for unit, cmap in members
+        ]
+        return ActiveControl(
+            controlnet=controlnet,
+            hint_features=controlnet.encode_conditions(conditions),
+            strength=first.strength if alone else 1.0,
+            start=first.start,
+            end=first.end,
+            mode=ControlMode.parse(first.mode),
+        )
+
+    def is_union(self, controlnet: int) -> bool:
+        """Whether the ControlNet of index ``controlnet`` is a union model (xinsir's)."""
+        return isinstance(self.controlnets[controlnet], UnionControlNet)
+
+    def union_type(self, unit: ControlUnit) -> str | None:
+        """The union control type of a unit of a union ControlNet (`union_type_of`); None for any
+        other unit."""
+        if unit.adapter is not None or not self.is_union(unit.controlnet):
+            return None
+        return union_type_of(unit.control_type, unit.annotator, unit.controlnet)
 
     def activate(self, unit: ControlUnit, control_map: np.ndarray) -> ActiveControl:
         """The unit ready for sampling: its hint features computed once, here."""
@@ -513,7 +693,8 @@ class Pipeline:
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image to inpaint")
         for i, unit in enumerate(controls):
-            values = {name: getattr(unit, name) for name in ("strength", "start", "end", "mode", "resize_mode")}
+            names = ("strength", "start", "end", "mode", "resize_mode", "control_type")
+            values = {name: getattr(unit, name) for name in names}
             # The model it names, as settings.check_unit reads it: an adapter unit whose controlnet
             # is not the default names both, which is refused.
             named = {"controlnet": unit.controlnet, "adapter": unit.adapter}
@@ -526,6 +707,8 @@ class Pipeline:
                 raise ValueError(
                     f"control unit {i}: ControlNet {unit.controlnet} does not exist ({len(self.controlnets)} loaded)"
                 )
+            else:
+                self._check_union_type(unit, f"control unit {i}")
             if unit.scales is not None and not all(math.isfinite(scale) for scale in unit.scales):
                 raise ValueError(f"control unit {i}: scales must be finite numbers, got {unit.scales}")
 
@@ -536,12 +719,41 @@ class Pipeline:
         if unit.scales is not None:
             raise ValueError(f"{where}: a T2I-Adapter unit takes no per-residual scales (its strength scales it)")
 
+    def _check_union_type(self, unit: ControlUnit, where: str) -> None:
+        """A union ControlNet's unit has a control type its model takes. Other units ignore theirs,
+        as the AUTOMATIC1111 extension and ComfyUI do (an interface may set it for every unit: a
+        pose drawn from JSON is an openpose map, whatever model reads it)."""
+        if not self.is_union(unit.controlnet):
+            return
+        try:
+            control_type_id(self.union_type(unit), self.controlnets[unit.controlnet].config.union.control_types)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
 
-def _unit_record(unit: ControlUnit) -> dict:
+
+def union_type_of(control_type: str, annotator: str, controlnet: int) -> str:
+    """A union ControlNet unit's control type: its own (``control_type``), or with "auto" its
+    annotator's (`UNION_TYPES`). ValueError, one line, when neither says one."""
+    if control_type != AUTO_UNION_TYPE:
+        return control_type
+    if annotator not in UNION_TYPES:
+        raise ValueError(
+            f"ControlNet {controlnet} is a union model, and annotator {annotator!r} does not say which of its "
+            "control types the map is: name the unit's control_type (openpose, depth, canny, ...)"
+        )
+    return UNION_TYPES[annotator]
+
+
+def _unit_record(unit: ControlUnit, union_type: str | None = None) -> dict:
     """A unit's settings as the record keeps them: all but the image; an adapter unit's names its
-    ``adapter`` and no ControlNet, a ControlNet unit's as before adapters existed."""
+    ``adapter`` and no ControlNet, a ControlNet unit's as before adapters existed; a union
+    ControlNet unit's its control type as used (``union_type``), any other unit's none."""
     record = {k: v for k, v in dataclasses.asdict(unit).items() if k != "image"}
     del record["adapter" if record["adapter"] is None else "controlnet"]
+    if union_type is None:
+        del record["control_type"]
+    else:
+        record["control_type"] = union_type
     return record
 
 

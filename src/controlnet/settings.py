@@ -128,6 +128,16 @@ def _annotators() -> tuple[str, ...]:
     return tuple(ANNOTATORS)
 
 
+def _union_types() -> tuple[str, ...]:
+    from .models.controlnet_union import CONTROL_TYPES
+
+    return (AUTO_UNION_TYPE, *CONTROL_TYPES)
+
+
+# A unit's union control type by default: the one its annotator makes (pipeline.UNION_TYPES).
+AUTO_UNION_TYPE = "auto"
+
+
 CONTROL_MODES = ("balanced", "prompt", "control")
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 
@@ -228,6 +238,14 @@ UNIT: dict[str, Setting] = {
             "how the image is fitted to the output size",
             choices=RESIZE_MODES,
             label="resize mode",
+        ),
+        Setting(
+            "control_type",
+            AUTO_UNION_TYPE,
+            "a union ControlNet's (xinsir's) control type for this unit's map; auto: the one its annotator "
+            "makes (canny: canny, depth_midas: depth, ...); other models ignore it",
+            choices=_union_types,
+            label="union control type",
         ),
         Setting("pixel_perfect", True, "run the annotator at the output size"),
         Setting(

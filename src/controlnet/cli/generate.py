@@ -19,6 +19,7 @@ from ..runtime import NonFiniteError
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
 from ..settings import (
     ADAPTER_MODE,
+    AUTO_UNION_TYPE,
     GENERATION,
     UNIT,
     UNIT_MODELS,
@@ -43,7 +44,18 @@ from .common import (
     output_folder,
 )
 
-_UNIT_FIELDS = ("image", "annotator", "strength", "start", "end", "mode", "controlnet", "adapter", "resize")
+_UNIT_FIELDS = (
+    "image",
+    "annotator",
+    "strength",
+    "start",
+    "end",
+    "mode",
+    "controlnet",
+    "adapter",
+    "resize",
+    "control_type",
+)
 
 
 def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -55,6 +67,7 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "--controlnet (and --adapter), or all of them. One unit comes from --image "
         "(with --annotator, --strength, --start, --end, --control-mode); more with repeated --control "
         "'image=PATH,annotator=canny,strength=1,start=0,end=1,mode=balanced,controlnet=0,resize=crop_and_resize'; "
+        "a unit of a union ControlNet (xinsir's) takes its annotator's control type, or control_type=depth (...); "
         "a unit with adapter=N uses the T2I-Adapter N of --adapter instead of a ControlNet. A unit naming "
         "neither uses ControlNet 0, or T2I-Adapter 0 when no ControlNet is given (--base with --adapter only). "
         "A unit's controlnet= (adapter=) is an index into the --controlnet (--adapter) list, or a shipped "
@@ -89,6 +102,7 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
     add_setting(g, UNIT["annotator"], "annotator for --image")
     for name in ("strength", "start", "end", "resize_mode"):
         add_setting(g, UNIT[name])
+    add_setting(g, UNIT["control_type"], "--image's union control type: " + UNIT["control_type"].help)
     add_setting(
         g,
         UNIT["mode"],
@@ -203,11 +217,12 @@ def _units(args: argparse.Namespace, controlnets: list[Path], adapters: list[Pat
     them, so that the indices units give keep meaning those lists.
 
     Everything is checked here, before a model is loaded: a typo costs no waiting."""
-    from ..pipeline import ControlUnit
+    from ..pipeline import UNION_TYPES, ControlUnit
 
     specs: list[dict] = []
     if args.image is not None:
         first = {"image": str(args.image), "annotator": args.annotator, "resize": args.resize_mode}
+        first["control_type"] = args.control_type
         specs.append(first | {"strength": args.strength, "start": args.start, "end": args.end})
     elif args.annotator_param:
         raise UsageError("--annotator-param is for the unit of --image, and no --image was given")
@@ -228,6 +243,7 @@ def _units(args: argparse.Namespace, controlnets: list[Path], adapters: list[Pat
             "end": _spec_number(spec, "end", UNIT["end"].default, float),
             "mode": spec.get("mode", ADAPTER_MODE if kind == "adapter" else args.mode),
             "resize_mode": spec.get("resize", UNIT["resize_mode"].default),
+            "control_type": spec.get("control_type", UNIT["control_type"].default),
         }
         checked(check_unit, values | named | {kind: index}, where)
         # No model at all: said once the base loads (it may be no base). A unit using its model by
@@ -242,6 +258,8 @@ def _units(args: argparse.Namespace, controlnets: list[Path], adapters: list[Pat
         if Path(spec["image"]).suffix.lower() == ".json":  # a pose, drawn into the unit's map
             image = _pose_map(spec, values["annotator"], args, first_unit)
             values["annotator"] = "none"
+            if values["control_type"] == AUTO_UNION_TYPE:  # an openpose map, for a union ControlNet
+                values["control_type"] = UNION_TYPES["openpose_json"]
             units.append(_Unit(ControlUnit(image=image, **values), Path(spec["image"]), _sha256(spec["image"])))
             continue
         annotator = get_annotator(values["annotator"])

@@ -290,28 +290,40 @@ def check_adapter_compatible(config: T2IAdapterConfig, base: ModelConfig, source
     """Refuse an adapter whose feature maps do not fit the base UNet where they go
     (`models.unet.adapter_blocks`: their widths) or whose pixel unshuffle does not bring images to
     the size there: the latent size for SD's adapters, half of it for the XL adapter, whose first
-    feature follows the UNet's first downsampling."""
-    xl = config.kind == "full_xl"
+    feature follows the UNet's first downsampling. Where the adapter's kind says another family
+    than the base's (an XL adapter for SD 1.x, an SD adapter for SDXL), the message names both."""
+    made_for = "SDXL" if config.kind == "full_xl" else "SD 1.x/2.x"
+    family = base.unet.family
+    other_family = (made_for == "SDXL") != (family == "SDXL")
+    problem = _adapter_misfit(config, base, "its" if other_family else "this T2I-Adapter's")
+    if problem is None:
+        return
+    if other_family:
+        problem = f"this T2I-Adapter was made for {made_for} but the base model is {family} ({base.name}): {problem}"
+    raise CheckpointError(f"{source}: {problem}; use an adapter made for this base")
+
+
+def _adapter_misfit(config: T2IAdapterConfig, base: ModelConfig, whose: str) -> str | None:
+    """Why the adapter does not fit the base, or None (``whose``: how it names the adapter's widths)."""
     levels = base.unet.level_channels
-    if xl:  # four features: after the first downsampling, the two other levels' ends, the middle block
+    if config.kind == "full_xl":  # four features: after the first downsampling, the two other levels' ends, the middle
         factor, widths, what = 2 * base.vae.downsample_factor, (*levels, levels[-1]), "UNet levels and middle block"
         if config.downscale_factor != factor:
-            raise CheckpointError(
-                f"{source}: this SDXL-type (XL) T2I-Adapter shrinks images {config.downscale_factor}x but the base "
-                f"model {base.name} needs {factor}x; use an adapter made for this base"
+            return (
+                f"this SDXL-type (XL) T2I-Adapter shrinks images {config.downscale_factor}x but the base "
+                f"model {base.name} needs {factor}x"
             )
     else:
         widths, what = levels, "UNet levels"
         if config.downscale_factor != base.vae.downsample_factor:
-            raise CheckpointError(
-                f"{source}: this T2I-Adapter shrinks images {config.downscale_factor}x but the base model "
-                f"{base.name}'s VAE {base.vae.downsample_factor}x; use an adapter made for this base"
+            return (
+                f"this T2I-Adapter shrinks images {config.downscale_factor}x but the base model "
+                f"{base.name}'s VAE {base.vae.downsample_factor}x"
             )
     if config.channels != widths:
-        raise CheckpointError(
-            f"{source}: this T2I-Adapter's feature widths {list(config.channels)} do not fit the base model "
-            f"{base.name}'s {what} {list(widths)}; use an adapter made for this base"
-        )
+        fit = f"the base model {base.name}'s {what} {list(widths)}"
+        return f"{whose} feature widths {list(config.channels)} do not fit {fit}"
+    return None
 
 
 def save_adapter_file(path: Path, weights: Mapping[str, torch.Tensor]) -> Path:

@@ -93,18 +93,39 @@ def tokenize_chunks(prompt: str, pad_token_id: int, max_length: int = 77) -> tor
     return rows
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder: torch.nn.Module, prompts: Sequence[str], min_chunks: int = 1) -> torch.Tensor:
-    """Encode ``prompts`` to [len(prompts), 77 * chunks, width], every prompt with as many chunks as
-    the longest (or ``min_chunks``); missing chunks are the empty prompt's encoding."""
+def _chunk_tokens(text_encoder: torch.nn.Module, prompts: Sequence[str], min_chunks: int) -> tuple[torch.Tensor, int]:
+    """[len(prompts) * chunks, 77] token ids on the encoder's device, every prompt with as many chunks
+    as the longest (or ``min_chunks``), missing chunks the empty prompt's; and ``chunks``."""
     config = text_encoder.config
     per_prompt = [tokenize_chunks(p, config.pad_token_id, config.max_length) for p in prompts]
     chunks = max([min_chunks, *(t.shape[0] for t in per_prompt)])
     empty = tokenize_chunks("", config.pad_token_id, config.max_length)
     padded = [torch.cat([t, empty.expand(chunks - t.shape[0], -1)]) for t in per_prompt]
-    tokens = torch.cat(padded).to(next(text_encoder.parameters()).device)  # [B * chunks, 77]
+    return torch.cat(padded).to(next(text_encoder.parameters()).device), chunks
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder: torch.nn.Module, prompts: Sequence[str], min_chunks: int = 1) -> torch.Tensor:
+    """Encode ``prompts`` to [len(prompts), 77 * chunks, width], every prompt with as many chunks as
+    the longest (or ``min_chunks``); missing chunks are the empty prompt's encoding."""
+    tokens, chunks = _chunk_tokens(text_encoder, prompts, min_chunks)
     hidden = text_encoder(tokens)  # [B * chunks, 77, width]
-    return hidden.reshape(len(prompts), chunks * config.max_length, hidden.shape[-1])
+    return hidden.reshape(len(prompts), chunks * tokens.shape[1], hidden.shape[-1])
+
+
+@torch.no_grad()
+def encode_prompts_pooled(
+    text_encoder: torch.nn.Module, prompts: Sequence[str], min_chunks: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's two encodings of ``prompts`` (a `DualTextEncoder`): the context as `encode_prompts`
+    gives it, [B, 77 * chunks, width], and the pooled embedding [B, projection_dim] of each prompt's
+    first window. A prompt longer than one window is read whole by the cross-attention, while its
+    pooled embedding, one vector, is its first window's: what AUTOMATIC1111 and ComfyUI do (diffusers
+    cuts every prompt at 77 tokens, so up to 75 tokens the three agree)."""
+    tokens, chunks = _chunk_tokens(text_encoder, prompts, min_chunks)
+    context, pooled = text_encoder.encode(tokens)  # [B * chunks, 77, width], [B * chunks, projection_dim]
+    context = context.reshape(len(prompts), chunks * tokens.shape[1], context.shape[-1])
+    return context, pooled.reshape(len(prompts), chunks, pooled.shape[-1])[:, 0]
 
 
 def chunk_count(prompt: str) -> int:

@@ -127,6 +127,33 @@ RESIZE_MODES_A1111 = {
 }
 
 
+# The extension's ControlNetUnionControlType (a unit's union_control_type) -> settings.UNIT's
+# control_type; "Unknown", its default, lets the module decide, as our "auto" does.
+UNION_CONTROL_TYPES = {
+    "Unknown": "auto",
+    "OpenPose": "openpose",
+    "Depth": "depth",
+    "Soft Edge": "softedge",  # hed/pidi/scribble/ted
+    "Hard Edge": "canny",  # canny/lineart/anime_lineart/mlsd
+    "Normal Map": "normal",
+    "Segmentation": "segment",
+    "Tile": "tile",
+    "Inpaint": "inpaint",
+}
+
+
+def union_control_type(value: Any, where: str) -> str:
+    """A unit's union_control_type (the extension's names, any case; absent: Unknown) as ours."""
+    if value in (None, ""):
+        return UNIT["control_type"].default
+    found = {name.lower(): ours for name, ours in UNION_CONTROL_TYPES.items()}
+    if not isinstance(value, str) or value.strip().lower() not in found:
+        raise RequestError(
+            f"{where}: union_control_type must be one of {', '.join(UNION_CONTROL_TYPES)}, got {shown(value)}"
+        )
+    return found[value.strip().lower()]
+
+
 def control_modes() -> tuple[str, ...]:
     """Ours, in the order of the extension's integers: 0 balanced, 1 prompt, 2 control."""
     return UNIT["mode"].allowed()
@@ -476,6 +503,7 @@ def control_unit(
                                resize_modes(), f"{where}: resize_mode"),
         pixel_perfect=pixel_perfect,
         annotator_resolution=processor_res(values.get("processor_res", -1), where),
+        control_type=union_control_type(values.get("union_control_type"), where),
         **control_model(values.get("model"), files, where),
     )  # fmt: skip
     return unit, _flag(values, "save_detected_map", True, where)

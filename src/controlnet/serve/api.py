@@ -36,6 +36,7 @@ from .service import (
     UnitRequest,
     check_guided,
     draw_pose,
+    pose_type,
     read_upload,
 )
 
@@ -195,7 +196,7 @@ def request_from_json(body: Any, limits: Limits) -> GenerateRequest:
             image = draw_pose(
                 item["image"], where, values.get("annotator", "none"), values.get("annotator_params"), limits
             )
-            values |= {"annotator": "none", "annotator_params": {}}
+            values |= {"annotator": "none", "annotator_params": {}, "control_type": pose_type(values)}
         else:
             image = decode_image(item["image"], f"units[{i}].image", limits)
         units.append(UnitRequest(image, **values))

@@ -27,9 +27,10 @@ from .. import shipped
 from ..imaging.images import ImageError, ImageSource, encode_png, load_image
 from ..imaging.resize import MAX_ASPECT_RATIO, check_aspect_ratio
 from ..metadata import image_text, map_text, model_records
-from ..pipeline import ControlUnit, Pipeline, viewable_map
+from ..pipeline import UNION_TYPES, ControlUnit, Pipeline, viewable_map
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, check_prompts
 from ..settings import (
+    AUTO_UNION_TYPE,
     GENERATION,
     UNIT,
     UNIT_MODELS,
@@ -72,7 +73,13 @@ class Limits:
     max_upload_bytes: int = 10 * 2**20  # one uploaded image
     max_pixels: int = 4096 * 4096  # one uploaded image, checked from its header before decoding
     max_queue: int = 8  # jobs waiting or running, all models together
-    max_resolution: int = 768  # the original app's slider maximum
+    # The output's short side: the original app's slider maximum, or a model's native size where
+    # that is larger (SDXL's 1024), so that every served model can make pictures at its own size.
+    max_resolution: int = 768
+
+    def resolution_limit(self, native: int) -> int:
+        """The largest short side for a model whose native size is ``native``."""
+        return max(self.max_resolution, native)
 
     @property
     def max_body_bytes(self) -> int:
@@ -92,6 +99,7 @@ class UnitRequest:
     end: float = UNIT["end"].default
     mode: str = UNIT["mode"].default
     resize_mode: str = UNIT["resize_mode"].default
+    control_type: str = UNIT["control_type"].default  # a union ControlNet's type for the map (auto: the annotator's)
     pixel_perfect: bool = UNIT["pixel_perfect"].default  # the annotator runs at the output size
     annotator_resolution: int = UNIT["annotator_resolution"].default  # ... or at this short side
     # The model it uses: one ControlNet or one T2I-Adapter of the served model, by index, by a
@@ -160,13 +168,12 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
     """Refuse a request outside the ranges (settings.py, and this server's ``limits``) with one
     RequestError naming the field and what is allowed. ``annotators``: the folder of annotator
     weights (annotators/weights.py; None: its default). What depends on the model (its ControlNets
-    and T2I-Adapters) is checked once it is loaded (`unit_models`)."""
+    and T2I-Adapters, its native size for the resolution limit) is checked with the model's
+    configuration (`unit_models`, `check_resolution`)."""
     _check_prompts(request)
     try:
         check_generation({name: getattr(request, name) for name in GENERATION})
-        if request.resolution is not None and request.resolution > limits.max_resolution:
-            raise SettingError(f"resolution must be at most {limits.max_resolution} on this server")
-        _check_size(request.width, request.height, limits)
+        check_output_size(request.width, request.height)
         if request.mask is not None and request.init_image is None:
             raise SettingError("inpainting needs an init image as well as the mask")
         for i, unit in enumerate(request.units):
@@ -192,18 +199,20 @@ def check_guided(request: GenerateRequest) -> None:
         raise RequestError("give a prompt or a control image (or both)")
 
 
-def _check_size(width: int | None, height: int | None, limits: Limits) -> None:
-    """A named output size (settings.check_output_size) within this server's resolution limit: its
-    short side, or a side named alone at most the longest side that limit allows."""
-    check_output_size(width, height)
+def check_resolution(request: GenerateRequest, limits: Limits, native: int) -> None:
+    """The request's resolution and named output size within this server's limit for a model of
+    ``native`` size (`Limits.resolution_limit`): the short side, or a side named alone at most the
+    longest side that limit allows. RequestError, one line."""
+    limit = limits.resolution_limit(native)
+    width, height = request.width, request.height
     named = [side for side in (width, height) if side is not None]
-    if len(named) == 2 and min(named) > limits.max_resolution:
-        raise SettingError(f"{width}x{height}: the short side must be at most {limits.max_resolution} on this server")
-    if len(named) == 1 and named[0] > MAX_ASPECT_RATIO * limits.max_resolution:
-        raise SettingError(
-            f"{'width' if width else 'height'} {named[0]}: at most {MAX_ASPECT_RATIO * limits.max_resolution} "
-            f"on this server"
-        )
+    if request.resolution is not None and request.resolution > limit:
+        raise RequestError(f"resolution must be at most {limit} on this server")
+    if len(named) == 2 and min(named) > limit:
+        raise RequestError(f"{width}x{height}: the short side must be at most {limit} on this server")
+    if len(named) == 1 and named[0] > MAX_ASPECT_RATIO * limit:
+        side = "width" if width else "height"
+        raise RequestError(f"{side} {named[0]}: at most {MAX_ASPECT_RATIO * limit} on this server")
 
 
 def unit_models(request: GenerateRequest, pipe: Pipeline) -> list[tuple[str, int]]:
@@ -282,6 +291,13 @@ def _check_unit(unit: UnitRequest, where: str, annotators: Path | None) -> None:
         ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
     except ValueError as error:
         raise SettingError(f"{where}: {error}") from None
+
+
+def pose_type(values: Mapping[str, Any]) -> str:
+    """A unit's control type once its pose is drawn into its map: openpose for a union ControlNet,
+    unless the unit names one (its annotator, now none, no longer says it)."""
+    control_type = values.get("control_type", AUTO_UNION_TYPE)
+    return UNION_TYPES["openpose_json"] if control_type == AUTO_UNION_TYPE else control_type
 
 
 def draw_pose(source: Any, what: str, annotator: str, params: Mapping | None, limits: Limits) -> np.ndarray:
@@ -502,10 +518,20 @@ class ModelRegistry:
         named_adapters = entry.folder is None
         if own and (named_adapters or not entry.adapters):
             return entry.controlnets, list(entry.adapters)
-        config = load_base(entry.base).config
-        controlnets = entry.controlnets if own else _loadable(entry.controlnets, lambda p: load_controlnet(p, config))
+        base = load_base(entry.base)  # a Control-LoRA is rebuilt on its UNet
+        config = base.config
+        controlnets = (
+            entry.controlnets
+            if own
+            else _loadable(entry.controlnets, lambda p: load_controlnet(p, config, unet=base.unet))
+        )
         adapters = entry.adapters if named_adapters else _loadable(entry.adapters, lambda p: load_adapter(p, config))
         return list(controlnets), list(adapters)
+
+    def loaded_native_resolution(self, name: str) -> int | None:
+        """The model's native size if it is loaded, else None (it is not loaded for this)."""
+        loaded = self._loaded.get(name)
+        return None if loaded is None else loaded[0].model.config.native_resolution
 
     def control_files(self, name: str) -> dict[str, list[Path]]:
         """The model's ControlNet and T2I-Adapter files by kind, in index order: those loaded when
@@ -593,6 +619,10 @@ class Service:
         pipe, _ = self.registry.pipeline(model)
         return pipe.model.config.native_resolution
 
+    def resolution_limit(self, model: str) -> int:
+        """The largest short side this server makes with ``model`` (loads it if it is not loaded)."""
+        return self.limits.resolution_limit(self.native_resolution(model))
+
     def annotate(self, unit: UnitRequest, resolution: int) -> np.ndarray:
         """The unit's control map as the preview shows it (at ``resolution``, the output's short side)."""
         from ..annotators import run_annotator
@@ -615,8 +645,12 @@ class Service:
         """Queue and run one request. Raises RequestError, QueueFull, Cancelled or ModelUnavailable."""
         self.registry.entry(request.model)  # an unknown model, or a bad value, is refused before queueing
         check_request(request, self.limits, annotators=self.annotators.folder)
+        native = self.registry.loaded_native_resolution(request.model)
+        if native is not None:  # else known once the model loads
+            check_resolution(request, self.limits, native)
         with self.queue.slot(), self.registry.lock(request.model):
             pipe, models = self.registry.pipeline(request.model)
+            check_resolution(request, self.limits, pipe.model.config.native_resolution)
             chosen = unit_models(request, pipe)
             added, negative = default_prompts(request.model)
             added = added if request.added_prompt is None else request.added_prompt
@@ -656,17 +690,20 @@ class Service:
 
     def _control_unit(self, unit: UnitRequest, request: GenerateRequest, model: tuple[str, int]) -> ControlUnit:
         image, annotator, params = unit.image, unit.annotator, dict(unit.annotator_params)
+        kind, index = model
+        control_type = unit.control_type
         if not unit.pixel_perfect:  # annotate at the chosen resolution; the pipeline fits the map
             from ..annotators import run_annotator
             from ..imaging.resize import resize_image
 
+            if control_type == AUTO_UNION_TYPE:  # the map is the annotator's: its union type
+                control_type = UNION_TYPES.get(annotator, AUTO_UNION_TYPE)
             try:
                 image = resize_image(image, unit.annotator_resolution)
                 image = run_annotator(annotator, image, None, runtime=self.annotators, **params)
             except ValueError as error:
                 raise RequestError(" ".join(str(error).split())) from None
             annotator, params = "none", {}
-        kind, index = model
         return ControlUnit(
             image=image,
             annotator=annotator,
@@ -676,6 +713,7 @@ class Service:
             end=unit.end,
             mode=unit_mode(unit.mode, request.guess_mode, kind == "adapter"),
             resize_mode=unit.resize_mode,
+            control_type=control_type,
             **{kind: index},
         )
 
@@ -684,9 +722,12 @@ class Service:
         """The pipeline's record, with the request's units as it gave them (pixel perfect included)
         and the model each used (``chosen``), the served model's name and the files' hashes."""
         controls = []
-        for unit, (kind, index) in zip(request.units, chosen, strict=True):
-            control = {k: v for k, v in dataclasses.asdict(unit).items() if k not in ("image", "controlnet", "adapter")}
+        for unit, (kind, index), used in zip(request.units, chosen, result.settings["controls"], strict=True):
+            dropped = ("image", "controlnet", "adapter", "control_type")
+            control = {k: v for k, v in dataclasses.asdict(unit).items() if k not in dropped}
             control["mode"] = unit_mode(unit.mode, request.guess_mode, kind == "adapter")
+            if "control_type" in used:  # a union ControlNet's unit: the type it used
+                control["control_type"] = used["control_type"]
             controls.append(control | {kind: index})
         record = {**result.settings, "controls": controls, "models": models, "model": request.model}
         return GenerateResponse(

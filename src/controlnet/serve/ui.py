@@ -36,6 +36,7 @@ from .service import (
     check_guided,
     default_prompts,
     draw_pose,
+    pose_type,
     read_upload,
 )
 
@@ -193,7 +194,7 @@ def _options(gr, service: Service, first: str, native: int) -> dict:
                 GENERATION["resolution"],
                 "Image Resolution",
                 GENERATION["resolution"].multiple_of,
-                maximum=service.limits.max_resolution,  # this server's limit
+                maximum=service.resolution_limit(first),  # this server's limit for the model
                 value=native,
                 elem_id="resolution",
             ),
@@ -298,7 +299,8 @@ def _wire(gr, inputs: dict, units: list[dict], outputs: dict, service: Service, 
         except RequestError as error:
             raise gr.Error(str(error), print_exception=False) from None
         menu = gr.update(choices=choices, value=choices[0][1] if choices else None)
-        return gr.update(value=size), added, negative, *([menu] * len(units))
+        resolution = gr.update(value=size, maximum=service.limits.resolution_limit(size))
+        return resolution, added, negative, *([menu] * len(units))
 
     changed = [inputs["resolution"], inputs["added_prompt"], inputs["negative_prompt"]]
     changed += [unit["model"] for unit in units]
@@ -395,6 +397,13 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles, models:
         start = _slider(gr, UNIT["start"], "Starting control step", 0.01)
         end = _slider(gr, UNIT["end"], "Ending control step", 0.01)
     mode = gr.Radio(list(UNIT["mode"].allowed()), value=UNIT["mode"].default, label="Control mode")
+    control_type = gr.Dropdown(
+        list(UNIT["control_type"].allowed()),
+        value=UNIT["control_type"].default,
+        label="Union control type",
+        info="for a union ControlNet (xinsir's): what the map is; auto: the annotator's",
+        elem_id=f"unit{index}_control_type",
+    )
     resize = gr.Radio(list(UNIT["resize_mode"].allowed()), value=UNIT["resize_mode"].default, label="Resize mode")
     with gr.Row():
         pixel_perfect = gr.Checkbox(UNIT["pixel_perfect"].default, label="Pixel perfect")
@@ -413,6 +422,7 @@ def _unit_controls(gr, index: int, service: Service, files: ServerFiles, models:
         "start": start,
         "end": end,
         "mode": mode,
+        "control_type": control_type,
         "resize_mode": resize,
         "pixel_perfect": pixel_perfect,
         "annotator_resolution": resolution,
@@ -485,6 +495,7 @@ def _unit(
 
     if pose:
         image = draw_pose(pose, "the pose JSON", "none", None, limits)
+        settings["control_type"] = pose_type(settings)
         return UnitRequest(
             image, annotator="none", pixel_perfect=bool(pixel_perfect), annotator_resolution=int(resolution), **settings
         )
@@ -523,7 +534,10 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
                 data[controls["annotator_resolution"]],
                 service.limits,
                 data[controls["pose"]],
-                **{name: data[controls[name]] for name in ("strength", "start", "end", "mode", "resize_mode")},
+                **{
+                    name: data[controls[name]]
+                    for name in ("strength", "start", "end", "mode", "resize_mode", "control_type")
+                },
                 **chosen_model(data[controls["model"]]),
             )
         )
