@@ -493,3 +493,39 @@ def test_sdxl_defaults_to_its_native_1024_everywhere(sdxl_files, client, tmp_pat
     assert too_big.status_code == 400 and too_big.json()["error"] == "resolution must be at most 1024 on this server"
     small = client.post("/api/generate", json={"prompt": PROMPT, "model": "sdxl-small.safetensors", "resolution": 832})
     assert small.status_code == 400 and small.json()["error"] == "resolution must be at most 768 on this server"
+
+
+def test_the_a1111_api_takes_union_control_types_and_sdxl_sizes(client, monkeypatch):
+    """The extension's union_control_type names (any case) choose a union unit's type, an unknown
+    one is a one-line 422; an SDXL model's native 1024 is within the server's limit as width and
+    height (found where the output size is decided, without generating at 1024)."""
+    from PIL import Image
+
+    unit = {"enabled": True, "image": _b64(_maps()[1]), "module": "none", "model": "union-sdxl", "weight": 0.8,
+            "union_control_type": "openPose", "pixel_perfect": True}  # fmt: skip
+    body = {"prompt": PROMPT, "steps": 2, "seed": 4, "width": SIZE, "height": SIZE,
+            "override_settings": {"sd_model_checkpoint": "sdxl-small"},
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    png = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    control = json.loads(png.text["controlnet"])["controls"][0]
+    assert (control["control_type"], control["controlnet"], control["strength"]) == ("openpose", 1, 0.8)
+    unit["union_control_type"] = "Lines"
+    refused = client.post("/sdapi/v1/txt2img", json=body)
+    assert refused.status_code == 422
+    assert refused.json()["detail"].startswith("ControlNet unit 0: union_control_type must be one of Unknown, OpenPose")
+
+    def stop(self, controls, resolution, init_image=None, width=None, height=None):
+        raise ValueError(f"stopped at {width}x{height}")
+
+    monkeypatch.setattr(Pipeline, "output_size", stop)
+    native = {
+        "prompt": PROMPT,
+        "width": 1024,
+        "height": 1024,
+        "override_settings": {"sd_model_checkpoint": "sdxl-native"},
+    }
+    assert client.post("/sdapi/v1/txt2img", json=native).json()["detail"] == "stopped at 1024x1024"
+    larger = client.post("/sdapi/v1/txt2img", json=native | {"width": 1088, "height": 1088})
+    assert larger.json()["detail"] == "1088x1088: the short side must be at most 1024 on this server"
