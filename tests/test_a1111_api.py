@@ -93,7 +93,7 @@ def _edges_b64() -> str:
 def test_the_client_finds_the_extension_and_the_listings(api, session, url):
     assert api.has_controlnet  # webuiapi looks for the extension's "controlnet m2m" script
     assert [title.split(" [")[0] for title in api.util_get_model_names()] == ["shipped", "tiny.safetensors"]
-    assert set(api.util_get_sampler_names()) == {"DPM++ 2M", "Euler a", "Euler", "DDIM", "UniPC"}
+    assert set(api.util_get_sampler_names()) == {"DPM++ 2M", "Euler a", "Euler", "DDIM", "UniPC", "LCM"}
     assert api.controlnet_version() == 3
     models = api.controlnet_model_list()
     assert models[0].startswith("shapes-canny [") and models[1].startswith("tiny-control [")

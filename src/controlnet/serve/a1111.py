@@ -56,6 +56,7 @@ SAMPLERS = (
     Sampler("Euler", ("k_euler",), {"automatic": "euler", "uniform": "euler"}),
     Sampler("DDIM", ("ddim",), {"automatic": "ddim"}),
     Sampler("UniPC", ("unipc",), {"automatic": "unipc"}),
+    Sampler("LCM", ("k_lcm",), {"automatic": "lcm"}),
 )  # fmt: skip
 # Before v1.9 the schedule was part of the name, and clients still send those names.
 COMBINED = {"dpm++ 2m karras": ("DPM++ 2M", "karras"), "k_dpmpp_2m_ka": ("DPM++ 2M", "karras")}
@@ -623,12 +624,15 @@ def _seed(body: dict) -> int:
     return -1 if seed < 0 else checked(GENERATION["seed"], seed, "seed")  # the web UI: any negative is random
 
 
-def _eta(body: dict, ours: str) -> float:
-    """DDIM's eta; the other samplers here take none (the web UI applies eta to its ancestral
-    samplers, whose noise ours always adds in full, as its default eta 1 does)."""
+def _eta(body: dict, ours: str) -> float | None:
+    """DDIM's eta or TCD's gamma (None: the sampler's own); the other samplers here take none, and
+    their eta is ignored (the web UI applies eta to its ancestral samplers, whose noise ours always
+    adds in full, as its default eta 1 does)."""
+    from ..sampling.samplers import SAMPLERS as SPECS
+
     eta = body.get("eta")
-    if ours != "ddim" or eta is None:
-        return 0.0
+    if SPECS[ours].eta is None or eta is None:
+        return None
     return checked(GENERATION["eta"], eta, "eta")
 
 

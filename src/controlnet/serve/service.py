@@ -124,7 +124,7 @@ class GenerateRequest:
     num_images: int = GENERATION["num_images"].default
     steps: int = GENERATION["steps"].default
     guidance_scale: float = GENERATION["guidance_scale"].default
-    eta: float = GENERATION["eta"].default
+    eta: float | None = GENERATION["eta"].default  # None: the sampler's own
     seed: int = GENERATION["seed"].default  # -1: a random seed
     sampler: str = GENERATION["sampler"].default
     resolution: int | None = GENERATION["resolution"].default  # None: the model's native size

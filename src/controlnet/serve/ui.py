@@ -213,7 +213,10 @@ def _options(gr, service: Service, first: str, native: int) -> dict:
             )  # fmt: skip
             options["reuse"] = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
         eta = GENERATION["eta"]
-        options["eta"] = gr.Number(eta.default, label="eta (DDIM)", minimum=eta.minimum, maximum=eta.maximum)
+        options["eta"] = gr.Number(
+            eta.default, label="eta (DDIM's eta / TCD's gamma; empty: the sampler's own)", minimum=eta.minimum,
+            maximum=eta.maximum,
+        )  # fmt: skip
         options["added_prompt"] = gr.Textbox(added, label="Added Prompt", max_length=MAX_PROMPT_CHARACTERS)
         options["negative_prompt"] = gr.Textbox(negative, label="Negative Prompt", max_length=MAX_PROMPT_CHARACTERS)
     return options
@@ -552,7 +555,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
         # Gradio gives floats for integer sliders and None for an emptied number box.
         **{name: GENERATION[name].default if v is None else int(v) for name, v in numbers.items()},
         guidance_scale=float(value["guidance_scale"]),
-        eta=float(value["eta"] or 0.0),
+        eta=None if value["eta"] is None else float(value["eta"]),
         sampler=value["sampler"],
         guess_mode=bool(value["guess_mode"]),
         init_image=init_image,
