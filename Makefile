@@ -11,7 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 
-.PHONY: demo serve test lint format install install-dev install-ui browser clean bench bench-train bench-annotators
+.PHONY: demo serve test lint format install install-dev install-ui browser clean bench bench-train bench-annotators \
+	bench-sdxl
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +81,13 @@ bench-train: install-dev
 # --annotators-dir DIR (real weights where present, else random), --only a,b, --rounds N.
 bench-annotators: install-dev
 	$(BIN)/python benchmarks/bench_annotators.py $(BENCH_ARGS)
+
+# SDXL + one full SDXL ControlNet at 1024x1024 in bf16 against diffusers' StableDiffusionXLControlNetPipeline:
+# s/step and peak memory, each peer alone in its own process (about 15-25 minutes on 2 cores; the first run
+# also writes 19 GB of random weights to ~/.cache/controlnet-bench/sdxl). BENCH_ARGS: --steps N, --size N,
+# --peers ours,diffusers, --compile, --dry-run (a reduced SDXL at 256 px: checks the script).
+bench-sdxl: install-dev
+	$(BIN)/python benchmarks/bench_sdxl.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
