@@ -40,8 +40,8 @@ MAX_PIXELS = 256 * 256
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory) -> Iterator[str]:
-    """A server with the shipped model and a tiny one from a models folder, a password, and limits
-    small enough to test."""
+    """A server with the shipped model and a tiny one from a models folder, a password, limits small
+    enough to test, and an empty folder of annotator weights (whatever ~/.cache holds)."""
     folder = tmp_path_factory.mktemp("a1111")
     models = folder / "models"
     models.mkdir()
@@ -49,6 +49,7 @@ def url(tmp_path_factory) -> Iterator[str]:
     save_ldm(models / "tiny.safetensors", model)
     save_ldm(models / "tiny-control.safetensors", controlnet=controlnet)
     arguments = ["--auth", ":".join(AUTH), "--models", str(models), "--max-pixels", str(MAX_PIXELS)]
+    arguments += ["--annotators-dir", str(folder / "annotators")]
     limits = ["--max-upload-mb", "1", "--max-queue", "1"]  # one job at a time: a second is refused
     with serve_in_background(folder, *arguments, *limits) as (address, _process):
         yield address
@@ -578,6 +579,13 @@ REFUSALS = [
     ("/sdapi/v1/img2img", {}, "init_images must be a list with one base64 image"),
     ("/controlnet/detect", {"controlnet_module": "canny"}, "no image selected"),
     ("/controlnet/detect", {"controlnet_module": "magic", "controlnet_images": ["x"]}, "unknown module 'magic'"),
+    (
+        "/controlnet/detect",
+        {"controlnet_module": "softedge_hed", "controlnet_input_images": [_b64(_scene())]},
+        "the softedge_hed annotator needs ControlNetHED.pth, which this server does not have (its administrator "
+        "can get it from https://huggingface.co/lllyasviel/Annotators)",
+    ),
+    (TXT, {"units": [_unit(module="mlsd")]}, "the mlsd annotator needs mlsd_large_512_fp32.pth, which this server"),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -457,6 +458,59 @@ def test_annotate_typed_params_and_list(tmp_path, capsys):
     listing = capsys.readouterr().out
     assert "canny: Canny edges" in listing and "low_threshold=100  (int 1..255)" in listing
     assert "invert=False  (true or false)" in listing and "needs mask (Python API only)" in listing
+
+
+def _listed(listing: str, name: str) -> list[str]:
+    """The lines `annotate --list` prints under annotator `name` (its weights and parameters)."""
+    lines = listing.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{name}: "))
+    return [line.strip() for line in itertools.takewhile(lambda line: line.startswith("    "), lines[start + 1 :])]
+
+
+def test_annotate_list_says_which_weight_files_the_given_folder_has(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "annotators"
+    folder.mkdir()
+    (folder / "body_pose_model.pth").write_bytes(b"listed by name: not read")
+    (folder / "facenet.safetensors").write_bytes(b"the .safetensors version counts")
+    monkeypatch.setenv("CONTROLNET_ANNOTATORS", str(tmp_path / "elsewhere"))  # the option wins
+    assert main(["annotate", "--list", "--annotators-dir", str(folder)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.splitlines()[0] == f"annotator weights are read from {folder}"
+    source = "https://huggingface.co/lllyasviel/Annotators"
+    assert _listed(listing, "openpose_hand") == [
+        "weights body_pose_model.pth: present",
+        f"weights hand_pose_model.pth: MISSING (get it from {source})",
+    ]
+    assert _listed(listing, "openpose_face") == ["weights body_pose_model.pth: present", "weights facenet.pth: present"]
+    assert [line.split("  ")[0] for line in _listed(listing, "canny")] == ["low_threshold=100", "high_threshold=200"]
+
+
+def test_annotate_reads_weights_from_the_annotators_dir_option(tmp_path, capsys, monkeypatch):
+    """--annotators-dir over CONTROLNET_ANNOTATORS: with every missing file named in one line before
+    anything is read; with the file there, the map the Python API makes from that folder."""
+    from controlnet.annotators import Runtime
+
+    from . import annotator_weights
+
+    image, out = _square(tmp_path / "square.png", size=96), tmp_path / "out.png"
+    empty, folder = tmp_path / "empty", tmp_path / "annotators"
+    empty.mkdir(), folder.mkdir()
+    monkeypatch.setenv("CONTROLNET_ANNOTATORS", str(empty))
+    argv = ["annotate", "openpose_full", str(image), str(out), "--annotators-dir", str(folder)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"are not in {folder} (the folder set by --annotators-dir" in err
+    assert all(f in err for f in ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")), err
+    assert not out.exists()
+
+    annotator_weights.write(folder, annotator_weights.PIDINET)
+    argv = ["annotate", "softedge_pidinet", str(image), str(out), "--resolution", "64", "--dtype", "float32"]
+    assert main([*argv, "--annotators-dir", str(folder)]) == 0
+    expected = run_annotator("softedge_pidinet", load_image(image), 64, runtime=Runtime(folder, "cpu", "float32"))
+    assert np.array_equal(load_image(out), expected) and 0 < expected.mean() < 255
+    assert main([*argv, "--overwrite"]) == 1  # without the option: the environment's empty folder
+    err = capsys.readouterr().err
+    assert f"table5_pidinet.pth (the PiDiNet soft-edge network (table 5, carv4)) is not in {empty} (" in err
 
 
 @pytest.mark.parametrize(

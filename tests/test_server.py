@@ -186,6 +186,30 @@ def test_the_preview_and_a_unit_without_pixel_perfect(service):
     assert response.images[0].shape == (128, 128, 3)
 
 
+def test_an_annotator_without_its_weights_is_a_one_line_400_before_any_model_loads(tmp_path, monkeypatch):
+    """The JSON API and the preview (which the page and /controlnet/detect use) name the missing file
+    and where the administrator gets it, not the server's folder."""
+    registry = ModelRegistry(discover_models(None), annotators_dir=tmp_path / "annotators")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded for a request that had to be refused")
+
+    service = Service(registry)
+    unit = {"image": _edges(), "annotator": "softedge_hed"}
+    with TestClient(build_app(service)) as client:  # the page reads the first model's native size
+        monkeypatch.setattr(ModelRegistry, "pipeline", no_model)
+        response = client.post("/api/generate", json={"prompt": "x", "steps": 1, "units": [unit]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "the softedge_hed annotator needs ControlNetHED.pth, which this server does not have" in error
+    assert "https://huggingface.co/lllyasviel/Annotators" in error and "\n" not in error
+    assert str(tmp_path) not in error
+    edges = np.asarray(Image.open(EDGES).convert("RGB"))
+    with pytest.raises(RequestError) as refused:
+        service.annotate(UnitRequest(edges, annotator="softedge_hed"), 128)
+    assert "needs ControlNetHED.pth" in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_only_models_inside_the_folder_are_offered(tmp_path):
     model, controlnet = random_tiny_models()
     save_ldm(tmp_path / "tiny.safetensors", model)
