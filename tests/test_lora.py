@@ -6,8 +6,10 @@ kohya converter, ``convert_unet_state_dict_to_peft``, ``convert_state_dict_to_pe
 configuration of the layers' scales (``get_peft_kwargs``: rank and alpha patterns), merged into the
 diffusers UNet and the transformers text encoder that hold the same weights as ours by PEFT's merge
 formula (``Linear``: ``B @ A``; ``Conv2d``: a 1x1 product, or ``conv2d(A^T, B)^T`` for a kxk
-kernel; times ``lora_alpha / r`` and the weight). ``load_lora_weights`` itself needs PEFT, which the
-dev extra does not install; these are the steps it takes, with diffusers' own code for every name.
+kernel; times ``lora_alpha / r`` and the weight): the steps ``load_lora_weights`` takes, with
+diffusers' own code for every name, for every layout and family. Beside them, one comparison per
+layout (kohya and PEFT) against diffusers' real ``load_lora_weights`` + ``fuse_lora`` with PEFT
+(in the dev extra) on a two-component pipeline.
 
 Tolerance: the outputs agree to 5e-6 of the reference's largest magnitude (float32; measured: at most
 1.1e-6, the plain models' own agreement; the merged weights are summed in another order).
@@ -652,3 +654,50 @@ def test_loras_are_found_by_name_in_their_folder(tmp_path):
             find_lora(name, tmp_path)
     with pytest.raises(ValueError, match="no LoRA called 'missing'"):
         find_lora("missing", tmp_path)
+
+
+# --- diffusers' own load_lora_weights + fuse_lora (PEFT installed) -------------------------------
+
+
+def safe_open_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        return list(file.keys())
+
+
+class _TinyLoraPipeline(StableDiffusionLoraLoaderMixin):
+    """The two components diffusers' LoRA loader reads and fuses into, on our model's weights (a
+    DiffusionPipeline's attributes that the loader looks at; no offloading)."""
+
+    hf_device_map = None
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+        self.unet, self.text_encoder = unet, text_encoder
+        self.components = {"unet": unet, "text_encoder": text_encoder}
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_a_lora_matches_diffusers_load_lora_weights_and_fuse_lora(layout, tmp_path):
+    """The end-to-end reference: diffusers' ``load_lora_weights`` (PEFT's layers) then
+    ``fuse_lora(lora_scale=...)``, where the tests above replay its steps."""
+    pytest.importorskip("peft")
+    config = SD1_LIKE
+    model = _ours(config)
+    path = WRITERS[layout](tmp_path / "style.safetensors", _their_unet(model), _their_text(model), seed=5)
+    if layout == "peft":  # the full LoraConfig, as save_lora_weights writes it: also its target modules
+        names = {k.removesuffix(".lora_A.weight") for k in safe_open_keys(path) if k.endswith(".lora_A.weight")}
+        targets = {
+            f"{part}.target_modules": sorted(  # module paths in the model (transformers 5: no text_model.)
+                n.split(".", 1)[1].removeprefix("text_model.") for n in names if n.startswith(f"{part}.")
+            )
+            for part in ("unet", "text_encoder")
+        }
+        write_peft(path, _their_unet(model), _their_text(model), seed=5, metadata=PEFT_METADATA | targets)
+    theirs = _TinyLoraPipeline(_their_unet(model), _their_text(model))
+    theirs.load_lora_weights(str(path), adapter_name="style")
+    theirs.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.7)
+    theirs.unload_lora_weights()  # the fused weights stay; PEFT's layers go
+    with apply_loras(model, [(load_lora(path), 0.7)]):
+        ours = _outputs(model, config)
+    _assert_close(ours, _their_outputs(theirs.unet, theirs.text_encoder, config), f"load_lora_weights {layout}")

@@ -84,6 +84,8 @@ def parameters_text(record: dict, models: dict) -> str:
         fields["Model hash"] = base_hash
     fields["Model"] = base_name
     fields["Eta"] = record["eta"]
+    if record.get("loras"):  # as the web UI writes them (its extra networks)
+        fields["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in record["loras"])
     if "denoising_strength" in record:
         fields["Denoising strength"] = record["denoising_strength"]
     for i, control in enumerate(record["controls"]):

@@ -57,9 +57,11 @@ from .annotators import Runtime, annotators_folder, get_annotator, run_annotator
 from .annotators.filters import rgb_to_grey
 from .formats.detect import check_compatible
 from .formats.t2i_adapter import check_adapter_compatible
+from .hashing import file_sha256, short_hash
 from .imaging.images import HWC3
 from .imaging.resize import fit_to, pixel_perfect_resolution, resize_image
 from .loading import load_adapter, load_base, load_controlnet
+from .lora import AppliedLoras, Lora, apply_loras, find_lora, load_lora, prompt_loras
 from .models.conditioning import SizeConditioning
 from .models.controlnet import ControlNet
 from .models.controlnet_union import UnionCondition, UnionControlNet, control_type_id
@@ -76,6 +78,7 @@ from .settings import (
     MAX_SEED,
     UNIT,
     check_generation,
+    check_loras,
     check_output_size,
     check_unit,
 )
@@ -174,10 +177,13 @@ class Pipeline:
         channels_last: bool | None = None,
         annotators_dir: str | os.PathLike | None = None,
         adapters: Sequence[T2IAdapter] = (),
+        lora_dir: str | os.PathLike | None = None,
     ) -> None:
-        """``dtype``: None (or "auto") takes the device's fastest (runtime.default_dtype: bfloat16 on
-        a CPU with native bf16, float16 on a GPU, else float32). ``channels_last``: None follows
-        the device and dtype (runtime.use_channels_last). ``low_memory``: keep on the device only
+        """``lora_dir``: the folder where a prompt's ``<lora:NAME:WEIGHT>`` tags are found
+        (lora.find_lora); None: such tags are refused. ``dtype``: None (or "auto") takes the
+        device's fastest (runtime.default_dtype: bfloat16 on a CPU with native bf16, float16 on a
+        GPU, else float32). ``channels_last``: None follows the device and dtype
+        (runtime.use_channels_last). ``low_memory``: keep on the device only
         the models of the current stage and slice attention (see placement.py); slower, with a
         lower peak of memory. ``annotators_dir``: where network annotators read their weights
         (annotators/weights.py: default $CONTROLNET_ANNOTATORS, else ~/.cache/controlnet/annotators);
@@ -196,6 +202,12 @@ class Pipeline:
         self.controlnets = [prepare(c, home, self.dtype, self.channels_last) for c in controlnets]
         self.adapters = [prepare(a, home, self.dtype, self.channels_last) for a in adapters]
         self.placement = Placement(self.device, low_memory, channels_last=self.channels_last)
+        self.lora_dir = None if lora_dir is None else Path(lora_dir)
+        # LoRAs read once (file -> its stat, the Lora, its short hash), and the set merged now.
+        self._lora_files: dict[Path, tuple[tuple[int, int], Lora, str]] = {}
+        self._merged: AppliedLoras | None = None
+        self._merged_key: tuple = ()
+        self._compiled = False
         # The files the ControlNets and adapters came from, in index order (from_files sets them):
         # how `controlnet_index` finds a shipped model by name. Empty for models built in memory.
         self.files: dict[str, list[Path]] = {"controlnet": [], "adapter": []}
@@ -221,6 +233,7 @@ class Pipeline:
         low_memory: bool = False,
         annotators_dir: str | os.PathLike | None = None,
         adapters: Sequence[str | os.PathLike] = (),
+        lora_dir: str | os.PathLike | None = None,
     ) -> Pipeline:
         """``controlnets``: ControlNet files or folders (loading.load_controlnet: SDXL's full, -mid
         and -small, xinsir's union models, Stability's Control-LoRA, rebuilt here on the base's
@@ -231,7 +244,16 @@ class Pipeline:
         model = load_base(base, prediction=prediction, dtype=dtype)
         loaded = [load_controlnet(path, model.config, unet=model.unet, dtype=dtype) for path in controlnets]
         loaded_adapters = [load_adapter(path, model.config, dtype=dtype) for path in adapters]
-        pipe = cls(model, loaded, device, dtype, low_memory, annotators_dir=annotators_dir, adapters=loaded_adapters)
+        pipe = cls(
+            model,
+            loaded,
+            device,
+            dtype,
+            low_memory,
+            annotators_dir=annotators_dir,
+            adapters=loaded_adapters,
+            lora_dir=lora_dir,
+        )
         pipe.files = {"controlnet": [Path(p) for p in controlnets], "adapter": [Path(p) for p in adapters]}
         return pipe
 
@@ -287,6 +309,60 @@ class Pipeline:
         options = {"freezing": True} if self.device.type == "cpu" else None
         for module in (self.model.unet, *self.controlnets):
             module.compile(dynamic=False, options=options)
+        self._compiled = True
+
+    # -- LoRAs ---------------------------------------------------------------------------------
+
+    def use_loras(self, prompt: str = "", loras: Sequence = ()) -> tuple[str, list[dict]]:
+        """Merge the LoRAs a generation asks for, and return its prompt without its tags and the
+        record of each LoRA (name, weight, short hash of its file).
+
+        ``loras``: "FILE[:WEIGHT]" texts or (FILE, WEIGHT) pairs (settings.check_loras); then the
+        prompt's ``<lora:NAME:WEIGHT>`` tags, found in ``lora_dir``. Files are read once and kept;
+        the set stays merged across generations that ask for the same set (same files, weights and
+        order), and a different set restores the weights exactly before merging (lora.py). Every
+        file is read and checked before the model changes. Refused in low-memory mode: its parked
+        and streamed weights are copied to the device per use, so a merge would have to follow
+        every copy; and after `compile` (its frozen graphs keep the weights they were compiled
+        with): merge first, as the command line does."""
+        entries = [(Path(file), weight) for file, weight in check_loras(loras)]
+        cleaned, tags = prompt_loras(prompt)
+        if tags and self.lora_dir is None:
+            raise ValueError(f"the prompt names LoRA {tags[0][0]!r} (<lora:...>) but no LoRA folder is set (lora_dir)")
+        entries += [(find_lora(name, self.lora_dir), weight) for name, weight in tags]
+        if entries and self.placement.low_memory:
+            raise ValueError("LoRAs are not supported with low memory (its parked weights are copied per use)")
+        loaded = [(self._read_lora(path), weight) for path, weight in entries]
+        key = tuple((path.resolve(), weight) for path, weight in entries)
+        if key != self._merged_key:
+            if self._compiled:
+                raise ValueError("the models were compiled with their weights frozen: choose LoRAs before compile()")
+            if self._merged is not None:
+                self._merged.restore()
+            self._merged, self._merged_key = None, ()
+            if loaded:
+                self._merged = apply_loras(self.model, [(lora, weight) for (_, lora, _), weight in loaded])
+            self._merged_key = key
+        records = [{"name": lora.name, "weight": weight, "hash": digest} for (_, lora, digest), weight in loaded]
+        return cleaned, records
+
+    def _read_lora(self, path: Path) -> tuple[tuple[int, int], Lora, str]:
+        """A LoRA file, read once (again if it changed since: its size or time)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            raise ValueError(f"LoRA {path}: no such file") from None
+        resolved, version = path.resolve(), (stat.st_mtime_ns, stat.st_size)
+        cached = self._lora_files.get(resolved)
+        if cached is None or cached[0] != version:
+            cached = (version, load_lora(path), short_hash(file_sha256(path)))
+            self._lora_files[resolved] = cached
+        return cached
+
+    @property
+    def loras(self) -> tuple:
+        """The LoRAs merged now, as (Lora, weight) pairs."""
+        return () if self._merged is None else self._merged.loras
 
     # -- the steps of a generation, each small enough to read -----------------------------------
 
@@ -432,6 +508,7 @@ class Pipeline:
         output: str = "uint8",
         progress: Callable[[int, int], None] | None = None,
         size_conditioning: SizeConditioning | None = None,
+        loras: Sequence = (),
     ) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt`` following ``controls``.
 
@@ -448,6 +525,11 @@ class Pipeline:
         ``guidance_scale`` at most 1 runs the conditional side alone (diffusers' rule): one UNet
         batch of ``num_images``, the negative prompt not encoded. ``eta``: DDIM's eta or TCD's gamma
         (None: the sampler's own, DDIM 0, TCD 0.3); the record keeps the value used.
+
+        ``loras``: "FILE[:WEIGHT]" texts or (FILE, WEIGHT) pairs, merged with the prompt's
+        ``<lora:NAME:WEIGHT>`` tags (found in ``lora_dir``) before anything is encoded
+        (`use_loras`); the tags are not encoded, the record keeps the prompt as given and each
+        LoRA's name, weight and hash.
 
         SDXL: ``size_conditioning`` (models/conditioning.py) sets the original size, the crop's
         top-left corner and the target size the model is told, on both sides of guidance; by default
@@ -474,12 +556,15 @@ class Pipeline:
         resolution = resolution or self.model.config.native_resolution
         named_size = width is not None or height is not None
         height, width = self.output_size(controls, resolution, init_image, width, height)
+        prompt_text, lora_records = self.use_loras(prompt, loras)
+        if lora_records:
+            job["loras"] = lora_records
         init = None if init_image is None else fit_to(HWC3(init_image), width, height)
         mask = None if mask is None else fit_to(HWC3(_mask_uint8(mask)), width, height, interpolation="nearest")
 
         with self.placement.use(self.model.text_encoder):
             text = self.encode_text(
-                full_prompt(prompt, added_prompt),
+                full_prompt(prompt_text, added_prompt),
                 negative_prompt if guidance_scale > 1 else None,
                 height,
                 width,

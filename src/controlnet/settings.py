@@ -14,6 +14,7 @@ slider, its upload sizes) is its own (serve/service.Limits).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +184,47 @@ GENERATION: dict[str, Setting] = {
         ),
     )
 }
+
+# The LoRAs of a generation, beside the prompt's <lora:NAME:WEIGHT> tags: each "FILE" or
+# "FILE:WEIGHT" (weight 1 by default; lora.parse_lora_argument) in the Python API and on the command
+# line, a name in the served LoRA folder in the servers' APIs. Checked by check_loras.
+LORAS = Setting(
+    "loras",
+    (),
+    "a LoRA merged into the model for this generation: FILE or FILE:WEIGHT (weight 1 by default); repeatable",
+    kind=tuple,
+    flag="--lora",
+)
+MAX_LORAS = 16
+
+
+def check_loras(value: Any) -> list[tuple[str, float]]:
+    """Each entry of ``loras`` as (file or name, weight): a "FILE[:WEIGHT]" text or a (FILE, WEIGHT)
+    pair, at most MAX_LORAS; SettingError, one line, for anything else."""
+    from .lora import parse_lora_argument
+
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise SettingError(f"loras must be a list of FILE[:WEIGHT] entries, got {shown(value)}")
+    if len(value) > MAX_LORAS:
+        raise SettingError(f"loras must be at most {MAX_LORAS} entries, got {len(value)}")
+    entries = []
+    for entry in value:
+        if isinstance(entry, str):
+            try:
+                path, weight = parse_lora_argument(entry)
+            except ValueError as error:
+                raise SettingError(str(error)) from None
+            entries.append((str(path), weight))
+            continue
+        pair = isinstance(entry, (tuple, list)) and len(entry) == 2
+        name, weight = entry if pair else (None, None)
+        if not isinstance(name, (str, os.PathLike)) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise SettingError(f"a LoRA must be FILE[:WEIGHT] or (FILE, WEIGHT), got {shown(entry)}")
+        if not _finite(weight):
+            raise SettingError(f"LoRA {os.fspath(name)!r}: the weight must be a finite number, got {weight!r}")
+        entries.append((os.fspath(name), float(weight)))
+    return entries
+
 
 # The output's width and height, for an interface that names them (the AUTOMATIC1111 API's width
 # and height): each side in the resolution's range. Without them the output's short side is the

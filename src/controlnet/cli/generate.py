@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import shipped
 from ..annotators import annotators_folder, get_annotator
+from ..lora import prompt_loras
 from ..metadata import image_text, map_text, model_records
 from ..runtime import NonFiniteError
 from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT
@@ -21,10 +22,12 @@ from ..settings import (
     ADAPTER_MODE,
     AUTO_UNION_TYPE,
     GENERATION,
+    LORAS,
     UNIT,
     UNIT_MODELS,
     check_generation,
     check_guess_mode,
+    check_loras,
     check_unit,
     unit_mode,
     unit_model,
@@ -134,6 +137,19 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "a --control spec gives its annotator's as KEY=VALUE items",
     )
     add_annotators_dir(g)
+    g.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help=f"{LORAS.help} (kohya/AUTOMATIC1111 or diffusers/PEFT layout; docs/lora.md)",
+    )
+    g.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="the folder where the prompt's <lora:NAME:WEIGHT> tags are found (a tag without it is refused)",
+    )
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
     add_setting(g, GENERATION["denoising_strength"])
     g.add_argument("--mask", type=Path, help="inpainting (with --init-image): white = repaint")
@@ -411,6 +427,15 @@ def _check_generate_options(args: argparse.Namespace) -> None:
     if args.negative_prompt is None:
         args.negative_prompt = ORIGINAL_NEGATIVE_PROMPT if original else ""
     check_prompts(args.prompt, args.added_prompt, args.negative_prompt)
+    checked(check_loras, args.loras)
+    try:
+        _, tags = prompt_loras(args.prompt)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if tags and args.lora_dir is None:
+        raise UsageError(f"the prompt names LoRA {tags[0][0]!r} (<lora:...>): pass --lora-dir, the folder it is in")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir}: no such folder")
     if args.device == "auto":
         args.device = str(default_device())
     check_device(args.device)
@@ -429,9 +454,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     init_image = None if args.init_image is None else _load_checked_image(args.init_image, "--init-image")
     mask = None if args.mask is None else load_image(args.mask)
     pipe = Pipeline.from_files(
-        base, controlnets, device=args.device, dtype=dtype, annotators_dir=args.annotators_dir, adapters=adapters
+        base,
+        controlnets,
+        device=args.device,
+        dtype=dtype,
+        annotators_dir=args.annotators_dir,
+        adapters=adapters,
+        lora_dir=args.lora_dir,
     )
     models = model_records(base, controlnets, adapters)
+    try:  # before compiling, which freezes the weights; read and checked before any step
+        pipe.use_loras(args.prompt, args.loras)
+    except ValueError as error:
+        raise UsageError(one_line(error)) from None
     if args.compile:
         pipe.compile()
     if units and not pipe.controlnets and not pipe.adapters:
@@ -456,6 +491,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             denoising_strength=args.denoising_strength,
             mask=mask,
             progress=progress,
+            loras=args.loras,
         )
     except NonFiniteError as error:  # the settings passed, the numbers overflowed: not an option's typo
         raise CommandError(one_line(error)) from None

@@ -60,6 +60,12 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "--max-stored-mb", type=float, default=2048.0, help="disk for the page's uploads and results (default 2048)"
     )
     add_annotators_dir(s)
+    s.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="a folder of LoRA files, offered by name: <lora:NAME:WEIGHT> in prompts and the JSON API's loras "
+        "(nothing outside it)",
+    )
     return {"serve": cmd_serve}
 
 
@@ -84,6 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         auth = (user, password)
     if args.models is not None and not args.models.is_dir():
         raise UsageError(f"--models {args.models}: no such folder")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir}: no such folder")
     # Without --base the shipped model is served with every shipped ControlNet and adapter already.
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
@@ -118,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             retention,
             args.annotators_dir,
             adapters,
+            args.lora_dir,
         )
     except ModelUnavailable as error:  # the first model is loaded before serving
         raise CommandError(error.detail) from None

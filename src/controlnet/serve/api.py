@@ -158,7 +158,13 @@ def decode_image(data: Any, what: str, limits: Limits) -> np.ndarray:
 
 # The fields a request may have and the JSON type of those that are not settings: the settings
 # (settings.py) are checked by settings.check, with the same messages as everywhere.
-_REQUEST_FIELDS = {"prompt": str, "model": str, "negative_prompt": str, "added_prompt": str} | dict.fromkeys(GENERATION)
+_REQUEST_FIELDS = {
+    "prompt": str,
+    "model": str,
+    "negative_prompt": str,
+    "added_prompt": str,
+    "loras": list,
+} | dict.fromkeys(GENERATION)
 _UNIT_FIELDS = {"annotator_params": dict} | dict.fromkeys(UNIT)
 
 
@@ -166,7 +172,8 @@ def _typed(name: str, value: Any, kind: type | None) -> Any:
     if kind is None:  # a setting: settings.check says what is wrong with it
         return value
     if not isinstance(value, kind):
-        raise RequestError(f"{name} must be {'text' if kind is str else 'an object'}, got {type(value).__name__}")
+        what = {str: "text", list: "a list"}.get(kind, "an object")
+        raise RequestError(f"{name} must be {what}, got {type(value).__name__}")
     return value
 
 

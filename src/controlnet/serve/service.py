@@ -32,11 +32,13 @@ from ..sampling.prompts import ORIGINAL_ADDED_PROMPT, ORIGINAL_NEGATIVE_PROMPT, 
 from ..settings import (
     AUTO_UNION_TYPE,
     GENERATION,
+    LORAS,
     UNIT,
     UNIT_MODELS,
     SettingError,
     check_generation,
     check_guess_mode,
+    check_loras,
     check_output_size,
     check_unit,
     unit_mode,
@@ -128,6 +130,9 @@ class GenerateRequest:
     seed: int = GENERATION["seed"].default  # -1: a random seed
     sampler: str = GENERATION["sampler"].default
     resolution: int | None = GENERATION["resolution"].default  # None: the model's native size
+    # LoRAs by name in the server's LoRA folder (serve --lora-dir), each "NAME" or "NAME:WEIGHT";
+    # the prompt's <lora:NAME:WEIGHT> tags are found there too. Never a path.
+    loras: tuple = LORAS.default
     # The output's size named (settings.OUTPUT_SIZE: the AUTOMATIC1111 API's width and height; a
     # side not named is the resolution); None for both: sized from the resolution and the images.
     width: int | None = None
@@ -173,6 +178,7 @@ def check_request(request: GenerateRequest, limits: Limits, annotators: Path | N
     _check_prompts(request)
     try:
         check_generation({name: getattr(request, name) for name in GENERATION})
+        check_loras(request.loras)
         check_output_size(request.width, request.height)
         if request.mask is not None and request.init_image is None:
             raise SettingError("inpainting needs an init image as well as the mask")
@@ -450,12 +456,15 @@ class ModelRegistry:
         dtype: str | None = None,
         keep: int = 1,
         annotators_dir: Path | None = None,
+        lora_dir: Path | None = None,
     ):
+        """``lora_dir``: the one folder LoRAs are found in, by name (None: no LoRAs)."""
         if not entries:
             raise ValueError("no models to serve")
         self.entries = {entry.name: entry for entry in entries}
         self.device, self.dtype, self.keep = device, dtype, keep
         self.annotators_dir = annotators_dir
+        self.lora_dir = lora_dir
         self._loaded: dict[str, tuple[Pipeline, dict]] = {}
         self._locks = {name: threading.Lock() for name in self.entries}
         self._loading = threading.Lock()
@@ -492,6 +501,7 @@ class ModelRegistry:
                         self.dtype,
                         annotators_dir=self.annotators_dir,
                         adapters=adapters,
+                        lora_dir=self.lora_dir,
                     )
                     records = model_records(entry.base, controlnets, adapters)
                 except (CheckpointError, OSError, ValueError) as error:
@@ -656,6 +666,7 @@ class Service:
             added = added if request.added_prompt is None else request.added_prompt
             negative = negative if request.negative_prompt is None else request.negative_prompt
             units = [self._control_unit(u, request, m) for u, m in zip(request.units, chosen, strict=True)]
+            loras = self.lora_files(request)
 
             def step(done: int, total: int) -> None:
                 if cancelled is not None and cancelled():
@@ -683,10 +694,39 @@ class Service:
                     denoising_strength=request.denoising_strength,
                     mask=request.mask,
                     progress=step,
+                    loras=loras,
                 )
             except (ValueError, ImageError) as error:  # the core refused a value: the user's to fix
-                raise RequestError(" ".join(str(error).split())) from None
+                message = " ".join(str(error).split())
+                if self.registry.lora_dir is not None:  # a LoRA file's message names it: not the server's path
+                    message = message.replace(str(self.registry.lora_dir), "the LoRA folder")
+                raise RequestError(message) from None
         return self._response(request, result, models, chosen)
+
+    def lora_files(self, request: GenerateRequest) -> list[tuple[Path, float]]:
+        """The request's LoRAs as (file, weight), found by name in the server's LoRA folder, and its
+        prompt's tags checked the same way (the pipeline finds them there again): nothing outside
+        the folder, also through a link; messages name the LoRA, never the server's paths."""
+        from ..lora import find_lora, prompt_loras
+
+        try:
+            named = check_loras(request.loras)
+            _, tags = prompt_loras(request.prompt)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+        folder = self.registry.lora_dir
+        if (named or tags) and folder is None:
+            raise RequestError(f"this server offers no LoRAs (LoRA {(named or tags)[0][0]!r} was asked for)")
+        found = []
+        for name, weight in [*named, *tags]:
+            try:
+                path = find_lora(name, folder)
+            except ValueError as error:
+                raise RequestError(str(error).replace(f" in {folder}", " on this server")) from None
+            if not inside_folder(path, folder):
+                raise RequestError(f"LoRA {name!r} leads out of the server's LoRA folder")
+            found.append((path, weight))
+        return found[: len(named)]
 
     def _control_unit(self, unit: UnitRequest, request: GenerateRequest, model: tuple[str, int]) -> ControlUnit:
         image, annotator, params = unit.image, unit.annotator, dict(unit.annotator_params)
