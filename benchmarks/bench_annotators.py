@@ -21,17 +21,23 @@ Weights: ``--annotators-dir DIR`` uses the real files found there (under their o
 controlnet_aux reads them); an annotator whose files are not all there gets random weights with the
 real key layouts, written to a temporary folder by the annotator tests' writers
 (tests/annotator_weights.py), scaled so that the maps are neither flat nor saturated. Random weights
-time the same work except where the work depends on the picture: OpenPose's keypoint grouping (its
-random heatmaps are shifted so that each keypoint has a few candidates, as a photo of one person
-gives; see annotator_weights.openpose_body_with_few_peaks) and M-LSD's segments (random weights give
-many).
+time the same work except where the work depends on the picture: OpenPose (random heatmaps give
+thousands of keypoint candidates, or no arm and no face whole; the random body network's last two
+convolutions are set so that it finds one whole person on the astronaut, about one candidate per
+keypoint: see annotator_weights.openpose_body_of_one_person. The hand network then runs on two
+boxes and the face network on one, as on a photo of one person; each openpose row prints the
+people, hands and faces ours found) and M-LSD's segments (random weights give many).
 
 Where controlnet_aux's work differs from ours (printed under the table too):
 - depth_midas: controlnet_aux builds MiDaS with timm, which is not installed here; its
   MidasDetector's own pre- and post-processing runs around transformers' DPT-Hybrid (another
   implementation of the same network, loaded from the same file).
 - depth_anything_v2 (ViT-L): controlnet_aux 0.0.10 has no Depth Anything V2: ours alone.
-- openpose: controlnet_aux's OpenposeDetector with its body estimator only (body-only annotator).
+- openpose, openpose_hand, openpose_face, openpose_full (and openpose_faceonly with --only):
+  controlnet_aux's OpenposeDetector holding the estimators the annotator runs (Body, and Hand and/or
+  Face read from the same files), called with include_hand / include_face as the annotator detects
+  and include_body=False for openpose_faceonly. Its face drawing adds a 71st dot (the maximum of the
+  face network's background channel), which ours leaves out: the face maps differ by that dot.
 - lineart_realistic / lineart_coarse: LineartDetector holding the one generator used.
 
     python benchmarks/bench_annotators.py [--annotators-dir DIR] [--rounds 3] [--only a,b] [--quick]
@@ -57,11 +63,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tests.*
 
 from tests import annotator_weights
-from tests.reference_annotators import aux_available, aux_module, midas_detector
+from tests.reference_annotators import aux_available, aux_module, matplotlib_colors, midas_detector
 
 import common
 from controlnet import runtime as runtime_policy
-from controlnet.annotators import ANNOTATORS, Runtime, get_annotator, run_annotator
+from controlnet.annotators import ANNOTATORS, Runtime, annotate, get_annotator
 
 # Timed by default, in this order; those with no controlnet_aux oracle are timed alone.
 ANNOTATOR_NAMES = (
@@ -72,22 +78,42 @@ ANNOTATOR_NAMES = (
     "lineart_anime",
     "mlsd",
     "openpose",
+    "openpose_hand",
+    "openpose_face",
+    "openpose_full",
     "depth_midas",
     "normal_bae",
     "depth_anything_v2",
 )
-# Also accepted by --only (ours alone).
-EXTRA_NAMES = ("depth_anything_v2_vitb", "depth_anything_v2_vits")
+# Also accepted by --only (the Depth Anything ones ours alone).
+EXTRA_NAMES = ("depth_anything_v2_vitb", "depth_anything_v2_vits", "openpose_faceonly")
 NO_ORACLE = {n for n in (*ANNOTATOR_NAMES, *EXTRA_NAMES) if n.startswith("depth_anything_v2")}
 
 NOTES = {
     "depth_midas": "controlnet_aux's MidasDetector around transformers' DPT-Hybrid "
     "(its own network needs timm, not installed here)",
     "openpose": "controlnet_aux's OpenposeDetector with its body estimator only",
+    "openpose_hand": "controlnet_aux's OpenposeDetector with its Body and Hand estimators, include_hand",
+    "openpose_face": "controlnet_aux's OpenposeDetector with its Body and Face estimators, include_face; "
+    "its map adds a 71st face dot (the background channel's maximum) that ours leaves out",
+    "openpose_full": "controlnet_aux's OpenposeDetector with Body, Hand and Face, include_hand and include_face; "
+    "its map adds the 71st face dot",
+    "openpose_faceonly": "controlnet_aux's OpenposeDetector with Body and Face, include_body=False, "
+    "include_face; its map adds the 71st face dot",
+}
+# (include_hand, include_face, include_body) of each OpenPose annotator, as controlnet_aux takes them.
+OPENPOSE = {
+    "openpose": (False, False, True),
+    "openpose_hand": (True, False, True),
+    "openpose_face": (False, True, True),
+    "openpose_full": (True, True, True),
+    "openpose_faceonly": (False, True, False),
 }
 RANDOM_NOTES = {
-    "openpose": "random heatmaps shifted to a few candidates per keypoint: grouping and drawing cost "
-    "what a photo of one person costs, not what random maps would",
+    name: "the random body network's last layers set to find one whole person (annotator_weights."
+    "openpose_body_of_one_person): grouping, drawing and the hand and face boxes cost what a photo of one "
+    "person costs, not what random maps would"
+    for name in OPENPOSE
 }
 
 
@@ -101,21 +127,35 @@ def photo(size: int) -> np.ndarray:
 
 
 class Ours:
-    """``run_annotator(name, image, size, runtime=...)`` with this variant's own copy of the
-    registry's annotator in place for the call: the copy keeps its network loaded for its runtime,
-    whatever the other variant loads."""
+    """``annotate(name, image, size, runtime=...)`` with this variant's own copy of the registry's
+    annotator in place for the call: the copy keeps its network loaded for its runtime, whatever the
+    other variant loads. Returns the map (as run_annotator); keeps the last call's data (poses)."""
 
     def __init__(self, name: str, runtime: Runtime, size: int) -> None:
         self.name, self.runtime, self.size = name, runtime, size
         self.annotator = dataclasses.replace(get_annotator(name))
+        self.data: dict | None = None
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         registered = ANNOTATORS[self.name]
         ANNOTATORS[self.name] = self.annotator
         try:
-            return run_annotator(self.name, image, self.size, runtime=self.runtime)
+            result = annotate(self.name, image, self.size, runtime=self.runtime)
         finally:
             ANNOTATORS[self.name] = registered
+        self.data = result.data
+        return result.image
+
+
+def detected(poses: dict) -> str:
+    """People, hands and faces in OpenPose JSON (what the hand and face networks ran on)."""
+    people = poses["people"]
+
+    def count(key: str) -> int:
+        return sum(bool(p.get(key)) for p in people)
+
+    hands = count("hand_left_keypoints_2d") + count("hand_right_keypoints_2d")
+    return f"{len(people)} people, {hands} hands, {count('face_keypoints_2d')} faces"
 
 
 def weight_folder(name: str, real: Path | None, scratch: Path) -> tuple[Path, str]:
@@ -125,7 +165,7 @@ def weight_folder(name: str, real: Path | None, scratch: Path) -> tuple[Path, st
         return real, "real"
     for f in files:
         if not (scratch / f).exists():
-            tensors = annotator_weights.openpose_body_with_few_peaks() if f == annotator_weights.BODY else None
+            tensors = annotator_weights.openpose_body_of_one_person() if f == annotator_weights.BODY else None
             annotator_weights.write(scratch, f, tensors)
     return scratch, "random"
 
@@ -147,11 +187,17 @@ def _lineart(folder: Path, file: str):
     return module.LineartDetector(model, model)
 
 
-def _openpose(folder: Path):
-    """OpenposeDetector with its body estimator only (from_pretrained also reads the hand and face
-    files, which the body-only annotator never runs)."""
+def _openpose(folder: Path, name: str):
+    """OpenposeDetector holding the estimators annotator ``name`` runs (from_pretrained would read
+    all three files, which only openpose_full needs), called with its include_* flags."""
     package = aux_module("open_pose")
-    return package.OpenposeDetector(aux_module("open_pose.body").Body(str(folder / annotator_weights.BODY)))
+    hand, face, body = OPENPOSE[name]
+    detector = package.OpenposeDetector(
+        aux_module("open_pose.body").Body(str(folder / annotator_weights.BODY)),
+        aux_module("open_pose.hand").Hand(str(folder / annotator_weights.HAND)) if hand else None,
+        aux_module("open_pose.face").Face(str(folder / annotator_weights.FACE)) if face else None,
+    )
+    return functools.partial(detector, include_body=body, include_hand=hand, include_face=face)
 
 
 def aux_detector(name: str, folder: Path) -> Callable[..., np.ndarray]:
@@ -163,9 +209,7 @@ def aux_detector(name: str, folder: Path) -> Callable[..., np.ndarray]:
         "lineart_coarse": lambda: functools.partial(_lineart(folder, annotator_weights.COARSE), coarse=True),
         "lineart_anime": lambda: aux_module("lineart_anime").LineartAnimeDetector.from_pretrained(str(folder)),
         "mlsd": lambda: annotator_weights.mlsd_module().MLSDdetector.from_pretrained(str(folder)),
-        "openpose": lambda: functools.partial(
-            _openpose(folder), include_body=True, include_hand=False, include_face=False
-        ),
+        **{pose: functools.partial(_openpose, folder, pose) for pose in OPENPOSE},
         "depth_midas": lambda: midas_detector(_load(folder / annotator_weights.MIDAS)),
         "normal_bae": lambda: aux_module("normalbae").NormalBaeDetector.from_pretrained(str(folder)),
     }
@@ -174,9 +218,10 @@ def aux_detector(name: str, folder: Path) -> Callable[..., np.ndarray]:
 
 def bench_one(name: str, image: np.ndarray, size: int, folder: Path, rounds: int) -> dict:
     """The medians of each variant, and the differences between their maps."""
+    ours = Ours(name, Runtime.default(folder, dtype="float32"), size)
     variants: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "policy": Ours(name, Runtime.default(folder), size),
-        "fp32": Ours(name, Runtime.default(folder, dtype="float32"), size),
+        "fp32": ours,
     }
     if name not in NO_ORACLE:
         detector = aux_detector(name, folder)
@@ -190,6 +235,8 @@ def bench_one(name: str, image: np.ndarray, size: int, folder: Path, rounds: int
             times[variant].append(common.timed(lambda variant=variant: variants[variant](image))[1])
     result = {v: common.median(t) for v, t in times.items()}
     result["first"] = first
+    if ours.data is not None:
+        result["detected"] = detected(ours.data)
     ours32 = maps["fp32"].astype(np.int16)
     result["policy_vs_fp32"] = float(np.abs(maps["policy"].astype(np.int16) - ours32).mean())
     if "aux" in maps:
@@ -255,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         "policy vs fp32",
     ]
     rows, notes = [], []
-    with tempfile.TemporaryDirectory(prefix="bench-annotators-") as scratch:
+    # controlnet_aux's hand drawing calls matplotlib (one colour function): a stand-in where absent
+    with tempfile.TemporaryDirectory(prefix="bench-annotators-") as scratch, matplotlib_colors():
         for name in args.names:
             made = time.perf_counter()
             folder, kind = weight_folder(name, args.annotators_dir, Path(scratch))
@@ -282,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             first = ", ".join(f"{v} {s:.2f} s" for v, s in result["first"].items())
             written = f", written in {made:.1f} s" if kind == "random" else ""
-            print(f"  {name}: {' | '.join(row[2:])}  (weights {kind}{written}; first calls {first})", flush=True)
+            found = f"; ours found {result['detected']}" if "detected" in result else ""
+            print(f"  {name}: {' | '.join(row[2:])}  (weights {kind}{written}; first calls {first}{found})", flush=True)
             if name in NO_ORACLE:
                 notes.append(f"{name}: no controlnet_aux oracle (0.0.10 has no Depth Anything V2): ours alone")
             if name in NOTES:

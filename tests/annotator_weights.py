@@ -198,26 +198,64 @@ def openpose(make: Callable[[], nn.Module], seed: int) -> dict[str, torch.Tensor
     return state
 
 
-def openpose_body_with_few_peaks() -> dict[str, torch.Tensor]:
-    """The body network's ``openpose`` weights (seed 0), each of the 18 keypoint heatmaps shifted
-    (its last convolution's bias) until about 0.5 % of the astronaut's pixels exceed the 0.1 peak
-    threshold: a few peaks per keypoint, as a photo of a person gives. (Random heatmaps give
-    thousands of candidates, and the reference's grouping loop over every pair of them would take
-    minutes: for timing the whole detection.)"""
+# One person standing, arms out, facing the camera: (x, y) as fractions of a square picture, in the
+# order of the 18 COCO keypoints (nose, neck, right and left shoulder, elbow and wrist, right and left
+# hip, knee and ankle, right and left eye and ear). Both arms whole: the hand network looks at two
+# boxes; nose, eyes and ears: the face network at one, as on a photograph of one person.
+ONE_PERSON = (
+    (0.50, 0.20), (0.50, 0.32), (0.30, 0.34), (0.20, 0.50), (0.15, 0.66), (0.70, 0.34), (0.80, 0.50),
+    (0.85, 0.66), (0.38, 0.62), (0.36, 0.78), (0.35, 0.93), (0.62, 0.62), (0.64, 0.78), (0.65, 0.93),
+    (0.42, 0.14), (0.58, 0.14), (0.34, 0.17), (0.66, 0.17),
+)  # fmt: skip
+
+
+def openpose_body_of_one_person() -> dict[str, torch.Tensor]:
+    """The body network's ``openpose`` weights (seed 0) with its last two 1x1 convolutions set so
+    that on the astronaut it finds the one person of ONE_PERSON, whole (about one candidate per
+    keypoint): for timing the whole detection, where random heatmaps give either thousands of
+    candidates or no arm and no face whole, so the hand and face networks would never run.
+
+    Heatmaps (Mconv7_stage6_L2): each keypoint's channel is the ridge regression of the last
+    features (128 channels on the 23 x 23 grid of the 184-row input) onto a bump of one cell at the
+    keypoint, shifted so that 0.1, the peak threshold, lies halfway between the fit's value there and
+    its largest beyond two cells. PAFs (Mconv7_stage6_L1): constant, each limb's two channels the
+    unit vector along that limb, so that every limb of the person connects."""
     from controlnet.annotators.networks.openpose import BodyPoseNet
-    from controlnet.annotators.pose.body import body_maps
+    from controlnet.annotators.pose.body import LIMBS, PAF_CHANNELS, PEAK_THRESHOLD, body_maps
 
     state = openpose(BodyPoseNet, 0)
     with torch.device("meta"):
         net = BodyPoseNet()
     net = net.to_empty(device="cpu").eval()
-    bias = state["Mconv7_stage6_L2.bias"]
-    bgr = np.ascontiguousarray(photo(width=512, side=512)[:, :, ::-1])
-    for _ in range(2):  # the last heatmaps pass a ReLU: a second pass corrects where it clipped
-        net.load_state_dict(state)
-        heatmaps, _ = body_maps(net, bgr)
-        for part in range(18):
-            bias[part] += 0.1 - np.percentile(heatmaps[:, :, part], 99.5)
+    net.load_state_dict(state)
+    taken: list[torch.Tensor] = []
+    hook = net.Mconv7_stage6_L2.register_forward_pre_hook(lambda module, args: taken.append(args[0]))
+    body_maps(net, np.ascontiguousarray(photo(width=512, side=512)[:, :, ::-1]))
+    hook.remove()
+    features = taken[0][0].double()  # (128, 23, 23)
+    channels, rows, cols = features.shape
+    design = torch.cat([features.reshape(channels, -1).T, torch.ones(rows * cols, 1, dtype=torch.float64)], 1)
+    y, x = torch.meshgrid(torch.arange(rows) + 0.5, torch.arange(cols) + 0.5, indexing="ij")
+    y, x = y.double(), x.double()
+    points = torch.tensor(ONE_PERSON, dtype=torch.float64) * torch.tensor([cols, rows], dtype=torch.float64)
+    distance2 = torch.stack([(x - px) ** 2 + (y - py) ** 2 for px, py in points], 2)  # (rows, cols, 18)
+    bumps = torch.exp(-distance2 / 2).reshape(-1, len(points))
+    # Ridge, not least squares: the dead ReLU channels make the plain problem singular, and its
+    # solution then depends on the BLAS's summation order.
+    gram = design.T @ design
+    solution = torch.linalg.solve(gram + 1e-3 * gram.diagonal().mean() * torch.eye(channels + 1), design.T @ bumps)
+    fit = (design @ solution).reshape(rows, cols, -1)
+    peak = torch.stack([fit[int(py), int(px), k] for k, (px, py) in enumerate(points)])
+    beyond = torch.where(distance2 > 4, fit, torch.tensor(-torch.inf, dtype=torch.float64)).amax(dim=(0, 1))
+    heatmaps_weight, heatmaps_bias = state["Mconv7_stage6_L2.weight"], state["Mconv7_stage6_L2.bias"]
+    heatmaps_weight[:18, :, 0, 0] = solution[:channels].T.float()
+    heatmaps_bias[:18] = (solution[channels] - (peak + beyond) / 2 + PEAK_THRESHOLD).float()
+    heatmaps_weight[18], heatmaps_bias[18] = 0.0, 0.0  # the background channel, never read
+    state["Mconv7_stage6_L1.weight"].zero_()
+    pixels = np.array(ONE_PERSON)
+    for (a, b), (cx, cy) in zip(LIMBS, PAF_CHANNELS, strict=True):
+        direction = (pixels[b] - pixels[a]) / np.linalg.norm(pixels[b] - pixels[a])
+        state["Mconv7_stage6_L1.bias"][cx], state["Mconv7_stage6_L1.bias"][cy] = (float(v) for v in direction)
     return state
 
 

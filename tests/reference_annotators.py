@@ -17,12 +17,15 @@ V2's key map to transformers' layout is here too.
 
 from __future__ import annotations
 
+import colorsys
+import contextlib
 import functools
 import importlib
 import importlib.machinery
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,28 @@ def aux_module(name: str) -> types.ModuleType:
             sys.modules[package] = module
     with _stand_ins():
         return importlib.import_module(full)
+
+
+@contextlib.contextmanager
+def matplotlib_colors() -> Iterator[None]:
+    """controlnet_aux's hand drawing (open_pose/util.py ``draw_handpose``) imports matplotlib when
+    called, for one function, ``matplotlib.colors.hsv_to_rgb``. Where matplotlib is absent, while
+    the block runs: a stand-in module with that function as colorsys computes it (the same HSV
+    sectors: the hue's sixth i and fraction f pick (v, t, p), (q, v, p), ... with p = v(1 - s),
+    q = v(1 - sf), t = v(1 - s(1 - f)))."""
+    if "matplotlib" in sys.modules or importlib.util.find_spec("matplotlib") is not None:
+        yield
+        return
+    colors = types.ModuleType("matplotlib.colors")
+    colors.hsv_to_rgb = lambda hsv: np.array(colorsys.hsv_to_rgb(*(float(c) for c in hsv)))
+    matplotlib = types.ModuleType("matplotlib")
+    matplotlib.colors = colors
+    sys.modules.update({"matplotlib": matplotlib, "matplotlib.colors": colors})
+    try:
+        yield
+    finally:
+        sys.modules.pop("matplotlib", None)
+        sys.modules.pop("matplotlib.colors", None)
 
 
 def at_own_size(detector, rgb: np.ndarray, **options) -> np.ndarray:

@@ -19,10 +19,8 @@ does without, is rewritten in the same order of operations). bfloat16 has its st
 
 from __future__ import annotations
 
-import colorsys
 import json
-import sys
-import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -46,6 +44,7 @@ from controlnet.annotators.weights import AnnotatorWeightsError, load_network
 
 from . import annotator_weights
 from .reference_annotators import aux_module
+from .reference_annotators import matplotlib_colors as reference_matplotlib_colors
 
 BODY, HAND, FACE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
 NETWORKS = {BODY: BodyPoseNet, HAND: HandPoseNet, FACE: FaceNet}
@@ -357,19 +356,10 @@ def test_hand_and_face_boxes_equal_the_reference_near_the_edges_and_when_small()
 
 
 @pytest.fixture
-def matplotlib_colors(monkeypatch) -> None:
-    """controlnet_aux's hand drawing imports matplotlib for hsv_to_rgb; without matplotlib, that
-    one function (the HSV-to-RGB conversion, as colorsys computes it)."""
-    if "matplotlib" in sys.modules or _has("matplotlib"):
-        return
-    colors = types.SimpleNamespace(hsv_to_rgb=lambda hsv: np.array(colorsys.hsv_to_rgb(*hsv)))
-    monkeypatch.setitem(sys.modules, "matplotlib", types.SimpleNamespace(colors=colors))
-
-
-def _has(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+def matplotlib_colors() -> Iterator[None]:
+    """controlnet_aux's hand drawing calls matplotlib.colors.hsv_to_rgb: a stand-in where absent."""
+    with reference_matplotlib_colors():
+        yield
 
 
 FLAGS = {  # annotator: (body, hands, face), as the extension's modules draw

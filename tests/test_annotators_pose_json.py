@@ -5,8 +5,8 @@ OpenPose JSON (the AUTOMATIC1111 extension's and CMU's), and the openpose_json a
 from __future__ import annotations
 
 import json
-import sys
 import types
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from controlnet.annotators.pose.jsonformat import parse_pose_json, poses_to_json
 from controlnet.annotators.pose.keypoints import Person, Poses
 from controlnet.annotators.posejson import annotate_pose_json, render_pose_json
 
-from .reference_annotators import aux_module
+from .reference_annotators import aux_module, matplotlib_colors
 
 FLAGS = [(True, False, False), (True, True, True), (False, True, False), (False, False, True), (True, True, False)]
 
@@ -63,37 +63,13 @@ def _same(a: Poses, b: Poses) -> None:
 
 
 @pytest.fixture(scope="module")
-def aux_pose() -> types.SimpleNamespace:
+def aux_pose() -> Iterator[types.SimpleNamespace]:
     """controlnet_aux's open_pose drawing (the A1111 extension's, and the nightly's for one
-    person). Its hand drawing imports matplotlib for one colour function; where matplotlib is
-    absent, that function is given here from its documented definition (HSV sectors)."""
-    added = "matplotlib" not in sys.modules and _find("matplotlib") is None
-    if added:
-        colors = types.ModuleType("matplotlib.colors")
-        colors.hsv_to_rgb = _hsv_to_rgb
-        sys.modules["matplotlib"] = types.SimpleNamespace(colors=colors)  # type: ignore[assignment]
-        sys.modules["matplotlib.colors"] = colors
-    module = aux_module("open_pose")
-    yield types.SimpleNamespace(draw=module.draw_poses, result=module.PoseResult, body=aux_module("open_pose.body"))
-    if added:
-        sys.modules.pop("matplotlib", None)
-        sys.modules.pop("matplotlib.colors", None)
-
-
-def _find(name: str) -> object:
-    import importlib.util
-
-    return importlib.util.find_spec(name)
-
-
-def _hsv_to_rgb(hsv: list[float]) -> np.ndarray:
-    """matplotlib.colors.hsv_to_rgb of one colour: the hue's sixth i and fraction f pick
-    (v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v) or (v, p, q)."""
-    h, s, v = (float(c) for c in hsv)
-    i = int(h * 6.0)
-    f = h * 6.0 - i
-    p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
-    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i % 6])
+    person), with a stand-in for the one matplotlib function its hand drawing calls where
+    matplotlib is absent."""
+    with matplotlib_colors():
+        module = aux_module("open_pose")
+        yield types.SimpleNamespace(draw=module.draw_poses, result=module.PoseResult, body=aux_module("open_pose.body"))
 
 
 def _aux_poses(aux: types.SimpleNamespace, people: list[Person], width: int, height: int) -> list:
