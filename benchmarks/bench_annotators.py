@@ -4,8 +4,9 @@ For each network annotator, on scikit-image's astronaut (a real 512x512 photogra
 three variants are timed in alternating rounds (one warm-up call each, which also reads the
 weights, then the median of --rounds rounds, the order rotated from round to round):
 
-- ours, policy: ``run_annotator(name, photo, size, runtime=Runtime.default(folder))``: the runtime
-  policy's dtype and layout (bfloat16 + channels_last on a CPU with native bf16, else float32);
+- ours, policy: ``annotate(name, photo, size, runtime=Runtime.default(folder))`` (run_annotator's
+  map, and the poses of the openpose ones): the runtime policy's dtype and layout (bfloat16 +
+  channels_last on a CPU with native bf16, else float32);
 - ours, fp32: the same with ``Runtime.default(folder, dtype="float32")`` (contiguous float32);
 - controlnet_aux: its detector, read from the same folder, called with ``detect_resolution`` and
   ``image_resolution`` equal to the size (so that both do the same work: no extra resize), float32
