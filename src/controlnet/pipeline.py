@@ -60,7 +60,7 @@ from .formats.t2i_adapter import check_adapter_compatible
 from .hashing import file_sha256, short_hash
 from .imaging.images import HWC3
 from .imaging.resize import fit_to, pixel_perfect_resolution, resize_image
-from .loading import load_adapter, load_base, load_controlnet
+from .loading import load_adapter, load_base, load_controlnet, load_taesd
 from .lora import AppliedLoras, Lora, apply_loras, find_lora, load_lora, prompt_loras
 from .models.conditioning import SizeConditioning
 from .models.controlnet import ControlNet
@@ -68,6 +68,7 @@ from .models.controlnet_union import UnionCondition, UnionControlNet, control_ty
 from .models.placement import LOW_MEMORY_ATTENTION_SLICE, Placement, set_attention_slicing
 from .models.stable_diffusion import StableDiffusion
 from .models.t2i_adapter import T2IAdapter, scale_features
+from .models.taesd import TinyAutoencoder
 from .runtime import check_finite, dtype_name, parse_dtype, prepare, use_channels_last
 from .sampling.guidance import ActiveAdapter, ActiveControl, ControlMode, GuidedDenoiser
 from .sampling.prompts import check_prompts, encode_prompts, encode_prompts_pooled, full_prompt
@@ -178,8 +179,10 @@ class Pipeline:
         annotators_dir: str | os.PathLike | None = None,
         adapters: Sequence[T2IAdapter] = (),
         lora_dir: str | os.PathLike | None = None,
+        taesd: TinyAutoencoder | None = None,
     ) -> None:
-        """``lora_dir``: the folder where a prompt's ``<lora:NAME:WEIGHT>`` tags are found
+        """``taesd``: the tiny autoencoder (models/taesd.py) for ``decoder="taesd"`` and previews;
+        its latents must be the base's. ``lora_dir``: the folder where a prompt's ``<lora:NAME:WEIGHT>`` tags are found
         (lora.find_lora); None: such tags are refused. ``dtype``: None (or "auto") takes the
         device's fastest (runtime.default_dtype: bfloat16 on a CPU with native bf16, float16 on a
         GPU, else float32). ``channels_last``: None follows the device and dtype
@@ -201,6 +204,12 @@ class Pipeline:
         self.model = prepare(model, home, self.dtype, self.channels_last)
         self.controlnets = [prepare(c, home, self.dtype, self.channels_last) for c in controlnets]
         self.adapters = [prepare(a, home, self.dtype, self.channels_last) for a in adapters]
+        if taesd is not None and taesd.latent_channels != model.config.unet.in_channels:
+            raise ValueError(
+                f"this TAESD makes {taesd.latent_channels}-channel latents, the base model "
+                f"{model.config.name} {model.config.unet.in_channels}: give the TAESD of its family"
+            )
+        self.taesd = None if taesd is None else prepare(taesd, home, self.dtype, self.channels_last)
         self.placement = Placement(self.device, low_memory, channels_last=self.channels_last)
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
         # LoRAs read once (file -> its stat, the Lora, its short hash), and the set merged now.
@@ -221,6 +230,8 @@ class Pipeline:
                     self.placement.park(module)
             for adapter in self.adapters:  # run once per generation
                 self.placement.park(adapter)
+            if self.taesd is not None:
+                self.placement.park(self.taesd)
 
     @classmethod
     def from_files(
@@ -234,14 +245,19 @@ class Pipeline:
         annotators_dir: str | os.PathLike | None = None,
         adapters: Sequence[str | os.PathLike] = (),
         lora_dir: str | os.PathLike | None = None,
+        taesd: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> Pipeline:
         """``controlnets``: ControlNet files or folders (loading.load_controlnet: SDXL's full, -mid
         and -small, xinsir's union models, Stability's Control-LoRA, rebuilt here on the base's
         UNet); ``adapters``: T2I-Adapter files or folders (loading.load_adapter). One made for
         another family than the base's (an SD 1.5 ControlNet for SDXL, ...) is refused in one line
-        naming both."""
+        naming both. ``taesd``: TAESD's decoder file (with its encoder file, as a list), or a
+        diffusers ``AutoencoderTiny`` folder (loading.load_taesd), checked against the base."""
         dtype = parse_dtype(dtype, device)
         model = load_base(base, prediction=prediction, dtype=dtype)
+        if taesd is not None:
+            paths = [taesd] if isinstance(taesd, (str, os.PathLike)) else list(taesd)
+            taesd = load_taesd(*paths, base=model.config, dtype=dtype)
         loaded = [load_controlnet(path, model.config, unet=model.unet, dtype=dtype) for path in controlnets]
         loaded_adapters = [load_adapter(path, model.config, dtype=dtype) for path in adapters]
         pipe = cls(
@@ -253,6 +269,7 @@ class Pipeline:
             annotators_dir=annotators_dir,
             adapters=loaded_adapters,
             lora_dir=lora_dir,
+            taesd=taesd,
         )
         pipe.files = {"controlnet": [Path(p) for p in controlnets], "adapter": [Path(p) for p in adapters]}
         return pipe
@@ -477,10 +494,22 @@ class Pipeline:
         return cells.to(self.device, SAMPLING_DTYPE)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> images [B, H, W, 3] float32 in [0, 1]."""
-        images = self.model.vae.decode((latents / self.model.vae.scale_factor).to(self.dtype))
+    def decode(self, latents: torch.Tensor, decoder: str = "vae") -> np.ndarray:
+        """Latents -> images [B, H, W, 3] float32 in [0, 1], by the VAE or by TAESD (whose latents
+        are the diffusion model's as they are: no scale division)."""
+        if decoder == "taesd":
+            images = self.taesd.decode(latents.to(self.dtype))
+        else:
+            images = self.model.vae.decode((latents / self.model.vae.scale_factor).to(self.dtype))
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    def _check_decoder(self, decoder: str) -> None:
+        """decoder="taesd" needs a TAESD with its decoder (a model-dependent check, as a unit's
+        ControlNet index; the setting itself is checked with the others)."""
+        if decoder == "taesd" and (self.taesd is None or self.taesd.decoder is None):
+            raise ValueError(
+                "decoder taesd needs a TAESD decoder: load one (from_files(..., taesd=PATH), --taesd PATH)"
+            )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -509,6 +538,7 @@ class Pipeline:
         progress: Callable[[int, int], None] | None = None,
         size_conditioning: SizeConditioning | None = None,
         loras: Sequence = (),
+        decoder: str = "vae",
     ) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt`` following ``controls``.
 
@@ -525,6 +555,9 @@ class Pipeline:
         ``guidance_scale`` at most 1 runs the conditional side alone (diffusers' rule): one UNet
         batch of ``num_images``, the negative prompt not encoded. ``eta``: DDIM's eta or TCD's gamma
         (None: the sampler's own, DDIM 0, TCD 0.3); the record keeps the value used.
+
+        ``decoder``: "vae" (the model's VAE) or "taesd" (the pipeline's TAESD, much faster; img2img
+        still encodes with the VAE).
 
         ``loras``: "FILE[:WEIGHT]" texts or (FILE, WEIGHT) pairs, merged with the prompt's
         ``<lora:NAME:WEIGHT>`` tags (found in ``lora_dir``) before anything is encoded
@@ -547,6 +580,7 @@ class Pipeline:
             "eta": eta,
             "sampler": sampler,
             "resolution": resolution,
+            "decoder": decoder,
         }
         self._check_arguments(job, controls, output, denoising_strength, init_image, mask)
         self._check_size_conditioning(size_conditioning)
@@ -556,6 +590,7 @@ class Pipeline:
         resolution = resolution or self.model.config.native_resolution
         named_size = width is not None or height is not None
         height, width = self.output_size(controls, resolution, init_image, width, height)
+        self._check_decoder(decoder)
         prompt_text, lora_records = self.use_loras(prompt, loras)
         if lora_records:
             job["loras"] = lora_records
@@ -613,9 +648,11 @@ class Pipeline:
                 after_step=blend,
             )
         check_finite(x, f"the latents after sampling (UNet and ControlNets in {_dtype_name(self.dtype)})")
-        with self.placement.use(self.model.vae):
-            images = self.decode(x)
-        check_finite(images, f"the images decoded by the VAE (in {_dtype_name(self.dtype)})")
+        decoding = self.taesd if decoder == "taesd" else self.model.vae
+        with self.placement.use(decoding):
+            images = self.decode(x, decoder)
+        by = "TAESD" if decoder == "taesd" else "the VAE"
+        check_finite(images, f"the images decoded by {by} (in {_dtype_name(self.dtype)})")
         images = _finish(images, init, mask, output)
         job |= {"seed": seed, "resolution": resolution, "width": int(width), "height": int(height)}
         if self.reads_vector:  # what SDXL was told about the picture's size

@@ -140,6 +140,7 @@ AUTO_UNION_TYPE = "auto"
 
 
 CONTROL_MODES = ("balanced", "prompt", "control")
+DECODERS = ("vae", "taesd")  # the final decode: the model's VAE, or the tiny autoencoder (models/taesd.py)
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 
 # One generation. The prompts are checked by sampling.prompts.check_prompts.
@@ -175,6 +176,12 @@ GENERATION: dict[str, Setting] = {
             2048,
             multiple_of=64,
             kind=int,
+        ),
+        Setting(
+            "decoder",
+            "vae",
+            "the final decode: the model's VAE, or TAESD (much faster, a little less detail; needs a TAESD loaded)",
+            choices=DECODERS,
         ),
         Setting("denoising_strength", 0.75, "img2img: how far the init image is noised (1: entirely)", 0.01, 1.0),
         Setting(

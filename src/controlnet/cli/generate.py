@@ -98,7 +98,8 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         f"({_shipped('adapter')}); repeatable: used by a unit naming adapter=N",
     )
     g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
-    for name in ("seed", "steps", "resolution", "num_images", "guidance_scale", "eta", "sampler", "guess_mode"):
+    names = ("seed", "steps", "resolution", "num_images", "guidance_scale", "eta", "sampler", "guess_mode", "decoder")
+    for name in names:
         add_setting(g, GENERATION[name])
     # The first unit's settings (--image); a --control spec names its own, and a ControlNet spec
     # takes --control-mode as its mode unless it names one.
@@ -149,6 +150,14 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         "--lora-dir",
         type=Path,
         help="the folder where the prompt's <lora:NAME:WEIGHT> tags are found (a tag without it is refused)",
+    )
+    g.add_argument(
+        "--taesd",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="TAESD's decoder file (taesd_decoder.pth; again with taesd_encoder.pth) or a diffusers "
+        "AutoencoderTiny folder, for --decoder taesd (the TAESD of the base's family: taesdxl_* for SDXL)",
     )
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
     add_setting(g, GENERATION["denoising_strength"])
@@ -461,6 +470,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         annotators_dir=args.annotators_dir,
         adapters=adapters,
         lora_dir=args.lora_dir,
+        taesd=args.taesd or None,
     )
     models = model_records(base, controlnets, adapters)
     try:  # before compiling, which freezes the weights; read and checked before any step
@@ -492,6 +502,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             mask=mask,
             progress=progress,
             loras=args.loras,
+            decoder=args.decoder,
         )
     except NonFiniteError as error:  # the settings passed, the numbers overflowed: not an option's typo
         raise CommandError(one_line(error)) from None

@@ -66,6 +66,13 @@ def register(commands) -> dict[str, Callable[[argparse.Namespace], None]]:
         help="a folder of LoRA files, offered by name: <lora:NAME:WEIGHT> in prompts and the JSON API's loras "
         "(nothing outside it)",
     )
+    s.add_argument(
+        "--taesd",
+        type=Path,
+        metavar="PATH",
+        help="TAESD's decoder file (taesd_decoder.pth) or a diffusers AutoencoderTiny folder: the decoder choice "
+        "taesd, for fast final decodes",
+    )
     return {"serve": cmd_serve}
 
 
@@ -92,6 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--models {args.models}: no such folder")
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         raise UsageError(f"--lora-dir {args.lora_dir}: no such folder")
+    if args.taesd is not None and not args.taesd.exists():
+        raise UsageError(f"--taesd {args.taesd}: no such file or folder")
     # Without --base the shipped model is served with every shipped ControlNet and adapter already.
     if args.controlnet and args.base is None:
         raise UsageError("--controlnet needs --base (the base model it was trained for)")
@@ -127,6 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             args.annotators_dir,
             adapters,
             args.lora_dir,
+            args.taesd,
         )
     except ModelUnavailable as error:  # the first model is loaded before serving
         raise CommandError(error.detail) from None

@@ -75,10 +75,11 @@ def serve(
     annotators_dir: Path | None = None,
     adapters: list[Path] | None = None,
     lora_dir: Path | None = None,
+    taesd: Path | None = None,
 ) -> None:
     """Run the server until interrupted; its folder is removed when it stops, however it stops.
     ``base`` is served with ``controlnets`` and ``adapters`` (T2I-Adapters) as named; LoRAs are
-    found by name in ``lora_dir`` only."""
+    found by name in ``lora_dir`` only; ``taesd`` (a TAESD file or folder) is loaded with every model."""
     import uvicorn
 
     from .service import ModelEntry, discover_models
@@ -86,7 +87,7 @@ def serve(
     entries = discover_models(models_folder, include_shipped=base is None)
     if base is not None:
         entries.insert(0, ModelEntry(base.name, base, list(controlnets or []), adapters=list(adapters or [])))
-    registry = ModelRegistry(entries, device, dtype, annotators_dir=annotators_dir, lora_dir=lora_dir)
+    registry = ModelRegistry(entries, device, dtype, annotators_dir=annotators_dir, lora_dir=lora_dir, taesd=taesd)
     service = Service(registry, limits)
     app = build_app(service, auth, retention)
     print(f"controlnet serve: http://{host}:{port}/  (models: {', '.join(service.registry.names)})")

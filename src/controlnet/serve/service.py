@@ -129,6 +129,7 @@ class GenerateRequest:
     eta: float | None = GENERATION["eta"].default  # None: the sampler's own
     seed: int = GENERATION["seed"].default  # -1: a random seed
     sampler: str = GENERATION["sampler"].default
+    decoder: str = GENERATION["decoder"].default  # "taesd": the server's TAESD (serve --taesd)
     resolution: int | None = GENERATION["resolution"].default  # None: the model's native size
     # LoRAs by name in the server's LoRA folder (serve --lora-dir), each "NAME" or "NAME:WEIGHT";
     # the prompt's <lora:NAME:WEIGHT> tags are found there too. Never a path.
@@ -457,14 +458,17 @@ class ModelRegistry:
         keep: int = 1,
         annotators_dir: Path | None = None,
         lora_dir: Path | None = None,
+        taesd: Path | None = None,
     ):
-        """``lora_dir``: the one folder LoRAs are found in, by name (None: no LoRAs)."""
+        """``lora_dir``: the one folder LoRAs are found in, by name (None: no LoRAs). ``taesd``: the
+        TAESD every model is loaded with (its decoder file or diffusers folder; None: none)."""
         if not entries:
             raise ValueError("no models to serve")
         self.entries = {entry.name: entry for entry in entries}
         self.device, self.dtype, self.keep = device, dtype, keep
         self.annotators_dir = annotators_dir
         self.lora_dir = lora_dir
+        self.taesd = taesd
         self._loaded: dict[str, tuple[Pipeline, dict]] = {}
         self._locks = {name: threading.Lock() for name in self.entries}
         self._loading = threading.Lock()
@@ -502,6 +506,7 @@ class ModelRegistry:
                         annotators_dir=self.annotators_dir,
                         adapters=adapters,
                         lora_dir=self.lora_dir,
+                        taesd=self.taesd,
                     )
                     records = model_records(entry.base, controlnets, adapters)
                 except (CheckpointError, OSError, ValueError) as error:
@@ -695,6 +700,7 @@ class Service:
                     mask=request.mask,
                     progress=step,
                     loras=loras,
+                    decoder=request.decoder,
                 )
             except (ValueError, ImageError) as error:  # the core refused a value: the user's to fix
                 message = " ".join(str(error).split())

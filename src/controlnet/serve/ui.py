@@ -204,6 +204,12 @@ def _options(gr, service: Service, first: str, native: int) -> dict:
             "sampler": gr.Dropdown(
                 list(GENERATION["sampler"].allowed()), value=GENERATION["sampler"].default, label="Sampler"
             ),
+            # TAESD only where the server loaded one (serve --taesd); the setting's choices otherwise.
+            "decoder": gr.Radio(
+                list(GENERATION["decoder"].allowed()) if service.registry.taesd else [GENERATION["decoder"].default],
+                value=GENERATION["decoder"].default,
+                label="Decoder (taesd: fast, a little less detail)",
+            ),
         }
         seed = GENERATION["seed"]
         with gr.Row():
@@ -557,6 +563,7 @@ def _request_from_page(data: dict, service: Service, unit_inputs: list[dict], fi
         guidance_scale=float(value["guidance_scale"]),
         eta=None if value["eta"] is None else float(value["eta"]),
         sampler=value["sampler"],
+        decoder=value["decoder"],
         guess_mode=bool(value["guess_mode"]),
         init_image=init_image,
         mask=mask,
