@@ -208,6 +208,10 @@ def test_an_annotator_without_its_weights_is_a_one_line_400_before_any_model_loa
     with pytest.raises(RequestError) as refused:
         service.annotate(UnitRequest(edges, annotator="softedge_hed"), 128)
     assert "needs ControlNetHED.pth" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(RequestError) as refused:  # every missing file named at once, not the first
+        service.annotate(UnitRequest(edges, annotator="openpose_full"), 128)
+    needs = "needs body_pose_model.pth, hand_pose_model.pth and facenet.pth, which this server does not have"
+    assert needs in str(refused.value) and "get them from" in str(refused.value), refused.value
 
 
 def test_only_models_inside_the_folder_are_offered(tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import shipped
-from ..annotators import annotators_folder, get_annotator
+from ..annotators import get_annotator
 from ..lora import prompt_loras
 from ..metadata import image_text, map_text, model_records
 from ..runtime import NonFiniteError
@@ -294,8 +294,7 @@ def _units(args: argparse.Namespace, controlnets: list[Path], adapters: list[Pat
                 "which the command line cannot give"
             )
         params = _unit_params(annotator, spec, args, first_unit)
-        for weight in annotator.weights:  # a missing file, before a model is loaded: where to get it
-            weight.path(annotators_folder(args.annotators_dir))
+        annotator.check_weights(args.annotators_dir)  # missing files, before a model is loaded: where to get them
         image = _load_checked_image(spec["image"], f"control image {spec['image']}")
         unit = ControlUnit(image=image, annotator_params=params, **values)
         units.append(_Unit(unit, Path(spec["image"]), _sha256(spec["image"])))

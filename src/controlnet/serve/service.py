@@ -290,9 +290,12 @@ def _check_unit(unit: UnitRequest, where: str, annotators: Path | None) -> None:
     check_unit(values, where)
     missing = ANNOTATORS[unit.annotator].missing(annotators)
     if missing:  # the server's folder is not the client's business: the file's name says enough
+        names = [weight.name for weight in missing]
+        files = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        sources = ", ".join(dict.fromkeys(weight.source for weight in missing))
         raise SettingError(
-            f"{where}: the {unit.annotator} annotator needs {missing[0].name}, which this server does not have "
-            f"(its administrator can get it from {missing[0].source})"
+            f"{where}: the {unit.annotator} annotator needs {files}, which this server does not have "
+            f"(its administrator can get {'it' if len(names) == 1 else 'them'} from {sources})"
         )
     try:  # the annotator's own typed check: kinds, ranges, choices, unknown names
         ANNOTATORS[unit.annotator].resolve(unit.annotator_params)
