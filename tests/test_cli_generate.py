@@ -292,7 +292,7 @@ def test_adapter_units_on_the_command_line(models, tmp_path):
         (["--image", "{image}", "--guidance", "0"], 2, "guidance scale must be between 0.1 and 30"),
         (["--image", "{image}", "--resolution", "100"], 2, "resolution must be a multiple of 64, got 100"),
         (["--image", "{image}", "--sampler", "plms"], 2, "sampler must be one of ddim, euler"),
-        (["--image", "{image}", "--sampler", "euler_a", "--eta", "0.5"], 2, "applies to the ddim sampler only"),
+        (["--image", "{image}", "--sampler", "euler_a", "--eta", "0.5"], 2, "applies to the ddim, tcd samplers only"),
         (["--image", "{image}", "--eta", "nan"], 2, "eta must be a number, got nan"),
         (["--image", "{image}", "--eta", "1.5"], 2, "eta must be between 0 and 1"),  # NaN latents above 1
         (["--image", "{image}", "--annotator", "hed2"], 2, "annotator must be one of canny, scribble"),

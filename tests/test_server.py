@@ -31,8 +31,10 @@ from controlnet.serve.service import (
 )
 
 pytest.importorskip("gradio")
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from controlnet.serve.api import add_json_api
 from controlnet.serve.app import build_app
 
 
@@ -196,8 +198,10 @@ def test_an_annotator_without_its_weights_is_a_one_line_400_before_any_model_loa
 
     service = Service(registry)
     unit = {"image": _edges(), "annotator": "softedge_hed"}
-    with TestClient(build_app(service)) as client:  # the page reads the first model's native size
-        monkeypatch.setattr(ModelRegistry, "pipeline", no_model)
+    monkeypatch.setattr(ModelRegistry, "pipeline", no_model)
+    app = FastAPI()  # the JSON API alone: the module's client holds this process's one web page
+    add_json_api(app, service, None)
+    with TestClient(app) as client:
         response = client.post("/api/generate", json={"prompt": "x", "steps": 1, "units": [unit]})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
